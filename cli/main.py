@@ -1,0 +1,24 @@
+"""The `byzps` command-line entry point."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="byzps")
+def main() -> None:
+    """byzps: a Byzantine-robust parameter server with compressed communication."""
+
+
+@main.command()
+def components() -> None:
+    """List every algorithm, compressor, aggregator, attack and task byzps can build by name."""
+    from byzps.cli.catalog import catalog
+
+    for kind, names in catalog().items():
+        click.echo(f"{kind:12s} {', '.join(names)}")
+
+
+if __name__ == "__main__":
+    main()

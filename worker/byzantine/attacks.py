@@ -1,0 +1,178 @@
+"""The attacks of ALGORITHMS.md, one small class each, built by name through ATTACKS.
+
+Each class chooses target candidates from an AttackView; the cohort (cohort.py) turns targets into
+k-sparse messages. The colluding attacks (alie, ipm, minmax) give every member the same target.
+"""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import torch
+from torch import Tensor
+
+from byzps.worker.byzantine.base import ATTACKS, Attack, AttackView
+
+
+def _repeat(target: Tensor, m: int) -> Tensor:
+    """The same (d,) target for all m colluding members."""
+    return target.unsqueeze(0).expand(m, -1).clone()
+
+
+def _honest_std(honest: Tensor) -> Tensor:
+    """Coordinate-wise sample standard deviation (zero when fewer than two honest rows)."""
+    if honest.shape[0] < 2:
+        return torch.zeros_like(honest[0])
+    return honest.std(dim=0)
+
+
+def alie_z(n: int, m: int) -> float:
+    """ALIE's z (Baruch et al. 2019): z = Φ⁻¹((n − m − s)/(n − m)), s = ⌊n/2 + 1⌋ − m.
+
+    s is how many honest workers the attackers must "win over" for a majority. When the quantile
+    leaves (0, 1) (too few or too many attackers for the formula), it is clamped so z stays finite.
+    """
+    if not 0 <= m < n:
+        raise ValueError(f"alie needs 0 <= m < n, got m={m}, n={n}")
+    s = (n // 2 + 1) - m
+    q = (n - m - s) / (n - m)
+    q = min(max(q, 1e-6), 1 - 1e-6)
+    return NormalDist().inv_cdf(q)
+
+
+@ATTACKS.register("na")
+class NoAttack(Attack):
+    """No attack: Byzantine workers are absent. Asking it for targets is a programming error."""
+
+    name = "na"
+
+    def targets(self, view: AttackView) -> Tensor:
+        raise RuntimeError("attack 'na' has no Byzantine members to choose targets for")
+
+
+@ATTACKS.register("alie")
+class ALittleIsEnough(Attack):
+    """ALIE: t = μ − z·σ with μ, σ the coordinate-wise mean and std of the honest candidates."""
+
+    name = "alie"
+    uses_honest = True
+
+    def __init__(self, z: float | None = None) -> None:
+        self.z = z
+
+    def targets(self, view: AttackView) -> Tensor:
+        m = view.bases.shape[0]
+        z = self.z if self.z is not None else alie_z(view.n, view.f)
+        mu = view.honest.mean(dim=0)
+        return _repeat(mu - z * _honest_std(view.honest), m)
+
+
+@ATTACKS.register("ipm")
+class InnerProductManipulation(Attack):
+    """IPM (Xie et al. 2020): t = −ε·μ, turning the aggregate's inner product with μ negative."""
+
+    name = "ipm"
+    uses_honest = True
+
+    def __init__(self, epsilon: float = 0.1) -> None:
+        self.epsilon = epsilon
+
+    def targets(self, view: AttackView) -> Tensor:
+        return _repeat(-self.epsilon * view.honest.mean(dim=0), view.bases.shape[0])
+
+
+@ATTACKS.register("sf")
+class SignFlip(Attack):
+    """Sign flip: each member targets −a_r for an honest candidate a_r drawn at random."""
+
+    name = "sf"
+    uses_honest = True
+
+    def targets(self, view: AttackView) -> Tensor:
+        m, h = view.bases.shape[0], view.honest.shape[0]
+        picks = torch.randint(h, (m,), generator=view.generator)
+        return -view.honest[picks.to(view.honest.device)]
+
+
+@ATTACKS.register("lf")
+class LabelFlip(Attack):
+    """Label flip: run the honest estimator on labels y → (C − 1) − y; the target is that result."""
+
+    name = "lf"
+    flips_labels = True
+
+    def targets(self, view: AttackView) -> Tensor:
+        return view.shadow.clone()
+
+
+@ATTACKS.register("bf")
+class BitFlip(Attack):
+    """Bit flip: t = −(the member's own honest candidate)."""
+
+    name = "bf"
+
+    def targets(self, view: AttackView) -> Tensor:
+        return -view.shadow
+
+
+@ATTACKS.register("gauss")
+class GaussianNoise(Attack):
+    """Gaussian noise: t ~ N(0, σ² I), drawn per member from the round's generator."""
+
+    name = "gauss"
+
+    def __init__(self, sigma: float = 0.5) -> None:
+        if sigma < 0:
+            raise ValueError(f"gauss sigma must be non-negative, got {sigma}")
+        self.sigma = sigma
+
+    def targets(self, view: AttackView) -> Tensor:
+        noise = torch.randn(view.bases.shape, generator=view.generator, dtype=view.bases.dtype)
+        return (self.sigma * noise).to(view.bases.device)
+
+
+@ATTACKS.register("mimic")
+class Mimic(Attack):
+    """Mimic (Karimireddy et al. 2022): every member copies one fixed honest worker's candidate,
+    over-weighting that worker's data in the aggregate (harmful under heterogeneity)."""
+
+    name = "mimic"
+    uses_honest = True
+
+    def __init__(self, target: int = 0) -> None:
+        if target < 0:
+            raise ValueError(f"mimic target must be non-negative, got {target}")
+        self.target = target
+
+    def targets(self, view: AttackView) -> Tensor:
+        return _repeat(view.honest[self.target % view.honest.shape[0]], view.bases.shape[0])
+
+
+@ATTACKS.register("minmax")
+class MinMax(Attack):
+    """Min-max (Shejwalkar & Houmansadr 2021): t = μ − γσ with the largest γ ≥ 0 such that
+    max_i ‖t − a_i‖ ≤ max_{i,j} ‖a_i − a_j‖ over the honest candidates a_i.
+
+    Each constraint ‖(μ − a_i) − γσ‖² ≤ D² is a quadratic in γ, so γ is solved in closed form
+    (the smallest upper root over i) instead of by bisection. γ = 0 is always feasible because μ
+    is a convex combination of the a_i.
+    """
+
+    name = "minmax"
+    uses_honest = True
+
+    def targets(self, view: AttackView) -> Tensor:
+        honest = view.honest.double()
+        mu = honest.mean(dim=0)
+        sigma = _honest_std(honest)
+        m = view.bases.shape[0]
+        c = float(sigma @ sigma)
+        if c == 0.0:
+            return _repeat(mu.to(view.bases.dtype), m)
+        max_dist_sq = float(torch.cdist(honest, honest).max() ** 2)
+        offsets = mu.unsqueeze(0) - honest  # (h, d): μ − a_i
+        a = (offsets * offsets).sum(dim=1)
+        b = offsets @ sigma
+        disc = (b * b - c * (a - max_dist_sq)).clamp_min(0.0)
+        gamma = float(((b + disc.sqrt()) / c).min().clamp_min(0.0))
+        return _repeat((mu - gamma * sigma).to(view.bases.dtype), m)

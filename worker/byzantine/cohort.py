@@ -1,0 +1,139 @@
+"""The Byzantine cohort: m colluding Byzantine workers, batched over one member axis.
+
+Why shadows: in a real deployment the cohort cannot see honest workers' states. Each member
+therefore runs the honest estimator on its own data shard (labels flipped for label flipping) —
+its *shadow* — and the pooled shadow candidates stand in for the honest ones when the attack's
+knowledge is "cohort". In simulation the attack may instead be "omniscient" and be handed the true
+honest candidates.
+
+Why mirrors: the cohort knows every message it sent, so it tracks its members' server-side bases
+b_j exactly with a copy of the server rule, and a target t_j becomes the message C(t_j − b_j) —
+through the same compressor and k_max as honest messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from byzps.common.compressors import Compressor
+from byzps.common.estimators.base import Estimator, GradientOracle
+from byzps.common.seeding import derive_seed, generator
+from byzps.common.server_rules import ServerRule, build_server_rule
+from byzps.common.sparse import SparseBatch
+from byzps.worker.byzantine.base import Attack, AttackView
+
+Knowledge = Literal["omniscient", "cohort"]
+
+
+class ByzantineCohort:
+    """Produces the Byzantine members' messages round by round.
+
+    Per round t: `messages(x, oracle, t, honest)` → SparseBatch (m rows), then `commit(messages)`
+    once the server acknowledged them, then `close_round(aggregate, t)` like every worker.
+    """
+
+    def __init__(
+        self,
+        attack: Attack,
+        shadow: Estimator,
+        compressor: Compressor,
+        *,
+        worker_ids: Sequence[int],
+        num_workers: int,
+        dim: int,
+        seed: int,
+        knowledge: Knowledge = "omniscient",
+    ) -> None:
+        if knowledge not in ("omniscient", "cohort"):
+            raise ValueError(f"knowledge must be 'omniscient' or 'cohort', got {knowledge!r}")
+        self.attack = attack
+        self.shadow = shadow
+        self.compressor = compressor
+        self.worker_ids = tuple(worker_ids)
+        self.num_workers = num_workers
+        self.dim = dim
+        self.seed = seed
+        self.knowledge = knowledge
+        m = len(self.worker_ids)
+        rule_params = shadow.server_rule_params()
+        self._sent: ServerRule = build_server_rule(shadow.server_rule, m, dim, **rule_params)
+        self._shadow_rule: ServerRule = build_server_rule(shadow.server_rule, m, dim, **rule_params)
+        self._rows = torch.arange(m)
+        self._round: int | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.worker_ids)
+
+    def _shadow_candidates(self, x: Tensor, oracle: GradientOracle, round: int) -> SparseBatch:
+        """Advance the honest shadows one round; return their messages (already committed)."""
+        message = self.shadow.message(x, oracle, round)
+        self.shadow.commit(message)
+        self._shadow_rule.absorb(self._rows, message, round)
+        return message
+
+    def messages(
+        self, x: Tensor, oracle: GradientOracle, round: int, honest: Tensor | None = None
+    ) -> SparseBatch:
+        """The members' messages for round `round`.
+
+        `honest` (h, d) are the true honest candidates; required when knowledge is "omniscient"
+        and the attack uses honest statistics, ignored otherwise.
+        """
+        shadow_message = self._shadow_candidates(x, oracle, round)
+        shadow = self._shadow_rule.candidates
+        if self.knowledge == "omniscient" and self.attack.uses_honest:
+            if honest is None:
+                raise ValueError(f"omniscient attack {self.attack.name!r} needs honest candidates")
+        else:
+            honest = shadow
+        bases = self._sent.bases(self._rows)
+        view = AttackView(
+            honest=honest,
+            shadow=shadow,
+            bases=bases,
+            n=self.num_workers,
+            f=self.size,
+            generator=generator(self.seed, "attack", round),
+        )
+        delta = self.attack.targets(view) - bases
+        self._round = round
+        return self._compress(delta, round, dense=shadow_message.nnz == self.dim)
+
+    def _compress(self, delta: Tensor, round: int, *, dense: bool) -> SparseBatch:
+        """Byzantine messages obey the round's honest limit: dense only when honest ones are."""
+        if dense:
+            indices = torch.arange(self.dim, dtype=torch.int32).expand(self.size, -1).contiguous()
+            return SparseBatch(indices, delta.contiguous(), self.dim)
+        seeds = None
+        if self.compressor.seeded:
+            seeds = [derive_seed(self.seed, "randk", w, round) for w in self.worker_ids]
+        return self.compressor.compress(delta, seeds)
+
+    def commit(self, messages: SparseBatch) -> None:
+        """Mirror the server: the acknowledged messages move the members' bases."""
+        if self._round is None:
+            raise RuntimeError("commit() before messages()")
+        self._sent.absorb(self._rows, messages, self._round)
+
+    def close_round(self, aggregate: Tensor, round: int) -> None:
+        self._sent.close_round(aggregate, round)
+        self._shadow_rule.close_round(aggregate, round)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "shadow": self.shadow.state_dict(),
+            "sent": self._sent.state_dict(),
+            "shadow_rule": self._shadow_rule.state_dict(),
+            "round": self._round,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shadow.load_state_dict(state["shadow"])
+        self._sent.load_state_dict(state["sent"])
+        self._shadow_rule.load_state_dict(state["shadow_rule"])
+        self._round = state["round"]
