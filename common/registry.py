@@ -4,7 +4,7 @@ from configuration by name, with errors that name what is wrong."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -36,17 +36,25 @@ class Registry(Generic[T]):
             known = ", ".join(self.names())
             raise ValueError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
-    def build(self, name: str, /, **params: Any) -> T:
-        """Construct `name` from `params`; an unknown or missing parameter is a ValueError."""
-        factory = self.get(name)
-        signature = inspect.signature(factory)
+    def check(self, name: str, params: Mapping[str, Any]) -> None:
+        """Raise ValueError unless `name` exists and accepts every key of `params`, without
+        constructing anything (arguments the builder supplies itself may be missing)."""
+        signature = inspect.signature(self.get(name))
         accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
         if not accepts_any:
             unknown = sorted(set(params) - set(signature.parameters))
             if unknown:
                 raise ValueError(f"{self.kind} {name!r} has no parameter {unknown[0]!r}")
         try:
-            signature.bind(**params)
+            signature.bind_partial(**params)
         except TypeError as exc:
             raise ValueError(f"{self.kind} {name!r}: {exc}") from None
-        return factory(**params)
+
+    def build(self, name: str, /, **params: Any) -> T:
+        """Construct `name` from `params`; an unknown or missing parameter is a ValueError."""
+        self.check(name, params)
+        try:
+            inspect.signature(self.get(name)).bind(**params)
+        except TypeError as exc:
+            raise ValueError(f"{self.kind} {name!r}: {exc}") from None
+        return self.get(name)(**params)

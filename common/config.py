@@ -1,0 +1,255 @@
+"""Run configuration: one TOML file describes a run; every key is typed and validated on load.
+
+Why strict: a typo in an experiment grid (`ratoi = 0.1`) that silently falls back to a default
+wastes hours and produces wrong tables. So an unknown key, a wrong type or an impossible
+combination is refused with a ConfigError that names the key (`compressor.ratoi`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the offending key."""
+
+
+@dataclass(frozen=True)
+class RunSection:
+    seed: int = 0
+    rounds: int = 1000
+    eval_every: int = 100
+
+
+@dataclass(frozen=True)
+class TaskSection:
+    name: str = "a9a-logreg"
+    #: a9a only: "l2" or "nonconvex".
+    regularizer: str = "l2"
+    #: Regularisation weight; None takes the task's default (5.6e-4 for l2, 0.1 for nonconvex).
+    lam: float | None = None
+    batch_size: int = 1
+    split: str = "iid"
+    #: Dirichlet concentration (split = "dirichlet" only).
+    alpha: float = 1.0
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    #: n: every worker, honest and Byzantine.
+    workers: int = 20
+    #: f: Byzantine workers, also the f every robust aggregator is declared with.
+    byzantine: int = 0
+
+
+@dataclass(frozen=True)
+class AlgorithmSection:
+    name: str = "byz-dm21"
+    lr: float = 0.05
+    eta: float = 0.1
+    #: Further estimator parameters (e.g. p for byz-vr-marina, authors_init for byz-dm21).
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompressorSection:
+    name: str = "topk"
+    k: int | None = None
+    ratio: float | None = None
+    scope: str = "global"
+
+
+@dataclass(frozen=True)
+class AggregatorSection:
+    name: str = "cm"
+    #: Wrappers applied before the base rule, outermost first (e.g. ["nnm"]).
+    pre: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AttackSection:
+    name: str = "na"
+    #: "omniscient": the attack sees honest candidates; "cohort": only its own shadows.
+    knowledge: str = "omniscient"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    compressor: CompressorSection = field(default_factory=CompressorSection)
+    aggregator: AggregatorSection = field(default_factory=AggregatorSection)
+    attack: AttackSection = field(default_factory=AttackSection)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        """Build and validate a config from nested mappings (the parsed TOML)."""
+        config = _build_dataclass(cls, data, prefix="")
+        validate(config)
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+        """Read a TOML file and apply `section.key=value` overrides (values parsed as TOML)."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        for override in overrides:
+            apply_override(data, override)
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A stable hash of the resolved config (servers and workers compare it at registration)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def honest_workers(self) -> int:
+        """Workers that run the honest estimator: all n under "na", else n − f."""
+        if self.attack.name == "na":
+            return self.cluster.workers
+        return self.cluster.workers - self.cluster.byzantine
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `section.key=value` override in place; the value is parsed as a TOML value
+    (so `lr=0.5` is a float, `pre=["nnm"]` a list, and a bare word a string)."""
+    key, sep, raw = override.partition("=")
+    path = key.strip().split(".")
+    if not sep or len(path) < 2 or not all(path):
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _build_dataclass(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    values = {}
+    for name, raw in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build_dataclass(hint, raw, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(raw, hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the annotation `hint`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_describe(hint)}, got {type(value).__name__}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got bool")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    args = [a.__name__ for a in typing.get_args(hint) if a is not type(None)]
+    return " or ".join(args)
+
+
+def validate(config: RunConfig) -> None:
+    """Cross-field checks; each failure names its key. (Component names and their parameters are
+    checked against the registries by byzps.cli.catalog.check_components, which can see every
+    layer.)"""
+    n, f = config.cluster.workers, config.cluster.byzantine
+    _require(config.run.rounds >= 1, "run.rounds", "must be at least 1")
+    _require(config.run.eval_every >= 1, "run.eval_every", "must be at least 1")
+    _require(config.run.seed >= 0, "run.seed", "must be non-negative")
+    _require(n >= 1, "cluster.workers", "must be at least 1")
+    _require(f >= 0, "cluster.byzantine", "must be non-negative")
+    _require(2 * f < n, "cluster.byzantine", f"f = {f} must be below n/2 = {n / 2}")
+    _require(config.task.batch_size >= 1, "task.batch_size", "must be at least 1")
+    _require(config.task.alpha > 0, "task.alpha", "must be positive")
+    _require(
+        config.task.split in ("iid", "sorted-mix", "dirichlet"),
+        "task.split",
+        f"unknown split {config.task.split!r} (iid, sorted-mix, dirichlet)",
+    )
+    _require(config.algorithm.lr > 0, "algorithm.lr", "must be positive")
+    _require(0 < config.algorithm.eta <= 1, "algorithm.eta", "must be in (0, 1]")
+    c = config.compressor
+    _require(c.k is None or c.k >= 1, "compressor.k", "must be at least 1")
+    _require(c.ratio is None or 0 < c.ratio <= 1, "compressor.ratio", "must be in (0, 1]")
+    _require(c.scope in ("global", "layer"), "compressor.scope", "must be 'global' or 'layer'")
+    if c.name == "identity":
+        _require(c.k is None and c.ratio is None, "compressor.k", "identity takes no k or ratio")
+    else:
+        _require(
+            (c.k is None) != (c.ratio is None),
+            "compressor.k",
+            f"{c.name} needs exactly one of k and ratio",
+        )
+    _require(
+        config.attack.knowledge in ("omniscient", "cohort"),
+        "attack.knowledge",
+        "must be 'omniscient' or 'cohort'",
+    )
+    if config.attack.name != "na":
+        _require(f >= 1, "cluster.byzantine", f"attack {config.attack.name!r} needs f >= 1")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
