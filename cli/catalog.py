@@ -10,7 +10,7 @@ from byzps.common.registry import Registry
 
 def registries() -> dict[str, Registry]:
     """Every component registry by kind, in a stable order."""
-    from byzps.common.aggregators import AGGREGATORS
+    from byzps.common.aggregators import AGGREGATORS, WRAPPERS
     from byzps.common.compressors import COMPRESSORS
     from byzps.common.estimators import ESTIMATORS
     from byzps.common.tasks import TASKS
@@ -20,6 +20,7 @@ def registries() -> dict[str, Registry]:
         "algorithms": ESTIMATORS,
         "compressors": COMPRESSORS,
         "aggregators": AGGREGATORS,
+        "wrappers": WRAPPERS,
         "attacks": ATTACKS,
         "tasks": TASKS,
     }
@@ -31,26 +32,30 @@ def catalog() -> dict[str, list[str]]:
 
 
 def check_components(config: RunConfig) -> None:
-    """Every named component exists and accepts its params; a ConfigError names the key."""
+    """Every named component exists and accepts its params; a ConfigError names the key.
+
+    Aggregators and attacks are cheap to build, so they are built (which checks every parameter);
+    algorithm and task parameters need the task's dimension and are checked when the run is built.
+    """
+    from byzps.common.aggregators import build_aggregator
+    from byzps.worker.byzantine import build_attack
+
     found = registries()
-    checks = (
-        ("algorithm", found["algorithms"], config.algorithm.name, config.algorithm.params),
-        ("compressor", found["compressors"], config.compressor.name, {}),
-        ("aggregator", found["aggregators"], config.aggregator.name, config.aggregator.params),
-        ("attack", found["attacks"], config.attack.name, config.attack.params),
-        ("task", found["tasks"], config.task.name, {}),
-    )
-    for key, registry, name, params in checks:
+    for key, name in (
+        ("algorithm", config.algorithm.name),
+        ("compressor", config.compressor.name),
+        ("task", config.task.name),
+    ):
         try:
-            registry.get(name)
+            found[f"{key}s"].get(name)
         except ValueError as exc:
             raise ConfigError(f"{key}.name: {exc}") from None
-        try:
-            registry.check(name, params)
-        except ValueError as exc:
-            raise ConfigError(f"{key}.params: {exc}") from None
-    for i, wrapper in enumerate(config.aggregator.pre):
-        try:
-            found["aggregators"].get(wrapper)
-        except ValueError as exc:
-            raise ConfigError(f"aggregator.pre[{i}]: {exc}") from None
+    agg = config.aggregator
+    try:
+        build_aggregator(agg.name, config.cluster.byzantine, pre=agg.pre, params=agg.params)
+    except ValueError as exc:
+        raise ConfigError(f"aggregator: {exc}") from None
+    try:
+        build_attack(config.attack.name, **config.attack.params)
+    except ValueError as exc:
+        raise ConfigError(f"attack: {exc}") from None

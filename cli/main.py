@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from byzps.cli.simulate import simulate
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="byzps")
@@ -19,6 +21,8 @@ def components() -> None:
     for kind, names in catalog().items():
         click.echo(f"{kind:12s} {', '.join(names)}")
 
+
+main.add_command(simulate)
 
 if __name__ == "__main__":
     main()

@@ -19,9 +19,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from byzps.common.compressors import Compressor
-from byzps.common.estimators.base import Estimator, GradientOracle
-from byzps.common.seeding import derive_seed, generator
+from byzps.common.compressors import dense_batch
+from byzps.common.estimators.base import GradientOracle
+from byzps.common.estimators.core import BatchedEstimator
+from byzps.common.seeding import generator
 from byzps.common.server_rules import ServerRule, build_server_rule
 from byzps.common.sparse import SparseBatch
 from byzps.worker.byzantine.base import Attack, AttackView
@@ -39,8 +40,7 @@ class ByzantineCohort:
     def __init__(
         self,
         attack: Attack,
-        shadow: Estimator,
-        compressor: Compressor,
+        shadow: BatchedEstimator,
         *,
         worker_ids: Sequence[int],
         num_workers: int,
@@ -52,7 +52,6 @@ class ByzantineCohort:
             raise ValueError(f"knowledge must be 'omniscient' or 'cohort', got {knowledge!r}")
         self.attack = attack
         self.shadow = shadow
-        self.compressor = compressor
         self.worker_ids = tuple(worker_ids)
         self.num_workers = num_workers
         self.dim = dim
@@ -69,12 +68,11 @@ class ByzantineCohort:
     def size(self) -> int:
         return len(self.worker_ids)
 
-    def _shadow_candidates(self, x: Tensor, oracle: GradientOracle, round: int) -> SparseBatch:
-        """Advance the honest shadows one round; return their messages (already committed)."""
+    def _advance_shadows(self, x: Tensor, oracle: GradientOracle, round: int) -> None:
+        """Run the honest shadows one round; their messages never leave the cohort."""
         message = self.shadow.message(x, oracle, round)
         self.shadow.commit(message)
         self._shadow_rule.absorb(self._rows, message, round)
-        return message
 
     def messages(
         self, x: Tensor, oracle: GradientOracle, round: int, honest: Tensor | None = None
@@ -84,7 +82,7 @@ class ByzantineCohort:
         `honest` (h, d) are the true honest candidates; required when knowledge is "omniscient"
         and the attack uses honest statistics, ignored otherwise.
         """
-        shadow_message = self._shadow_candidates(x, oracle, round)
+        self._advance_shadows(x, oracle, round)
         shadow = self._shadow_rule.candidates
         if self.knowledge == "omniscient" and self.attack.uses_honest:
             if honest is None:
@@ -102,17 +100,14 @@ class ByzantineCohort:
         )
         delta = self.attack.targets(view) - bases
         self._round = round
-        return self._compress(delta, round, dense=shadow_message.nnz == self.dim)
+        return self._compress(delta, round)
 
-    def _compress(self, delta: Tensor, round: int, *, dense: bool) -> SparseBatch:
-        """Byzantine messages obey the round's honest limit: dense only when honest ones are."""
-        if dense:
-            indices = torch.arange(self.dim, dtype=torch.int32).expand(self.size, -1).contiguous()
-            return SparseBatch(indices, delta.contiguous(), self.dim)
-        seeds = None
-        if self.compressor.seeded:
-            seeds = [derive_seed(self.seed, "randk", w, round) for w in self.worker_ids]
-        return self.compressor.compress(delta, seeds)
+    def _compress(self, delta: Tensor, round: int) -> SparseBatch:
+        """Byzantine messages obey the round's honest limit: dense only when honest ones are
+        (MARINA's full rounds), otherwise the honest compressor with the members' own seeds."""
+        if self.shadow.max_nnz(round) == self.dim:
+            return dense_batch(delta)
+        return self.shadow.compress(delta, round)
 
     def commit(self, messages: SparseBatch) -> None:
         """Mirror the server: the acknowledged messages move the members' bases."""

@@ -1,0 +1,165 @@
+"""Time every robust aggregator on one (n, d) float32 batch, against the plain mean, the naive
+torch.median(dim=0) and, when installed, ByzFL 0.0.11's implementation of the same rule.
+
+    python benchmarks/bench_aggregators.py --n 20 --d 1000000 --f 8 --repeat 5 --device cpu
+
+Each rule is called once to warm up (numba compiles or loads its cache), then `--repeat` times;
+the table shows the median (and min) wall time, the bandwidth over the n·d·4 input bytes, the time
+relative to our mean, the speed-up over torch.median and over ByzFL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import shlex
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from byzps.common.aggregators import build_aggregator
+
+Fn = Callable[[torch.Tensor], object]
+INSTALL_HINT = "pip install --no-deps byzfl==0.0.11"
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    ours: Fn
+    theirs: Fn | None
+
+
+def load_byzfl() -> tuple[types.ModuleType | None, str]:
+    """ByzFL's aggregator module, or None and why not.
+
+    `import byzfl` also imports its training benchmark, which needs torchvision; installed with
+    --no-deps that import fails, so fall back to loading only `byzfl.aggregators`.
+    """
+    try:
+        return importlib.import_module("byzfl.aggregators"), "import byzfl"
+    except ModuleNotFoundError as exc:
+        spec = importlib.util.find_spec("byzfl")
+        if spec is None or not spec.submodule_search_locations:
+            return None, f"byzfl is not installed ({exc}); install it with: {INSTALL_HINT}"
+        package = types.ModuleType("byzfl")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["byzfl"] = package
+        try:
+            module = importlib.import_module("byzfl.aggregators")
+        except ImportError as inner:
+            del sys.modules["byzfl"]
+            return None, f"byzfl.aggregators does not import ({inner}); try: {INSTALL_HINT}"
+        return module, f"byzfl.aggregators only (`import byzfl` failed: {exc})"
+
+
+def cases(f: int, byzfl: types.ModuleType | None) -> list[Case]:
+    def ours(name: str, pre: tuple[str, ...] = (), **params: object) -> Fn:
+        return build_aggregator(name, f, pre=pre, params=params)
+
+    def theirs(make: Callable[[types.ModuleType], Fn]) -> Fn | None:
+        return None if byzfl is None else make(byzfl)
+
+    def chain(pre: Fn, agg: Fn) -> Fn:
+        return lambda x: agg(pre(x))
+
+    def nnm_then(inner: Callable[[types.ModuleType], Fn]) -> Callable[[types.ModuleType], Fn]:
+        return lambda m: chain(m.NNM(f), inner(m))
+
+    median = lambda m: m.Median()  # noqa: E731
+    trmean = lambda m: m.TrMean(f)  # noqa: E731
+    gm = lambda m: m.GeometricMedian(nu=0.1, T=8)  # noqa: E731
+    return [
+        Case("mean", ours("mean"), theirs(lambda m: m.Average())),
+        Case("cm", ours("cm"), theirs(median)),
+        Case("cwtm", ours("cwtm"), theirs(trmean)),
+        Case("krum", ours("krum"), theirs(lambda m: m.Krum(f))),
+        Case("multikrum", ours("multikrum"), theirs(lambda m: m.MultiKrum(f))),
+        Case("gm", ours("gm"), theirs(gm)),
+        Case("cclip", ours("cclip"), theirs(lambda m: m.CenteredClipping(L=3, tau=10.0))),
+        Case("nnm∘cm", ours("cm", ("nnm",)), theirs(nnm_then(median))),
+        Case("nnm∘cwtm", ours("cwtm", ("nnm",)), theirs(nnm_then(trmean))),
+        Case("nnm∘gm", ours("gm", ("nnm",)), theirs(nnm_then(gm))),
+        Case(
+            "bucketing∘cm",
+            ours("cm", ("bucketing",)),
+            theirs(lambda m: chain(m.Bucketing(s=2), m.Median())),
+        ),
+        Case("torch.median(dim=0)", lambda x: torch.median(x, dim=0).values, None),
+    ]
+
+
+def timed(fn: Fn, x: torch.Tensor, repeat: int) -> tuple[float, float]:
+    """(median, min) seconds of `repeat` calls after one warm-up call."""
+
+    def once() -> float:
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    once()
+    times = [once() for _ in range(repeat)]
+    return statistics.median(times), min(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--d", type=int, default=1_000_000)
+    parser.add_argument("--f", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    print("$", shlex.join([Path(sys.executable).name, *sys.argv]))
+    byzfl, how = load_byzfl()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ByzFL: {how}")
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.n, args.d, generator=gen).to(args.device)
+    gigabytes = args.n * args.d * 4 / 1e9
+    size = f"{gigabytes * 1e3:.0f} MB"
+    print(f"input: n={args.n}, d={args.d}, f={args.f}, float32, {size} on {x.device}")
+
+    # All of ours first, then all of ByzFL's: torch's and numba's OpenMP pools are separate, and a
+    # pool still spinning after its last parallel region slows the other one down for a moment.
+    table = cases(args.f, byzfl)
+    ours = [timed(case.ours, x, args.repeat) for case in table]
+    theirs = [timed(c.theirs, x, args.repeat) if c.theirs else None for c in table]
+    rows = [(case.label, o, t) for case, o, t in zip(table, ours, theirs, strict=True)]
+    mean_s = rows[0][1][0]
+    naive_s = rows[-1][1][0]
+
+    header = (
+        f"{'rule':<20} {'median s':>9} {'min s':>9} {'GB/s':>7} {'x mean':>7} "
+        f"{'vs median':>9} {'ByzFL s':>9} {'ours/ByzFL':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for label, (med, low), theirs in rows:
+        byz = f"{theirs[0]:>9.4f} {theirs[0] / med:>9.1f}x" if theirs else f"{'-':>9} {'-':>10}"
+        print(
+            f"{label:<20} {med:>9.4f} {low:>9.4f} {gigabytes / med:>7.1f} {med / mean_s:>7.1f} "
+            f"{naive_s / med:>8.1f}x {byz}"
+        )
+    if byzfl is None:
+        print(f"ByzFL not available: {how}")
+    print(
+        "x mean: time / our mean's time; vs median: torch.median(dim=0) time / time; "
+        "ours/ByzFL: ByzFL time / our time (speed-up)."
+    )
+
+
+if __name__ == "__main__":
+    main()

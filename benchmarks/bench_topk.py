@@ -1,0 +1,66 @@
+"""Top-k selection: byzps's numpy-partition path against torch.topk, in the same run.
+
+Usage:  python benchmarks/bench_topk.py [--dim 1000000] [--ratios 0.01 0.1] [--workers 1 20]
+        [--repeats 5] [--threads N]
+
+Both sides return the same information (the k indices of each row, ascending); torch.topk's
+indices are sorted afterwards so the comparison is like for like. Reports the median of
+`--repeats` runs in milliseconds and the ratio torch / ours (> 1 means ours is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from byzps.common.compressors import topk_indices
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def torch_topk(z: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(torch.topk(z.abs(), k, dim=1, sorted=False).indices, dim=1).values
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=1_000_000)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.1])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 20])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    print("command:", shlex.join([sys.executable, *sys.argv]))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, d = {args.dim}")
+    print(f"{'w':>4} {'k':>8} {'ours ms':>10} {'torch ms':>10} {'torch/ours':>10}")
+    gen = torch.Generator().manual_seed(0)
+    for w in args.workers:
+        z = torch.randn(w, args.dim, generator=gen)
+        for ratio in args.ratios:
+            k = max(1, int(ratio * args.dim))
+            ours = topk_indices(z, k)
+            assert torch.equal(ours.long(), torch_topk(z, k)), "selections differ"
+            t_ours = median_ms(lambda z=z, k=k: topk_indices(z, k), args.repeats)
+            t_torch = median_ms(lambda z=z, k=k: torch_topk(z, k), args.repeats)
+            print(f"{w:>4} {k:>8} {t_ours:>10.2f} {t_torch:>10.2f} {t_torch / t_ours:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Robust aggregators (mean, cm, cwtm, krum, multikrum, gm, cclip) and wrappers (nnm, bucketing).
+
+Build them from configuration with `build_aggregator`, e.g.
+``build_aggregator("cm", f=2, pre=["nnm"])`` is nnm∘cm.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from byzps.common.aggregators.base import AGGREGATORS, Aggregator
+from byzps.common.aggregators.coordinatewise import CoordinateMedian, Mean, TrimmedMean
+from byzps.common.aggregators.distance import CenteredClipping, GeometricMedian, Krum, MultiKrum
+from byzps.common.aggregators.ops import forced_backend
+from byzps.common.aggregators.rule import RowsAggregator
+from byzps.common.aggregators.wrappers import WRAPPERS, Bucketing, NearestNeighborMixing, Wrapper
+
+__all__ = [
+    "AGGREGATORS",
+    "WRAPPERS",
+    "Aggregator",
+    "Bucketing",
+    "CenteredClipping",
+    "CoordinateMedian",
+    "GeometricMedian",
+    "Krum",
+    "Mean",
+    "MultiKrum",
+    "NearestNeighborMixing",
+    "RowsAggregator",
+    "TrimmedMean",
+    "Wrapper",
+    "build_aggregator",
+    "forced_backend",
+]
+
+#: Wrapper constructor arguments that build_aggregator supplies itself.
+_WIRED = frozenset({"base", "f", "seed"})
+
+
+def build_aggregator(
+    name: str,
+    f: int,
+    pre: Sequence[str] = (),
+    params: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> Aggregator:
+    """The rule `name` for f Byzantine inputs, wrapped by `pre` (outermost first).
+
+    pre=["bucketing", "nnm"] gives bucketing∘nnm∘name: the inputs are bucketed, the buckets mixed,
+    then aggregated. `params` holds the base rule's parameters plus the wrappers' own (each key goes
+    to the wrapper whose constructor names it, e.g. "bucket_size"); `seed` goes to the wrappers that
+    draw random numbers. Unknown names or parameters raise ValueError naming them.
+    """
+    base_params = dict(params or {})
+    if _WIRED & base_params.keys():
+        raise ValueError(f"pass {sorted(_WIRED & base_params.keys())} as arguments, not params")
+    wrapper_params = []
+    for wrapper in pre:
+        accepted = inspect.signature(WRAPPERS.get(wrapper)).parameters
+        own = {
+            k: base_params.pop(k) for k in list(base_params) if k in accepted and k not in _WIRED
+        }
+        if "seed" in accepted:
+            own["seed"] = seed
+        wrapper_params.append(own)
+    aggregator = AGGREGATORS.build(name, f=f, **base_params)
+    for wrapper, own in reversed(list(zip(pre, wrapper_params, strict=True))):
+        aggregator = WRAPPERS.build(wrapper, base=aggregator, f=f, **own)
+    return aggregator

@@ -1,0 +1,125 @@
+"""The data passes, dispatched to numba (CPU float32/float64) or to plain torch (anything else).
+
+Both backends do the same floating-point operations in the same order where that is practical
+(`band_mean` and `combine` agree bitwise; the Gram differs in rounding only), so the torch path —
+the only one on a GPU — is tested on CPU by forcing it with `forced_backend("torch")`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from byzps.common.aggregators import _kernels
+from byzps.common.aggregators._networks import band_network
+
+Backend = Literal["auto", "numba", "torch"]
+_BACKEND: ContextVar[Backend] = ContextVar("byzps_aggregator_backend", default="auto")
+_NUMBA_DTYPES = (torch.float32, torch.float64)
+#: Columns per step of the torch Gram, bounding its float64 temporaries to ~n · 2^18 · 8 bytes.
+_TORCH_GRAM_COLUMNS = 1 << 18
+
+
+@contextmanager
+def forced_backend(backend: Backend) -> Iterator[None]:
+    """Run the enclosed aggregations on `backend` ("numba" fails loudly where it cannot run)."""
+    token = _BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def _use_numba(x: Tensor) -> bool:
+    backend = _BACKEND.get()
+    eligible = x.device.type == "cpu" and x.dtype in _NUMBA_DTYPES
+    if backend == "numba" and not eligible:
+        raise ValueError(f"the numba backend needs a CPU float32/float64 tensor, got {x.dtype}")
+    return eligible and backend != "torch"
+
+
+def band_mean(x: Tensor, idx: np.ndarray, wts: np.ndarray, a: int, b: int) -> Tensor:
+    """Per coordinate, the mean of ranks a..b-1 among the rows  r_i = Σ_k wts[i,k] x[idx[i,k]].
+
+    An empty `idx` (shape (0, 0)) means the rows are x itself.
+    """
+    n = idx.shape[0] if idx.shape[0] > 0 else x.shape[0]
+    network = band_network(n, a, b)
+    if _use_numba(x):
+        out = np.empty(x.shape[1], dtype=x.numpy().dtype)
+        block = _kernels.block_size(n, x.element_size())
+        _kernels.band_mean(x.numpy(), idx, wts, network, a, b, block, out)
+        return torch.from_numpy(out)
+    return _band_mean_torch(x, idx, wts, network, a, b)
+
+
+def _band_mean_torch(
+    x: Tensor, idx: np.ndarray, wts: np.ndarray, network: np.ndarray, a: int, b: int
+) -> Tensor:
+    """The comparator network over whole rows: two elementwise ops per comparator, any device."""
+    if idx.shape[0] > 0:
+        rows = []
+        for i in range(idx.shape[0]):
+            acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            for k in range(idx.shape[1]):
+                acc = acc + float(wts[i, k]) * x[int(idx[i, k])].double()
+            rows.append(acc.to(x.dtype))
+    else:
+        rows = list(x.unbind(0))
+    for i, j in network.tolist():
+        rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
+    acc = rows[a].double()
+    for r in range(a + 1, b):
+        acc = acc + rows[r].double()
+    return (acc * (1.0 / (b - a))).to(x.dtype)
+
+
+def centred_gram(x: Tensor, extra: Tensor | None = None) -> np.ndarray:
+    """float64 Gram of [x; extra] after subtracting the column mean of x's rows, as numpy (m, m)."""
+    if extra is None:
+        extra = x[:0]
+    if _use_numba(x):
+        block = _kernels.block_size(x.shape[0] + extra.shape[0], 8)
+        return _kernels.centred_gram(x.numpy(), extra.numpy(), block)
+    gram = torch.zeros((x.shape[0] + extra.shape[0],) * 2, dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[1], _TORCH_GRAM_COLUMNS):
+        cols = slice(s, s + _TORCH_GRAM_COLUMNS)
+        xs = x[:, cols].double()
+        y = torch.cat([xs, extra[:, cols].double()]) - xs.mean(0)
+        gram += y @ y.T
+    return gram.cpu().numpy()
+
+
+def combine(
+    x: Tensor,
+    weights: np.ndarray,
+    extra: Tensor | None = None,
+    extra_weights: np.ndarray | None = None,
+) -> Tensor:
+    """Σ_k weights[k] x_k (+ Σ_k extra_weights[k] extra_k), accumulated in float64, in x's dtype.
+
+    One pass over the rows with non-zero weight; both backends add the terms in the same order.
+    """
+    if extra is None or extra_weights is None:
+        extra, extra_weights = x[:0], np.zeros(0)
+    weights = np.ascontiguousarray(weights, dtype=np.float64)
+    extra_weights = np.ascontiguousarray(extra_weights, dtype=np.float64)
+    if _use_numba(x):
+        out = np.empty(x.shape[1], dtype=x.numpy().dtype)
+        _kernels.combine(x.numpy(), weights, extra.numpy(), extra_weights, out)
+        return torch.from_numpy(out)
+    acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    terms = [
+        *zip(weights.tolist(), x, strict=True),
+        *zip(extra_weights.tolist(), extra, strict=True),
+    ]
+    for weight, row in terms:
+        if weight != 0.0:
+            acc = acc + weight * row.double()
+    return acc.to(x.dtype)

@@ -1,0 +1,48 @@
+"""`RowsAggregator`: the common shape of every rule here, so that wrappers can nest any of them.
+
+A rule implements `aggregate(rows, f)` on a lazy `Rows` view rather than on a tensor, and takes f
+per call: a wrapper hands its base rule mixed rows (n' of them) and an adjusted f', without
+materialising the mixed data.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch import Tensor
+
+from byzps.common.aggregators.base import AGGREGATORS, Aggregator
+from byzps.common.aggregators.rows import Rows, as_matrix
+from byzps.common.registry import Registry
+
+A = TypeVar("A", bound=type[Aggregator])
+
+
+class RowsAggregator(Aggregator):
+    """An aggregator whose work is done by `aggregate(rows, f)`; `__call__` validates and wraps."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.aggregate(Rows(as_matrix(x)), self.f)
+
+    @abstractmethod
+    def aggregate(self, rows: Rows, f: int) -> Tensor:
+        """Aggregate `rows` (n of them, at most f Byzantine) into one (d,) vector."""
+
+
+def require(holds: bool, rule: str, condition: str, f: int, n: int) -> None:
+    """Raise the ValueError every rule uses when f is too large for n inputs."""
+    if not holds:
+        raise ValueError(f"{rule} needs {condition}, got f={f}, n={n}")
+
+
+def register(name: str, registry: Registry = AGGREGATORS) -> Callable[[A], A]:
+    """Register a class under `name` and record the name on it (`cls.name`)."""
+
+    def decorate(cls: A) -> A:
+        cls.name = name
+        registry.register(name)(cls)
+        return cls
+
+    return decorate

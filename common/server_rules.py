@@ -1,0 +1,318 @@
+"""Server rules: how the server turns each worker's messages into the vector it aggregates.
+
+Every estimator in byzps fits one shape: the server keeps, for each worker j, a *base* b_j, and the
+vector fed to the robust aggregator is the candidate  a_j = b_j + c_j,  where c_j is j's latest
+message. What b_j is, and how it moves, is the rule:
+
+* state (EF21 family, DASHA):  b_j = g_j, and absorbing c_j sets g_j ← g_j + c_j;
+* message (CSGD, SGDm):        b_j = 0, the candidate is the message itself;
+* diana:                       b_j = h_j, candidate h_j + c_j, then h_j ← h_j + a·c_j;
+* marina:                      b_j = previous aggregate (or 0 in a full-gradient round).
+
+A Byzantine worker that wants its candidate to be a target t sends C(t − b_j): knowing its own b_j
+exactly is what makes the attacks of ALGORITHMS.md expressible for every estimator.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from byzps.common.registry import Registry
+from byzps.common.seeding import uniform
+from byzps.common.sparse import SparseBatch
+
+SERVER_RULES: Registry[ServerRule] = Registry("server rule")
+
+
+class ServerRule(ABC):
+    """Per-worker server state for n workers of dimension d, batched as (n, d) tensors."""
+
+    name: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def candidates(self) -> Tensor:
+        """(n, d): the rows the robust aggregator sees (stale rows for silent workers)."""
+
+    @abstractmethod
+    def bases(self, rows: Tensor) -> Tensor:
+        """(len(rows), d): b_j of the given rows; a message c_j makes the candidate b_j + c_j."""
+
+    @abstractmethod
+    def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
+        """Apply one message per given worker row, exactly once."""
+
+    @abstractmethod
+    def close_round(self, aggregate: Tensor, round: int) -> None:
+        """Called after aggregation with the aggregate of `round`."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared machinery
+# ----------------------------------------------------------------------------------------------
+
+
+def full_gradient_round(seed: int, round: int, p: float, key: str = "marina") -> bool:
+    """The shared coin of MARINA / PAGE: round 0 is always full, round t > 0 is full with
+    probability p. A pure function of (seed, key, round), so the server and every worker agree
+    without exchanging anything."""
+    return round == 0 or uniform(seed, key, round) < p
+
+
+def _as_rows(rows: Tensor | Sequence[int], device: torch.device) -> Tensor:
+    return torch.as_tensor(rows, dtype=torch.long, device=device).reshape(-1)
+
+
+def _check_messages(rows: Tensor, messages: SparseBatch, dim: int) -> None:
+    if messages.dim != dim:
+        raise ValueError(f"messages have dim {messages.dim}, expected {dim}")
+    if messages.num_rows != rows.numel():
+        raise ValueError(f"{rows.numel()} rows but {messages.num_rows} messages")
+
+
+def scatter_add_rows(
+    target: Tensor, rows: Tensor, messages: SparseBatch, alpha: float = 1.0
+) -> None:
+    """target[rows[i]] += alpha · messages.row(i), in place, without densifying the messages.
+
+    The (n, d) target is addressed as one flat vector (row·d + index), so one index_add_ applies
+    every message of the batch; a row that appears twice receives both of its messages.
+    """
+    d = target.shape[1]
+    values = messages.values.to(target.dtype)
+    if messages.nnz == d:
+        target.index_add_(0, rows, values, alpha=alpha)
+        return
+    flat = (rows[:, None] * d + messages.indices.long()).reshape(-1)
+    target.view(-1).index_add_(0, flat, values.reshape(-1), alpha=alpha)
+
+
+class _BatchedRule(ServerRule):
+    """Holds (n, d) tensors named in `_tensors` and the counters in `_counters`, and serialises
+    both generically, so each rule only writes its recursion."""
+
+    _tensors: ClassVar[tuple[str, ...]] = ()
+    _counters: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        num_workers: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be positive, got {num_workers}")
+        if dim < 1:
+            raise ValueError(f"dim must be positive, got {dim}")
+        self.num_workers = num_workers
+        self.dim = dim
+        for name in self._tensors:
+            setattr(self, name, torch.zeros(num_workers, dim, dtype=dtype, device=device))
+
+    @property
+    def _device(self) -> torch.device:
+        return getattr(self, self._tensors[0]).device
+
+    def _prepare(self, rows: Tensor | Sequence[int], messages: SparseBatch) -> Tensor:
+        r = _as_rows(rows, self._device)
+        _check_messages(r, messages, self.dim)
+        return r
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {name: getattr(self, name).clone() for name in self._tensors}
+        state.update({name: getattr(self, name) for name in self._counters})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [k for k in (*self._tensors, *self._counters) if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {missing}")
+        for name in self._tensors:
+            mine = getattr(self, name)
+            value = torch.as_tensor(state[name])
+            if value.shape != mine.shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)}, expected {tuple(mine.shape)}"
+                )
+            mine.copy_(value)
+        for name in self._counters:
+            value = state[name]
+            setattr(self, name, value.clone() if isinstance(value, Tensor) else value)
+
+
+# ----------------------------------------------------------------------------------------------
+# The rules
+# ----------------------------------------------------------------------------------------------
+
+
+@SERVER_RULES.register("state")
+class StateRule(_BatchedRule):
+    """Error-feedback states (EF21 family, Byz-DM21, DASHA): b_j = g_j; on c_j: g_j ← g_j + c_j.
+
+    The candidate is g_j itself, so a silent worker keeps its stale g_j.
+    """
+
+    name = "state"
+    _tensors = ("g",)
+
+    @property
+    def candidates(self) -> Tensor:
+        return self.g
+
+    def bases(self, rows: Tensor) -> Tensor:
+        return self.g[_as_rows(rows, self._device)]
+
+    def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
+        scatter_add_rows(self.g, self._prepare(rows, messages), messages)
+
+    def close_round(self, aggregate: Tensor, round: int) -> None:
+        del aggregate, round
+
+
+class _CandidateRule(_BatchedRule):
+    """Rules whose candidate is fixed when a message arrives: a_j = b_j + c_j is stored, and a
+    silent worker's candidate stays the last one it produced (0 before its first message)."""
+
+    _tensors: ClassVar[tuple[str, ...]] = ("candidate",)
+
+    @property
+    def candidates(self) -> Tensor:
+        return self.candidate
+
+    def _write(self, rows: Tensor, base: Tensor, messages: SparseBatch) -> None:
+        base = base.clone()
+        scatter_add_rows(base, torch.arange(len(rows), device=base.device), messages)
+        self.candidate[rows] = base
+
+
+@SERVER_RULES.register("message")
+class MessageRule(_CandidateRule):
+    """BR-CSGD, BR-SGDm: b_j = 0, the candidate is the latest message itself (stale if silent)."""
+
+    name = "message"
+
+    def bases(self, rows: Tensor) -> Tensor:
+        r = _as_rows(rows, self._device)
+        return self.candidate.new_zeros(len(r), self.dim)
+
+    def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
+        r = self._prepare(rows, messages)
+        self._write(r, self.bases(r), messages)
+
+    def close_round(self, aggregate: Tensor, round: int) -> None:
+        del aggregate, round
+
+
+@SERVER_RULES.register("diana")
+class DianaRule(_CandidateRule):
+    """BR-DIANA shifts: b_j = h_j; on c_j: candidate_j = h_j + c_j, then h_j ← h_j + a·c_j.
+
+    A silent worker keeps its last candidate h_j^old + c_j (the last gradient estimate it gave).
+    """
+
+    name = "diana"
+    _tensors = ("candidate", "h")
+
+    def __init__(
+        self,
+        num_workers: int,
+        dim: int,
+        *,
+        a: float,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not 0.0 < a <= 1.0:
+            raise ValueError(f"a must be in (0, 1], got {a!r}")
+        super().__init__(num_workers, dim, dtype=dtype, device=device)
+        self.a = float(a)
+
+    def bases(self, rows: Tensor) -> Tensor:
+        return self.h[_as_rows(rows, self._device)]
+
+    def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
+        r = self._prepare(rows, messages)
+        self._write(r, self.h[r], messages)
+        scatter_add_rows(self.h, r, messages, alpha=self.a)
+
+    def close_round(self, aggregate: Tensor, round: int) -> None:
+        del aggregate, round
+
+
+@SERVER_RULES.register("marina")
+class MarinaRule(_CandidateRule):
+    """Byz-VR-MARINA: in a full-gradient round (shared coin, round 0 always) candidate_j = c_j;
+    otherwise candidate_j = ĝ^{t−1} + c_j with ĝ^{t−1} the previous round's aggregate.
+
+    The coin of a message is that of the round it was computed for; the base is the latest recorded
+    aggregate (MARINA keeps no per-worker memory, so a late delta is applied to the current base).
+    `round` is the round open now (one past the last closed one); `bases` uses its coin.
+    """
+
+    name = "marina"
+    _tensors = ("candidate",)
+    _counters = ("round",)
+
+    def __init__(
+        self,
+        num_workers: int,
+        dim: int,
+        *,
+        p: float,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"p must be in (0, 1], got {p!r}")
+        super().__init__(num_workers, dim, dtype=dtype, device=device)
+        self.p = float(p)
+        self.seed = int(seed)
+        self.round = 0
+        self.last_aggregate = self.candidate.new_zeros(dim)
+
+    def is_full(self, round: int) -> bool:
+        return full_gradient_round(self.seed, round, self.p)
+
+    def _base(self, n: int, round: int) -> Tensor:
+        if self.is_full(round):
+            return self.candidate.new_zeros(n, self.dim)
+        return self.last_aggregate.expand(n, self.dim).clone()
+
+    def bases(self, rows: Tensor) -> Tensor:
+        return self._base(len(_as_rows(rows, self._device)), self.round)
+
+    def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
+        r = self._prepare(rows, messages)
+        self._write(r, self._base(len(r), round), messages)
+
+    def close_round(self, aggregate: Tensor, round: int) -> None:
+        self.last_aggregate = aggregate.detach().to(self.candidate).clone()
+        self.round = round + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "last_aggregate": self.last_aggregate.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "last_aggregate" not in state:
+            raise ValueError("state is missing ['last_aggregate']")
+        self.last_aggregate = torch.as_tensor(state["last_aggregate"]).to(self.candidate).clone()
+
+
+def build_server_rule(name: str, num_workers: int, dim: int, **params: Any) -> ServerRule:
+    """Construct server rule `name` for n workers in dimension d; bad parameters: ValueError."""
+    return SERVER_RULES.build(name, num_workers=num_workers, dim=dim, **params)

@@ -1,0 +1,202 @@
+"""Task "a9a-logreg": logistic regression without bias on LIBSVM a9a (the paper's convex task).
+
+Rows are L2-normalised and labels mapped from {−1, +1} to {0, 1}; the objective is the mean binary
+cross-entropy plus a regulariser ("l2" or "nonconvex", see regularizers.py). Gradients are
+analytic and batched over workers — this oracle is the simulator's hot path.
+
+The global objective f (`loss`, `full_gradient`, evaluate's train_loss / grad_norm_sq) is the mean
+over ALL training rows. `loss(x, workers)` is instead (1/|S|) Σ_{i∈S} f_i, the mean of the listed
+workers' shard objectives (e.g. the honest workers'), which differs slightly when shards differ
+in size.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.resources
+from collections.abc import Sequence
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from byzps.common.tasks.base import TASKS
+from byzps.common.tasks.libsvm import parse_libsvm
+from byzps.common.tasks.regularizers import Regularizer
+from byzps.common.tasks.sampling import ShardBatches
+from byzps.common.tasks.sharded import ShardedTask
+
+N_FEATURES = 123
+_FILES = {"train": "a9a", "test": "a9a.t"}
+
+
+def packaged_file(split: str) -> importlib.resources.abc.Traversable:
+    """The gzipped LIBSVM file shipped as package data (byzps/common/data/<name>.gz)."""
+    return importlib.resources.files("byzps.common") / "data" / f"{_FILES[split]}.gz"
+
+
+@functools.cache
+def load_a9a(split: str = "train") -> tuple[Tensor, Tensor]:
+    """(features float32 (N, 123) with unit-norm rows, labels float32 in {0, 1}).
+
+    Parsed once per process and shared: callers must not modify the tensors in place.
+    """
+    if split not in _FILES:
+        raise ValueError(f"a9a split must be 'train' or 'test', got {split!r}")
+    with packaged_file(split).open("rb") as raw, gzip.open(raw, "rt", encoding="ascii") as text:
+        features, labels = parse_libsvm(text, N_FEATURES, source=_FILES[split])
+    features /= features.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return features, (labels > 0).to(torch.float32)
+
+
+def weighted_logistic(
+    x: Tensor, features: Tensor, labels: Tensor, weights: Tensor | float, reg: Regularizer
+) -> tuple[Tensor, Tensor]:
+    """(Σ_j w_j ℓ_j(x) + r(x), its gradient) with ℓ_j the BCE of row j; weights sum to 1."""
+    z = features @ x
+    loss = (weights * (F.softplus(z) - labels * z)).sum() + reg.value(x)
+    grad = features.T @ (weights * (torch.sigmoid(z) - labels)) + reg.grad(x)
+    return loss, grad
+
+
+class LogisticOracle:
+    """Stochastic and full shard gradients of the regularised BCE for w workers at once."""
+
+    def __init__(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        shards: Sequence[Tensor],
+        batches: ShardBatches,
+        reg: Regularizer,
+    ) -> None:
+        self.num_workers = len(shards)
+        self.dim = features.shape[1]
+        self._features = features
+        self._labels = labels
+        self._shards = list(shards)
+        self._batches = batches
+        self._reg = reg
+
+    def sample(self, round: int) -> Tensor:
+        return self._batches.sample(round)
+
+    def grad(self, x: Tensor, batch: Tensor) -> Tensor:
+        """(w, d): mean over each worker's batch row of (σ(aᵀx) − y) a, plus ∇r(x)."""
+        rows = self._features[batch]  # (w, b, d)
+        residual = torch.sigmoid(rows @ x).sub_(self._labels[batch])  # (w, b)
+        grads = torch.bmm(residual.unsqueeze(1), rows).squeeze(1)  # (w, d)
+        return grads.mul_(1.0 / batch.shape[1]).add_(self._reg.grad(x))
+
+    @cached_property
+    def _full(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """All shard rows gathered once: (rows, labels, owner worker row, 1 / shard size)."""
+        index = torch.cat(self._shards)
+        sizes = torch.tensor([s.numel() for s in self._shards])
+        owner = torch.repeat_interleave(torch.arange(self.num_workers), sizes)
+        inv = (1.0 / sizes.to(self._features.dtype))[owner]
+        return self._features[index], self._labels[index], owner, inv
+
+    def full_grad(self, x: Tensor) -> Tensor:
+        rows, labels, owner, inv = self._full
+        residual = (torch.sigmoid(rows @ x) - labels) * inv
+        grads = torch.zeros(self.num_workers, self.dim, dtype=rows.dtype)
+        grads.index_add_(0, owner, rows * residual.unsqueeze(1))
+        return grads.add_(self._reg.grad(x))
+
+
+@TASKS.register("a9a-logreg")
+class A9aLogRegTask(ShardedTask):
+    """Logistic regression on a9a, split among `num_workers` workers (see the module doc)."""
+
+    name = "a9a-logreg"
+    num_classes = 2
+
+    def __init__(
+        self,
+        *,
+        num_workers: int,
+        seed: int,
+        batch_size: int = 1,
+        split: str = "iid",
+        alpha: float = 0.5,
+        regularizer: str = "l2",
+        lam: float | None = None,
+        dtype: str = "float32",
+    ) -> None:
+        """`lam` defaults to the paper's λ for `regularizer`; `dtype` ("float32"/"float64") is
+        the dtype of the data and of the x the oracle accepts (float64 serves exact checks)."""
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        self.dtype = getattr(torch, dtype)
+        self.reg = Regularizer.named(regularizer, lam)
+        features, labels = load_a9a("train")
+        test_features, test_labels = load_a9a("test")
+        self.features, self.labels = features.to(self.dtype), labels.to(self.dtype)
+        self.test_features, self.test_labels = (
+            test_features.to(self.dtype),
+            test_labels.to(self.dtype),
+        )
+        super().__init__(
+            labels,
+            num_workers=num_workers,
+            seed=seed,
+            batch_size=batch_size,
+            split=split,
+            alpha=alpha,
+        )
+
+    @property
+    def dim(self) -> int:
+        return N_FEATURES
+
+    @property
+    def layer_sizes(self) -> tuple[int, ...]:
+        return (N_FEATURES,)
+
+    def init_params(self, seed: int) -> Tensor:
+        """x⁰ = 0 (the paper's start; independent of the seed)."""
+        return torch.zeros(N_FEATURES, dtype=self.dtype)
+
+    def oracle(
+        self, workers: Sequence[int], seed: int, *, flip_labels: bool = False
+    ) -> LogisticOracle:
+        labels = self.flipped(self.labels) if flip_labels else self.labels
+        shards = self.worker_shards(workers)
+        return LogisticOracle(self.features, labels, shards, self.sampler(workers, seed), self.reg)
+
+    def _objective(self, x: Tensor, workers: Sequence[int] | None) -> tuple[Tensor, Tensor]:
+        if workers is None:
+            return weighted_logistic(
+                x, self.features, self.labels, 1.0 / len(self.labels), self.reg
+            )
+        shards = self.worker_shards(workers)
+        index = torch.cat(shards)
+        weights = torch.cat([torch.full((len(s),), 1.0 / (len(s) * len(shards))) for s in shards])
+        return weighted_logistic(
+            x, self.features[index], self.labels[index], weights.to(self.dtype), self.reg
+        )
+
+    def loss(self, x: Tensor, workers: Sequence[int] | None = None) -> float:
+        """The regularised objective at x: over all training rows, or the mean of `workers`' f_i."""
+        return float(self._objective(x, workers)[0])
+
+    def full_gradient(self, x: Tensor, workers: Sequence[int] | None = None) -> Tensor:
+        """∇ of `loss(x, workers)`, shape (d,)."""
+        return self._objective(x, workers)[1]
+
+    def evaluate(self, x: Tensor) -> dict[str, float]:
+        """train_loss and grad_norm_sq of the full regularised objective; test_loss (BCE only,
+        without the regulariser) and test_accuracy (σ(aᵀx) > 1/2) on a9a.t."""
+        x = x.to(self.dtype)
+        loss, grad = self._objective(x, None)
+        z = self.test_features @ x
+        y = self.test_labels
+        return {
+            "train_loss": float(loss),
+            "grad_norm_sq": float(grad.square().sum()),
+            "test_loss": float((F.softplus(z) - y * z).mean()),
+            "test_accuracy": float(((z > 0).to(y.dtype) == y).to(torch.float64).mean()),
+        }

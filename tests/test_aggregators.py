@@ -1,0 +1,448 @@
+"""Robust aggregators against brute-force numpy/float64 references.
+
+The implementations work through Gram matrices, comparator networks and lazy mixing; the
+references do the textbook thing (sort, explicit pairwise distances, plain loops), so a disagreement
+points at the fast path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from byzps.common.aggregators import (
+    AGGREGATORS,
+    WRAPPERS,
+    Bucketing,
+    build_aggregator,
+    forced_backend,
+)
+from byzps.common.aggregators._networks import band_network
+
+SETTINGS = settings(max_examples=40, deadline=None)
+BASES = AGGREGATORS.names()
+
+
+# ---------------------------------------------------------------- brute-force references (float64)
+
+
+def ref_mean(x: np.ndarray, f: int) -> np.ndarray:
+    return x.mean(axis=0)
+
+
+def ref_cm(x: np.ndarray, f: int) -> np.ndarray:
+    return np.median(x, axis=0)
+
+
+def ref_cwtm(x: np.ndarray, f: int) -> np.ndarray:
+    return np.sort(x, axis=0)[f : len(x) - f].mean(axis=0)
+
+
+def krum_scores(x: np.ndarray, f: int) -> np.ndarray:
+    n = len(x)
+    dists = np.array([[np.sum((x[i] - x[j]) ** 2) for j in range(n)] for i in range(n)])
+    return np.array([np.sort(np.delete(dists[j], j))[: n - f - 2].sum() for j in range(n)])
+
+
+def ref_multikrum(x: np.ndarray, f: int, m: int | None = None) -> np.ndarray:
+    chosen = np.argsort(krum_scores(x, f), kind="stable")[: len(x) - f if m is None else m]
+    return x[chosen].mean(axis=0)
+
+
+def krum_choice_is_clear(rule: str, x: np.ndarray, f: int) -> bool:
+    """False when (multi)krum's selection hinges on a tie, where any tie-break is right.
+
+    nnm makes ties common: two inputs with the same n − f neighbours get identical mixed rows.
+    """
+    if rule not in ("krum", "multikrum"):
+        return True
+    m = 1 if rule == "krum" else len(x) - f
+    scores = np.sort(krum_scores(x, f))
+    return m == len(x) or scores[m] - scores[m - 1] > 1e-6 * max(1.0, scores[-1])
+
+
+def ref_krum(x: np.ndarray, f: int) -> np.ndarray:
+    return ref_multikrum(x, f, m=1)
+
+
+def ref_gm(x: np.ndarray, f: int, iterations: int = 8, nu: float = 0.1) -> np.ndarray:
+    z = x.mean(axis=0)
+    for _ in range(iterations):
+        w = 1.0 / np.maximum(nu, np.linalg.norm(x - z, axis=1))
+        z = (w[:, None] * x).sum(axis=0) / w.sum()
+    return z
+
+
+def ref_cclip(
+    x: np.ndarray, f: int, centre: np.ndarray | None = None, tau: float = 10.0, iterations: int = 3
+) -> np.ndarray:
+    v = np.zeros(x.shape[1]) if centre is None else centre.copy()
+    for _ in range(iterations):
+        diff = x - v
+        norms = np.linalg.norm(diff, axis=1)
+        scale = np.minimum(1.0, tau / np.where(norms > 0, norms, np.inf))
+        v = v + (diff * scale[:, None]).sum(axis=0) / len(x)
+    return v
+
+
+def ref_nnm_rows(x: np.ndarray, f: int) -> np.ndarray:
+    n = len(x)
+    rows = []
+    for i in range(n):
+        dists = np.array([np.sum((x[i] - x[j]) ** 2) for j in range(n)])
+        dists[i] = -1.0  # itself first, whatever ties it has
+        rows.append(x[np.argsort(dists, kind="stable")[: n - f]].mean(axis=0))
+    return np.array(rows)
+
+
+def ref_bucket_rows(x: np.ndarray, perm: np.ndarray, size: int) -> np.ndarray:
+    return np.array([x[perm[s : s + size]].mean(axis=0) for s in range(0, len(x), size)])
+
+
+REFERENCES = {
+    "mean": ref_mean,
+    "cm": ref_cm,
+    "cwtm": ref_cwtm,
+    "krum": ref_krum,
+    "multikrum": ref_multikrum,
+    "gm": ref_gm,
+    "cclip": ref_cclip,
+}
+
+
+def max_f(rule: str, n: int) -> int:
+    """The largest f that `rule` accepts for n inputs (-1 if none)."""
+    if rule in ("krum", "multikrum"):
+        return n - 3
+    if rule == "mean":
+        return n - 1
+    return (n - 1) // 2
+
+
+def sample(seed: int, n: int, d: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.standard_normal((n, d)) * rng.uniform(0.1, 20)).to(dtype)
+
+
+def close(actual: torch.Tensor, expected: np.ndarray, dtype: torch.dtype) -> None:
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual.double().numpy(), expected, rtol=tol, atol=tol * scale)
+
+
+# ------------------------------------------------------------------------------------- the rules
+
+
+@SETTINGS
+@given(
+    rule=st.sampled_from(BASES),
+    n=st.integers(1, 25),
+    d=st.integers(1, 40),
+    f_frac=st.floats(0, 1),
+    seed=st.integers(0, 2**31),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_rule_matches_reference(rule, n, d, f_frac, seed, dtype):
+    top = max_f(rule, n)
+    if top < 0:
+        with pytest.raises(ValueError, match=r"f=0, n="):
+            build_aggregator(rule, 0)(sample(seed, n, d, dtype))
+        return
+    f = round(f_frac * top)
+    x = sample(seed, n, d, dtype)
+    out = build_aggregator(rule, f)(x)
+    assert out.shape == (d,) and out.dtype == dtype
+    close(out, REFERENCES[rule](x.double().numpy(), f), dtype)
+
+
+def test_median_of_even_n_is_mean_of_middle_pair():
+    x = torch.tensor([[1.0], [10.0], [3.0], [4.0]])
+    assert build_aggregator("cm", 1)(x).item() == 3.5
+
+
+def test_multikrum_m_parameter():
+    x = sample(3, 11, 5)
+    out = build_aggregator("multikrum", 2, params={"m": 4})(x)
+    close(out, ref_multikrum(x.numpy(), 2, m=4), torch.float64)
+
+
+def test_gm_and_cclip_parameters_reach_the_rule():
+    x = sample(4, 9, 6)
+    gm = build_aggregator("gm", 2, params={"iterations": 30, "nu": 0.5})(x)
+    close(gm, ref_gm(x.numpy(), 2, iterations=30, nu=0.5), torch.float64)
+    cclip = build_aggregator("cclip", 2, params={"tau": 0.3, "iterations": 5})(x)
+    close(cclip, ref_cclip(x.numpy(), 2, tau=0.3, iterations=5), torch.float64)
+
+
+def test_cclip_centre_is_previous_output_and_round_trips():
+    xs = [sample(s, 8, 7) * 30 for s in range(3)]
+    agg = build_aggregator("cclip", 2)
+    centre = None
+    for x in xs[:2]:
+        centre = ref_cclip(x.numpy(), 2, centre)
+        close(agg(x), centre, torch.float64)
+    restored = build_aggregator("cclip", 2)
+    restored.load_state_dict(agg.state_dict())
+    assert torch.equal(restored(xs[2]), agg(xs[2]))
+    fresh = build_aggregator("cclip", 2)
+    fresh.load_state_dict(fresh.state_dict())  # the empty state (no centre yet) round-trips too
+    close(fresh(xs[0]), ref_cclip(xs[0].numpy(), 2), torch.float64)
+
+
+# -------------------------------------------------------------------------------------- wrappers
+
+
+@SETTINGS
+@given(
+    base=st.sampled_from(BASES),
+    n=st.integers(3, 25),
+    f_frac=st.floats(0, 1),
+    seed=st.integers(0, 2**31),
+)
+def test_nnm_composes_with_every_base(base, n, f_frac, seed):
+    f = round(f_frac * max(0, max_f(base, n)))
+    x = sample(seed, n, 9)
+    rows = ref_nnm_rows(x.numpy(), f)
+    assume(krum_choice_is_clear(base, rows, f))
+    out = build_aggregator(base, f, pre=["nnm"])(x)
+    close(out, REFERENCES[base](rows, f), torch.float64)
+
+
+@SETTINGS
+@given(
+    base=st.sampled_from(BASES),
+    n=st.integers(1, 25),
+    size=st.integers(1, 4),
+    f=st.integers(0, 6),
+    seed=st.integers(0, 2**31),
+)
+def test_bucketing_composes_with_every_base(base, n, size, f, seed):
+    buckets = math.ceil(n / size)
+    f_inner = min(f, math.ceil(buckets / 2) - 1)
+    agg = build_aggregator(base, f, pre=["bucketing"], params={"bucket_size": size}, seed=seed)
+    x = sample(seed, n, 6)
+    if f_inner > max_f(base, buckets):
+        with pytest.raises(ValueError, match=rf"f={f_inner}, n={buckets}"):
+            agg(x)
+        return
+    perm = agg.permutation(n)
+    assert sorted(perm.tolist()) == list(range(n))
+    rows = ref_bucket_rows(x.numpy(), perm, size)
+    assume(krum_choice_is_clear(base, rows, f_inner))
+    close(agg(x), REFERENCES[base](rows, f_inner), torch.float64)
+
+
+def test_bucketing_then_nnm_nests_in_the_stated_order():
+    x = sample(5, 12, 4)
+    agg = build_aggregator("cwtm", 3, pre=["bucketing", "nnm"], params={"bucket_size": 2}, seed=9)
+    rows = ref_bucket_rows(x.numpy(), agg.permutation(12), 2)  # 6 buckets, f' = min(3, 2) = 2
+    close(agg(x), ref_cwtm(ref_nnm_rows(rows, 2), 2), torch.float64)
+
+
+def test_bucketing_is_deterministic_by_seed_and_state_round_trips():
+    x = sample(6, 10, 5)
+    a, b = (build_aggregator("cm", 2, pre=["bucketing"], seed=42) for _ in range(2))
+    outs_a = [a(x) for _ in range(3)]
+    outs_b = [b(x) for _ in range(3)]
+    assert all(torch.equal(p, q) for p, q in zip(outs_a, outs_b, strict=True))
+    assert not all(torch.equal(outs_a[0], o) for o in outs_a[1:])  # a fresh permutation per call
+    seeds = [build_aggregator("cm", 2, pre=["bucketing"], seed=s) for s in (42, 43)]
+    assert seeds[0].permutation(10).tolist() != seeds[1].permutation(10).tolist()
+    restored = build_aggregator("cm", 2, pre=["bucketing"], seed=42)
+    restored.load_state_dict(a.state_dict())
+    assert torch.equal(restored(x), a(x))
+
+
+def test_wrapper_state_nests_the_base_state():
+    agg = build_aggregator("cclip", 1, pre=["bucketing", "nnm"], seed=1)
+    agg(sample(7, 9, 3))
+    state = agg.state_dict()
+    assert state["calls"] == 1 and state["base"]["base"]["centre"].shape == (3,)
+
+
+# -------------------------------------------------------------------------------- properties
+
+
+@SETTINGS
+@given(
+    rule=st.sampled_from(BASES),
+    pre=st.sampled_from([(), ("nnm",)]),
+    n=st.integers(4, 20),
+    seed=st.integers(0, 2**31),
+)
+def test_permutation_invariance(rule, pre, n, seed):
+    f = max(0, max_f(rule, n) // 2)
+    x = sample(seed, n, 8)
+    assume(krum_choice_is_clear(rule, ref_nnm_rows(x.numpy(), f) if pre else x.numpy(), f))
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    a = build_aggregator(rule, f, pre=pre)(x)
+    b = build_aggregator(rule, f, pre=pre)(x[perm])
+    close(a, b.numpy(), torch.float64)
+
+
+ROBUST = [
+    ("cm", (), {}),
+    ("cwtm", (), {}),
+    ("krum", (), {}),
+    ("multikrum", (), {}),
+    ("cm", ("nnm",), {}),
+    ("cwtm", ("nnm",), {}),
+    ("krum", ("nnm",), {}),
+    ("gm", ("nnm",), {"iterations": 100}),
+]
+
+
+@pytest.mark.parametrize(("rule", "pre", "params"), ROBUST)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("n", "f"), [(5, 1), (11, 4), (20, 8)])
+def test_huge_outliers_stay_out(rule, pre, params, dtype, n, f):
+    """With f arbitrary outliers, the output lies in the honest rows' coordinate-wise range."""
+    rng = np.random.default_rng(n)
+    honest = rng.uniform(-1, 1, (n - f, 16))
+    outliers = rng.choice([-1.0, 1.0], (f, 16)) * rng.uniform(1e5, 1e6, (f, 16))
+    x = torch.from_numpy(np.concatenate([outliers, honest])).to(dtype)
+    out = build_aggregator(rule, f, pre=pre, params=params)(x).double().numpy()
+    slack = 1e-6 if dtype == torch.float32 else 1e-12
+    assert np.all(out >= honest.min(axis=0) - slack) and np.all(out <= honest.max(axis=0) + slack)
+
+
+@pytest.mark.parametrize(("rule", "pre"), [("krum", ()), ("multikrum", ()), ("cwtm", ("nnm",))])
+def test_float32_distances_survive_a_huge_row(rule, pre):
+    """One row 10⁵× larger moves the centre; the honest rows' distances must still be exact."""
+    x = sample(11, 11, 300, torch.float32)
+    x[0] *= 1e5
+    out = build_aggregator(rule, 3, pre=pre)(x)
+    rows = x.double().numpy()
+    expected = REFERENCES[rule](ref_nnm_rows(rows, 3) if pre else rows, 3)
+    close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize(("n", "f"), [(5, 2), (11, 4), (20, 9)])
+def test_gm_stays_in_the_breakdown_ball(n, f):
+    """‖GM − c‖ ≤ 2(n−f)/(n−2f) · max_{i honest} ‖x_i − c‖ for any c; with the default T = 8 the
+    iterate started at the mean has not got there yet, so this runs the iteration to convergence."""
+    rng = np.random.default_rng(f)
+    honest = rng.standard_normal((n - f, 12))
+    outliers = rng.standard_normal((f, 12)) * 1e6
+    x = torch.from_numpy(np.concatenate([honest, outliers]))
+    nu = 1e-3
+    out = build_aggregator("gm", f, params={"iterations": 300, "nu": nu})(x).numpy()
+    centre = honest.mean(axis=0)
+    radius = np.linalg.norm(honest - centre, axis=1).max()
+    # + ν: smoothing moves the minimiser by at most ν from the true geometric median.
+    assert np.linalg.norm(out - centre) <= 2 * (n - f) / (n - 2 * f) * radius + nu
+
+
+# ----------------------------------------------------------------------------- kernels, backends
+
+
+@pytest.mark.parametrize("n", range(1, 26))
+def test_band_networks_select_every_band(n):
+    """Every (a, b) band comes out right on inputs full of ties (where pruning bugs show)."""
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 4, (n, 4000)).astype(float)
+    expected = np.sort(x, axis=0)
+    for a, b in {(lo, hi) for lo in range(n) for hi in (lo + 1, n - lo, n) if hi > lo}:
+        wires = x.copy()
+        for i, j in band_network(n, a, b):
+            wires[i], wires[j] = np.minimum(wires[i], wires[j]), np.maximum(wires[i], wires[j])
+        np.testing.assert_array_equal(wires[a:b].sum(axis=0), expected[a:b].sum(axis=0))
+
+
+@pytest.mark.parametrize("rule", BASES)
+@pytest.mark.parametrize("pre", [(), ("nnm",), ("bucketing", "nnm")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_fallback_equals_numba(rule, pre, dtype):
+    """Both backends agree bitwise, except where a Gram feeds an iteration (gm, cclip)."""
+    x = sample(8, 13, 3000, dtype)
+    x[2, 10:] *= 1e4
+    if rule in ("cm", "cwtm") and not pre:
+        x[2, :10] = torch.inf  # the comparator networks must move infinities like any value
+    outs = []
+    for backend in ("numba", "torch"):
+        with forced_backend(backend):
+            outs.append(build_aggregator(rule, 3, pre=pre, seed=1)(x))
+    if rule in ("gm", "cclip"):
+        # The two Grams round differently and the iterations pass it on: ~eps · max|x| absolute.
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        scale = float(x[x.isfinite()].abs().max())
+        torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol * scale)
+    else:
+        assert torch.equal(outs[0], outs[1])
+
+
+def test_numba_backend_refuses_what_it_cannot_run():
+    with forced_backend("numba"), pytest.raises(ValueError, match="numba backend"):
+        build_aggregator("cm", 0)(torch.ones(3, 4, dtype=torch.float16))
+
+
+def test_float16_runs_on_the_torch_path():
+    x = sample(9, 7, 20, torch.float16)
+    out = build_aggregator("cm", 2)(x)
+    assert out.dtype == torch.float16
+    close(out, np.median(x.double().numpy(), axis=0), torch.float32)
+
+
+def test_input_layouts():
+    x = sample(10, 30, 5).T  # non-contiguous (5, 30)
+    close(build_aggregator("cwtm", 1)(x), ref_cwtm(x.numpy(), 1), torch.float64)
+    x.requires_grad_(True)
+    assert not build_aggregator("gm", 1)(x).requires_grad
+    with pytest.raises(ValueError, match="shape"):
+        build_aggregator("cm", 0)(torch.ones(4))
+
+
+@pytest.mark.parametrize("d", [1, 16383, 16385, 40000])
+def test_chunk_and_block_edges(d):
+    x = sample(d, 6, d, torch.float32)
+    close(build_aggregator("cm", 2)(x), np.median(x.double().numpy(), axis=0), torch.float32)
+    close(build_aggregator("gm", 2)(x), ref_gm(x.double().numpy(), 2), torch.float32)
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("rule", "n", "f"),
+    [
+        ("cm", 4, 2),
+        ("cwtm", 6, 3),
+        ("krum", 5, 3),
+        ("multikrum", 3, 1),
+        ("gm", 2, 1),
+        ("cclip", 4, 2),
+    ],
+)
+def test_f_too_large_is_an_error_naming_f_and_n(rule, n, f):
+    with pytest.raises(ValueError, match=rf"{rule} needs .*f={f}, n={n}"):
+        build_aggregator(rule, f)(torch.ones(n, 3))
+
+
+def test_build_errors_name_the_culprit():
+    with pytest.raises(ValueError, match="'median'"):
+        build_aggregator("median", 1)
+    with pytest.raises(ValueError, match="'nn'"):
+        build_aggregator("cm", 1, pre=["nn"])
+    with pytest.raises(ValueError, match="'bucket_size'"):
+        build_aggregator("cm", 1, params={"bucket_size": 2})
+    with pytest.raises(ValueError, match="'tau'"):
+        build_aggregator("gm", 1, params={"tau": 2})
+    with pytest.raises(ValueError, match="'m'"):
+        build_aggregator("krum", 1, params={"m": 2})
+    with pytest.raises(ValueError, match="non-negative"):
+        build_aggregator("cm", -1)
+    with pytest.raises(ValueError, match="bucket_size"):
+        build_aggregator("cm", 1, pre=["bucketing"], params={"bucket_size": 0})
+    with pytest.raises(ValueError, match="nnm needs f < n, got f=3, n=3"):
+        build_aggregator("mean", 3, pre=["nnm"])(torch.ones(3, 2))
+
+
+def test_registry_names():
+    assert BASES == ["cclip", "cm", "cwtm", "gm", "krum", "mean", "multikrum"]
+    assert WRAPPERS.names() == ["bucketing", "nnm"]
+    assert isinstance(build_aggregator("gm", 1, pre=["bucketing"]), Bucketing)

@@ -1,0 +1,246 @@
+"""Compressors: Top-k against brute force (all three implementations), Rand-k unbiasedness and
+seed regeneration, identity, contractivity, and parameter validation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from byzps.common.compressors import (
+    COMPRESSORS,
+    SMALL_DIM,
+    Identity,
+    RandK,
+    TopK,
+    build_compressor,
+    randk_indices,
+    topk_indices,
+)
+from byzps.common.sparse import INDEX_DTYPE
+
+METHODS = ("numpy", "sort", "torch")
+
+
+def brute_topk(z: np.ndarray, k: int) -> np.ndarray:
+    """Stable argsort of −|z|: equal magnitudes keep index order, so the lower index wins."""
+    order = np.argsort(-np.abs(z), axis=1, kind="stable")[:, :k]
+    return np.sort(order, axis=1)
+
+
+def tied_input(w: int, d: int, seed: int) -> torch.Tensor:
+    """Small integers with random signs: many exact ties in |z|."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-4, 5, (w, d), generator=gen).float()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("w", "d", "k"), [(1, 10, 3), (3, 50, 7), (4, 6000, 60), (2, 9, 9)])
+def test_topk_matches_brute_force(method: str, w: int, d: int, k: int) -> None:
+    for seed, z in enumerate([torch.randn(w, d), tied_input(w, d, 3)]):
+        got = topk_indices(z, k, method)
+        assert got.dtype == INDEX_DTYPE and got.shape == (w, k), seed
+        np.testing.assert_array_equal(got.numpy(), brute_topk(z.numpy(), k))
+
+
+def test_topk_tie_rule_lower_index_wins() -> None:
+    z = torch.tensor([[1.0, -3.0, 2.0, -2.0, 2.0, 3.0, 0.0]])
+    for method in METHODS:
+        # |z| = 3, 3, 2, 2, 2: k = 3 keeps both 3s and the first 2 (index 2).
+        assert topk_indices(z, 3, method).tolist() == [[1, 2, 5]], method
+        assert topk_indices(z, 4, method).tolist() == [[1, 2, 3, 5]], method
+
+
+def test_topk_all_equal_magnitudes_picks_prefix() -> None:
+    z = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0] * 1000])
+    for method in METHODS:
+        assert topk_indices(z, 7, method).tolist() == [list(range(7))], method
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    w=st.integers(1, 4),
+    d=st.integers(1, 40),
+    data=st.data(),
+)
+def test_topk_paths_agree(w: int, d: int, data: st.DataObject) -> None:
+    k = data.draw(st.integers(1, d))
+    values = data.draw(
+        st.lists(
+            st.sampled_from([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]), min_size=w * d, max_size=w * d
+        )
+    )
+    z = torch.tensor(values).reshape(w, d)
+    reference = brute_topk(z.numpy(), k)
+    for method in METHODS:
+        np.testing.assert_array_equal(topk_indices(z, k, method).numpy(), reference)
+
+
+def test_topk_compress_values_unscaled_and_sorted() -> None:
+    z = torch.randn(3, 5000, dtype=torch.float64)
+    batch = TopK(5000, k=50).compress(z)
+    batch.validate()
+    assert batch.values.dtype == torch.float64 and batch.seeds is None
+    torch.testing.assert_close(
+        batch.values, torch.gather(z, 1, batch.indices.long()), rtol=0, atol=0
+    )
+    dense = batch.to_dense()
+    kept = dense != 0
+    assert int(kept.sum()) == 150
+    # every kept magnitude ≥ every dropped one, per row
+    for r in range(3):
+        assert z[r][kept[r]].abs().min() >= z[r][~kept[r]].abs().max()
+
+
+def test_topk_ratio_and_large_auto_path() -> None:
+    d = 2 * SMALL_DIM + 3
+    comp = TopK(d, ratio=0.01)
+    assert comp.k == math.floor(0.01 * d)
+    z = torch.randn(2, d)
+    np.testing.assert_array_equal(comp.indices(z).numpy(), brute_topk(z.numpy(), comp.k))
+    assert TopK(10, ratio=0.01).k == 1  # max(1, ⌊ratio·d⌋)
+
+
+def test_topk_half_precision_input() -> None:
+    d = SMALL_DIM + 100
+    z = torch.randn(2, d).to(torch.bfloat16)
+    batch = TopK(d, k=17).compress(z)
+    assert batch.values.dtype == torch.bfloat16
+    np.testing.assert_array_equal(batch.indices.numpy(), brute_topk(z.float().numpy(), 17))
+
+
+def test_topk_layer_scope_counts_and_selection() -> None:
+    sizes = (30, 7, 5000, 1, 200)
+    d = sum(sizes)
+    comp = TopK(d, ratio=0.1, scope="layer", layer_sizes=sizes)
+    expected_k = [max(1, math.floor(0.1 * s)) for s in sizes]
+    assert comp.layer_k == tuple(expected_k) == (3, 1, 500, 1, 20)
+    assert comp.k == sum(expected_k)
+    z = tied_input(3, d, 5) + 0.001 * torch.randn(3, d)
+    batch = comp.compress(z)
+    batch.validate()  # globally sorted and unique
+    start = 0
+    for size, k_l in zip(sizes, expected_k, strict=True):
+        idx = batch.indices.numpy()
+        in_layer = idx[(idx >= start) & (idx < start + size)].reshape(3, -1)
+        assert in_layer.shape[1] == k_l
+        np.testing.assert_array_equal(
+            in_layer - start, brute_topk(z[:, start : start + size].numpy(), k_l)
+        )
+        start += size
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    d=st.integers(1, 60),
+    data=st.data(),
+)
+def test_topk_contractive(d: int, data: st.DataObject) -> None:
+    k = data.draw(st.integers(1, d))
+    z = torch.tensor(
+        data.draw(st.lists(st.floats(-1e3, 1e3, width=32), min_size=d, max_size=d)),
+        dtype=torch.float64,
+    ).reshape(1, d)
+    err = (TopK(d, k=k).compress(z).to_dense() - z).pow(2).sum()
+    bound = (1 - k / d) * z.pow(2).sum()
+    assert err <= bound * (1 + 1e-12) + 1e-12
+
+
+def test_randk_unbiased() -> None:
+    d, k, draws = 40, 8, 4000
+    comp = RandK(d, k=k)
+    z = torch.randn(1, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    total = torch.zeros(1, d, dtype=torch.float64)
+    for s in range(draws):
+        total += comp.compress(z, [s]).to_dense()
+    mean = total / draws
+    # per-coordinate std of the mean: |z_j| sqrt((d/k − 1)/draws); allow 5 of them
+    sigma = z.abs() * math.sqrt((d / k - 1) / draws)
+    assert bool(((mean - z).abs() <= 5 * sigma + 1e-12).all())
+    assert comp.omega == pytest.approx(d / k - 1)
+
+
+def test_randk_scaling_and_regeneration() -> None:
+    d, k = 100, 10
+    comp = RandK(d, k=k)
+    z = torch.randn(3, d)
+    seeds = [11, 2**62 + 5, 0]
+    batch = comp.compress(z, seeds)
+    batch.validate()
+    assert batch.seeds == tuple(seeds)
+    for i, s in enumerate(seeds):
+        idx = randk_indices(d, k, s)
+        assert torch.equal(batch.indices[i], idx)
+        torch.testing.assert_close(batch.values[i], z[i, idx.long()] * (d / k))
+    assert comp.check(batch)
+    tampered = type(batch)(batch.indices, batch.values, d, (12, *seeds[1:]))
+    assert not comp.check(tampered)
+    assert not torch.equal(randk_indices(d, k, 1), randk_indices(d, k, 2))
+
+
+def test_randk_needs_one_seed_per_row() -> None:
+    comp = RandK(10, k=2)
+    with pytest.raises(ValueError, match="seeds"):
+        comp.compress(torch.randn(2, 10))
+    with pytest.raises(ValueError, match="seeds"):
+        comp.compress(torch.randn(2, 10), [1])
+
+
+def test_identity_exact() -> None:
+    z = torch.randn(4, 33, dtype=torch.float64)
+    comp = Identity(33)
+    batch = comp.compress(z)
+    batch.validate()
+    assert comp.k == 33 and comp.alpha == 1.0 and comp.omega == 0.0 and comp.unbiased
+    assert torch.equal(batch.to_dense(), z)
+    assert torch.equal(batch.indices[2], torch.arange(33, dtype=INDEX_DTYPE))
+
+
+def test_registry_and_factory() -> None:
+    assert {"topk", "randk", "identity"} <= set(COMPRESSORS.names())
+    comp = build_compressor("topk", 100, layer_sizes=[60, 40], ratio=0.1, scope="layer")
+    assert isinstance(comp, TopK) and comp.k == 10
+    assert build_compressor("randk", 50, k=5).k == 5
+    assert build_compressor("identity", 7).k == 7
+    with pytest.raises(ValueError, match="ratio"):
+        build_compressor("identity", 7, ratio=0.5)
+    with pytest.raises(ValueError, match="nope"):
+        build_compressor("nope", 7)
+
+
+@pytest.mark.parametrize(
+    ("params", "word"),
+    [
+        ({"k": 11}, "k"),
+        ({"k": 0}, "k"),
+        ({"k": 2.5}, "k"),
+        ({"ratio": 0.0}, "ratio"),
+        ({"ratio": 1.5}, "ratio"),
+        ({}, "k and ratio"),
+        ({"k": 2, "ratio": 0.5}, "k and ratio"),
+        ({"k": 2, "layer_sizes": [5, 4]}, "layer_sizes"),
+        ({"k": 2, "layer_sizes": [10, 0]}, "layer_sizes"),
+        ({"ratio": 0.5, "scope": "row"}, "scope"),
+        ({"ratio": 0.5, "scope": "layer"}, "layer_sizes"),
+        ({"k": 2, "scope": "layer", "layer_sizes": [5, 5]}, "k"),
+        ({"k": 2, "method": "fast"}, "method"),
+    ],
+)
+def test_topk_bad_parameters(params: dict, word: str) -> None:
+    with pytest.raises(ValueError, match=word):
+        TopK(10, **params)
+
+
+def test_bad_dim_and_shape() -> None:
+    with pytest.raises(ValueError, match="dim"):
+        TopK(0, k=1)
+    with pytest.raises(ValueError, match="k"):
+        RandK(10, k=20)
+    with pytest.raises(ValueError, match="shape"):
+        TopK(10, k=2).compress(torch.randn(10))
+    with pytest.raises(ValueError, match="shape"):
+        Identity(10).compress(torch.randn(2, 11))
