@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Literal
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor
@@ -36,6 +37,22 @@ def forced_backend(backend: Backend) -> Iterator[None]:
         _BACKEND.reset(token)
 
 
+@contextmanager
+def _threads_for(columns: int) -> Iterator[None]:
+    """One numba thread for inputs of a single chunk: there is no parallel work to share, and
+    waking numba's pool between torch ops makes the two thread pools fight over the cores (seen
+    as a 30x slower simulator round on a 2-core machine)."""
+    if columns > _kernels.CHUNK:
+        yield
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 def _use_numba(x: Tensor) -> bool:
     backend = _BACKEND.get()
     eligible = x.device.type == "cpu" and x.dtype in _NUMBA_DTYPES
@@ -54,7 +71,8 @@ def band_mean(x: Tensor, idx: np.ndarray, wts: np.ndarray, a: int, b: int) -> Te
     if _use_numba(x):
         out = np.empty(x.shape[1], dtype=x.numpy().dtype)
         block = _kernels.block_size(n, x.element_size())
-        _kernels.band_mean(x.numpy(), idx, wts, network, a, b, block, out)
+        with _threads_for(x.shape[1]):
+            _kernels.band_mean(x.numpy(), idx, wts, network, a, b, block, out)
         return torch.from_numpy(out)
     return _band_mean_torch(x, idx, wts, network, a, b)
 
@@ -86,7 +104,8 @@ def centred_gram(x: Tensor, extra: Tensor | None = None) -> np.ndarray:
         extra = x[:0]
     if _use_numba(x):
         block = _kernels.block_size(x.shape[0] + extra.shape[0], 8)
-        return _kernels.centred_gram(x.numpy(), extra.numpy(), block)
+        with _threads_for(x.shape[1]):
+            return _kernels.centred_gram(x.numpy(), extra.numpy(), block)
     gram = torch.zeros((x.shape[0] + extra.shape[0],) * 2, dtype=torch.float64, device=x.device)
     for s in range(0, x.shape[1], _TORCH_GRAM_COLUMNS):
         cols = slice(s, s + _TORCH_GRAM_COLUMNS)
@@ -112,7 +131,8 @@ def combine(
     extra_weights = np.ascontiguousarray(extra_weights, dtype=np.float64)
     if _use_numba(x):
         out = np.empty(x.shape[1], dtype=x.numpy().dtype)
-        _kernels.combine(x.numpy(), weights, extra.numpy(), extra_weights, out)
+        with _threads_for(x.shape[1]):
+            _kernels.combine(x.numpy(), weights, extra.numpy(), extra_weights, out)
         return torch.from_numpy(out)
     acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     terms = [
