@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from byzps.cli.report import report
 from byzps.cli.simulate import simulate
+from byzps.cli.sweep import sweep
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,6 +25,8 @@ def components() -> None:
 
 
 main.add_command(simulate)
+main.add_command(sweep)
+main.add_command(report)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,39 @@
+"""`byzps report`: tables and plots from a sweep directory (see byzps.sim.report)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import click
+
+from byzps.sim.report import METRICS, SELECT_BY, Objective, ReportError, write_report
+
+
+@click.command()
+@click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Report directory [default: SWEEP_DIR/report].",
+)
+@click.option("--metric", type=click.Choice(METRICS), default="train_loss", show_default=True)
+@click.option(
+    "--select-by",
+    type=click.Choice(SELECT_BY),
+    default="final",
+    show_default=True,
+    help="Choose each method's lr by the final value of the metric or the best value reached.",
+)
+def report(sweep_dir: Path, out: Path | None, metric: str, select_by: str) -> None:
+    """Write report.md (a table per attack, best lr per method) and PNG curves for a sweep."""
+    out = out if out is not None else sweep_dir / "report"
+    where = [str(sweep_dir.resolve()), "--out", str(out.resolve())]
+    command = shlex.join(["byzps", "report", *where, "--metric", metric, "--select-by", select_by])
+    objective = Objective(metric, select_by)
+    try:
+        rows = write_report(sweep_dir, out, objective, command)
+    except ReportError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"lr rule: {objective.rule()}")
+    click.echo(f"{len(rows)} rows from {sum(len(r.runs) for r in rows)} runs: {out / 'report.md'}")

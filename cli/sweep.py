@@ -1,0 +1,99 @@
+"""`byzps sweep`: run every cell of a grid file with the simulator, resuming finished cells."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import click
+
+from byzps.cli.catalog import check_components
+from byzps.sim.grid import (
+    Cell,
+    CellOutcome,
+    GridError,
+    expand,
+    is_done,
+    load_grid,
+    manifest,
+    run_cell,
+)
+
+
+def _single_thread() -> None:
+    """Pool initializer: N processes each using every core would oversubscribe the machine."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_all(cells: list[Cell], out: Path, jobs: int) -> Iterator[CellOutcome]:
+    """Outcomes in completion order; in-process for one job (no spawn start-up cost)."""
+    if jobs == 1:
+        for cell in cells:
+            yield run_cell(cell, out)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_single_thread) as pool:
+        futures = {pool.submit(run_cell, cell, out): cell for cell in cells}
+        for future in as_completed(futures):
+            try:
+                yield future.result()
+            except Exception as exc:  # the worker process itself died
+                yield CellOutcome(futures[future].name, "failed", error=repr(exc))
+
+
+def _line(outcome: CellOutcome) -> str:
+    if outcome.status == "failed":
+        return f"failed  {outcome.name}: {outcome.error}"
+    assert outcome.final is not None
+    loss = outcome.final["train_loss"]
+    return f"run     {outcome.name}  train_loss {loss:.6g}  {outcome.seconds:.2f} s"
+
+
+@click.command()
+@click.option(
+    "--grid",
+    "grid_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Grid file (TOML: base, [fixed], [axes]).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Sweep directory; one sub-directory per cell.",
+)
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1))
+def sweep(grid_path: Path, out: Path, jobs: int) -> None:
+    """Run every cell of a grid; cells already finished with the same config are skipped."""
+    try:
+        grid = load_grid(grid_path)
+        cells = expand(grid, check_components)
+    except GridError as exc:
+        raise click.ClickException(f"{grid_path}: {exc}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    command = ["byzps", "sweep", "--grid", str(grid_path.resolve()), "--out", str(out.resolve())]
+    if jobs > 1:
+        command += ["--jobs", str(jobs)]
+    (out / "grid.json").write_text(
+        json.dumps(manifest(grid, cells, command), indent=2, default=str) + "\n"
+    )
+
+    todo = [cell for cell in cells if not is_done(out / cell.name, cell.config)]
+    skipped = len(cells) - len(todo)
+    pending = {cell.name for cell in todo}
+    for cell in cells:
+        if cell.name not in pending:
+            click.echo(f"skipped {cell.name}  (finished, same config)")
+    failed = 0
+    for outcome in _run_all(todo, out, jobs):
+        failed += outcome.status == "failed"
+        click.echo(_line(outcome), err=outcome.status == "failed")
+    click.echo(f"sweep {out}: {len(todo) - failed} run, {skipped} skipped, {failed} failed")
+    if failed:
+        raise click.exceptions.Exit(1)

@@ -1,0 +1,269 @@
+"""Experiment grids: expand a grid file into cells, name them, and decide which still need a run.
+
+A grid file is TOML:
+
+    base = "run.toml"                         # relative to the grid file
+    [fixed]                                   # overrides applied to every cell
+    "run.rounds" = 2000
+    [axes]                                    # the cartesian product of these is the set of cells
+    "algorithm.name" = ["byz-dm21", { "algorithm.name" = "br-csgd", "compressor.name" = "randk" }]
+    "run.seed" = [0, 1, 2]
+
+An axis value that is a table changes several keys together (a baseline that needs its own
+unbiased compressor), so the product never pairs a method with a compressor it cannot use.
+
+Why the whole grid is validated before anything runs: a typo in the last cell of a ten-hour sweep
+should cost seconds, not ten hours. Why cells are resumed by config digest rather than by name: the
+name only encodes the axis values, so a changed base file or [fixed] table must still rerun them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from byzps.common.config import ConfigError, RunConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+#: One setting of an axis: dotted config key → value (one entry, or several linked ones).
+Assignment = dict[str, Any]
+Checker = Callable[[RunConfig], None]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+_MAX_LABEL = 96
+_SECTIONS = frozenset(RunConfig.__dataclass_fields__)
+
+
+class GridError(ValueError):
+    """A grid problem; the message names the grid key or the cell and config key at fault."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid file: the base config's data, fixed overrides and the axes in file order."""
+
+    source: Path
+    base: Path
+    base_data: dict[str, Any]
+    fixed: Assignment
+    axes: dict[str, list[Assignment]]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the product: its directory name, the axis values that make it, its config."""
+
+    name: str
+    assignment: Assignment
+    config: RunConfig
+
+
+@dataclass(frozen=True)
+class CellOutcome:
+    """What running a cell gave: status "run" with its final record, or "failed" with the error."""
+
+    name: str
+    status: str
+    seconds: float = 0.0
+    final: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read a grid file and its base config; every structural problem names its grid key."""
+    source = Path(path)
+    try:
+        data = tomllib.loads(source.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise GridError(f"{source}: cannot read grid: {exc}") from None
+    unknown = sorted(set(data) - {"base", "fixed", "axes"})
+    if unknown:
+        raise GridError(f"{unknown[0]}: unknown grid key (known: axes, base, fixed)")
+    if not isinstance(data.get("base"), str):
+        raise GridError("base: expected the path of a config file (relative to the grid file)")
+    base = (source.parent / data["base"]).resolve()
+    try:
+        base_data = tomllib.loads(base.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise GridError(f"base: cannot read {base}: {exc}") from None
+    fixed = _flatten(data.get("fixed", {}), "fixed")
+    raw_axes = data.get("axes", {})
+    if not isinstance(raw_axes, dict):
+        raise GridError("axes: expected a table of key = [values]")
+    axes = {key: _axis_values(key, values) for key, values in raw_axes.items()}
+    _check_disjoint(axes)
+    return Grid(source=source, base=base, base_data=base_data, fixed=fixed, axes=axes)
+
+
+def _flatten(table: Any, where: str) -> Assignment:
+    """`{"run.seed" = 1}` and `{run = {seed = 1}}` (TOML's unquoted dotted key) both become
+    `{"run.seed": 1}`."""
+    if not isinstance(table, dict):
+        raise GridError(f"{where}: expected a table of section.key = value")
+    flat: Assignment = {}
+    for key, value in table.items():
+        if key in _SECTIONS and isinstance(value, dict):
+            for sub, inner in value.items():
+                flat[f"{key}.{sub}"] = inner
+        else:
+            _check_key(key, where)
+            flat[key] = value
+    return flat
+
+
+def _check_key(key: str, where: str) -> None:
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise GridError(f"{where}.{key}: expected a dotted config key such as algorithm.lr")
+
+
+def _is_linked(value: Any) -> bool:
+    """A table of config keys changed together, as opposed to a table-valued setting such as
+    `algorithm.params = {p = 0.1}`."""
+    return (
+        isinstance(value, dict) and bool(value) and all("." in k or k in _SECTIONS for k in value)
+    )
+
+
+def _axis_values(key: str, values: Any) -> list[Assignment]:
+    """Normalise an axis to a list of assignments; a table of config keys links several keys."""
+    where = f"axes.{key}"
+    _check_key(key, "axes")
+    if not isinstance(values, list) or not values:
+        raise GridError(f"{where}: expected a non-empty list of values")
+    return [
+        _flatten(value, f"{where}[{i}]") if _is_linked(value) else {key: value}
+        for i, value in enumerate(values)
+    ]
+
+
+def _check_disjoint(axes: dict[str, list[Assignment]]) -> None:
+    """Two axes setting one key would make the product depend on axis order: refuse it."""
+    owner: dict[str, str] = {}
+    for axis, values in axes.items():
+        for key in {k for value in values for k in value}:
+            if key in owner and owner[key] != axis:
+                raise GridError(f"axes.{axis}: sets {key}, already set by axes.{owner[key]}")
+            owner[key] = axis
+
+
+def expand(grid: Grid, check: Checker | None = None) -> list[Cell]:
+    """Every cell of the product, each config built and validated (plus `check`, e.g. the
+    component registries). Raises one GridError listing every bad cell and its key."""
+    cells: list[Cell] = []
+    problems: list[str] = []
+    names: dict[str, Assignment] = {}
+    for combo in itertools.product(*grid.axes.values()):
+        assignment: Assignment = {}
+        for part in combo:
+            assignment.update(part)
+        name = cell_name(assignment)
+        if name in names:
+            problems.append(f"{name}: same settings as another cell ({names[name]})")
+            continue
+        names[name] = assignment
+        try:
+            config = build_config(grid.base_data, {**grid.fixed, **assignment})
+            if check is not None:
+                check(config)
+        except ConfigError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        cells.append(Cell(name=name, assignment=assignment, config=config))
+    if problems:
+        raise GridError(f"{len(problems)} bad cell(s):\n  " + "\n  ".join(problems))
+    return cells
+
+
+def build_config(base_data: Mapping[str, Any], settings: Assignment) -> RunConfig:
+    """The base config with dotted-key `settings` written over it, validated."""
+    data = copy.deepcopy(dict(base_data))
+    for key, value in settings.items():
+        *sections, leaf = key.split(".")
+        node = data
+        for part in sections:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part!r} is not a section")
+            node = child
+        node[leaf] = copy.deepcopy(value)
+    return RunConfig.from_dict(data)
+
+
+def cell_name(assignment: Assignment) -> str:
+    """Readable, filesystem-safe and deterministic: the axis values, then a short hash of them
+    (so values that slug alike, or a truncated label, still give distinct names)."""
+    tokens = [_token(key, value) for key, value in assignment.items()]
+    label = _UNSAFE.sub("-", "_".join(tokens)).strip("-_.")[:_MAX_LABEL] or "cell"
+    canonical = json.dumps(assignment, sort_keys=True, separators=(",", ":"))
+    return f"{label}-{hashlib.sha256(canonical.encode()).hexdigest()[:8]}"
+
+
+def _token(key: str, value: Any) -> str:
+    """`algorithm.name = "cm"` reads as `cm`; other keys carry their short name: `lr0.05`."""
+    text = "+".join(map(str, value)) if isinstance(value, list) else str(value)
+    leaf = key.rsplit(".", 1)[-1]
+    return text if leaf == "name" else f"{leaf}{text}"
+
+
+def manifest(grid: Grid, cells: list[Cell], command: list[str]) -> dict[str, Any]:
+    """grid.json: what was swept and how, so a report can name the command that regenerates it."""
+    return {
+        "grid": str(grid.source.resolve()),
+        "base": str(grid.base),
+        "command": command,
+        "fixed": grid.fixed,
+        "axes": grid.axes,
+        "cells": [
+            {
+                "name": cell.name,
+                "assignment": cell.assignment,
+                "config_digest": cell.config.digest(),
+            }
+            for cell in cells
+        ],
+    }
+
+
+def is_done(cell_dir: Path, config: RunConfig) -> bool:
+    """A finished run of this very config: summary.json is written last and carries the digest."""
+    try:
+        summary = json.loads((cell_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and summary.get("config_digest") == config.digest()
+
+
+def run_cell(cell: Cell, out: Path) -> CellOutcome:
+    """Run one cell into out/<name>/ from scratch with the simulator; never raises, so one bad
+    cell in a process pool cannot stop the others."""
+    from byzps.sim.build import build_run_task, build_simulation
+    from byzps.sim.runner import run_simulation
+
+    cell_dir = out / cell.name
+    started = time.perf_counter()
+    try:
+        if cell_dir.exists():
+            shutil.rmtree(cell_dir)  # a partial or stale run: nothing in it can be trusted
+        task = build_run_task(cell.config)
+        simulation = build_simulation(cell.config, task)
+        result = run_simulation(cell.config, task, simulation, cell_dir)
+    except Exception as exc:
+        return CellOutcome(
+            cell.name, "failed", time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}"
+        )
+    return CellOutcome(cell.name, "run", time.perf_counter() - started, final=result.final)

@@ -1,0 +1,319 @@
+"""Turn a sweep directory into a report: per-attack tables (mean ± std over seeds, at the learning
+rate chosen per method by a stated rule) and loss/accuracy curves against rounds and bits sent.
+
+Why the lr rule is explicit and printed: "best lr per method" silently changes a comparison's
+outcome (final vs best-so-far, one seed vs the mean), so the report says exactly which it used.
+Why runs are grouped by every config key except seed and lr: any other difference (compressor,
+k, attack) is a different experiment and must not be averaged together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SEED, LR, ATTACK = "run.seed", "algorithm.lr", "attack.name"
+METHOD, AGGREGATOR, PRE = "algorithm.name", "aggregator.name", "aggregator.pre"
+#: Keys with a column of their own (or none), so they never appear in the "setting" column.
+_SHOWN = frozenset({SEED, LR, ATTACK, METHOD, AGGREGATOR, PRE})
+METRICS = ("train_loss", "test_accuracy")
+SELECT_BY = ("final", "best")
+
+
+class ReportError(ValueError):
+    """The sweep directory cannot be reported (no finished runs, a metric it lacks)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished cell: its resolved config (flattened to dotted keys) and its metrics."""
+
+    name: str
+    config: dict[str, Any]
+    final: dict[str, Any]
+    curve: list[dict[str, Any]]
+
+    @property
+    def seed(self) -> int:
+        return int(self.config[SEED])
+
+    @property
+    def lr(self) -> float:
+        return float(self.config[LR])
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What "best lr" means: a metric (lower loss or higher accuracy is better), read at the end
+    of the run or as the best value reached, averaged over seeds."""
+
+    metric: str = "train_loss"
+    select_by: str = "final"
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ReportError(f"metric: expected one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.select_by not in SELECT_BY:
+            raise ReportError(f"select-by: expected final or best, got {self.select_by!r}")
+
+    @property
+    def lower_is_better(self) -> bool:
+        return "loss" in self.metric
+
+    def run_score(self, run: Run) -> float:
+        """The run's value under this objective. A diverged run (non-finite final value) scores
+        worst under either rule: a good value before blowing up does not make an lr usable."""
+        value = float(run.final[self.metric])
+        if self.select_by == "best" and math.isfinite(value):
+            values = [float(r[self.metric]) for r in run.curve]
+            finite = [v for v in values if math.isfinite(v)]
+            pick = min if self.lower_is_better else max
+            value = pick(finite) if finite else math.nan
+        return value if math.isfinite(value) else self.worst
+
+    @property
+    def worst(self) -> float:
+        return math.inf if self.lower_is_better else -math.inf
+
+    def rule(self) -> str:
+        which = "final" if self.select_by == "final" else "best-over-the-run"
+        direction = "lowest" if self.lower_is_better else "highest"
+        return (
+            f"for each method × aggregator × attack, the lr with the {direction} mean over seeds "
+            f"of the {which} {self.metric} (a run whose final value is not finite counts as "
+            "worst; ties go to the smaller lr)"
+        )
+
+
+@dataclass
+class Row:
+    """One method × aggregator (× other setting) under one attack, at its chosen lr."""
+
+    attack: str
+    method: str
+    aggregator: str
+    setting: str
+    lr: float
+    tried: list[float]
+    runs: list[Run] = field(default_factory=list)
+
+    def stat(self, key: str) -> tuple[float, float]:
+        """Mean and population std (ddof = 0) of a final metric over seeds."""
+        values = np.array([float(run.final[key]) for run in self.runs], dtype=np.float64)
+        return float(values.mean()), float(values.std())
+
+    @property
+    def label(self) -> str:
+        parts = [self.method, self.aggregator] + ([self.setting] if self.setting else [])
+        return " × ".join(parts)
+
+
+def load_runs(sweep_dir: Path) -> list[Run]:
+    """Every finished cell (one with summary.json) under the sweep directory, by name."""
+    runs = []
+    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        metrics = summary_path.parent / "metrics.jsonl"
+        curve = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        runs.append(
+            Run(summary_path.parent.name, flatten(summary["config"]), summary["final"], curve)
+        )
+    if not runs:
+        raise ReportError(f"{sweep_dir}: no finished runs (no */summary.json)")
+    return runs
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections to dotted keys; table-valued settings (params) stay whole."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and not prefix:
+            flat.update(flatten(value, f"{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+    """Config keys whose value differs between runs, in config order."""
+    keys = list(runs[0].config)
+    return [k for k in keys if len({_canonical(r.config.get(k)) for r in runs}) > 1]
+
+
+def select_lr(by_lr: dict[float, list[Run]], objective: Objective) -> float:
+    """The lr whose mean score over seeds is best under `objective` (ties: the smaller lr)."""
+
+    def badness(lr: float) -> tuple[float, float]:
+        mean = float(np.mean([objective.run_score(run) for run in by_lr[lr]]))
+        return (mean if objective.lower_is_better else -mean), lr
+
+    return min(by_lr, key=badness)
+
+
+def build_rows(runs: Sequence[Run], objective: Objective) -> list[Row]:
+    """Group runs by every key except seed and lr, pick each group's lr, order the rows."""
+    extra = [k for k in varying_keys(runs) if k not in _SHOWN]
+    groups: dict[str, dict[float, list[Run]]] = {}
+    for run in runs:
+        key = _canonical({k: v for k, v in run.config.items() if k not in (SEED, LR)})
+        groups.setdefault(key, {}).setdefault(run.lr, []).append(run)
+    rows = []
+    for by_lr in groups.values():
+        lr = select_lr(by_lr, objective)
+        chosen = sorted(by_lr[lr], key=lambda run: run.seed)
+        config = chosen[0].config
+        rows.append(
+            Row(
+                attack=str(config[ATTACK]),
+                method=str(config[METHOD]),
+                aggregator="+".join([*config.get(PRE, []), str(config[AGGREGATOR])]),
+                setting=", ".join(f"{k}={_show(config[k])}" for k in extra),
+                lr=lr,
+                tried=sorted(by_lr),
+                runs=chosen,
+            )
+        )
+    rows.sort(key=lambda r: (r.attack != "na", r.attack, r.method, r.aggregator, r.setting))
+    return rows
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else _canonical(value)
+
+
+def attacks(rows: Sequence[Row]) -> list[str]:
+    """Attack names in row order (no attack first)."""
+    return list(dict.fromkeys(row.attack for row in rows))
+
+
+def seed_band(row: Row, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """rounds, bits sent (uplink bytes × 8), and mean and std of `metric` over seeds, on the
+    evaluation rounds every seed recorded."""
+    per_seed = [{r["round"]: r for r in run.curve} for run in row.runs]
+    rounds = sorted(set.intersection(*(set(records) for records in per_seed)))
+    values = np.array([[s[t][metric] for t in rounds] for s in per_seed], dtype=np.float64)
+    bits = np.array([[s[t]["bytes_uplink"] * 8 for t in rounds] for s in per_seed], np.float64)
+    return np.array(rounds), bits.mean(axis=0), values.mean(axis=0), values.std(axis=0)
+
+
+def _pm(mean: float, std: float, spec: str) -> str:
+    return f"{mean:{spec}} ± {std:.2g}"
+
+
+def table(rows: Sequence[Row]) -> str:
+    """A Markdown table of final metrics, one row per method × aggregator at its chosen lr."""
+    accuracy = all("test_accuracy" in run.final for row in rows for run in row.runs)
+    setting = any(row.setting for row in rows)
+    head = ["method", "aggregator"] + (["setting"] if setting else []) + ["train_loss"]
+    head += (["test_accuracy"] if accuracy else []) + ["grad_norm_sq", "bytes uplink", "lr"]
+    head += ["seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row.method, row.aggregator] + ([row.setting] if setting else [])
+        cells.append(_pm(*row.stat("train_loss"), ".6g"))
+        if accuracy:
+            cells.append(_pm(*row.stat("test_accuracy"), ".4f"))
+        cells.append(_pm(*row.stat("grad_norm_sq"), ".4g"))
+        uplink_mean, uplink_std = row.stat("bytes_uplink")
+        cells.append(
+            f"{uplink_mean:.0f}" if uplink_std == 0 else _pm(uplink_mean, uplink_std, ".0f")
+        )
+        tried = ", ".join(f"{lr:g}" for lr in row.tried)
+        cells.append(f"{row.lr:g} (of {tried})")
+        cells.append(str(len(row.runs)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], metric: str, x_axis: str, path: Path) -> None:
+    """One panel per attack, one line per row (mean over seeds) with a shaded ± std band."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = attacks(rows)
+    figure = Figure(figsize=(5.0 * len(names), 4.0), layout="constrained")
+    FigureCanvasAgg(figure)  # Agg, without touching pyplot's global backend
+    axes = figure.subplots(1, len(names), squeeze=False)[0]
+    log_y = "loss" in metric
+    for ax, attack in zip(axes, names, strict=True):
+        for row in (r for r in rows if r.attack == attack):
+            rounds, bits, mean, std = seed_band(row, metric)
+            x = rounds if x_axis == "rounds" else bits
+            (line,) = ax.plot(x, mean, label=f"{row.label} (lr {row.lr:g})")
+            low = np.maximum(mean - std, mean * 1e-3) if log_y else mean - std
+            ax.fill_between(x, low, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(f"attack: {attack}")
+        ax.set_xlabel("round" if x_axis == "rounds" else "bits sent (uplink, all workers)")
+        ax.set_ylabel(metric)
+        if log_y:
+            ax.set_yscale("log")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.savefig(path, dpi=110)
+
+
+def plot_names(metric: str) -> dict[str, str]:
+    """Deterministic plot file names by x axis."""
+    return {x: f"{metric}_vs_{x}.png" for x in ("rounds", "bits")}
+
+
+def render(
+    rows: Sequence[Row], objective: Objective, commands: Sequence[str], plots: dict[str, str]
+) -> str:
+    """report.md: the lr rule, the commands that regenerate it, a table per attack, the plots."""
+    out = [
+        "# Sweep report",
+        "",
+        f"**lr selection rule:** {objective.rule()}.",
+        "Table entries are mean ± std (population, ddof = 0) over seeds of the final evaluation "
+        "at the chosen lr; `lr` lists the chosen value and every value tried.",
+        "",
+        "Regenerate with:",
+        "",
+        "```sh",
+        *commands,
+        "```",
+    ]
+    for attack in attacks(rows):
+        out += ["", f"## attack: {attack}", "", table([r for r in rows if r.attack == attack])]
+    out += ["", "## Curves", ""]
+    for x_axis, file in plots.items():
+        out += [f"![{objective.metric} vs {x_axis}]({file})", ""]
+    return "\n".join(out)
+
+
+def sweep_command(sweep_dir: Path) -> str:
+    """The command grid.json records, or a template when the runs were not made by `sweep`."""
+    try:
+        return shlex.join(json.loads((sweep_dir / "grid.json").read_text())["command"])
+    except (OSError, ValueError, KeyError):
+        return f"byzps sweep --grid GRID.toml --out {shlex.quote(str(sweep_dir))}"
+
+
+def write_report(
+    sweep_dir: Path, out: Path, objective: Objective, report_command: str
+) -> list[Row]:
+    """Load, aggregate and write report.md and its plots into `out`; returns the rows."""
+    runs = load_runs(sweep_dir)
+    if any(objective.metric not in run.final for run in runs):
+        raise ReportError(f"metric: some runs in {sweep_dir} have no {objective.metric}")
+    rows = build_rows(runs, objective)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_names(objective.metric)
+    for x_axis, file in plots.items():
+        plot(rows, objective.metric, x_axis, out / file)
+    text = render(rows, objective, [sweep_command(sweep_dir), report_command], plots)
+    (out / "report.md").write_text(text + "\n")
+    return rows

@@ -1,0 +1,145 @@
+"""`byzps report`: means over seeds, the lr rule, the Markdown tables and the PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+from test_sweep import write_grid
+
+from byzps.common.config import RunConfig
+from byzps.sim.grid import expand, load_grid, run_cell
+from byzps.sim.report import Objective, build_rows, load_runs, table
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny grid (2 methods × 2 seeds), run through the library API, no CLI."""
+    root = tmp_path_factory.mktemp("report")
+    out = root / "out"
+    for cell in expand(load_grid(write_grid(root))):
+        assert run_cell(cell, out).status == "run"
+    return out
+
+
+def table_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """Markdown table rows keyed by method, each a column → cell mapping."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells != head:
+            rows[cells[0]] = dict(zip(head, cells, strict=True))
+    return rows
+
+
+def mean_std(text: str) -> tuple[float, float]:
+    mean, std = text.split(" ± ")
+    return float(mean), float(std)
+
+
+def test_report_table_holds_the_mean_over_seeds_and_valid_pngs(swept: Path) -> None:
+    report_dir = swept.parent / "report"
+    args = [sys.executable, "-m", "byzps.cli.main", "report", str(swept), "--out", str(report_dir)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    text = (report_dir / "report.md").read_text()
+    assert "lowest mean over seeds of the final train_loss" in text
+    assert "byzps report " in text and "byzps sweep " in text
+    assert "## attack: alie" in text
+
+    finals: dict[str, list[dict[str, float]]] = {}
+    for summary in swept.glob("*/summary.json"):
+        data = json.loads(summary.read_text())
+        finals.setdefault(data["config"]["algorithm"]["name"], []).append(data["final"])
+    rows = table_rows(text)
+    assert set(rows) == set(finals) == {"byz-dm21", "br-csgd"}
+    for method, runs in finals.items():
+        row = rows[method]
+        assert row["seeds"] == "2" and row["lr"].startswith("0.05")
+        losses = [r["train_loss"] for r in runs]
+        mean, std = mean_std(row["train_loss"])
+        assert mean == pytest.approx(np.mean(losses), rel=1e-5)
+        assert std == pytest.approx(np.std(losses), rel=0.05, abs=1e-12)
+        accuracy, _ = mean_std(row["test_accuracy"])
+        assert accuracy == pytest.approx(np.mean([r["test_accuracy"] for r in runs]), abs=6e-5)
+        assert float(row["bytes uplink"]) == np.mean([r["bytes_uplink"] for r in runs])
+
+    embedded = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert sorted(embedded) == ["train_loss_vs_bits.png", "train_loss_vs_rounds.png"]
+    for name in embedded:
+        png = report_dir / name
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        image = matplotlib.image.imread(png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+# -- lr selection on a hand-built results directory ---------------------------------------------
+
+
+def write_run(out: Path, lr: float, seed: int, losses: list[float], attack: str = "alie") -> None:
+    """A cell directory as the simulator writes it, with the given train_loss trajectory."""
+    config = RunConfig().to_dict()
+    config["run"]["seed"], config["algorithm"]["lr"] = seed, lr
+    config["attack"]["name"], config["cluster"]["byzantine"] = attack, 2
+    records = [
+        {"round": 10 * i, "train_loss": loss, "grad_norm_sq": loss / 10, "bytes_uplink": 80 * i}
+        for i, loss in enumerate(losses)
+    ]
+    cell = out / f"{attack}_lr{lr}_seed{seed}"
+    cell.mkdir(parents=True)
+    (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {"config": config, "config_digest": "x", "final": records[-1], "rounds": 30}
+    (cell / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def hand_built(tmp_path: Path) -> Path:
+    """lr 0.1 owns the single best final run (0.30) but the worse mean (0.40); lr 0.01 has the
+    lower mean final (0.35) but never gets as low as lr 0.1 did mid-run; lr 1.0 diverged."""
+    write_run(tmp_path, 0.1, 0, [0.7, 0.10, 0.2, 0.30])
+    write_run(tmp_path, 0.1, 1, [0.7, 0.20, 0.3, 0.50])
+    write_run(tmp_path, 0.01, 0, [0.7, 0.50, 0.4, 0.35])
+    write_run(tmp_path, 0.01, 1, [0.7, 0.50, 0.4, 0.35])
+    write_run(tmp_path, 1.0, 0, [0.7, 0.05, math.nan, math.nan])
+    write_run(tmp_path, 1.0, 1, [0.7, 0.05, math.inf, math.inf])
+    write_run(tmp_path, 0.1, 0, [0.7, 0.6, 0.5, 0.45], attack="na")
+    write_run(tmp_path, 0.01, 0, [0.7, 0.6, 0.5, 0.55], attack="na")
+    return tmp_path
+
+
+def test_lr_with_the_lower_mean_final_loss_is_chosen(hand_built: Path) -> None:
+    rows = build_rows(load_runs(hand_built), Objective("train_loss", "final"))
+    chosen = {row.attack: row for row in rows}
+    assert [row.attack for row in rows] == ["na", "alie"]
+    assert chosen["alie"].lr == 0.01 and chosen["alie"].tried == [0.01, 0.1, 1.0]
+    assert chosen["alie"].stat("train_loss") == pytest.approx((0.35, 0.0))
+    assert chosen["na"].lr == 0.1
+    markdown = table([chosen["alie"]])
+    assert "| 0.35 ± 0 |" in markdown and "| 0.01 (of 0.01, 0.1, 1) | 2 |" in markdown
+    assert "test_accuracy" not in markdown  # the hand-built runs record none
+
+
+def test_select_by_best_uses_the_best_value_reached(hand_built: Path) -> None:
+    rows = build_rows(load_runs(hand_built), Objective("train_loss", "best"))
+    alie = next(row for row in rows if row.attack == "alie")
+    # Best-so-far means: lr 0.1 → 0.15, lr 0.01 → 0.35; lr 1.0 reached 0.05 but then diverged.
+    assert alie.lr == 0.1
+    assert Objective("train_loss", "best").run_score(alie.runs[0]) == 0.10
+
+
+def test_a_diverged_lr_is_never_chosen(tmp_path: Path) -> None:
+    write_run(tmp_path, 1.0, 0, [0.7, math.nan])
+    write_run(tmp_path, 0.1, 0, [0.7, 0.69])
+    (row,) = build_rows(load_runs(tmp_path), Objective("train_loss", "final"))
+    assert row.lr == 0.1

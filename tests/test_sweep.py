@@ -1,0 +1,232 @@
+"""`byzps sweep`: grid expansion and naming, up-front validation, resumption by config digest."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from byzps.cli.catalog import check_components
+from byzps.cli.main import main
+from byzps.sim.grid import GridError, cell_name, expand, load_grid
+
+BASE = """
+[run]
+seed = 0
+rounds = 30
+eval_every = 10
+[task]
+name = "a9a-logreg"
+batch_size = 1
+[cluster]
+workers = 5
+byzantine = 1
+[algorithm]
+name = "byz-dm21"
+lr = 0.05
+eta = 0.1
+[compressor]
+name = "topk"
+k = 1
+[aggregator]
+name = "cm"
+pre = ["nnm"]
+[attack]
+name = "alie"
+"""
+
+#: 2 methods × 2 seeds; br-csgd needs an unbiased compressor, so it is linked to Rand-k.
+TINY_GRID = """
+base = "base.toml"
+[fixed]
+"run.eval_every" = 10
+[axes]
+"algorithm.name" = ["byz-dm21", { "algorithm.name" = "br-csgd", "compressor.name" = "randk" }]
+"run.seed" = [0, 1]
+"""
+
+
+def write_grid(folder: Path, grid: str = TINY_GRID, base: str = BASE) -> Path:
+    """A grid file and its base config in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.toml").write_text(base)
+    path = folder / "grid.toml"
+    path.write_text(grid)
+    return path
+
+
+def sweep_in_process(grid: Path, out: Path) -> tuple[int, str]:
+    """The CLI without a new interpreter (exit code, stdout + stderr)."""
+    result = CliRunner().invoke(main, ["sweep", "--grid", str(grid), "--out", str(out)])
+    return result.exit_code, result.output
+
+
+def summaries(out: Path) -> dict[str, float]:
+    """Cell name → modification time of its summary.json."""
+    return {p.parent.name: p.stat().st_mtime_ns for p in sorted(out.glob("*/summary.json"))}
+
+
+# -- grid expansion ----------------------------------------------------------------------------
+
+
+def test_product_linked_keys_fixed_overrides_and_names(tmp_path: Path) -> None:
+    grid = write_grid(
+        tmp_path,
+        """
+base = "base.toml"
+[fixed]
+"run.rounds" = 7
+attack.name = "ipm"
+[axes]
+"algorithm.name" = ["byz-dm21", { "algorithm.name" = "br-csgd", "compressor.name" = "randk" }]
+"aggregator.name" = ["cm", "cwtm"]
+"run.seed" = [0, 1, 2]
+""",
+    )
+    cells = expand(load_grid(grid), check_components)
+    assert len(cells) == 2 * 2 * 3
+    assert all(c.config.run.rounds == 7 and c.config.attack.name == "ipm" for c in cells)
+    compressors = {(c.config.algorithm.name, c.config.compressor.name) for c in cells}
+    assert compressors == {("byz-dm21", "topk"), ("br-csgd", "randk")}
+    names = [c.name for c in cells]
+    assert len(set(names)) == len(names)
+    assert names == [c.name for c in expand(load_grid(grid))]  # deterministic
+    assert all(re.fullmatch(r"[A-Za-z0-9._+-]+", n) for n in names)
+    assert any(n.startswith("br-csgd_randk_cwtm_seed2-") for n in names)
+
+
+def test_names_are_safe_and_distinct_for_values_that_slug_alike() -> None:
+    a, b = cell_name({"task.name": "a/b"}), cell_name({"task.name": "a b"})
+    assert a != b
+    assert all(re.fullmatch(r"[A-Za-z0-9._+-]+", n) for n in (a, b))
+    assert cell_name({"algorithm.lr": 0.5}).startswith("lr0.5-")
+
+
+def test_every_bad_cell_is_named_with_its_key_before_anything_runs(tmp_path: Path) -> None:
+    grid = write_grid(
+        tmp_path,
+        """
+base = "base.toml"
+[axes]
+"compressor.k" = [1, 0]
+"attack.name" = ["alie", "no-such-attack"]
+""",
+    )
+    with pytest.raises(GridError) as info:
+        expand(load_grid(grid), check_components)
+    message = str(info.value)
+    assert "3 bad cell(s)" in message
+    assert message.count("compressor.k") == 2 and "attack" in message
+    code, output = sweep_in_process(grid, tmp_path / "out")
+    assert code != 0 and "compressor.k" in output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("grid", "key"),
+    [
+        ('base = "base.toml"\n[axes]\n"lr" = [0.1]\n', "axes.lr"),
+        ('base = "base.toml"\n[axes]\n"algorithm.lr" = []\n', "axes.algorithm.lr"),
+        ('base = "base.toml"\nrounds = 3\n', "rounds"),
+        (
+            'base = "base.toml"\n[axes]\n"algorithm.name" = [{"algorithm.name" = "br-csgd"}]\n'
+            '"algorithm.lr" = [{"algorithm.lr" = 0.1, "algorithm.name" = "byz-ef21"}]\n',
+            "algorithm.name",
+        ),
+    ],
+)
+def test_malformed_grid_names_the_grid_key(tmp_path: Path, grid: str, key: str) -> None:
+    with pytest.raises(GridError, match=re.escape(key)):
+        load_grid(write_grid(tmp_path, grid))
+
+
+# -- running and resuming ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny grid, swept once by the real CLI in two spawned worker processes."""
+    root = tmp_path_factory.mktemp("sweep")
+    grid = write_grid(root)
+    args = [sys.executable, "-m", "byzps.cli.main", "sweep", "--grid", str(grid)]
+    args += ["--out", str(root / "out"), "--jobs", "2"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "4 run, 0 skipped, 0 failed" in done.stdout
+    return root
+
+
+def copy_of(swept: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the swept folder (grid file, base and out), for tests that change it."""
+    shutil.copytree(swept, tmp_path / "s")
+    return tmp_path / "s" / "grid.toml", tmp_path / "s" / "out"
+
+
+def test_sweep_writes_every_cell_and_grid_json(swept: Path) -> None:
+    out = swept / "out"
+    cells = expand(load_grid(swept / "grid.toml"))
+    manifest = json.loads((out / "grid.json").read_text())
+    assert [c["name"] for c in manifest["cells"]] == [c.name for c in cells]
+    assert manifest["command"][:2] == ["byzps", "sweep"]
+    for cell in cells:
+        summary = json.loads((out / cell.name / "summary.json").read_text())
+        assert summary["config_digest"] == cell.config.digest()
+        assert summary["rounds"] == 30
+        assert (out / cell.name / "metrics.jsonl").read_text().count("\n") == 4
+
+
+def test_second_invocation_skips_every_cell(swept: Path, tmp_path: Path) -> None:
+    grid, out = copy_of(swept, tmp_path)
+    before = summaries(out)
+    code, output = sweep_in_process(grid, out)
+    assert code == 0, output
+    assert "0 run, 4 skipped, 0 failed" in output
+    assert output.count("skipped ") == 4
+    assert summaries(out) == before
+
+
+def test_a_partial_cell_alone_is_rerun(swept: Path, tmp_path: Path) -> None:
+    grid, out = copy_of(swept, tmp_path)
+    before = summaries(out)
+    victim = sorted(before)[0]
+    (out / victim / "summary.json").unlink()
+    (out / victim / "metrics.jsonl").write_text("garbage from an interrupted run\n")
+    (out / victim / "leftover.tmp").write_text("")
+    code, output = sweep_in_process(grid, out)
+    assert code == 0, output
+    assert "1 run, 3 skipped, 0 failed" in output
+    after = summaries(out)
+    assert {n for n in before if after[n] != before[n]} == {victim}
+    assert "garbage" not in (out / victim / "metrics.jsonl").read_text()
+    assert not (out / victim / "leftover.tmp").exists()  # rerun from scratch
+
+
+def test_a_config_change_reruns_its_cells(swept: Path, tmp_path: Path) -> None:
+    grid, out = copy_of(swept, tmp_path)
+    before = summaries(out)
+    (grid.parent / "base.toml").write_text(BASE.replace("eta = 0.1", "eta = 0.2"))
+    code, output = sweep_in_process(grid, out)
+    assert code == 0, output
+    assert "4 run, 0 skipped, 0 failed" in output
+    after = summaries(out)
+    assert all(after[n] != before[n] for n in before)
+    configs = [json.loads((out / n / "summary.json").read_text())["config"] for n in after]
+    assert {c["algorithm"]["eta"] for c in configs} == {0.2}
+
+
+def test_a_failing_cell_is_reported_and_the_others_finish(tmp_path: Path) -> None:
+    grid = write_grid(
+        tmp_path,
+        'base = "base.toml"\n[fixed]\n"run.rounds" = 3\n[axes]\n"compressor.k" = [1, 1000]\n',
+    )
+    code, output = sweep_in_process(grid, tmp_path / "out")
+    assert code == 1
+    assert "1 run, 0 skipped, 1 failed" in output
+    assert re.search(r"failed +k1000-\w+: .*compressor", output)
+    assert len(summaries(tmp_path / "out")) == 1
