@@ -1,0 +1,1 @@
+"""Generated from protos/byzps/v1/ by byzps.proto.regenerate; do not edit."""
