@@ -18,28 +18,16 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
+from timing import median_ms
 
 from byzps.common.codec import decode_sparse, encode_sparse
 from byzps.common.sparse import SparseVector
 from byzps.proto.v1 import bench_pb2
 from byzps.proto.v1 import parameter_server_pb2 as pb
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def make_update(k: int, density: float, seed: int = 0) -> SparseVector:

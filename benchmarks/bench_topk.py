@@ -12,24 +12,12 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
+from timing import median_ms
 
 from byzps.common.compressors import topk_indices
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def torch_topk(z: torch.Tensor, k: int) -> torch.Tensor:
