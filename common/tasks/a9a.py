@@ -91,19 +91,24 @@ class LogisticOracle:
         return grads.mul_(1.0 / batch.shape[1]).add_(self._reg.grad(x))
 
     @cached_property
-    def _full(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """All shard rows gathered once: (rows, labels, owner worker row, 1 / shard size)."""
-        index = torch.cat(self._shards)
-        sizes = torch.tensor([s.numel() for s in self._shards])
-        owner = torch.repeat_interleave(torch.arange(self.num_workers), sizes)
-        inv = (1.0 / sizes.to(self._features.dtype))[owner]
-        return self._features[index], self._labels[index], owner, inv
+    def _full(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Every shard's rows gathered once into a zero-padded (w, m, d) block, with labels and
+        per-row weights 1/|shard| (0 on padding): one bmm then gives all full gradients, where a
+        scatter over the concatenated rows would write an (N, d) temporary every call."""
+        longest = max(s.numel() for s in self._shards)
+        rows = self._features.new_zeros(self.num_workers, longest, self.dim)
+        labels = self._labels.new_zeros(self.num_workers, longest)
+        weights = self._features.new_zeros(self.num_workers, longest)
+        for i, shard in enumerate(self._shards):
+            rows[i, : shard.numel()] = self._features[shard]
+            labels[i, : shard.numel()] = self._labels[shard]
+            weights[i, : shard.numel()] = 1.0 / shard.numel()
+        return rows, labels, weights
 
     def full_grad(self, x: Tensor) -> Tensor:
-        rows, labels, owner, inv = self._full
-        residual = (torch.sigmoid(rows @ x) - labels) * inv
-        grads = torch.zeros(self.num_workers, self.dim, dtype=rows.dtype)
-        grads.index_add_(0, owner, rows * residual.unsqueeze(1))
+        rows, labels, weights = self._full
+        residual = (torch.sigmoid(rows @ x) - labels).mul_(weights)  # (w, m), 0 on padding
+        grads = torch.bmm(residual.unsqueeze(1), rows).squeeze(1)
         return grads.add_(self._reg.grad(x))
 
 
