@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from byzps.common.aggregators import build_aggregator
+from byzps.common.aggregators.base import Aggregator
 from byzps.common.compressors import Compressor, build_compressor
 from byzps.common.config import ConfigError, RunConfig
 from byzps.common.estimators import build_estimator
@@ -88,27 +89,52 @@ def build_run_estimator(
         raise ConfigError(f"algorithm: {exc}") from None
 
 
+def build_run_aggregator(config: RunConfig) -> Aggregator:
+    try:
+        return build_aggregator(
+            config.aggregator.name,
+            config.cluster.byzantine,
+            pre=config.aggregator.pre,
+            params=config.aggregator.params,
+            seed=config.run.seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"aggregator: {exc}") from None
+
+
+def build_server_estimator(config: RunConfig, task: Task) -> Estimator:
+    """A one-row estimator of the run's algorithm, never stepped: the server asks it which
+    server rule to run and how many non-zeros a message of a given round may carry."""
+    return build_run_estimator(config, task, build_run_compressor(config, task), [0])
+
+
+def build_engine(config: RunConfig, task: Task, estimator: Estimator | None = None) -> RoundEngine:
+    """The server's round engine at x⁰: the rule `estimator` needs, the run's aggregator and lr.
+
+    Shared by the simulator and the gRPC server, so both aggregate and step identically.
+    """
+    estimator = estimator if estimator is not None else build_server_estimator(config, task)
+    rule = build_server_rule(
+        estimator.server_rule,
+        config.cluster.workers,
+        task.dim,
+        **estimator.server_rule_params(),
+    )
+    return RoundEngine(
+        task.init_params(config.run.seed), rule, build_run_aggregator(config), config.algorithm.lr
+    )
+
+
 def build_simulation(config: RunConfig, task: Task | None = None) -> Simulation:
     """Everything a simulated run needs, wired as the distributed system would be."""
     task = task if task is not None else build_run_task(config)
-    n, f = config.cluster.workers, config.cluster.byzantine
+    n = config.cluster.workers
     h = config.honest_workers
     seed = config.run.seed
     compressor = build_run_compressor(config, task)
     honest_ids = list(range(h))
     honest = build_run_estimator(config, task, compressor, honest_ids)
-    rule = build_server_rule(honest.server_rule, n, task.dim, **honest.server_rule_params())
-    try:
-        aggregator = build_aggregator(
-            config.aggregator.name,
-            f,
-            pre=config.aggregator.pre,
-            params=config.aggregator.params,
-            seed=seed,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"aggregator: {exc}") from None
-    engine = RoundEngine(task.init_params(seed), rule, aggregator, config.algorithm.lr)
+    engine = build_engine(config, task, honest)
     honest_part = {
         "honest": honest,
         "honest_oracle": task.oracle(honest_ids, seed),

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from byzps.common.estimators.base import Estimator, GradientOracle
 from byzps.server.engine import RoundEngine
+from byzps.server.results import message_bytes, uplink_per_worker
 from byzps.worker.byzantine.cohort import ByzantineCohort
 
 
@@ -30,7 +31,8 @@ class Simulation:
     cohort: ByzantineCohort | None = None
     cohort_oracle: GradientOracle | None = None
     byzantine_rows: Tensor | None = None
-    bytes_uplink: int = 0
+    #: Payload bytes of every message the server absorbed, honest and Byzantine.
+    bytes_total: int = 0
 
     def __post_init__(self) -> None:
         if (self.cohort is None) != (self.cohort_oracle is None):
@@ -40,6 +42,11 @@ class Simulation:
     def x(self) -> Tensor:
         return self.engine.x
 
+    @property
+    def bytes_uplink(self) -> float:
+        """Uplink bytes per worker, defined as the gRPC server reports it (all messages / n)."""
+        return uplink_per_worker(self.bytes_total, self.engine.num_workers)
+
     def step(self) -> Tensor:
         """Run one round; returns the aggregate ĝ."""
         t = self.engine.round
@@ -47,22 +54,18 @@ class Simulation:
         honest_messages = self.honest.message(x, self.honest_oracle, t)
         self.engine.absorb(self.honest_rows, honest_messages)
         self.honest.commit(honest_messages)
-        self.bytes_uplink += _wire_bytes(honest_messages.nnz) * honest_messages.num_rows
+        self.bytes_total += message_bytes(honest_messages.nnz) * honest_messages.num_rows
         if self.cohort is not None:
             assert self.cohort_oracle is not None and self.byzantine_rows is not None
             honest_now = self.engine.rule.candidates[self.honest_rows]
             byz_messages = self.cohort.messages(x, self.cohort_oracle, t, honest=honest_now)
             self.engine.absorb(self.byzantine_rows, byz_messages)
             self.cohort.commit(byz_messages)
+            self.bytes_total += message_bytes(byz_messages.nnz) * byz_messages.num_rows
         aggregate = self.engine.close_round()
         if self.cohort is not None:
             self.cohort.close_round(aggregate, t)
         return aggregate
-
-
-def _wire_bytes(nnz: int) -> int:
-    """Payload bytes of one k-sparse float32 message: 4-byte index + 4-byte value per entry."""
-    return 8 * nnz
 
 
 def rows(ids: list[int] | range) -> Tensor:

@@ -63,7 +63,8 @@ def test_writes_metrics_summary_and_params(tmp_path: Path) -> None:
     ):
         assert all(key in r for r in records), key
     assert records[-1]["train_loss"] < records[0]["train_loss"]
-    assert records[-1]["bytes_uplink"] == 300 * 5 * 2 * 8  # rounds × honest workers × k × 8 B
+    # every message, honest and Byzantine, over n: rounds × n × k × 8 B / n
+    assert records[-1]["bytes_uplink"] == 300 * 7 * 2 * 8 / 7
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["rounds"] == 300
     assert summary["final"] == records[-1]

@@ -1,0 +1,447 @@
+"""The round state machine of a live server: registration, pushes, quorum, deadlines, waiters.
+
+Transport-free (the gRPC servicer translates to and from protobuf; this module speaks domain
+objects and raises Rejected), so every rule here is unit-testable without sockets. All state
+mutation happens under one lock, in this order for a push:
+
+    validate (pure, outside the lock) → round check → seq check → engine.absorb → WAL append
+    → ledger.commit → maybe close the round → Ack
+
+so an update is on disk before it is acknowledged, and a refused update changes nothing. A
+round closes when every registered worker has pushed for it, or when at least `quorum` have and
+`round_deadline` seconds passed since it opened; workers that missed it keep their stale state.
+GetModel callers that wait for a newer model sleep on the lock's Condition and wake on close.
+
+Replaying the write-ahead log after a crash goes through the same `_apply` / `_close` steps as
+live traffic, which is why replay reproduces the engine state bit for bit.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+from torch import Tensor
+
+from byzps.common.config import RunConfig
+from byzps.common.sparse import SparseBatch, SparseVector
+from byzps.proto.v1 import parameter_server_pb2 as pb
+from byzps.server.checkpoint import CheckpointStore, Recovered
+from byzps.server.engine import RoundEngine
+from byzps.server.results import MetricsRecorder, message_bytes, uplink_per_worker
+from byzps.server.validation import (
+    Rejected,
+    SeqDecision,
+    SeqLedger,
+    check_round,
+    max_update_bytes,
+    validate_update,
+)
+from byzps.server.wal import CloseRecord, Record, UpdateRecord
+
+log = logging.getLogger("byzps.server")
+
+_VALUE_BYTES = {pb.VALUE_DTYPE_FLOAT32: 4, pb.VALUE_DTYPE_FLOAT16: 2, pb.VALUE_DTYPE_BFLOAT16: 2}
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"  # waiting for all n registrations (or the startup timeout)
+    RUNNING = "running"  # a round is open
+    FINISHED = "finished"  # round == rounds: only the final model is served
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operational knobs of a server (not part of the run config, so not in its digest)."""
+
+    quorum: int
+    round_deadline: float = 10.0
+    startup_timeout: float = 60.0
+    checkpoint_every: int = 50
+
+
+@dataclass
+class WorkerInfo:
+    last_seen: float  # wall clock (time.time()) of its last authenticated call
+    last_round: int = -1  # round its last accepted update claimed; -1: none yet
+
+
+@dataclass(frozen=True)
+class AckInfo:
+    duplicate: bool
+    round: int
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    last_seen: float
+    last_seq: int
+    last_round: int
+
+
+@dataclass(frozen=True)
+class StatusInfo:
+    round: int
+    phase: Phase
+    workers: list[WorkerStatus]
+    bytes_in: int
+    bytes_out: int
+
+
+class Coordinator:
+    """One run's server: the engine plus everything about rounds and who sent what."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        engine: RoundEngine,
+        max_nnz: Callable[[int], int],
+        settings: Settings,
+        *,
+        metrics: MetricsRecorder | None = None,
+        store: CheckpointStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        n = config.cluster.workers
+        if not 1 <= settings.quorum <= n:
+            raise ValueError(f"quorum must be in [1, {n}], got {settings.quorum}")
+        self.config = config
+        self.engine = engine
+        self.dim = int(engine.x.numel())
+        self.num_workers = n
+        self.rounds = config.run.rounds
+        self.compressor = config.compressor.name
+        self.settings = settings
+        self._max_nnz = max_nnz
+        self._metrics = metrics
+        self._store = store
+        self._clock = clock
+        self._cond = threading.Condition(threading.Lock())
+        self._ledger = SeqLedger()
+        self._workers: dict[str, WorkerInfo] = {}
+        self._pushed: set[str] = set()
+        self._bytes_total = 0  # payload bytes of every accepted update
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._phase = Phase.STARTING
+        self._opened_at = 0.0
+        self._startup_deadline = 0.0
+        self._stopping = False
+        self.failure: BaseException | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self, recovered: Recovered | None = None) -> None:
+        """Begin serving: restore `recovered` (checkpoint + replayed log) or start fresh at x⁰,
+        then write the generation checkpoint a later resume starts from."""
+        with self._cond:
+            if recovered is not None and recovered.state is not None:
+                self._load_state(recovered.state)
+            if recovered is not None:
+                for record in recovered.records:
+                    self._replay(record)
+            if self.engine.round >= self.rounds:
+                self._finish()
+            else:
+                self._record_metrics()
+            if self._store is not None:
+                self._checkpoint()  # the generation a later resume starts from
+            self._startup_deadline = self._clock() + self.settings.startup_timeout
+            self._maybe_open()
+
+    def stop(self) -> None:
+        """Refuse new work and wake every waiting GetModel (graceful shutdown, step 1)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Final checkpoint (unless storage failed) and release files (shutdown, step 2)."""
+        with self._cond:
+            self._stopping = True
+            if checkpoint and self._store is not None and self.failure is None:
+                self._checkpoint()
+            if self._store is not None:
+                self._store.close()
+            if self._metrics is not None:
+                self._metrics.close()
+
+    @property
+    def round(self) -> int:
+        return self.engine.round
+
+    @property
+    def finished(self) -> bool:
+        return self._phase is Phase.FINISHED
+
+    def tick(self) -> None:
+        """Time-driven transitions: the startup timeout and round deadlines (call it often)."""
+        with self._cond:
+            if self.failure is None and not self._stopping:
+                self._maybe_open()
+                self._maybe_close()
+
+    # --- RPC-facing operations ------------------------------------------------------------
+
+    def register(self, worker_id: str) -> tuple[int, int]:
+        """Mark `worker_id` registered; returns (current round, its last acknowledged seq)."""
+        with self._cond:
+            self._check_serving()
+            self._touch(worker_id)
+            self._maybe_open()
+            return self.engine.round, self._ledger.last(worker_id)
+
+    def touch(self, worker_id: str) -> None:
+        """Record an authenticated call from `worker_id` (its last-seen time)."""
+        with self._cond:
+            info = self._workers.get(worker_id)
+            if info is not None:
+                info.last_seen = time.time()
+
+    def k_max(self, round: int) -> int:
+        """The largest nnz an update computed at `round` may carry (dense MARINA/PAGE rounds)."""
+        return self._max_nnz(round)
+
+    def push(
+        self, worker_id: str, row: int, round: int, seq: int, update: pb.SparseUpdate
+    ) -> AckInfo:
+        """Validate and apply one update exactly once; Rejected (nothing changed) otherwise."""
+        k_max = self._max_nnz(min(round, self.rounds))  # pure; bounded for absurd rounds
+        vec = validate_update(
+            update,
+            dim=self.dim,
+            k_max=k_max,
+            compressor=self.compressor,
+            max_bytes=max_update_bytes(k_max),
+        )
+        payload = update.SerializeToString()
+        nbytes = message_bytes(vec.nnz, _VALUE_BYTES[update.dtype])
+        with self._cond:
+            self._check_serving()
+            if self._phase is Phase.FINISHED:
+                raise Rejected(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"the run finished at round {self.rounds}"
+                )
+            check_round(round, server_round=self.engine.round)
+            known = self._workers.get(worker_id)
+            if known is not None:
+                known.last_seen = time.time()
+            if self._ledger.check(worker_id, seq) is SeqDecision.DUPLICATE:
+                return AckInfo(True, self.engine.round, self._ledger.last(worker_id))
+            self._apply(worker_id, row, round, vec, nbytes)  # also registers an unknown worker
+            self._log(UpdateRecord(worker_id, seq, round, payload))
+            self._ledger.commit(worker_id, seq)
+            self._maybe_open()
+            self._maybe_close()
+            return AckInfo(False, self.engine.round, seq)
+
+    def model(
+        self,
+        round: int,
+        known_round: int | None,
+        wait: bool,
+        active: Callable[[], bool],
+        poll: float = 0.2,
+    ) -> tuple[int, Tensor] | None:
+        """(r, x_r) once r ≥ round and r > known_round (the final model once finished).
+
+        wait=False: FAILED_PRECONDITION when no such round exists yet; wait=True: sleep until a
+        round closes, returning None once `active()` turns false (client gone or past its
+        deadline) and UNAVAILABLE when the server shuts down.
+        """
+        with self._cond:
+            while True:
+                self._check_serving()
+                r = self.engine.round
+                ready = r >= round and (known_round is None or r > known_round)
+                if ready or self._phase is Phase.FINISHED:
+                    return r, self.engine.x.clone()
+                if not wait:
+                    raise Rejected(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"the server is at round {r}; asked for round >= {round}"
+                        + ("" if known_round is None else f" and > {known_round}"),
+                    )
+                if not active():
+                    return None
+                self._cond.wait(poll)
+
+    def account(self, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        with self._cond:
+            self._bytes_in += bytes_in
+            self._bytes_out += bytes_out
+
+    def status(self) -> StatusInfo:
+        with self._cond:
+            workers = [
+                WorkerStatus(w, info.last_seen, self._ledger.last(w), info.last_round)
+                for w, info in sorted(self._workers.items(), key=lambda kv: int(kv[0]))
+            ]
+            return StatusInfo(
+                self.engine.round, self._phase, workers, self._bytes_in, self._bytes_out
+            )
+
+    @property
+    def bytes_uplink(self) -> float:
+        return uplink_per_worker(self._bytes_total, self.num_workers)
+
+    # --- state transitions (caller holds the lock) ----------------------------------------
+
+    def _check_serving(self) -> None:
+        if self.failure is not None or self._stopping:
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+
+    def _touch(self, worker_id: str) -> WorkerInfo:
+        info = self._workers.get(worker_id)
+        if info is None:
+            info = self._workers[worker_id] = WorkerInfo(time.time())
+        else:
+            info.last_seen = time.time()
+        return info
+
+    def _apply(self, worker_id: str, row: int, round: int, vec: SparseVector, nbytes: int) -> None:
+        seeds = None if vec.seed is None else (vec.seed,)
+        batch = SparseBatch(vec.indices[None], vec.values[None], vec.dim, seeds)
+        self.engine.absorb(torch.tensor([row], dtype=torch.long), batch)
+        self._touch(worker_id).last_round = round
+        self._pushed.add(worker_id)
+        self._bytes_total += nbytes
+
+    def _log(self, record: Record) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.append(record)
+        except OSError as exc:
+            # The engine ran ahead of the disk: acknowledging anything more would lose updates.
+            self.failure = exc
+            self._cond.notify_all()
+            log.error("write-ahead log failed, stopping: %s", exc)
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "the server's storage failed") from None
+
+    def _maybe_open(self) -> None:
+        if self._phase is not Phase.STARTING:
+            return
+        if len(self._workers) >= self.num_workers or self._clock() >= self._startup_deadline:
+            self._phase = Phase.RUNNING
+            self._opened_at = self._clock()
+            log.info("round %d open with %d registered workers", self.round, len(self._workers))
+            self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._phase is not Phase.RUNNING or not self._pushed:
+            return
+        everyone = self._pushed.issuperset(self._workers)
+        quorum = (
+            len(self._pushed) >= self.settings.quorum
+            and self._clock() - self._opened_at >= self.settings.round_deadline
+        )
+        if everyone or quorum:
+            self._close()
+
+    def _close(self, *, replaying: bool = False) -> None:
+        closing = self.engine.round
+        self.engine.close_round()
+        if not replaying:
+            self._log(CloseRecord(closing))
+        self._pushed.clear()
+        self._opened_at = self._clock()
+        if self.engine.round >= self.rounds:
+            self._finish()
+        else:
+            self._record_metrics()
+            every = self.settings.checkpoint_every
+            if not replaying and every > 0 and self.engine.round % every == 0:
+                self._checkpoint()
+        self._cond.notify_all()
+
+    def _finish(self) -> None:
+        self._phase = Phase.FINISHED
+        self._record_metrics()
+        if self._metrics is not None:
+            self._metrics.finish(self.engine.round, self.engine.x, self.bytes_uplink)
+        log.info("run finished at round %d", self.engine.round)
+
+    def _record_metrics(self) -> None:
+        if self._metrics is not None:
+            self._metrics.record(self.engine.round, self.engine.x, self.bytes_uplink)
+
+    # --- persistence ----------------------------------------------------------------------
+
+    def _replay(self, record: Record) -> None:
+        """Redo one logged step exactly as it happened live."""
+        if isinstance(record, CloseRecord):
+            if record.round != self.engine.round:
+                raise ValueError(f"log closes round {record.round} at round {self.engine.round}")
+            self._close(replaying=True)
+            return
+        update = pb.SparseUpdate.FromString(record.update)
+        k_max = self._max_nnz(record.round)
+        vec = validate_update(
+            update,
+            dim=self.dim,
+            k_max=k_max,
+            compressor=self.compressor,
+            max_bytes=max_update_bytes(k_max),
+        )
+        row = int(record.worker_id)
+        self._ledger.commit(record.worker_id, record.seq)
+        self._apply(
+            record.worker_id,
+            row,
+            record.round,
+            vec,
+            message_bytes(vec.nnz, _VALUE_BYTES[update.dtype]),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        with self._cond:
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine.state_dict(),
+            "ledger": self._ledger.state_dict(),
+            "workers": {
+                w: {"last_seen": i.last_seen, "last_round": i.last_round}
+                for w, i in self._workers.items()
+            },
+            "pushed": sorted(self._pushed, key=int),
+            "bytes_total": self._bytes_total,
+            "bytes_in": self._bytes_in,
+            "bytes_out": self._bytes_out,
+            "elapsed": 0.0 if self._metrics is None else self._metrics.elapsed,
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self._ledger.load_state_dict(state["ledger"])
+        self._workers = {
+            str(w): WorkerInfo(float(i["last_seen"]), int(i["last_round"]))
+            for w, i in state["workers"].items()
+        }
+        self._pushed = {str(w) for w in state["pushed"]}
+        self._bytes_total = int(state["bytes_total"])
+        self._bytes_in = int(state["bytes_in"])
+        self._bytes_out = int(state["bytes_out"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def _checkpoint(self) -> None:
+        assert self._store is not None
+        try:
+            path = self._store.checkpoint(self._state_dict(), self.engine.round)
+        except OSError as exc:
+            # The old generation is intact and its log still grows: keep serving.
+            log.error("checkpoint failed (the previous one stays valid): %s", exc)
+            return
+        log.info("checkpoint %s at round %d", path.name, self.engine.round)

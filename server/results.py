@@ -1,0 +1,159 @@
+"""Run results shared by the simulator and the gRPC server: metrics records and result files.
+
+Both `byzps simulate` and `byzps server` (under `byzps launch`) write the same three files —
+DIR/metrics.jsonl, DIR/summary.json, DIR/params.npy — from these functions, so reports and
+comparisons never care which of the two produced a run, and the uplink byte count means the
+same thing in both.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from torch import Tensor
+
+from byzps.common.config import RunConfig
+from byzps.common.tasks.base import Task
+
+#: Bytes of one packed index on the wire (little-endian uint32).
+INDEX_BYTES = 4
+
+
+@dataclass
+class RunResult:
+    rounds: int
+    wall_seconds: float
+    final: dict[str, Any]
+    params: np.ndarray
+
+
+def message_bytes(nnz: int, value_bytes: int = 4) -> int:
+    """Payload bytes of one k-sparse message: a 4-byte index plus the value per entry (8·nnz for
+    float32). The dense convention's omitted indices are still counted, so identity runs compare
+    with sparse ones per entry."""
+    return (INDEX_BYTES + value_bytes) * nnz
+
+
+def uplink_per_worker(total_bytes: int, num_workers: int) -> float:
+    """The reported `bytes_uplink`: payload bytes of every accepted message, honest and
+    Byzantine, divided by n — the average a worker sent."""
+    return total_bytes / num_workers
+
+
+def round_seconds(seconds: float) -> float:
+    return float(f"{seconds:.6f}")
+
+
+def evaluate(
+    task: Task, x: Tensor, round: int, bytes_uplink: float, started: float
+) -> dict[str, Any]:
+    """One metrics record, in the field order of metrics.jsonl (`started`: perf_counter origin)."""
+    record: dict[str, Any] = {"round": round}
+    record.update(task.evaluate(x))
+    record["bytes_uplink"] = bytes_uplink
+    record["wall_seconds"] = round_seconds(time.perf_counter() - started)
+    return record
+
+
+def params_array(x: Tensor) -> np.ndarray:
+    """The model as a float32 numpy array (a copy, safe to keep while x moves on)."""
+    return x.detach().to("cpu").float().numpy().copy()
+
+
+def emit(record: dict[str, Any], metrics_file: IO[str] | None) -> None:
+    """Append one record to metrics.jsonl and flush, so a crash loses no written round."""
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+
+def write_results(out: Path, config: RunConfig, result: RunResult, bytes_uplink: float) -> None:
+    """summary.json and params.npy, each written to a temporary name and renamed into place."""
+    summary = {
+        "config": config.to_dict(),
+        "config_digest": config.digest(),
+        "final": result.final,
+        "rounds": result.rounds,
+        "wall_seconds": result.wall_seconds,
+        "bytes_uplink": bytes_uplink,
+    }
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out / "summary.json")
+    tmp_params = out / "params.tmp.npy"
+    np.save(tmp_params, result.params.astype(np.float32))
+    tmp_params.replace(out / "params.npy")
+
+
+class MetricsRecorder:
+    """metrics.jsonl of a live server: one record at round 0, every eval_every rounds and at the
+    end, plus summary.json / params.npy when the run finishes.
+
+    On resume it keeps the records already written (a torn last line is dropped) and records a
+    round only once, so replaying the write-ahead log never duplicates a line.
+    """
+
+    def __init__(
+        self, out: Path | None, config: RunConfig, task: Task, *, resume: bool, elapsed: float = 0
+    ) -> None:
+        self.out = out
+        self.config = config
+        self.task = task
+        self.started = time.perf_counter() - elapsed
+        self.last: dict[str, Any] | None = None
+        self._rounds: set[int] = set()
+        self._file: IO[str] | None = None
+        if out is None:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "metrics.jsonl"
+        kept: list[str] = []
+        if resume and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                    self._rounds.add(int(record["round"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+                kept.append(line)
+                self.last = record
+            tmp = out / "metrics.jsonl.tmp"
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        self._file = path.open("a" if resume else "w")
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def due(self, round: int) -> bool:
+        run = self.config.run
+        return round == 0 or round % run.eval_every == 0 or round == run.rounds
+
+    def record(self, round: int, x: Tensor, bytes_uplink: float) -> None:
+        """Evaluate and append the record of `round` if one is due and not yet written."""
+        if self.out is None or not self.due(round) or round in self._rounds:
+            return
+        self.last = evaluate(self.task, x, round, bytes_uplink, self.started)
+        emit(self.last, self._file)
+        self._rounds.add(round)
+
+    def finish(self, round: int, x: Tensor, bytes_uplink: float) -> None:
+        """summary.json and params.npy of the finished run."""
+        if self.out is None:
+            return
+        final = self.last
+        if final is None or final["round"] != round:
+            final = evaluate(self.task, x, round, bytes_uplink, self.started)
+        result = RunResult(round, round_seconds(self.elapsed), final, params_array(x))
+        write_results(self.out, self.config, result, bytes_uplink)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

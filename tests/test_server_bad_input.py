@@ -1,0 +1,207 @@
+"""Validation at the door over real gRPC: every malformed or unauthorised call gets its precise
+status code, and the model, every per-worker state, the ledger and the write-ahead log stay
+bit-identical."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from server_support import Client, InProcess, N, code_of, in_process, tiny_config, update
+
+from byzps.proto.v1 import parameter_server_pb2 as pb
+from byzps.server.auth import token_for
+
+C = grpc.StatusCode
+K = 3  # k = 3 so that index order and duplicates can be tested within nnz ≤ k_max
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[InProcess, Client, Path]]:
+    store = tmp_path_factory.mktemp("store")
+    config = tiny_config(k=K)
+    with in_process(config, store_dir=store) as srv:
+        client = Client(srv.address)
+        try:
+            for w in range(N):
+                client.register(str(w))
+            # one accepted update, so a replay of seq 1 is a duplicate
+            ack = client.push("0", 0, 1, update([1, 5, 9], [0.5, -1.0, 2.0]))
+            assert ack.status == pb.ACK_STATUS_ACCEPTED and ack.last_seq == 1
+            yield srv, client, store
+        finally:
+            client.close()
+
+
+def snapshot(srv: InProcess, client: Client, store: Path) -> dict[str, Any]:
+    state = srv.coordinator.state_dict()
+    return {
+        "model": client.model()[1],
+        "engine": state["engine"],
+        "ledger": state["ledger"],
+        "pushed": state["pushed"],
+        "bytes_total": state["bytes_total"],
+        "round": srv.coordinator.round,
+        "wal": b"".join(p.read_bytes() for p in sorted(store.glob("wal-*.log"))),
+    }
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where  # bitwise for float tensors without NaN
+    else:
+        assert a == b, where
+
+
+def nan_update() -> pb.SparseUpdate:
+    return update([1, 2, 3], [0.0, math.nan, 1.0])
+
+
+def truncated_values() -> pb.SparseUpdate:
+    u = update([1, 2, 3], [1.0, 2.0, 3.0])
+    u.values = u.values[:-1]
+    return u
+
+
+def truncated_indices() -> pb.SparseUpdate:
+    u = update([1, 2, 3], [1.0, 2.0, 3.0])
+    u.indices = u.indices[:-2]
+    return u
+
+
+def raw_indices(*idx: int) -> pb.SparseUpdate:
+    u = update([1, 2, 3], [1.0, 2.0, 3.0])
+    u.indices = b"".join(i.to_bytes(4, "little") for i in idx)
+    return u
+
+
+def padded() -> pb.SparseUpdate:
+    u = update([1, 2, 3], [1.0, 2.0, 3.0])
+    u.nnz = 3
+    u.values = u.values + b"\0" * 10_000  # oversize before anything is decoded
+    return u
+
+
+Case = Callable[[Client], Any]
+CASES: dict[str, tuple[Case, grpc.StatusCode]] = {
+    "wrong dim": (lambda c: c.push("1", 0, 1, update([1], [1.0], dim=124)), C.INVALID_ARGUMENT),
+    "nnz over k_max": (
+        lambda c: c.push("1", 0, 1, update([1, 2, 3, 4], [1.0] * 4)),
+        C.INVALID_ARGUMENT,
+    ),
+    "unsorted indices": (lambda c: c.push("1", 0, 1, raw_indices(5, 2, 9)), C.INVALID_ARGUMENT),
+    "duplicate indices": (lambda c: c.push("1", 0, 1, raw_indices(2, 2, 9)), C.INVALID_ARGUMENT),
+    "index out of range": (
+        lambda c: c.push("1", 0, 1, raw_indices(1, 2, 123)),
+        C.INVALID_ARGUMENT,
+    ),
+    "NaN value": (lambda c: c.push("1", 0, 1, nan_update()), C.INVALID_ARGUMENT),
+    "Inf value": (
+        lambda c: c.push("1", 0, 1, update([1, 2, 3], [0.0, math.inf, 1.0])),
+        C.INVALID_ARGUMENT,
+    ),
+    "truncated values": (lambda c: c.push("1", 0, 1, truncated_values()), C.INVALID_ARGUMENT),
+    "truncated indices": (lambda c: c.push("1", 0, 1, truncated_indices()), C.INVALID_ARGUMENT),
+    "unspecified dtype": (
+        lambda c: c.push("1", 0, 1, update([1], [1.0], dtype=0)),
+        C.INVALID_ARGUMENT,
+    ),
+    "other compressor": (
+        lambda c: c.push("1", 0, 1, update([1], [1.0], compressor=pb.COMPRESSOR_IDENTITY)),
+        C.INVALID_ARGUMENT,
+    ),
+    "missing update": (lambda c: c.push("1", 0, 1, None), C.INVALID_ARGUMENT),
+    "oversize update": (lambda c: c.push("1", 0, 1, padded()), C.RESOURCE_EXHAUSTED),
+    "future round": (lambda c: c.push("1", 1, 1, update([1], [1.0])), C.FAILED_PRECONDITION),
+    "seq gap": (lambda c: c.push("1", 0, 2, update([1], [1.0])), C.FAILED_PRECONDITION),
+    "seq zero": (lambda c: c.push("1", 0, 0, update([1], [1.0])), C.INVALID_ARGUMENT),
+    "unknown worker id": (lambda c: c.push(str(N), 0, 1, update([1], [1.0])), C.PERMISSION_DENIED),
+    "non-decimal worker id": (
+        lambda c: c.push("01", 0, 1, update([1], [1.0])),
+        C.PERMISSION_DENIED,
+    ),
+    "huge worker id": (
+        lambda c: c.push("9" * 5000, 0, 1, update([1], [1.0])),
+        C.PERMISSION_DENIED,
+    ),
+    "bad token": (
+        lambda c: c.push("1", 0, 1, update([1], [1.0]), token=token_for(b"other", "1")),
+        C.UNAUTHENTICATED,
+    ),
+    "token of another worker": (
+        lambda c: c.push("1", 0, 1, update([1], [1.0]), token=token_for(c.secret, "0")),
+        C.UNAUTHENTICATED,
+    ),
+    "missing token": (
+        lambda c: c.stub.PushUpdate(
+            pb.PushUpdateRequest(worker_id="1", round=0, seq=1, update=update([1], [1.0])),
+            timeout=10,
+        ),
+        C.UNAUTHENTICATED,
+    ),
+    "garbage request bytes": (
+        lambda c: c.channel.unary_unary("/byzps.v1.ParameterServer/PushUpdate")(
+            b"\xff\xff\xff", metadata=c.meta("1"), timeout=10
+        ),
+        C.INVALID_ARGUMENT,
+    ),
+    "register with another config digest": (
+        lambda c: c.register("1", digest="0" * 64),
+        C.FAILED_PRECONDITION,
+    ),
+    "register with bad token": (lambda c: c.register("1", token="00"), C.UNAUTHENTICATED),
+    "model with bad token": (
+        lambda c: c.stub.GetModel(
+            pb.GetModelRequest(worker_id="1"), metadata=c.meta("1", token="x"), timeout=10
+        ).next(),
+        C.UNAUTHENTICATED,
+    ),
+    "model of a future round without wait": (
+        lambda c: c.chunks("1", round=1),
+        C.FAILED_PRECONDITION,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_refused_with_code_and_nothing_changes(
+    served: tuple[InProcess, Client, Path], name: str
+) -> None:
+    srv, client, store = served
+    call, expected = CASES[name]
+    before = snapshot(srv, client, store)
+    assert code_of(lambda: call(client)) == expected
+    assert_same(before, snapshot(srv, client, store))
+
+
+def test_replayed_seq_is_a_duplicate_and_changes_nothing(
+    served: tuple[InProcess, Client, Path],
+) -> None:
+    srv, client, store = served
+    before = snapshot(srv, client, store)
+    ack = client.push("0", 0, 1, update([4, 6, 8], [9.0, 9.0, 9.0]))
+    assert ack.status == pb.ACK_STATUS_DUPLICATE
+    assert ack.last_seq == 1 and ack.round == 0
+    assert_same(before, snapshot(srv, client, store))
+
+
+def test_the_server_still_accepts_good_updates_afterwards(
+    served: tuple[InProcess, Client, Path],
+) -> None:
+    srv, client, _ = served
+    g_before = srv.coordinator.state_dict()["engine"]["rule"]["g"].clone()
+    ack = client.push("1", 0, 1, update([7], [2.5]))
+    assert ack.status == pb.ACK_STATUS_ACCEPTED and ack.last_seq == 1
+    g = srv.coordinator.state_dict()["engine"]["rule"]["g"]
+    expected = g_before.clone()
+    expected[1, 7] += 2.5
+    assert torch.equal(g, expected)
