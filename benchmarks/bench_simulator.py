@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from byzps.common.components import build_run_estimator, build_run_task
 from byzps.common.config import RunConfig
-from byzps.sim.build import build_run_estimator, build_run_task, build_simulation
+from byzps.sim.build import build_simulation
 from byzps.sim.simulation import Simulation
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

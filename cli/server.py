@@ -26,7 +26,7 @@ class ServerUsageError(click.ClickException):
 
 
 def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
-    from byzps.server.auth import SECRET_ENV, read_secret, secret_from_env
+    from byzps.common.credentials import SECRET_ENV, read_secret, secret_from_env
 
     if no_auth:
         if secret_file is not None:
@@ -147,7 +147,8 @@ def server(
 
 def _build(config: RunConfig) -> tuple[Task, RoundEngine, Callable[[int], int]]:
     """Task, engine at x⁰ and the per-round k_max, built exactly as the simulator builds them."""
-    from byzps.sim.build import build_engine, build_run_task, build_server_estimator
+    from byzps.common.components import build_run_task, build_server_estimator
+    from byzps.server.engine import build_engine
 
     task = build_run_task(config)
     estimator = build_server_estimator(config, task)

@@ -63,7 +63,8 @@ class ProgressLine:
 )
 def simulate(config_path: Path, overrides: tuple[str, ...], out: Path) -> None:
     """Run the whole cluster in one process and write metrics.jsonl, summary.json, params.npy."""
-    from byzps.sim.build import build_run_task, build_simulation
+    from byzps.common.components import build_run_task
+    from byzps.sim.build import build_simulation
     from byzps.sim.runner import run_simulation
 
     config = load_config(config_path, overrides)

@@ -14,8 +14,12 @@ import torch
 from torch import Tensor
 
 from byzps.common.aggregators.base import Aggregator
-from byzps.common.server_rules import ServerRule
+from byzps.common.components import build_run_aggregator, build_server_estimator
+from byzps.common.config import RunConfig
+from byzps.common.estimators.base import Estimator
+from byzps.common.server_rules import ServerRule, build_server_rule
 from byzps.common.sparse import SparseBatch
+from byzps.common.tasks.base import Task
 
 
 class RoundEngine:
@@ -70,3 +74,20 @@ class RoundEngine:
         self.last_aggregate = state["last_aggregate"].clone()
         self.rule.load_state_dict(state["rule"])
         self.aggregator.load_state_dict(state["aggregator"])
+
+
+def build_engine(config: RunConfig, task: Task, estimator: Estimator | None = None) -> RoundEngine:
+    """The server's round engine at x⁰: the rule `estimator` needs, the run's aggregator and lr.
+
+    Shared by the simulator and the gRPC server, so both aggregate and step identically.
+    """
+    estimator = estimator if estimator is not None else build_server_estimator(config, task)
+    rule = build_server_rule(
+        estimator.server_rule,
+        config.cluster.workers,
+        task.dim,
+        **estimator.server_rule_params(),
+    )
+    return RoundEngine(
+        task.init_params(config.run.seed), rule, build_run_aggregator(config), config.algorithm.lr
+    )

@@ -251,7 +251,8 @@ def is_done(cell_dir: Path, config: RunConfig) -> bool:
 def run_cell(cell: Cell, out: Path) -> CellOutcome:
     """Run one cell into out/<name>/ from scratch with the simulator; never raises, so one bad
     cell in a process pool cannot stop the others."""
-    from byzps.sim.build import build_run_task, build_simulation
+    from byzps.common.components import build_run_task
+    from byzps.sim.build import build_simulation
     from byzps.sim.runner import run_simulation
 
     cell_dir = out / cell.name

@@ -23,10 +23,11 @@ from torch import Tensor
 
 from byzps.common.codec import decode_model, encode_sparse
 from byzps.common.config import RunConfig
+from byzps.common.credentials import TOKEN_METADATA_KEY, token_for
 from byzps.common.sparse import SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
-from byzps.server.auth import TOKEN_METADATA_KEY, Authenticator, token_for
+from byzps.server.auth import Authenticator
 from byzps.server.checkpoint import CheckpointStore
 from byzps.server.coordinator import Coordinator, Settings
 from byzps.server.engine import RoundEngine
@@ -180,7 +181,8 @@ class TaskShape:
 
 
 def build_parts(config: RunConfig) -> tuple[Any, RoundEngine, Any]:
-    from byzps.sim.build import build_engine, build_run_task, build_server_estimator
+    from byzps.common.components import build_run_task, build_server_estimator
+    from byzps.server.engine import build_engine
 
     task = build_run_task(config)
     estimator = build_server_estimator(config, task)

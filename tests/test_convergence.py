@@ -13,9 +13,10 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
+from byzps.common.components import build_run_task
 from byzps.common.config import RunConfig
 from byzps.common.tasks.a9a import A9aLogRegTask
-from byzps.sim.build import build_run_task, build_simulation
+from byzps.sim.build import build_simulation
 
 #: The paper's a9a setting as the experiment grid runs it (n = 20, f = 8, batch 1, Top-1, η = 0.01,
 #: NNM∘cm, ALIE), here for 10 000 rounds at γ = 0.05.

@@ -14,8 +14,8 @@ import pytest
 import torch
 from server_support import Client, InProcess, N, code_of, in_process, tiny_config, update
 
+from byzps.common.credentials import token_for
 from byzps.proto.v1 import parameter_server_pb2 as pb
-from byzps.server.auth import token_for
 
 C = grpc.StatusCode
 K = 3  # k = 3 so that index order and duplicates can be tested within nnz ≤ k_max

@@ -109,11 +109,19 @@ class ByzantineCohort:
             return dense_batch(delta)
         return self.shadow.compress(delta, round)
 
-    def commit(self, messages: SparseBatch) -> None:
-        """Mirror the server: the acknowledged messages move the members' bases."""
+    def commit(self, messages: SparseBatch, rows: Sequence[int] | None = None) -> None:
+        """Mirror the server: the acknowledged messages move the members' bases.
+
+        `rows` lists the member rows (0 … m−1) that `messages` holds, in order, when only some
+        members were acknowledged (a worker daemon whose push was refused); default: all.
+        """
         if self._round is None:
             raise RuntimeError("commit() before messages()")
-        self._sent.absorb(self._rows, messages, self._round)
+        members = self._rows if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
+        if messages.num_rows != members.numel():
+            raise ValueError(f"{messages.num_rows} messages for {members.numel()} rows")
+        if members.numel():
+            self._sent.absorb(members, messages, self._round)
 
     def close_round(self, aggregate: Tensor, round: int) -> None:
         self._sent.close_round(aggregate, round)

@@ -1,0 +1,76 @@
+"""`byzps attack`: one process playing F colluding Byzantine workers (byzps.worker.byzantine)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import click
+
+from byzps.cli.daemon_common import daemon_options, run_daemon, setup_logging
+from byzps.cli.worker import _raise_interrupt
+
+
+@click.command()
+@daemon_options
+@click.option(
+    "--attack",
+    "attack_name",
+    default=None,
+    help="Attack to run (default: the run config's attack.name). A different name "
+    "overrides the config's (with that attack's default parameters) and is logged.",
+)
+@click.option(
+    "--count",
+    required=True,
+    type=click.IntRange(min=1),
+    help="F: how many Byzantine identities this process holds.",
+)
+@click.option(
+    "--first-id",
+    type=click.IntRange(min=0),
+    default=None,
+    help="First member id (default h = n − f, the first Byzantine id).",
+)
+@click.option(
+    "--force-cohort",
+    is_flag=True,
+    help="Run an omniscient attack that uses honest statistics on the cohort's own "
+    "shadows instead of refusing it (a deployment cannot see honest states).",
+)
+@click.option(
+    "--ledger",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Append every acknowledged (worker, seq) as a JSON line.",
+)
+def attack(
+    address: str,
+    secret_file: Path | None,
+    retry_timeout: float,
+    log_level: str,
+    attack_name: str | None,
+    count: int,
+    first_id: int | None,
+    force_cohort: bool,
+    ledger: Path | None,
+) -> None:
+    """Hold COUNT Byzantine identities and attack the run at --server until it ends."""
+    from byzps.common.credentials import load_secret
+    from byzps.worker.byzantine.daemon import run_attack
+    from byzps.worker.client import RetryPolicy
+
+    setup_logging(log_level, "attack")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    run_daemon(
+        lambda: run_attack(
+            address,
+            load_secret(secret_file),
+            count=count,
+            first_id=first_id,
+            attack_name=attack_name,
+            force_cohort=force_cohort,
+            ledger_path=ledger,
+            client_options={"retry": RetryPolicy(give_up_after=retry_timeout)},
+        )
+    )

@@ -1,0 +1,86 @@
+"""What `byzps worker` and `byzps attack` share: logging, the shared options, exit codes.
+
+Exit codes say who is to blame, so a supervisor (or `byzps launch`) can tell them apart:
+0 done, 2 the worker cannot go on without diverging (WorkerError), 3 the server stayed
+unreachable past the retry budget, 4 the server refused a call (a non-retryable gRPC status).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+EXIT_DIVERGED = 2
+EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 4
+
+
+def daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--server, --secret-file, --retry-timeout, --log-level, shared by the worker daemons."""
+    options = [
+        click.option(
+            "--server",
+            "address",
+            required=True,
+            metavar="HOST:PORT",
+            help="Address of the parameter server.",
+        ),
+        click.option(
+            "--secret-file",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="Shared secret for tokens (default: $BYZPS_SECRET; none: no auth).",
+        ),
+        click.option(
+            "--retry-timeout",
+            type=float,
+            default=120.0,
+            show_default=True,
+            help="Seconds of consecutive server failure before giving up.",
+        ),
+        click.option(
+            "--log-level",
+            default="INFO",
+            show_default=True,
+            type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def setup_logging(level: str, name: str) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(asctime)s {name} %(levelname)s %(message)s",
+    )
+
+
+def run_daemon(body: Callable[[], None]) -> None:
+    """Run a daemon body, turning its known failures into one log line and an exit code."""
+    from byzps.common.config import ConfigError
+    from byzps.worker.client import ServerError, ServerUnreachable
+    from byzps.worker.session import WorkerError
+
+    log = logging.getLogger("byzps")
+    try:
+        body()
+    except (WorkerError, ConfigError) as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_DIVERGED)
+    except ServerUnreachable as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_UNREACHABLE)
+    except ServerError as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_REFUSED)
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        sys.exit(130)

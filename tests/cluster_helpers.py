@@ -1,0 +1,147 @@
+"""Helpers for tests that run real byzps processes on 127.0.0.1.
+
+Every process is started in its own session and registered with a `Processes` tracker whose
+`kill_all` (called from fixture finalizers) SIGKILLs their groups, so a failing test leaves
+nothing behind. `leftovers(marker)` finds processes whose command line mentions a test's
+temporary directory — the check that nothing outlived a launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LISTENING = re.compile(r"byzps server listening on (\S+:\d+)")
+
+CONFIG = """
+[run]
+seed = 7
+rounds = {rounds}
+eval_every = {eval_every}
+[task]
+name = "a9a-logreg"
+batch_size = 1
+[cluster]
+workers = 5
+byzantine = 1
+[algorithm]
+name = "byz-dm21"
+lr = 0.5
+eta = 0.1
+[compressor]
+name = "topk"
+k = 2
+[aggregator]
+name = "cm"
+pre = ["nnm"]
+[attack]
+name = "{attack}"
+"""
+
+
+def write_config(
+    path: Path, rounds: int, eval_every: int | None = None, attack: str = "bf"
+) -> Path:
+    path.write_text(CONFIG.format(rounds=rounds, eval_every=eval_every or rounds, attack=attack))
+    return path
+
+
+def byzps(*args: str) -> list[str]:
+    return [sys.executable, "-m", "byzps.cli.main", *args]
+
+
+class Processes:
+    """Tracks started processes; kill_all() SIGKILLs each one's process group."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], log: Path | None = None, **kwargs: Any) -> subprocess.Popen:
+        out = log.open("ab") if log is not None else subprocess.DEVNULL
+        kwargs.setdefault("stdout", out)
+        kwargs.setdefault("stderr", subprocess.STDOUT if log is not None else subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
+        if log is not None:
+            out.close()
+        self.started.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                proc.wait(timeout=10)
+
+
+def wait_listening(proc: subprocess.Popen, timeout: float = 60.0) -> str:
+    """Read a piped server's stdout until its listening line; return HOST:PORT."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline().decode(errors="replace")
+        if not line and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        match = LISTENING.search(line)
+        if match:
+            return match.group(1)
+    raise TimeoutError("server did not print its listening line")
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def metrics(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip().endswith("}")]
+
+
+def leftovers(marker: str) -> list[str]:
+    """Command lines of live processes (not zombies) that mention `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def pid_of(marker: str, *needles: str) -> int:
+    """The pid of the live process whose command line has `marker` and every needle."""
+    for line in leftovers(marker):
+        if all(n in line for n in needles):
+            return int(line.split(":", 1)[0])
+    raise LookupError(f"no process with {needles} under {marker}")
+
+
+def ledger_seqs(path: Path) -> dict[str, list[int]]:
+    """Acknowledged seqs per worker id from a ledger file."""
+    seqs: dict[str, list[int]] = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        seqs.setdefault(entry["worker"], []).append(int(entry["seq"]))
+    return seqs

@@ -1,0 +1,229 @@
+"""`byzps attack`: one process holding F Byzantine identities that collude through one cohort.
+
+Why one process: the members collude, so they share one ByzantineCohort (one shadow estimator with
+w = F rows on the members' own shards, one mirror of their server-side bases) exactly as in the
+simulator. Each member still talks to the server under its own id, token and seq, and the server
+cannot tell it from an honest worker except by what it sends.
+
+Per round: GetModel once → cohort.messages for all F → push every member's row under its own id
+(concurrently, each retried with its own seq) → cohort.commit(the acknowledged rows).
+
+What a real deployment cannot do, and how this daemon handles it:
+
+* It cannot see honest states. The cohort runs with knowledge "cohort" (its own shadows stand in
+  for the honest candidates). A config asking for an *omniscient* attack that uses honest
+  statistics (alie, ipm, sf, mimic, minmax) is refused unless `force_cohort` is set, because the
+  run would silently differ from the simulated one; attacks that use no honest statistics
+  (bf, lf, gauss, na) are unaffected by the knowledge setting and run as configured.
+* It does not receive the aggregate ĝ^t, which only the MARINA server rule needs (close_round).
+  It derives it from consecutive models, ĝ^t = (x_t − x_{t+1}) / γ — exact up to float32
+  rounding. If rounds were skipped (the cohort fell behind), the derived vector is the mean
+  aggregate over the skipped rounds and is handed to close_round once for the latest of them:
+  an approximation, harmless to the server (it only shapes the attackers' own targets).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from torch import Tensor
+
+from byzps.common.config import RunConfig
+from byzps.common.estimators.core import BatchedEstimator
+from byzps.common.sparse import SparseBatch
+from byzps.proto.v1 import parameter_server_pb2 as pb
+from byzps.worker.byzantine import build_attack
+from byzps.worker.byzantine.base import Attack
+from byzps.worker.byzantine.cohort import ByzantineCohort
+from byzps.worker.client import ParameterServerClient
+from byzps.worker.session import AckLedger, Run, WorkerError, ack_applied, build_run, encode_row
+
+log = logging.getLogger(__name__)
+
+
+def resolve_attack(config: RunConfig, name: str | None, *, force_cohort: bool) -> Attack:
+    """The attack to run: the config's, or `name` overriding it (with the config's params only
+    when the names agree). Refuses omniscient honest-statistics attacks unless `force_cohort`."""
+    if name is None or name == config.attack.name:
+        name, params = config.attack.name, dict(config.attack.params)
+    else:
+        log.warning(
+            "running attack %r although the run config names %r (metrics and summary "
+            "will carry the config's name)",
+            name,
+            config.attack.name,
+        )
+        params = {}
+    if name == "na":
+        raise WorkerError("the attack is 'na': this run has no Byzantine workers to play")
+    attack = build_attack(name, **params)
+    if attack.uses_honest and config.attack.knowledge == "omniscient":
+        if not force_cohort:
+            raise WorkerError(
+                f"attack {name!r} is configured omniscient (attack.knowledge = 'omniscient'), "
+                "but a deployed cohort cannot see honest workers' states. Set "
+                'attack.knowledge = "cohort" in the run config, or pass --force-cohort to run '
+                "it on the cohort's own shadow statistics (the run then differs from an "
+                "omniscient simulation)."
+            )
+        log.warning("attack %r: omniscient knowledge forced to 'cohort' (own shadows)", name)
+    return attack
+
+
+class ByzantineDaemon:
+    """F member identities, one cohort, one round at a time."""
+
+    def __init__(
+        self,
+        clients: Sequence[ParameterServerClient],
+        run_info: Run,
+        cohort: ByzantineCohort,
+        oracle: object,
+        *,
+        ledger: AckLedger | None = None,
+    ) -> None:
+        self.clients = list(clients)
+        self.run_info = run_info
+        self.cohort = cohort
+        self.oracle = oracle
+        self.ledger = ledger
+        self.last_seq = [int(c.registration.last_seq) if c.registration else 0 for c in clients]
+        self.next_round = 0
+        self._prev: tuple[int, Tensor] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=len(self.clients))
+
+    @property
+    def ids(self) -> list[str]:
+        return [c.worker_id for c in self.clients]
+
+    def step(self) -> bool:
+        """One round for every member; False once the final model has been published."""
+        r, x = self.clients[0].get_model(self.next_round)
+        self._close_previous(r, x)
+        if r >= self.run_info.rounds:
+            return False
+        messages = self.cohort.messages(x, self.oracle, r)  # type: ignore[arg-type]
+        updates = [encode_row(v, self.run_info.config) for v in messages.rows()]
+        seqs = [s + 1 for s in self.last_seq]
+        acks = list(
+            self._pool.map(
+                lambda i: self.clients[i].push(r, seqs[i], updates[i]), range(len(self.clients))
+            )
+        )
+        applied = [i for i, ack in enumerate(acks) if ack_applied(ack, seqs[i], self.ids[i])]
+        if len(applied) == len(self.clients):
+            self.cohort.commit(messages)
+        elif applied:
+            self.cohort.commit(SparseBatch.stack([messages.row(i) for i in applied]), applied)
+        for i in applied:
+            self.last_seq[i] = seqs[i]
+            if self.ledger is not None:
+                self.ledger.record(self.ids[i], seqs[i], r, acks[i].status)
+        self.next_round = r + 1
+        return True
+
+    def _close_previous(self, r: int, x: Tensor) -> None:
+        """close_round(ĝ, r−1) from the models of rounds r_prev and r (see the module doc)."""
+        if self._prev is not None and r > self._prev[0]:
+            prev_round, prev_x = self._prev
+            aggregate = (prev_x - x) / (self.run_info.config.algorithm.lr * (r - prev_round))
+            self.cohort.close_round(aggregate, r - 1)
+        self._prev = (r, x.clone())
+
+    def run(self) -> None:
+        try:
+            while self.step():
+                pass
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_attack(
+    address: str,
+    secret: bytes | None,
+    *,
+    count: int,
+    first_id: int | None = None,
+    attack_name: str | None = None,
+    force_cohort: bool = False,
+    ledger_path: Path | None = None,
+    client_options: dict[str, float] | None = None,
+) -> None:
+    """Register F = `count` identities (ids first_id … first_id + F − 1, default h … h + F − 1),
+    build the cohort from the server's config and attack until the run ends."""
+    from byzps.common.components import build_run_compressor, build_run_estimator
+
+    if count < 1:
+        raise WorkerError(f"--count must be at least 1, got {count}")
+    clients: list[ParameterServerClient] = []
+    ledger = AckLedger(ledger_path)
+    try:
+        run_info = build_run(_read_config(address, secret, first_id, client_options))
+        config = run_info.config
+        first = config.honest_workers if first_id is None else first_id
+        ids = list(range(first, first + count))
+        if ids[-1] >= config.cluster.workers:
+            raise WorkerError(
+                f"member ids {ids[0]}…{ids[-1]} exceed the run's ids 0…{config.cluster.workers - 1}"
+            )
+        if first < config.honest_workers:
+            log.warning(
+                "Byzantine ids start at %d, inside the honest range 0…%d",
+                first,
+                config.honest_workers - 1,
+            )
+        attack = resolve_attack(config, attack_name, force_cohort=force_cohort)
+        digest = config.digest()
+        for wid in ids:
+            client = ParameterServerClient(
+                address, str(wid), secret, config_digest=digest, **(client_options or {})
+            )
+            clients.append(client)
+            client.register()
+        compressor = build_run_compressor(config, run_info.task)
+        shadow = build_run_estimator(config, run_info.task, compressor, ids)
+        assert isinstance(shadow, BatchedEstimator)
+        cohort = ByzantineCohort(
+            attack,
+            shadow,
+            worker_ids=ids,
+            num_workers=config.cluster.workers,
+            dim=run_info.task.dim,
+            seed=config.run.seed,
+            knowledge="cohort",
+        )
+        oracle = run_info.task.oracle(ids, config.run.seed, flip_labels=attack.flips_labels)
+        daemon = ByzantineDaemon(clients, run_info, cohort, oracle, ledger=ledger)
+        if any(daemon.last_seq):
+            log.warning(
+                "members resume at seqs %s; the cohort's mirrors restart from zero",
+                [s + 1 for s in daemon.last_seq],
+            )
+        log.info("attack %s: members %s registered at %s", attack.name, ids, address)
+        daemon.run()
+        log.info("attack %s: done", attack.name)
+    finally:
+        ledger.close()
+        for client in clients:
+            client.close()
+
+
+def _read_config(
+    address: str,
+    secret: bytes | None,
+    first_id: int | None,
+    client_options: dict[str, float] | None,
+) -> pb.RegisterReply:
+    """A registration reply (it carries the run config) before the member ids are known.
+
+    With --first-id, the first member registers under its own id. Without it the ids depend on h,
+    which only the config holds, so the config is read by registering worker id "0" — an honest
+    worker that registers under the same id anyway; Register is idempotent and changes no state
+    but "seen". `byzps launch` always passes --first-id.
+    """
+    wid = "0" if first_id is None else str(first_id)
+    with ParameterServerClient(address, wid, secret, **(client_options or {})) as client:
+        return client.register()

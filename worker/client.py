@@ -1,0 +1,254 @@
+"""A thin gRPC client for the parameter server: stubs, credentials, deadlines and retries.
+
+It translates between protobuf messages and tensors and survives an unreliable server — nothing
+more. What to send and when to commit stays in the worker loop and the estimator.
+
+Why retries look like this:
+
+* UNAVAILABLE (server down or restarting) and DEADLINE_EXCEEDED (a call that took too long) are
+  retried with exponential backoff and jitter, so n workers do not hammer a restarting server in
+  lock-step; any other status is a real answer and is raised at once.
+* A retried PushUpdate carries the *same* seq and the *same* encoded bytes: if the first attempt
+  was applied before the connection broke, the server answers DUPLICATE and nothing is applied
+  twice (exactly-once = at-least-once delivery + server-side dedup).
+* After a failure the client registers again before the next attempt. Register is idempotent,
+  tells a restarted server that the worker is back, and returns the server's last_seq, which the
+  worker loop checks against its own ledger (`on_register`).
+* Retrying is bounded: `RetryPolicy.give_up_after` seconds of consecutive failure raise
+  ServerUnreachable, so a worker whose server is gone for good exits instead of hanging.
+* A GetModel long-poll that reaches its deadline is a normal "no new round yet", not a failure:
+  it is re-issued at once, bounded separately by `max_wait`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from torch import Tensor
+
+from byzps.common.codec import decode_model
+from byzps.common.credentials import TOKEN_METADATA_KEY, token_for
+from byzps.proto.v1 import parameter_server_pb2 as pb
+from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Status codes that say "try again later", never "your request is wrong".
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+#: gRPC's own reconnect backoff defaults to 1 s … 120 s; a restarted server on the same port
+#: should be found within about a second.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class ServerUnreachable(RuntimeError):
+    """The server stayed unreachable for longer than the retry budget."""
+
+
+class ServerError(RuntimeError):
+    """The server answered with a non-retryable gRPC status."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{method}: {code.name}: {details}")
+        self.method = method
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full-range jitter, bounded by a total time budget.
+
+    Attempt i waits min(max_backoff, initial·multiplier^i) scaled by a uniform factor in
+    [1 − jitter, 1].
+    """
+
+    initial_backoff: float = 0.05
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+    give_up_after: float = 120.0
+
+    def delays(self, rng: random.Random) -> Iterator[float]:
+        delay = self.initial_backoff
+        while True:
+            yield delay * (1.0 - self.jitter * rng.random())
+            delay = min(self.max_backoff, delay * self.multiplier)
+
+
+class ParameterServerClient:
+    """One worker identity talking to one server address.
+
+    Methods block until they have an answer, retrying transient failures per `retry`.
+    `call_timeout` bounds each unary call, `poll_timeout` each GetModel long-poll, and `max_wait`
+    the total time spent waiting for a new model.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        worker_id: str,
+        secret: bytes | None,
+        *,
+        call_timeout: float = 10.0,
+        poll_timeout: float = 30.0,
+        max_wait: float = 3600.0,
+        retry: RetryPolicy | None = None,
+        config_digest: str = "",
+        on_register: Callable[[pb.RegisterReply], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.address = address
+        self.worker_id = worker_id
+        self.call_timeout = call_timeout
+        self.poll_timeout = poll_timeout
+        self.max_wait = max_wait
+        self.retry = retry or RetryPolicy()
+        self.config_digest = config_digest
+        self.on_register = on_register
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = random.Random()
+        self._token = token_for(secret, worker_id) if secret is not None else None
+        self._metadata = () if self._token is None else ((TOKEN_METADATA_KEY, self._token),)
+        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.ParameterServerStub(self._channel)
+        self.registration: pb.RegisterReply | None = None
+        self._reregister = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ParameterServerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- RPCs --------------------------------------------------------------------------------
+
+    def register(self) -> pb.RegisterReply:
+        """Register (idempotent); remembers the reply and hands it to `on_register`."""
+        return self._retrying("Register", self._register_once)
+
+    def get_model(self, round: int, known_round: int | None = None) -> tuple[int, Tensor]:
+        """(r, x_r) for the server's round r ≥ `round` (and > `known_round`), long-polling."""
+        dim = self._dim()
+        request = pb.GetModelRequest(worker_id=self.worker_id, round=round, wait=True)
+        if known_round is not None:
+            request.known_round = known_round
+        started = self._clock()
+        while True:
+            try:
+                return self._retrying(
+                    "GetModel",
+                    lambda: decode_model(
+                        self._stub.GetModel(
+                            request, timeout=self.poll_timeout, metadata=self._metadata
+                        ),
+                        dim=dim,
+                    ),
+                    retry_deadline=False,
+                )
+            except _PollExpired:
+                if self._clock() - started > self.max_wait:
+                    raise ServerUnreachable(
+                        f"GetModel: no model of round >= {round} after {self.max_wait:.0f} s"
+                    ) from None
+
+    def push(self, round: int, seq: int, update: pb.SparseUpdate) -> pb.Ack:
+        """Send one update; a retry resends the identical request (same seq), so it is applied
+        at most once. Returns the Ack whatever its status: REJECTED is the caller's to judge."""
+        request = pb.PushUpdateRequest(
+            worker_id=self.worker_id, round=round, seq=seq, update=update
+        )
+        return self._retrying(
+            "PushUpdate",
+            lambda: self._stub.PushUpdate(
+                request, timeout=self.call_timeout, metadata=self._metadata
+            ),
+        )
+
+    def status(self) -> pb.StatusReply:
+        return self._retrying(
+            "Status", lambda: self._stub.Status(pb.StatusRequest(), timeout=self.call_timeout)
+        )
+
+    # --- machinery ---------------------------------------------------------------------------
+
+    def _register_once(self) -> pb.RegisterReply:
+        request = pb.RegisterRequest(
+            worker_id=self.worker_id,
+            token=(self._token or "").encode(),
+            config_digest=self.config_digest,
+        )
+        reply = self._stub.Register(request, timeout=self.call_timeout, metadata=self._metadata)
+        self.registration = reply
+        self._reregister = False
+        if self.on_register is not None:
+            self.on_register(reply)
+        return reply
+
+    def _dim(self) -> int:
+        if self.registration is None:
+            self.register()
+        assert self.registration is not None
+        return int(self.registration.model.dim)
+
+    def _retrying(self, method: str, attempt: Callable[[], T], *, retry_deadline: bool = True) -> T:
+        """Run `attempt` until it succeeds, a non-retryable status arrives or the budget ends.
+
+        With `retry_deadline` False, DEADLINE_EXCEEDED is the end of a long-poll and surfaces as
+        _PollExpired instead of being retried with backoff.
+        """
+        delays = self.retry.delays(self._rng)
+        first_failure: float | None = None
+        while True:
+            try:
+                if self._reregister and method != "Register":
+                    self._register_once()
+                result = attempt()
+                if first_failure is not None:
+                    log.info("%s: server back after %.1f s", method, self._clock() - first_failure)
+                return result
+            except grpc.RpcError as exc:
+                code = exc.code()
+                details = exc.details() or ""
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and not retry_deadline:
+                    raise _PollExpired from None
+                if code not in RETRYABLE:
+                    raise ServerError(method, code, details) from None
+                now = self._clock()
+                if first_failure is None:
+                    first_failure = now
+                    log.warning(
+                        "%s: %s (%s); retrying for up to %.0f s",
+                        method, code.name, details, self.retry.give_up_after,
+                    )  # fmt: skip
+                if now - first_failure > self.retry.give_up_after:
+                    raise ServerUnreachable(
+                        f"{method}: server {self.address} unreachable for "
+                        f"{now - first_failure:.1f} s ({code.name}: {details})"
+                    ) from None
+                self._reregister = code == grpc.StatusCode.UNAVAILABLE or self._reregister
+                delay = next(delays)
+                log.debug("%s: %s (%s); retrying in %.2f s", method, code.name, details, delay)
+                self._sleep(delay)
+
+
+class _PollExpired(Exception):
+    """A GetModel long-poll reached its deadline without a new round (internal)."""

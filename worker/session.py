@@ -1,0 +1,164 @@
+"""What honest and Byzantine worker daemons share: the run built from a registration, the wire
+form of one message row, the judgement of an Ack, and the ledger of acknowledged seqs.
+
+Kept apart from the loops so that the two daemons agree on every one of these rules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from byzps.common.codec import encode_sparse
+from byzps.common.config import RunConfig
+from byzps.common.sparse import SparseVector
+from byzps.common.tasks.base import Task
+from byzps.proto.v1 import parameter_server_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class WorkerError(RuntimeError):
+    """The worker cannot continue without diverging from the server; the message says why."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """The run a server announced at registration, with the task built from it."""
+
+    config: RunConfig
+    task: Task
+
+    @property
+    def rounds(self) -> int:
+        return self.config.run.rounds
+
+    @property
+    def seed(self) -> int:
+        return self.config.run.seed
+
+
+def config_from_registration(reply: pb.RegisterReply) -> RunConfig:
+    """The server's RunConfig, checked against the digest it sent (a mismatch means the two
+    sides would not compute the same algorithm)."""
+    config = RunConfig.from_dict(json.loads(reply.config_json))
+    if reply.config_digest and config.digest() != reply.config_digest:
+        raise WorkerError(
+            f"config digest mismatch: server says {reply.config_digest}, "
+            f"its config_json hashes to {config.digest()}"
+        )
+    return config
+
+
+def build_run(reply: pb.RegisterReply) -> Run:
+    """Config and task for the run a registration describes; the task's dimension must be the
+    model's the server streams."""
+    from byzps.common.components import build_run_task
+
+    config = config_from_registration(reply)
+    task = build_run_task(config)
+    if task.dim != reply.model.dim:
+        raise WorkerError(
+            f"task {config.task.name} has d = {task.dim}, server model d = {reply.model.dim}"
+        )
+    return Run(config, task)
+
+
+def encode_row(vec: SparseVector, config: RunConfig) -> pb.SparseUpdate:
+    """One message row on the wire (float32 values: lossless for a float32 estimator).
+
+    A dense row (MARINA's full-gradient rounds) declares the identity compressor, since no
+    compressor chose its support.
+    """
+    name = config.compressor.name
+    if vec.nnz == vec.dim and vec.seed is None:
+        name = "identity"
+    return encode_sparse(vec, compressor=name)
+
+
+def ack_applied(ack: pb.Ack, seq: int, worker_id: str) -> bool:
+    """True when the update with `seq` is applied on the server (ACCEPTED, or DUPLICATE: applied
+    by an earlier attempt), so the worker commits it. False when the server refused it without
+    applying and the worker can go on without committing (e.g. it was too late): the estimator's
+    mirror and the server's state are then still equal. Raises WorkerError when going on would
+    desynchronise the two (a seq gap: the server lost acknowledged updates) or the update was
+    malformed (a bug)."""
+    if ack.status in (pb.ACK_STATUS_ACCEPTED, pb.ACK_STATUS_DUPLICATE):
+        return True
+    if ack.status == pb.ACK_STATUS_REJECTED:
+        if ack.last_seq != seq - 1:
+            raise WorkerError(
+                f"worker {worker_id}: seq {seq} rejected, the server's last_seq is "
+                f"{ack.last_seq} (expected {seq - 1}): {ack.reason}. The server has lost or "
+                "invented acknowledged updates; this worker's state no longer mirrors it."
+            )
+        if ack.code == 9:  # FAILED_PRECONDITION: round too old/new; nothing was applied
+            log.warning("worker %s: seq %d not applied (%s); going on", worker_id, seq, ack.reason)
+            return False
+        raise WorkerError(
+            f"worker {worker_id}: update seq {seq} rejected: {ack.reason} (code {ack.code})"
+        )
+    raise WorkerError(f"worker {worker_id}: Ack with unknown status {ack.status}")
+
+
+def check_resumable(worker_id: str, server_last_seq: int, my_last_seq: int) -> None:
+    """A worker without knowledge of its acknowledged updates cannot rebuild its mirror g_i.
+
+    The protocol has no call that returns a worker's server-side state, so a worker whose own
+    record is behind the server's fails here, loudly, instead of silently computing
+    δ = target − g against a g that the server no longer has.
+    """
+    if server_last_seq > my_last_seq:
+        raise WorkerError(
+            f"worker {worker_id}: the server has acknowledged seq {server_last_seq} but this "
+            f"worker's state only knows seq {my_last_seq}; its error-feedback state cannot be "
+            "rebuilt. Restart it with the --checkpoint-dir it ran with, or start a new run."
+        )
+
+
+class AckLedger:
+    """Append-only JSON lines {"worker", "seq", "round", "status"} of acknowledged updates.
+
+    The test of a server restart compares it with the server's last_seq; flushed per line so a
+    killed worker's ledger is complete up to its last acknowledgement. Recording is idempotent
+    per (worker, seq): a restarted worker that settles a pending update it had already recorded
+    before it was killed does not record it twice.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self._file: Any = None
+        self._last: dict[str, int] = {}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                data = path.read_bytes()
+                complete = data[: data.rfind(b"\n") + 1]
+                if len(complete) != len(data):  # a line cut short by a kill
+                    with path.open("r+b") as fh:
+                        fh.truncate(len(complete))
+                for line in complete.decode().splitlines():
+                    entry = json.loads(line)
+                    self._last[entry["worker"]] = max(
+                        self._last.get(entry["worker"], 0), int(entry["seq"])
+                    )
+            self._file = path.open("a")
+
+    def record(self, worker_id: str, seq: int, round: int, status: int) -> None:
+        if self._file is None or seq <= self._last.get(worker_id, 0):
+            return
+        self._last[worker_id] = seq
+        line = {
+            "worker": worker_id,
+            "seq": seq,
+            "round": round,
+            "status": pb.AckStatus.Name(status),
+        }
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
