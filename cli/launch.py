@@ -26,6 +26,7 @@ from typing import Any
 import click
 
 from byzps.cli.cluster import LISTENING, Child, Cluster, byzps_command
+from byzps.cli.options import config_options
 from byzps.cli.simulate import load_config
 
 
@@ -81,19 +82,7 @@ def format_record(record: dict[str, Any], rounds: int) -> str:
 
 
 @click.command()
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="SECTION.KEY=VALUE",
-    help="Override a config key (repeatable).",
-)
+@config_options
 @click.option(
     "--out",
     required=True,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from byzps.cli.options import config_options
 from byzps.cli.simulate import load_config
 from byzps.common.config import ConfigError, RunConfig
 
@@ -44,19 +45,7 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
 
 
 @click.command()
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="SECTION.KEY=VALUE",
-    help="Override a config key (repeatable).",
-)
+@config_options
 @click.option("--listen", required=True, metavar="HOST:PORT", help="Address; port 0 picks one.")
 @click.option(
     "--out",

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from byzps.cli.catalog import check_components
+from byzps.cli.options import config_options
 from byzps.common.config import ConfigError, RunConfig
 
 
@@ -42,19 +43,7 @@ class ProgressLine:
 
 
 @click.command()
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="SECTION.KEY=VALUE",
-    help="Override a config key (repeatable).",
-)
+@config_options
 @click.option(
     "--out",
     required=True,

@@ -1,0 +1,28 @@
+"""Click options shared by the commands that take a run config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def config_options(command: F) -> F:
+    """`--config FILE` (→ config_path) and repeatable `--set SECTION.KEY=VALUE` (→ overrides)."""
+    command = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="SECTION.KEY=VALUE",
+        help="Override a config key (repeatable).",
+    )(command)
+    return click.option(
+        "--config",
+        "config_path",
+        required=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    )(command)
