@@ -47,6 +47,17 @@ class ServerRule(ABC):
     def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
         """Apply one message per given worker row, exactly once."""
 
+    def touched(self, rows: Tensor, messages: SparseBatch) -> Tensor | None:
+        """The coordinates whose candidates `absorb(rows, messages)` may change, or None: all.
+
+        Called before `absorb`. A superset is fine (the aggregate is recomputed there, and
+        equals the old value where nothing changed); a missing coordinate is not — the server's
+        incremental aggregation trusts this set to be complete. The default, None, is always
+        safe.
+        """
+        del rows, messages
+        return None
+
     @abstractmethod
     def close_round(self, aggregate: Tensor, round: int) -> None:
         """Called after aggregation with the aggregate of `round`."""
@@ -96,6 +107,11 @@ def scatter_add_rows(
         return
     flat = (rows[:, None] * d + messages.indices.long()).reshape(-1)
     target.view(-1).index_add_(0, flat, values.reshape(-1), alpha=alpha)
+
+
+def _set_bits(row: Tensor) -> Tensor:
+    """Positions of `row` that are not +0.0 (−0.0 counts: overwriting it by +0.0 is a change)."""
+    return ((row != 0) | torch.signbit(row)).nonzero().reshape(-1)
 
 
 class _BatchedRule(ServerRule):
@@ -178,6 +194,11 @@ class StateRule(_BatchedRule):
     def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
         scatter_add_rows(self.g, self._prepare(rows, messages), messages)
 
+    def touched(self, rows: Tensor, messages: SparseBatch) -> Tensor | None:
+        """g_j += c_j changes g_j on supp(c_j) only."""
+        del rows
+        return messages.indices.reshape(-1)
+
     def close_round(self, aggregate: Tensor, round: int) -> None:
         del aggregate, round
 
@@ -204,6 +225,19 @@ class MessageRule(_CandidateRule):
 
     name = "message"
 
+    def __init__(
+        self,
+        num_workers: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(num_workers, dim, dtype=dtype, device=device)
+        # The support of each row's latest message: the coordinates the next message overwrites.
+        # Not checkpointed: an unknown row falls back to the row's non-zeros (same set or larger).
+        self._support: dict[int, Tensor] = {}
+
     def bases(self, rows: Tensor) -> Tensor:
         r = _as_rows(rows, self._device)
         return self.candidate.new_zeros(len(r), self.dim)
@@ -211,6 +245,23 @@ class MessageRule(_CandidateRule):
     def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
         r = self._prepare(rows, messages)
         self._write(r, self.bases(r), messages)
+        for i, row in enumerate(r.tolist()):
+            self._support[row] = messages.indices[i]
+
+    def touched(self, rows: Tensor, messages: SparseBatch) -> Tensor | None:
+        """The new message replaces the whole row: its support and the old message's change.
+
+        Outside those, the old row was 0 (b_j = 0) and stays 0.
+        """
+        parts = [messages.indices.reshape(-1)]
+        for row in _as_rows(rows, self._device).tolist():
+            old = self._support.get(row)
+            parts.append(old if old is not None else _set_bits(self.candidate[row]))
+        return torch.cat([p.to(torch.long) for p in parts])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._support.clear()
 
     def close_round(self, aggregate: Tensor, round: int) -> None:
         del aggregate, round

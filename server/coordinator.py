@@ -10,7 +10,9 @@ mutation happens under one lock, in this order for a push:
 so an update is on disk before it is acknowledged, and a refused update changes nothing. A
 round closes when every registered worker has pushed for it, or when at least `quorum` have and
 `round_deadline` seconds passed since it opened; workers that missed it keep their stale state.
-GetModel callers that wait for a newer model sleep on the lock's Condition and wake on close.
+GetModel callers that wait for a newer model sleep on the lock's Condition and wake on close;
+GetModelUpdate callers get the same round as the change of the aggregate when they can apply it
+(`downlink`, see byzps.common.downlink).
 
 Replaying the write-ahead log after a crash goes through the same `_apply` / `_close` steps as
 live traffic, which is why replay reproduces the engine state bit for bit.
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 
 from byzps.common.config import RunConfig
+from byzps.common.downlink import DenseModel, Downlink
 from byzps.common.sparse import SparseBatch, SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.checkpoint import CheckpointStore, Recovered
@@ -259,21 +262,57 @@ class Coordinator:
         deadline) and UNAVAILABLE when the server shuts down.
         """
         with self._cond:
-            while True:
-                self._check_serving()
-                r = self.engine.round
-                ready = r >= round and (known_round is None or r > known_round)
-                if ready or self._phase is Phase.FINISHED:
-                    return r, self.engine.x.clone()
-                if not wait:
-                    raise Rejected(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"the server is at round {r}; asked for round >= {round}"
-                        + ("" if known_round is None else f" and > {known_round}"),
-                    )
-                if not active():
-                    return None
-                self._cond.wait(poll)
+            r = self._await_round(round, known_round, wait, active, poll)
+            return None if r is None else (r, self.engine.x.clone())
+
+    def downlink(
+        self,
+        round: int,
+        known_round: int | None,
+        wait: bool,
+        active: Callable[[], bool],
+        has_aggregate: bool,
+        poll: float = 0.2,
+    ) -> Downlink | None:
+        """Like `model`, but as the cheapest answer that keeps the caller exact: the change of ĝ
+        when the caller holds x and ĝ of round r − 1 and that round was aggregated
+        incrementally; otherwise x_r densely, with ĝ_r while deltas are being produced (so the
+        caller can take the next one)."""
+        with self._cond:
+            r = self._await_round(round, known_round, wait, active, poll)
+            if r is None:
+                return None
+            delta = self.engine.last_delta
+            if delta is not None and delta.round == r:
+                if has_aggregate and known_round == r - 1:
+                    return delta  # immutable: the engine makes new tensors every round
+                return DenseModel(r, self.engine.x.clone(), self.engine.last_aggregate.clone())
+            return DenseModel(r, self.engine.x.clone())
+
+    def _await_round(
+        self,
+        round: int,
+        known_round: int | None,
+        wait: bool,
+        active: Callable[[], bool],
+        poll: float,
+    ) -> int | None:
+        """The round r to serve (see `model`), or None when the caller went away first."""
+        while True:
+            self._check_serving()
+            r = self.engine.round
+            ready = r >= round and (known_round is None or r > known_round)
+            if ready or self._phase is Phase.FINISHED:
+                return r
+            if not wait:
+                raise Rejected(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the server is at round {r}; asked for round >= {round}"
+                    + ("" if known_round is None else f" and > {known_round}"),
+                )
+            if not active():
+                return None
+            self._cond.wait(poll)
 
     def account(self, bytes_in: int = 0, bytes_out: int = 0) -> None:
         with self._cond:

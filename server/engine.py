@@ -4,22 +4,43 @@ The gRPC service (and the in-process simulator) hand it messages; it knows nothi
 sequence numbers or authentication — those are checked at the door before a message gets here.
 One engine object is the whole learning state of a server, which is why it is also the unit of
 checkpointing (`state_dict` / `load_state_dict`).
+
+Incremental aggregation. Most rounds change the candidates only on U = the union of the
+messages' supports (`ServerRule.touched`). For a coordinate-wise aggregator (mean, cm, cwtm;
+`Aggregator.coordinatewise`) ĝ_t depends on column t alone, so the new aggregate equals the old
+one outside U and only the |U| columns are recomputed — the same operations on the same values,
+hence bit-identical to a full recompute. The step x ← x − γ ĝ still touches every coordinate
+where ĝ ≠ 0 (dense once ĝ is), so what is sparse per round is the change of ĝ, not the change of
+x: `last_delta` records it (the coordinates where ĝ's bits changed and their new values). A
+worker that holds x and ĝ of the previous round reproduces the server's x bit for bit by
+setting ĝ[indices] = values and applying the same float32 step (`apply_step`); that is the
+sparse downlink (byzps.common.downlink).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from byzps.common.aggregators.base import Aggregator
 from byzps.common.components import build_run_aggregator, build_server_estimator
 from byzps.common.config import RunConfig
+from byzps.common.downlink import AggregateDelta, apply_step
 from byzps.common.estimators.base import Estimator
 from byzps.common.server_rules import ServerRule, build_server_rule
-from byzps.common.sparse import SparseBatch
+from byzps.common.sparse import INDEX_DTYPE, SparseBatch
 from byzps.common.tasks.base import Task
+
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits_differ(a: Tensor, b: Tensor) -> Tensor:
+    """Elementwise a ≠ b on the bit patterns (unlike `!=`, tells −0.0 from +0.0)."""
+    bits = _SAME_WIDTH_INT[a.element_size()]
+    return a.view(bits) != b.view(bits)
 
 
 class RoundEngine:
@@ -28,7 +49,14 @@ class RoundEngine:
     A worker that sent nothing in a round keeps its stale candidate (its error-feedback state), so
     a late or missing worker is harmless rather than fatal. A late message still lands on its
     worker's state and counts for the next round.
+
+    With a coordinate-wise aggregator the aggregate is recomputed only on the dirty columns (see
+    the module doc); `incremental_limit` is the largest fraction of d for which that is done —
+    beyond it a full pass is as cheap and the change of ĝ is no smaller than the dense model.
     """
+
+    #: Largest |U| / d aggregated incrementally (8 bytes per changed entry vs 4 per dense entry).
+    incremental_limit = 0.5
 
     def __init__(self, x0: Tensor, rule: ServerRule, aggregator: Aggregator, lr: float) -> None:
         if lr <= 0:
@@ -39,6 +67,10 @@ class RoundEngine:
         self.lr = lr
         self.round = 0
         self.last_aggregate = torch.zeros_like(self.x)
+        #: The change of ĝ in the last closed round; None after a full aggregation.
+        self.last_delta: AggregateDelta | None = None
+        # Coordinates touched since the last aggregation; None: unknown, aggregate in full.
+        self._dirty: list[Tensor] | None = None
 
     @property
     def num_workers(self) -> int:
@@ -46,16 +78,56 @@ class RoundEngine:
 
     def absorb(self, rows: Tensor, messages: SparseBatch) -> None:
         """Apply one message per listed worker row to the current round's states, exactly once."""
+        if self._dirty is not None:
+            touched = self.rule.touched(rows, messages)
+            if touched is None:
+                self._dirty = None
+            else:
+                self._dirty.append(touched.to(torch.long))
         self.rule.absorb(rows, messages, self.round)
 
     def close_round(self) -> Tensor:
-        """Aggregate, step the model, advance the round; returns the aggregate ĝ."""
-        aggregate = self.aggregator(self.rule.candidates)
-        self.x.sub_(aggregate, alpha=self.lr)
+        """Aggregate, step the model, advance the round; returns the aggregate ĝ (a new tensor)."""
+        columns = self._dirty_columns()
+        if columns is None:
+            aggregate = self.aggregator(self.rule.candidates)
+            delta = None
+        else:
+            aggregate, delta = self._aggregate_columns(columns)
+        apply_step(self.x, aggregate, self.lr)
         self.rule.close_round(aggregate, self.round)
         self.last_aggregate = aggregate
         self.round += 1
+        self.last_delta = (
+            None if delta is None else AggregateDelta(self.round, self.x.numel(), *delta, self.lr)
+        )
+        self._dirty = [] if self.aggregator.coordinatewise else None
         return aggregate
+
+    def _dirty_columns(self) -> Tensor | None:
+        """The sorted dirty columns when an incremental aggregation applies, else None."""
+        if self._dirty is None or not self.aggregator.coordinatewise:
+            return None
+        if not self._dirty:
+            return torch.empty(0, dtype=torch.long)
+        # A numpy mask, not unique(): one cheap O(d) pass where sorting n·k indices is not
+        # (and torch's bool index_put/nonzero measured ~30x slower than numpy's here).
+        mask = np.zeros(self.x.numel(), dtype=bool)
+        for touched in self._dirty:
+            mask[touched.cpu().numpy()] = True
+        columns = torch.from_numpy(np.flatnonzero(mask)).to(self.x.device)  # sorted
+        if columns.numel() > self.incremental_limit * self.x.numel():
+            return None
+        return columns
+
+    def _aggregate_columns(self, columns: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """ĝ with only `columns` recomputed, and (indices, values) where its bits changed."""
+        values = self.aggregator.aggregate_columns(self.rule.candidates, columns)
+        changed = _bits_differ(values, self.last_aggregate[columns])
+        indices, values = columns[changed], values[changed]
+        aggregate = self.last_aggregate.clone()  # callers may keep the previous ĝ
+        aggregate[indices] = values
+        return aggregate, (indices.to(INDEX_DTYPE), values)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +144,8 @@ class RoundEngine:
         self.round = int(state["round"])
         self.lr = float(state["lr"])
         self.last_aggregate = state["last_aggregate"].clone()
+        self.last_delta = None
+        self._dirty = None  # the next aggregation re-establishes ĝ = ARAgg(candidates) in full
         self.rule.load_state_dict(state["rule"])
         self.aggregator.load_state_dict(state["aggregator"])
 

@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError, Message
 
 from byzps.common.codec import COMPRESSOR_IDS, encode_model
 from byzps.common.config import RunConfig
+from byzps.common.downlink import Downlink, encode_downlink
 from byzps.common.tasks.base import Task
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
@@ -33,6 +34,8 @@ SERVICE_NAME = "byzps.v1.ParameterServer"
 ACCEPTED_DTYPES = (pb.VALUE_DTYPE_FLOAT32, pb.VALUE_DTYPE_FLOAT16, pb.VALUE_DTYPE_BFLOAT16)
 
 R = TypeVar("R", bound=Message)
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 
 class Malformed:
@@ -68,7 +71,7 @@ def model_spec(task: Task) -> pb.ModelSpec:
 
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
-    """Register, GetModel, PushUpdate and Status over one Coordinator."""
+    """Register, GetModel(Update), PushUpdate and Status over one Coordinator."""
 
     def __init__(
         self, coordinator: Coordinator, auth: Authenticator, config: RunConfig, task: Task
@@ -122,21 +125,25 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return self._unary(request, context, push)
 
     def GetModel(self, request: Any, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
-        def fetch() -> tuple[int, Any] | None:
-            self.auth.check(context.invocation_metadata(), request.worker_id)
-            self.coordinator.touch(request.worker_id)
-            known = request.known_round if request.HasField("known_round") else None
+        def fetch(known: int | None) -> tuple[int, Any] | None:
             return self.coordinator.model(request.round, known, request.wait, _alive(context))
 
-        found = self._call(request, context, fetch)
-        if found is None:
-            if context.is_active():  # still connected, so its deadline ran out
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no newer round before deadline")
-            return
-        round, x = found
-        for chunk in encode_model(x, round):
-            self.coordinator.account(bytes_out=chunk.ByteSize())
-            yield chunk
+        found = self._await(request, context, fetch)
+        if found is not None:
+            round, x = found
+            yield from self._sent(encode_model(x, round))
+
+    def GetModelUpdate(
+        self, request: Any, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelUpdate]:
+        def fetch(known: int | None) -> Downlink | None:
+            return self.coordinator.downlink(
+                request.round, known, request.wait, _alive(context), request.has_aggregate
+            )
+
+        found = self._await(request, context, fetch)
+        if found is not None:
+            yield from self._sent(encode_downlink(found))
 
     def Status(self, request: Any, context: grpc.ServicerContext) -> pb.StatusReply:
         def status() -> pb.StatusReply:
@@ -166,6 +173,28 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             log.exception("unexpected error in %s", type(request).__name__)
             code, reason = grpc.StatusCode.INTERNAL, "internal server error"
         context.abort(code, reason)
+
+    def _await(
+        self, request: Any, context: grpc.ServicerContext, fetch: Callable[[int | None], T]
+    ) -> T | None:
+        """The shared front of both model RPCs: authenticate, then `fetch(known_round)`; a
+        long-poll that outlives its deadline while still connected ends DEADLINE_EXCEEDED."""
+
+        def call() -> T | None:
+            self.auth.check(context.invocation_metadata(), request.worker_id)
+            self.coordinator.touch(request.worker_id)
+            return fetch(request.known_round if request.HasField("known_round") else None)
+
+        found = self._call(request, context, call)
+        if found is None and context.is_active():  # still connected, so its deadline ran out
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no newer round before deadline")
+        return found
+
+    def _sent(self, messages: Iterator[M]) -> Iterator[M]:
+        """Pass a reply stream through, counting its bytes."""
+        for msg in messages:
+            self.coordinator.account(bytes_out=msg.ByteSize())
+            yield msg
 
     def _unary(self, request: Any, context: grpc.ServicerContext, fn: Callable[[], R]) -> R:
         reply = self._call(request, context, fn)
@@ -197,6 +226,11 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> Non
             servicer.GetModel,
             request_deserializer=_parser(pb.GetModelRequest),
             response_serializer=pb.ModelChunk.SerializeToString,
+        ),
+        "GetModelUpdate": grpc.unary_stream_rpc_method_handler(
+            servicer.GetModelUpdate,
+            request_deserializer=_parser(pb.GetModelRequest),
+            response_serializer=pb.ModelUpdate.SerializeToString,
         ),
         "PushUpdate": grpc.unary_unary_rpc_method_handler(
             servicer.PushUpdate,

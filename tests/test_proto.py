@@ -96,9 +96,11 @@ def test_service_shape() -> None:
     service = pb.DESCRIPTOR.services_by_name["ParameterServer"]
     assert service.full_name == "byzps.v1.ParameterServer"
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"Register", "GetModel", "PushUpdate", "Status"}
+    assert set(methods) == {"Register", "GetModel", "GetModelUpdate", "PushUpdate", "Status"}
     assert methods["GetModel"].server_streaming and not methods["GetModel"].client_streaming
     assert methods["GetModel"].output_type.name == "ModelChunk"
+    assert methods["GetModelUpdate"].server_streaming
+    assert methods["GetModelUpdate"].output_type.name == "ModelUpdate"
     assert not methods["PushUpdate"].server_streaming
     assert methods["PushUpdate"].output_type.name == "Ack"
 

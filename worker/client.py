@@ -18,6 +18,13 @@ Why retries look like this:
   ServerUnreachable, so a worker whose server is gone for good exits instead of hanging.
 * A GetModel long-poll that reaches its deadline is a normal "no new round yet", not a failure:
   it is re-issued at once, bounded separately by `max_wait`.
+
+The sparse downlink: with `sparse_downlink` (the default) the client keeps a ModelMirror of
+(round, x, ĝ) and asks GetModelUpdate, which answers a caller one round behind with the change of
+the aggregate only; the mirror applies it with the server's own float32 step, so the x handed to
+the worker is bit-identical to the server's. Any gap (a skipped round, a new registration after
+a failure) makes the server answer densely, and a server without GetModelUpdate (UNIMPLEMENTED)
+is served by plain GetModel from then on.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from torch import Tensor
 
 from byzps.common.codec import decode_model
 from byzps.common.credentials import TOKEN_METADATA_KEY, token_for
+from byzps.common.downlink import ModelMirror, decode_downlink
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
 
@@ -106,6 +114,7 @@ class ParameterServerClient:
         max_wait: float = 3600.0,
         retry: RetryPolicy | None = None,
         config_digest: str = "",
+        sparse_downlink: bool = True,
         on_register: Callable[[pb.RegisterReply], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -127,6 +136,8 @@ class ParameterServerClient:
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         self.registration: pb.RegisterReply | None = None
         self._reregister = False
+        #: (round, x, ĝ) as last received; None: dense GetModel only.
+        self.mirror: ModelMirror | None = ModelMirror() if sparse_downlink else None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -148,27 +159,51 @@ class ParameterServerClient:
     def get_model(self, round: int, known_round: int | None = None) -> tuple[int, Tensor]:
         """(r, x_r) for the server's round r ≥ `round` (and > `known_round`), long-polling."""
         dim = self._dim()
-        request = pb.GetModelRequest(worker_id=self.worker_id, round=round, wait=True)
-        if known_round is not None:
-            request.known_round = known_round
         started = self._clock()
         while True:
             try:
                 return self._retrying(
-                    "GetModel",
-                    lambda: decode_model(
-                        self._stub.GetModel(
-                            request, timeout=self.poll_timeout, metadata=self._metadata
-                        ),
-                        dim=dim,
-                    ),
-                    retry_deadline=False,
+                    "GetModel", lambda: self._fetch(round, known_round, dim), retry_deadline=False
                 )
             except _PollExpired:
                 if self._clock() - started > self.max_wait:
                     raise ServerUnreachable(
                         f"GetModel: no model of round >= {round} after {self.max_wait:.0f} s"
                     ) from None
+
+    def _fetch(self, round: int, known_round: int | None, dim: int) -> tuple[int, Tensor]:
+        """One model call: GetModelUpdate through the mirror, or plain GetModel without one."""
+        request = pb.GetModelRequest(worker_id=self.worker_id, round=round, wait=True)
+        if known_round is not None:
+            request.known_round = known_round
+        mirror = self.mirror
+        if mirror is None:
+            return decode_model(
+                self._stub.GetModel(request, timeout=self.poll_timeout, metadata=self._metadata),
+                dim=dim,
+            )
+        # Saying which round it holds never changes the answer's round: r >= round > held.
+        if (
+            mirror.round is not None
+            and round > mirror.round
+            and known_round in (None, mirror.round)
+        ):
+            request.known_round = mirror.round
+            request.has_aggregate = mirror.has_aggregate
+        try:
+            stream = self._stub.GetModelUpdate(
+                request, timeout=self.poll_timeout, metadata=self._metadata
+            )
+            downlink = decode_downlink(stream, dim=dim)  # the whole stream, before any change
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            log.info("server %s has no GetModelUpdate: dense downlink only", self.address)
+            self.mirror = None
+            return self._fetch(round, known_round, dim)
+        mirror.apply(downlink)
+        assert mirror.round is not None and mirror.x is not None
+        return mirror.round, mirror.x.clone()  # the mirror must stay the server's exact copy
 
     def push(self, round: int, seq: int, update: pb.SparseUpdate) -> pb.Ack:
         """Send one update; a retry resends the identical request (same seq), so it is applied
@@ -198,6 +233,8 @@ class ParameterServerClient:
         )
         reply = self._stub.Register(request, timeout=self.call_timeout, metadata=self._metadata)
         self.registration = reply
+        if self._reregister and self.mirror is not None:
+            self.mirror.reset()  # after a failure, take the next model densely
         self._reregister = False
         if self.on_register is not None:
             self.on_register(reply)

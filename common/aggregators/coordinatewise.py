@@ -24,12 +24,16 @@ class Mean(RowsAggregator):
     still declare their attackers.
     """
 
+    coordinatewise = True
+
     def aggregate(self, rows: Rows, f: int) -> Tensor:
         return rows.mean()
 
 
 class _RankBandMean(RowsAggregator):
     """x̂_t = mean of the values of rank a..b-1 (0-based, ascending) in coordinate t."""
+
+    coordinatewise = True
 
     @abstractmethod
     def band(self, n: int, f: int) -> tuple[int, int]:

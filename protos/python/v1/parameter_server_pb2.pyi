@@ -62,12 +62,14 @@ class SparseUpdate(_message.Message):
     def __init__(self, dim: _Optional[int] = ..., nnz: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dtype: _Optional[_Union[ValueDtype, str]] = ..., compressor: _Optional[_Union[Compressor, str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SparseModelDelta(_message.Message):
-    __slots__ = ("round", "delta")
+    __slots__ = ("round", "delta", "lr")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     round: int
     delta: SparseUpdate
-    def __init__(self, round: _Optional[int] = ..., delta: _Optional[_Union[SparseUpdate, _Mapping]] = ...) -> None: ...
+    lr: float
+    def __init__(self, round: _Optional[int] = ..., delta: _Optional[_Union[SparseUpdate, _Mapping]] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker_id", "token", "config_digest")
@@ -124,16 +126,18 @@ class RegisterReply(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., config_json: _Optional[str] = ..., config_digest: _Optional[str] = ..., compressor: _Optional[_Union[Compressor, str]] = ..., k_max: _Optional[int] = ..., accepted_dtypes: _Optional[_Iterable[_Union[ValueDtype, str]]] = ..., max_update_bytes: _Optional[int] = ..., round: _Optional[int] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("worker_id", "round", "known_round", "wait")
+    __slots__ = ("worker_id", "round", "known_round", "wait", "has_aggregate")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     KNOWN_ROUND_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
+    HAS_AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     round: int
     known_round: int
     wait: bool
-    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., known_round: _Optional[int] = ..., wait: _Optional[bool] = ...) -> None: ...
+    has_aggregate: bool
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., known_round: _Optional[int] = ..., wait: _Optional[bool] = ..., has_aggregate: _Optional[bool] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("round", "offset", "total_dim", "data")
@@ -146,6 +150,16 @@ class ModelChunk(_message.Message):
     total_dim: int
     data: bytes
     def __init__(self, round: _Optional[int] = ..., offset: _Optional[int] = ..., total_dim: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ModelUpdate(_message.Message):
+    __slots__ = ("model", "aggregate", "delta")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    model: ModelChunk
+    aggregate: ModelChunk
+    delta: SparseModelDelta
+    def __init__(self, model: _Optional[_Union[ModelChunk, _Mapping]] = ..., aggregate: _Optional[_Union[ModelChunk, _Mapping]] = ..., delta: _Optional[_Union[SparseModelDelta, _Mapping]] = ...) -> None: ...
 
 class PushUpdateRequest(_message.Message):
     __slots__ = ("worker_id", "round", "seq", "update")

@@ -51,6 +51,11 @@ class ParameterServerStub:
                 request_serializer=byzps_dot_proto_dot_v1_dot_parameter__server__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=byzps_dot_proto_dot_v1_dot_parameter__server__pb2.ModelChunk.FromString,
                 _registered_method=True)
+        self.GetModelUpdate = channel.unary_stream(
+                '/byzps.v1.ParameterServer/GetModelUpdate',
+                request_serializer=byzps_dot_proto_dot_v1_dot_parameter__server__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=byzps_dot_proto_dot_v1_dot_parameter__server__pb2.ModelUpdate.FromString,
+                _registered_method=True)
         self.PushUpdate = channel.unary_unary(
                 '/byzps.v1.ParameterServer/PushUpdate',
                 request_serializer=byzps_dot_proto_dot_v1_dot_parameter__server__pb2.PushUpdateRequest.SerializeToString,
@@ -85,6 +90,13 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelUpdate(self, request, context):
+        """GetModel with the sparse downlink: same request semantics, answered densely or by a delta.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PushUpdate(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -109,6 +121,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=byzps_dot_proto_dot_v1_dot_parameter__server__pb2.GetModelRequest.FromString,
                     response_serializer=byzps_dot_proto_dot_v1_dot_parameter__server__pb2.ModelChunk.SerializeToString,
+            ),
+            'GetModelUpdate': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetModelUpdate,
+                    request_deserializer=byzps_dot_proto_dot_v1_dot_parameter__server__pb2.GetModelRequest.FromString,
+                    response_serializer=byzps_dot_proto_dot_v1_dot_parameter__server__pb2.ModelUpdate.SerializeToString,
             ),
             'PushUpdate': grpc.unary_unary_rpc_method_handler(
                     servicer.PushUpdate,
@@ -182,6 +199,33 @@ class ParameterServer:
             '/byzps.v1.ParameterServer/GetModel',
             byzps_dot_proto_dot_v1_dot_parameter__server__pb2.GetModelRequest.SerializeToString,
             byzps_dot_proto_dot_v1_dot_parameter__server__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/byzps.v1.ParameterServer/GetModelUpdate',
+            byzps_dot_proto_dot_v1_dot_parameter__server__pb2.GetModelRequest.SerializeToString,
+            byzps_dot_proto_dot_v1_dot_parameter__server__pb2.ModelUpdate.FromString,
             options,
             channel_credentials,
             insecure,

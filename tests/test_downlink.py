@@ -1,0 +1,150 @@
+"""The sparse downlink: its wire form, and workers whose mirrored x stays the server's bit for bit.
+
+The end-to-end tests run a real gRPC server on 127.0.0.1:0 and real ParameterServerClients; after
+every round each worker's x must equal the server's x exactly (compared as int32 bits).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from server_support import SECRET, N, in_process, random_update, tiny_config
+from torch import Tensor
+
+from byzps.common.codec import WireFormatError
+from byzps.common.config import RunConfig
+from byzps.common.downlink import (
+    AggregateDelta,
+    DenseModel,
+    ModelMirror,
+    decode_downlink,
+    encode_downlink,
+)
+from byzps.proto.v1 import parameter_server_pb2 as pb
+from byzps.worker.client import ParameterServerClient
+
+SMALL = 64 + 8 * 4  # a message limit that forces several chunks / pieces for tiny vectors
+
+
+def bits(t: Tensor) -> Tensor:
+    return t.view(torch.int32)
+
+
+def wire(stream: object) -> list[pb.ModelUpdate]:
+    return [pb.ModelUpdate.FromString(m.SerializeToString()) for m in stream]  # type: ignore[attr-defined]
+
+
+def a_delta(n: int = 10, dim: int = 50) -> AggregateDelta:
+    idx = torch.randperm(dim, generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return AggregateDelta(7, dim, idx.to(torch.int32), torch.randn(n), 0.25)
+
+
+# ---------------------------------------------------------------------------------- wire format
+
+
+@pytest.mark.parametrize("with_aggregate", [False, True])
+def test_dense_round_trip(with_aggregate: bool) -> None:
+    x, g = torch.randn(50), torch.randn(50)
+    sent = DenseModel(3, x, g if with_aggregate else None)
+    got = decode_downlink(wire(encode_downlink(sent, max_message_bytes=SMALL + 64)), dim=50)
+    assert isinstance(got, DenseModel) and got.round == 3 and torch.equal(got.x, x)
+    assert (got.aggregate is not None) == with_aggregate
+    if with_aggregate:
+        assert torch.equal(got.aggregate, g)
+
+
+@pytest.mark.parametrize("n", [0, 1, 10, 37])
+def test_delta_round_trip_in_pieces(n: int) -> None:
+    sent = a_delta(n)
+    stream = wire(encode_downlink(sent, max_message_bytes=SMALL + 64))
+    assert len(stream) == max(1, -(-n // 4))  # 4 entries per piece at this limit
+    got = decode_downlink(stream, dim=50)
+    assert isinstance(got, AggregateDelta)
+    assert (got.round, got.dim, got.lr) == (7, 50, 0.25)
+    assert torch.equal(got.indices, sent.indices) and torch.equal(got.values, sent.values)
+
+
+def test_delta_wire_bytes_are_about_8_per_entry() -> None:
+    sent = a_delta(20_000, 2_000_000)
+    size = sum(m.ByteSize() for m in encode_downlink(sent))
+    assert size <= 1.05 * 8 * 20_000
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda s: s[1:] + s[:1], "continue increasing"),
+        (lambda s: [*s, pb.ModelUpdate(model=pb.ModelChunk(round=7))], "mixes"),
+        (lambda s: [pb.ModelUpdate()], "empty"),
+        (lambda s: [], "no model"),
+    ],
+)
+def test_malformed_streams_are_refused(edit, match: str) -> None:
+    stream = wire(encode_downlink(a_delta(), max_message_bytes=SMALL + 64))
+    with pytest.raises(WireFormatError, match=match):
+        decode_downlink(edit(stream), dim=50)
+
+
+def test_mirror_refuses_a_delta_it_cannot_follow() -> None:
+    mirror = ModelMirror()
+    with pytest.raises(ValueError, match="does not follow"):
+        mirror.apply(a_delta())
+    mirror.apply(DenseModel(5, torch.zeros(50), torch.zeros(50)))  # round 5, delta leads to 7
+    with pytest.raises(ValueError, match="does not follow"):
+        mirror.apply(a_delta())
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+
+def config_with(pre: list[str], k: int = 3) -> RunConfig:
+    data = tiny_config(k=k).to_dict()
+    data["aggregator"]["pre"] = pre
+    return RunConfig.from_dict(data)
+
+
+def run_rounds(pre: list[str], rounds: int, skip: tuple[int, int] | None = None) -> list[str]:
+    """Every worker fetches, checks x against the server bitwise, and pushes; returns the kinds
+    of answer worker 0 received. `skip = (worker, round)`: that worker does not fetch then."""
+    config = config_with(pre)
+    kinds: list[str] = []
+    gen = torch.Generator().manual_seed(11)
+    with in_process(config) as srv:
+        clients = [ParameterServerClient(srv.address, str(w), SECRET) for w in range(N)]
+        mirror0 = clients[0].mirror
+        assert mirror0 is not None
+        apply = mirror0.apply
+
+        def spy(downlink: object) -> None:
+            kinds.append(type(downlink).__name__)
+            apply(downlink)  # type: ignore[arg-type]
+
+        mirror0.apply = spy  # type: ignore[method-assign]
+        for c in clients:
+            c.register()
+        for r in range(rounds):
+            for w, c in enumerate(clients):
+                if skip != (w, r):
+                    got_round, x = c.get_model(r)
+                    assert got_round == r
+                    assert torch.equal(bits(x), bits(srv.coordinator.engine.x))
+                c.push(r, r + 1, random_update(gen, k=3))
+            assert srv.coordinator.round == r + 1
+        for c in clients:
+            c.close()
+    return kinds
+
+
+def test_workers_applying_deltas_stay_bit_identical() -> None:
+    kinds = run_rounds(pre=[], rounds=8)
+    # x_0, x_1 (round 0 is a full aggregation) and x_2 (now with ĝ) densely, then only deltas.
+    assert kinds == ["DenseModel"] * 3 + ["AggregateDelta"] * 5
+
+
+def test_a_gap_falls_back_to_dense_and_stays_exact() -> None:
+    kinds = run_rounds(pre=[], rounds=8, skip=(0, 4))  # holds x_3, next asks at round 5
+    assert kinds == ["DenseModel"] * 3 + ["AggregateDelta", "DenseModel"] + ["AggregateDelta"] * 2
+
+
+def test_rules_that_mix_rows_stay_dense() -> None:
+    assert set(run_rounds(pre=["nnm"], rounds=4)) == {"DenseModel"}
