@@ -99,3 +99,26 @@ def test_state_dict_round_trip_reproduces_messages() -> None:
         assert torch.equal(ma.indices, mb.indices)
         a.commit(ma)
         b.commit(mb)
+
+
+def test_unbiased_compressor_state_rule_attackers_stay_bounded() -> None:
+    """DASHA's accumulating rule with Rand-k: the cohort's own states converge to a fixed target
+    instead of blowing up (plain Q(t − g) would grow like ω^(t/2) with ω = d/k − 1)."""
+    comp = build_compressor("randk", D, k=1)
+    shadow = build_estimator("byz-dasha-page", D, comp, worker_ids=list(range(N - F, N)), seed=5)
+    cohort = ByzantineCohort(
+        build_attack("mimic"),
+        shadow,
+        worker_ids=list(range(N - F, N)),
+        num_workers=N,
+        dim=D,
+        seed=5,
+    )
+    oracle = ReplayOracle(F, D, 400, seed=4)
+    honest = torch.randn(N - F, D)
+    for t in range(400):
+        messages = cohort.messages(torch.zeros(D), oracle, t, honest=honest)
+        assert messages.nnz == 1
+        cohort.commit(messages)
+    error = (cohort._sent.candidates - honest[0]).norm() / honest[0].norm()
+    assert float(error) < 0.5, float(error)

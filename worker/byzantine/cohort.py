@@ -104,10 +104,21 @@ class ByzantineCohort:
 
     def _compress(self, delta: Tensor, round: int) -> SparseBatch:
         """Byzantine messages obey the round's honest limit: dense only when honest ones are
-        (MARINA's full rounds), otherwise the honest compressor with the members' own seeds."""
+        (MARINA's full rounds), otherwise the honest compressor with the members' own seeds.
+
+        Under the accumulating "state" rule (b ← b + c) with an unbiased compressor Q, tracking a
+        target with c = Q(t − b) is unstable: e ← e − Q(e) has E‖e′‖² = ω‖e‖², which grows for
+        ω > 1 (ω = 122 for Rand-1 on a9a). The cohort then sends Q(t − b)/(ω + 1), the
+        contractive scaled Rand-k, so its members' states converge to their targets instead.
+        """
         if self.shadow.max_nnz(round) == self.dim:
             return dense_batch(delta)
-        return self.shadow.compress(delta, round)
+        message = self.shadow.compress(delta, round)
+        compressor = self.shadow.compressor
+        if self.shadow.server_rule == "state" and compressor.unbiased:
+            scaled = message.values / (compressor.omega + 1.0)
+            message = SparseBatch(message.indices, scaled, message.dim, message.seeds)
+        return message
 
     def commit(self, messages: SparseBatch, rows: Sequence[int] | None = None) -> None:
         """Mirror the server: the acknowledged messages move the members' bases.
