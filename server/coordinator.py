@@ -214,18 +214,23 @@ class Coordinator:
         """The largest nnz an update computed at `round` may carry (dense MARINA/PAGE rounds)."""
         return self._max_nnz(round)
 
-    def push(
-        self, worker_id: str, row: int, round: int, seq: int, update: pb.SparseUpdate
-    ) -> AckInfo:
-        """Validate and apply one update exactly once; Rejected (nothing changed) otherwise."""
-        k_max = self._max_nnz(min(round, self.rounds))  # pure; bounded for absurd rounds
-        vec = validate_update(
+    def _validate(self, update: pb.SparseUpdate, round: int) -> SparseVector:
+        """The door check of one update claimed for `round`, shared by live pushes and WAL
+        replay so both refuse exactly the same messages."""
+        k_max = self.k_max(round)
+        return validate_update(
             update,
             dim=self.dim,
             k_max=k_max,
             compressor=self.compressor,
             max_bytes=max_update_bytes(k_max),
         )
+
+    def push(
+        self, worker_id: str, row: int, round: int, seq: int, update: pb.SparseUpdate
+    ) -> AckInfo:
+        """Validate and apply one update exactly once; Rejected (nothing changed) otherwise."""
+        vec = self._validate(update, min(round, self.rounds))  # bounded for absurd rounds
         payload = update.SerializeToString()
         nbytes = message_bytes(vec.nnz, _VALUE_BYTES[update.dtype])
         with self._cond:
@@ -424,14 +429,7 @@ class Coordinator:
             self._close(replaying=True)
             return
         update = pb.SparseUpdate.FromString(record.update)
-        k_max = self._max_nnz(record.round)
-        vec = validate_update(
-            update,
-            dim=self.dim,
-            k_max=k_max,
-            compressor=self.compressor,
-            max_bytes=max_update_bytes(k_max),
-        )
+        vec = self._validate(update, record.round)
         row = int(record.worker_id)
         self._ledger.commit(record.worker_id, record.seq)
         self._apply(

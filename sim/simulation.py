@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from byzps.common.estimators.base import Estimator, GradientOracle
@@ -66,7 +65,3 @@ class Simulation:
         if self.cohort is not None:
             self.cohort.close_round(aggregate, t)
         return aggregate
-
-
-def rows(ids: list[int] | range) -> Tensor:
-    return torch.as_tensor(list(ids), dtype=torch.long)
