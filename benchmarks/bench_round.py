@@ -1,24 +1,35 @@
 """One synchronous server round, dense path against incremental aggregation + sparse downlink.
 
 Usage:  python benchmarks/bench_round.py [--sizes 1000000 10000000] [--workers 20]
-            [--density 0.01] [--aggregators mean cm nnm+cm] [--rounds 3 2] [--warmup 2]
+            [--density 0.01] [--aggregators mean cm nnm+cm] [--rounds 4 2] [--warmup 40]
 
-Per round the server (state rule, i.e. EF21-style g_j += c_j, as byz-dm21 uses) goes through
+The workload is a real run, not synthetic messages: n workers run Byz-DM21 (η = 0.1) with
+Top-k (k = density · d) on the `quadratic` task of dimension d (heterogeneous targets, gradient
+noise; byzps.common.tasks.quadratic), built from a RunConfig by the same component builders the
+daemons use. Round 0 is sent uncompressed (EF21's g⁰ = ∇f_i(x⁰) start), so the server's states
+are dense from the first round, as they are after a long run; then `--warmup` rounds run untimed
+(server work only, no broadcast: the share of ĝ that changes per round settles after ~30 rounds,
+e.g. for cm from 0.3% of d in the first rounds to ~9%), one more round syncs the workers'
+mirrors, and `--rounds` are timed. The two paths run side by side on the same messages (one engine
+each) and their x is checked bit-identical after every round.
+
+Per round the server (state rule g_j += c_j) goes through
 
   decode     n uplink SparseUpdates: bytes → FromString → decode_sparse
   apply      engine.absorb of the n messages
   aggregate  ĝ = ARAgg(candidates): every column (dense) or only the dirty ones (incremental)
   step       x ← x − γ ĝ (dense either way)
-  broadcast  n GetModelUpdate-style fetches over loopback gRPC: encode on the server, wire,
-             decode_downlink on the client — the dense x (dense path) or the change of ĝ
-             (sparse path, to workers that hold x and ĝ of the previous round)
+  broadcast  n GetModelUpdate-style fetches over loopback gRPC, answered as the server does:
+             the answer serialized once (byzps.server.broadcast), sent n times, decoded by the
+             client each time — the dense x (dense path) or the change of ĝ (sparse path)
 
 and `worker apply` is what one worker then spends to turn a delta into x (ModelMirror.apply; done
-in parallel by the workers, so not part of the server round). Messages are Top-k with random
-supports (k = density · d), the worst case for the union U of supports. `raw gRPC` is a bytes
-stream of the same sizes through an identity-serialized handler on the same server, i.e. the
-transport's floor for the broadcast, measured in the same run. Wire bytes per update: serialized
-uplink SparseUpdate / (8·k) (goal ≤ 1.05). Times are medians over the timed rounds, in ms.
+in parallel by the workers, so not part of the server round). `|U|/d` is the union of the
+round's supports and `|Δ|/d` the entries of ĝ that changed (what the sparse downlink sends).
+`raw gRPC` is a bytes stream of the same sizes through an identity-serialized handler on the same
+server, i.e. the transport's floor for the broadcast, measured in the same run. Wire bytes per
+update: serialized uplink SparseUpdate / (8·k) (goal ≤ 1.05). Times are medians over the timed
+rounds, in ms. For whole rounds with 20 worker processes see benchmarks/bench_cluster.py.
 """
 
 from __future__ import annotations
@@ -33,11 +44,12 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 import torch
 
-from byzps.common.aggregators import build_aggregator
-from byzps.common.codec import MAX_MESSAGE_BYTES, decode_sparse, encode_sparse
+from byzps.common.codec import MAX_MESSAGE_BYTES, decode_sparse
+from byzps.common.components import build_run_compressor, build_run_estimator, build_run_task
+from byzps.common.compressors import build_compressor
+from byzps.common.config import RunConfig
 from byzps.common.downlink import (
     AggregateDelta,
     DenseModel,
@@ -47,10 +59,12 @@ from byzps.common.downlink import (
     decode_downlink,
     encode_downlink,
 )
-from byzps.common.server_rules import build_server_rule
-from byzps.common.sparse import SparseBatch, SparseVector
+from byzps.common.estimators.base import Estimator, GradientOracle
+from byzps.common.sparse import SparseBatch
 from byzps.proto.v1 import parameter_server_pb2 as pb
-from byzps.server.engine import RoundEngine
+from byzps.server.broadcast import EncodedAnswers, passthrough
+from byzps.server.engine import RoundEngine, build_engine
+from byzps.worker.session import encode_row
 
 PARTS = ("decode", "apply", "aggregate", "step", "broadcast")
 _OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES + 1024)]
@@ -60,17 +74,19 @@ _OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES + 1024)]
 
 
 class Loopback:
-    """A gRPC server on 127.0.0.1 with two streaming methods: `Fetch` encodes the current
-    Downlink exactly as the servicer does, `Raw` streams the same number of plain bytes."""
+    """A gRPC server on 127.0.0.1 with two streaming methods: `Fetch` answers with the current
+    Downlink exactly as the servicer does (serialized once, byte strings passed through), `Raw`
+    streams the same number of plain bytes."""
 
     def __init__(self) -> None:
         self.downlink: Downlink | None = None
+        self.answers = EncodedAnswers()
         self.raw_sizes: list[int] = []
         handlers = {
             "Fetch": grpc.unary_stream_rpc_method_handler(
-                lambda req, ctx: encode_downlink(self.downlink),
+                lambda req, ctx: iter(self.answers.get(self.downlink, encode_downlink)),
                 request_deserializer=bytes,
-                response_serializer=pb.ModelUpdate.SerializeToString,
+                response_serializer=passthrough(pb.ModelUpdate.SerializeToString),
             ),
             "Raw": grpc.unary_stream_rpc_method_handler(
                 lambda req, ctx: (bytes(n) for n in self.raw_sizes),
@@ -117,16 +133,45 @@ class Loopback:
 # ---------------------------------------------------------------------------- workload
 
 
-def top_k_updates(rng: np.random.Generator, n: int, dim: int, k: int) -> list[bytes]:
-    """n serialized Top-k SparseUpdates with random sorted supports (as workers would send)."""
-    out = []
-    for _ in range(n):
-        idx = np.unique(rng.integers(0, dim, size=k + k // 4 + 16))
-        idx = np.sort(rng.choice(idx, size=k, replace=False)).astype(np.int32)
-        values = rng.standard_normal(k, dtype=np.float32) * 1e-3
-        vec = SparseVector(torch.from_numpy(idx), torch.from_numpy(values), dim)
-        out.append(encode_sparse(vec, compressor="topk").SerializeToString())
-    return out
+def run_config(dim: int, aggregator: str, args: argparse.Namespace) -> RunConfig:
+    """The benchmark's run: n honest Byz-DM21 workers, Top-k, on a d-dimensional quadratic."""
+    base, *pre = reversed(aggregator.split("+"))
+    return RunConfig.from_dict(
+        {
+            "run": {"seed": 0, "rounds": 10_000},
+            "task": {"name": "quadratic", "params": {"dim": dim}},
+            "cluster": {"workers": args.workers, "byzantine": args.f},
+            "algorithm": {"name": "byz-dm21", "lr": 0.1, "eta": 0.1},
+            "compressor": {"name": "topk", "ratio": args.density},
+            "aggregator": {"name": base, "pre": list(reversed(pre))},
+        }
+    )
+
+
+class Workers:
+    """All n honest workers as one batched estimator (the simulator's layout): their messages
+    as the uplink bytes each worker would send, and the commit after the server took them."""
+
+    def __init__(self, config: RunConfig) -> None:
+        task = build_run_task(config)
+        ids = list(range(config.cluster.workers))
+        self.config = config
+        self.estimator: Estimator = build_run_estimator(
+            config, task, build_run_compressor(config, task), ids
+        )
+        self.oracle: GradientOracle = task.oracle(ids, config.run.seed)
+        self.topk = self.estimator.compressor
+        # Round 0 uncompressed: g⁰ = u⁰ on both sides, so the states start dense.
+        self.estimator.compressor = build_compressor("identity", task.dim)
+
+    def messages(self, x: torch.Tensor, round: int) -> tuple[SparseBatch, list[bytes]]:
+        batch = self.estimator.message(x, self.oracle, round)
+        self.estimator.compressor = self.topk
+        wire = [encode_row(row, self.config).SerializeToString() for row in batch.rows()]
+        return batch, wire
+
+    def commit(self, batch: SparseBatch) -> None:
+        self.estimator.commit(batch)
 
 
 def timed(fn: Callable[[], object]) -> tuple[object, float]:
@@ -137,6 +182,11 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
 
 @dataclass
 class PathResult:
+    """One path's per-round measurements."""
+
+    sparse: bool
+    engine: RoundEngine
+    mirror: ModelMirror = field(default_factory=ModelMirror)
     parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
     worker_apply: list[float] = field(default_factory=list)
     down_bytes: list[int] = field(default_factory=list)
@@ -149,56 +199,89 @@ class PathResult:
     def round_ms(self) -> float:
         return statistics.median([sum(vals) for vals in zip(*self.parts.values(), strict=True)])
 
+    def warm(self, batch: SparseBatch) -> None:
+        """An untimed round without broadcast (the mirror catches up with a dense answer)."""
+        self.engine.absorb(torch.arange(batch.num_rows), batch)
+        self.engine.close_round()
 
-def run_path(
-    sparse: bool, aggregator: str, dim: int, args: argparse.Namespace, rounds: int, lb: Loopback
-) -> tuple[PathResult, RoundEngine]:
-    """Warm-up then timed rounds of one path; the engine is returned for a final check."""
-    n, k = args.workers, max(1, round(args.density * dim))
-    base, *pre = reversed(aggregator.split("+"))
-    engine = RoundEngine(
-        torch.zeros(dim),
-        build_server_rule("state", n, dim),
-        build_aggregator(base, f=args.f, pre=list(reversed(pre))),
-        lr=0.1,
-    )
-    if not sparse:
-        engine.incremental_limit = -1.0  # aggregate every column, as before this change
-    mirror = ModelMirror()
-    rng = np.random.default_rng(0)
-    result = PathResult()
-    rows = torch.arange(n)
-    for r in range(args.warmup + rounds):
-        wire = top_k_updates(rng, n, dim, k)  # workers' work, not timed
-        vecs, t_decode = timed(
-            lambda w=wire: [decode_sparse(pb.SparseUpdate.FromString(b)) for b in w]
-        )
+    def server_round(self, wire: list[bytes], lb: Loopback, timed_round: bool) -> None:
+        """Everything the server does with one round's uplink, then the broadcast."""
+        engine, n, dim = self.engine, len(wire), int(self.engine.x.numel())
+        vecs, t_decode = timed(lambda: [decode_sparse(pb.SparseUpdate.FromString(b)) for b in wire])
         batch = SparseBatch.stack(vecs)  # type: ignore[arg-type]
-        _, t_apply = timed(lambda b=batch: engine.absorb(rows, b))
+        _, t_apply = timed(lambda: engine.absorb(torch.arange(n), batch))
         _, t_close = timed(engine.close_round)
         probe = engine.x.clone()
-        _, t_step = timed(lambda p=probe: apply_step(p, engine.last_aggregate, engine.lr))
+        _, t_step = timed(lambda: apply_step(probe, engine.last_aggregate, engine.lr))
         delta = engine.last_delta
-        if sparse and delta is not None and mirror.has_aggregate:
+        if self.sparse and delta is not None and self.mirror.has_aggregate:
             downlink: Downlink = delta
         else:  # dense; ĝ rides along once deltas are being produced
-            agg = engine.last_aggregate if sparse and delta is not None else None
-            downlink = DenseModel(engine.round, engine.x, agg)
-        (got, size), t_bcast = timed(lambda d=downlink: lb.broadcast(d, n, dim))
-        _, t_worker = timed(lambda g=got: mirror.apply(g))
-        if r < args.warmup:
-            continue
+            agg = engine.last_aggregate.clone() if self.sparse and delta is not None else None
+            downlink = DenseModel(engine.round, engine.x.clone(), agg)
+        (got, size), t_bcast = timed(lambda: lb.broadcast(downlink, n, dim))
+        _, t_worker = timed(lambda: self.mirror.apply(got))
+        if not timed_round:
+            return
         for part, t in zip(
             PARTS, (t_decode, t_apply, t_close - t_step, t_step, t_bcast), strict=True
         ):
-            result.parts[part].append(t)
-        result.worker_apply.append(t_worker)
-        result.down_bytes.append(size)
-        result.deltas += isinstance(got, AggregateDelta)
-    assert mirror.x is not None and torch.equal(
-        mirror.x.view(torch.int32), engine.x.view(torch.int32)
-    )
-    return result, engine
+            self.parts[part].append(t)
+        self.worker_apply.append(t_worker)
+        self.down_bytes.append(size)
+        self.deltas += isinstance(got, AggregateDelta)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@dataclass
+class Shares:
+    """Per timed round: |U|/d, |Δ|/d and the largest uplink message / (8·k)."""
+
+    union: list[float] = field(default_factory=list)
+    changed: list[float] = field(default_factory=list)
+    uplink: list[float] = field(default_factory=list)
+
+
+def run_pair(
+    dim: int, aggregator: str, args: argparse.Namespace, rounds: int, lb: Loopback
+) -> tuple[PathResult, PathResult, Shares]:
+    """Both paths on the same messages, checked bit-identical after every round."""
+    config = run_config(dim, aggregator, args)
+    workers = Workers(config)
+    paths = [
+        PathResult(sparse, build_engine(config, build_run_task(config), incremental=sparse))
+        for sparse in (False, True)
+    ]
+    shares = Shares()
+    synced = 1 + args.warmup  # rounds before it: round 0 and the warm-up, server work only
+    for r in range(synced + 1 + rounds):
+        x = paths[0].engine.x
+        batch, wire = workers.messages(x, r)
+        timed_round = r > synced
+        for path in paths:
+            if r < synced:
+                path.warm(batch)
+            else:
+                path.server_round(wire, lb, timed_round)
+        workers.commit(batch)
+        if not same_bits(paths[0].engine.x, paths[1].engine.x):
+            raise AssertionError(f"round {r}: the two paths' x differ")
+        if r < synced:
+            continue
+        mirror = paths[1].mirror
+        assert mirror.x is not None and same_bits(mirror.x, paths[1].engine.x)
+        if not timed_round:
+            continue
+        shares.uplink.append(max(len(b) for b in wire) / (8 * workers.topk.k))
+        union = torch.unique(torch.cat([row.indices for row in batch.rows()]))
+        shares.union.append(union.numel() / dim)
+        delta = paths[1].engine.last_delta
+        if delta is not None:
+            shares.changed.append(delta.nnz / dim)
+    return paths[0], paths[1], shares
 
 
 def raw_baseline(lb: Loopback, total_bytes: int, n: int, repeats: int) -> float:
@@ -209,18 +292,18 @@ def raw_baseline(lb: Loopback, total_bytes: int, n: int, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--rounds", type=int, nargs="+", default=[5, 2], help="per size")
+    parser.add_argument("--rounds", type=int, nargs="+", default=[4, 2], help="per size")
     parser.add_argument("--workers", type=int, default=20)
     parser.add_argument("--f", type=int, default=4)
     parser.add_argument("--density", type=float, default=0.01, help="k / d")
     parser.add_argument("--aggregators", nargs="+", default=["mean", "cm", "nnm+cm"])
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=40, help="untimed rounds after round 0")
     args = parser.parse_args(argv)
 
     print("$ python " + shlex.join(["benchmarks/bench_round.py", *sys.argv[1:]]))
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, n = {args.workers}, "
-        f"f = {args.f}, Top-k density {args.density}, state rule, loopback gRPC"
+        f"f = {args.f}, Byz-DM21 + Top-k density {args.density} on quadratic, loopback gRPC"
     )
     lb = Loopback()
     try:
@@ -233,31 +316,27 @@ def main(argv: list[str] | None = None) -> None:
 
 def report_size(dim: int, rounds: int, args: argparse.Namespace, lb: Loopback) -> None:
     k = max(1, round(args.density * dim))
-    up = len(top_k_updates(np.random.default_rng(1), 1, dim, k)[0])
-    print(f"\nd = {dim:,}  k = {k:,}  uplink bytes/update = {up:,} = {up / (8 * k):.4f} x 8k")
+    print(f"\nd = {dim:,}  k = {k:,}")
     head = f"{'aggregator':>10} {'path':>7} {'round ms':>9} " + " ".join(f"{p:>9}" for p in PARTS)
     print(head + f" {'wkr apply':>9} {'down B/wkr':>11} {'deltas':>6} {'raw gRPC':>9}")
     for aggregator in args.aggregators:
-        by_path = {}
-        for sparse in (False, True):
-            result, engine = run_path(sparse, aggregator, dim, args, rounds, lb)
-            by_path[sparse] = (result, engine)
-            down = int(statistics.median(result.down_bytes))
+        dense, sparse, shares = run_pair(dim, aggregator, args, rounds, lb)
+        for path in (dense, sparse):
+            down = int(statistics.median(path.down_bytes))
             raw = raw_baseline(lb, down, args.workers, repeats=2)
-            parts = " ".join(f"{result.median(p):9.1f}" for p in PARTS)
+            parts = " ".join(f"{path.median(p):9.1f}" for p in PARTS)
             print(
-                f"{aggregator:>10} {'sparse' if sparse else 'dense':>7} {result.round_ms:9.1f} "
-                f"{parts} {statistics.median(result.worker_apply):9.2f} {down:11,} "
-                f"{result.deltas:>3}/{rounds:<2} {raw:9.1f}"
+                f"{aggregator:>10} {'sparse' if path.sparse else 'dense':>7} "
+                f"{path.round_ms:9.1f} {parts} {statistics.median(path.worker_apply):9.2f} "
+                f"{down:11,} {path.deltas:>3}/{rounds:<2} {raw:9.1f}"
             )
-            del engine
-        (dense, e_dense), (sparse_r, e_sparse) = by_path[False], by_path[True]
-        same = torch.equal(e_dense.x.view(torch.int32), e_sparse.x.view(torch.int32))
+        changed = f"{statistics.median(shares.changed):.3f}" if shares.changed else "- (dense)"
         print(
-            f"{'':>10} dense/sparse round time = {dense.round_ms / sparse_r.round_ms:.2f}x, "
-            f"final x bit-identical: {same}"
+            f"{'':>10} dense/sparse round time = {dense.round_ms / sparse.round_ms:.2f}x, "
+            f"|U|/d = {statistics.median(shares.union):.3f}, |Δ|/d = {changed}, "
+            f"uplink bytes/update = {max(shares.uplink):.4f} x 8k, "
+            "x bit-identical on both paths every round"
         )
-        del by_path, e_dense, e_sparse
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ from byzps.cli.worker import _raise_interrupt
 @click.option(
     "--first-id",
     type=click.IntRange(min=0),
-    default=None,
-    help="First member id (default h = n − f, the first Byzantine id).",
+    required=True,
+    help="First member id: this process holds ids FIRST-ID … FIRST-ID + COUNT − 1 and registers "
+    "under no other (byzps launch passes h = n − f, the first Byzantine id).",
 )
 @click.option(
     "--force-cohort",
@@ -51,7 +52,7 @@ def attack(
     log_level: str,
     attack_name: str | None,
     count: int,
-    first_id: int | None,
+    first_id: int,
     force_cohort: bool,
     ledger: Path | None,
 ) -> None:

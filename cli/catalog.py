@@ -50,6 +50,10 @@ def check_components(config: RunConfig) -> None:
             found[f"{key}s"].get(name)
         except ValueError as exc:
             raise ConfigError(f"{key}.name: {exc}") from None
+    try:
+        found["tasks"].check(config.task.name, config.task.params)
+    except ValueError as exc:
+        raise ConfigError(f"task.params: {exc}") from None
     agg = config.aggregator
     try:
         build_aggregator(agg.name, config.cluster.byzantine, pre=agg.pre, params=agg.params)

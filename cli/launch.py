@@ -114,6 +114,13 @@ def format_record(record: dict[str, Any], rounds: int) -> str:
     show_default=True,
     help="Seconds between SIGTERM and SIGKILL when stopping children.",
 )
+@click.option(
+    "--downlink",
+    type=click.Choice(["sparse", "dense"]),
+    default="sparse",
+    show_default=True,
+    help="The server's downlink (see `byzps server --help`).",
+)
 def launch(
     config_path: Path,
     overrides: tuple[str, ...],
@@ -122,6 +129,7 @@ def launch(
     startup_timeout: float,
     force_cohort: bool,
     grace: float,
+    downlink: str,
 ) -> None:
     """Run server, workers and attackers of CONFIG as local processes until the run ends."""
     config = load_config(config_path, overrides)
@@ -143,6 +151,7 @@ def launch(
             "server", "--config", str(config_path), *sets,
             "--listen", "127.0.0.1:0", "--out", str(out),
             "--checkpoint-dir", str(out / "checkpoints"), "--secret-file", str(secret),
+            "--downlink", downlink,
             *(["--round-deadline", str(round_deadline)] if round_deadline is not None else []),
         )  # fmt: skip
         server = cluster.start("server", server_argv, pipe_stdout=True)
@@ -167,11 +176,25 @@ def launch(
     raise SystemExit(code)
 
 
+def threads_each(processes: int) -> int:
+    """Each worker process's share of this machine's cores (at least one): wider pools only
+    spin against each other (see byzps.cli.daemon_common.set_threads)."""
+    return max(1, (os.cpu_count() or 1) // max(processes, 1))
+
+
 def _start_workers(
     cluster: Cluster, config: Any, address: str, secret: Path, out: Path, force_cohort: bool
 ) -> None:
     h, n = config.honest_workers, config.cluster.workers
-    common = ["--server", address, "--secret-file", str(secret)]
+    processes = h + (1 if config.attack.name != "na" and n > h else 0)
+    common = [
+        "--server",
+        address,
+        "--secret-file",
+        str(secret),
+        "--threads",
+        str(threads_each(processes)),
+    ]
     for k in range(h):
         ledger = out / "ledgers" / f"worker-{k}.jsonl"
         cluster.start(f"worker-{k}", byzps_command(

@@ -70,6 +70,14 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
 )
 @click.option("--no-auth", is_flag=True, help="Accept calls without tokens (tests only).")
 @click.option("--fsync-wal", is_flag=True, help="fsync every log record (survives power loss).")
+@click.option(
+    "--downlink",
+    type=click.Choice(["sparse", "dense"]),
+    default="sparse",
+    show_default=True,
+    help="sparse: send the change of the aggregate when it is exact and smaller (mean, cm, "
+    "cwtm); dense: always the whole model (a baseline for benchmarks; same results).",
+)
 def server(
     config_path: Path,
     overrides: tuple[str, ...],
@@ -85,6 +93,7 @@ def server(
     secret_file: Path | None,
     no_auth: bool,
     fsync_wal: bool,
+    downlink: str,
 ) -> None:
     """Serve one run to its last round: workers register, push updates and fetch the model."""
     from byzps.server.checkpoint import CheckpointError
@@ -117,7 +126,7 @@ def server(
         fsync_wal=fsync_wal,
     )
     try:
-        task, engine, max_nnz = _build(config)
+        task, engine, max_nnz = _build(config, incremental=downlink == "sparse")
     except ConfigError as exc:
         raise ServerUsageError(f"{config_path}: {exc}") from None
 
@@ -134,11 +143,14 @@ def server(
     sys.exit(code)
 
 
-def _build(config: RunConfig) -> tuple[Task, RoundEngine, Callable[[int], int]]:
+def _build(
+    config: RunConfig, *, incremental: bool
+) -> tuple[Task, RoundEngine, Callable[[int], int]]:
     """Task, engine at x⁰ and the per-round k_max, built exactly as the simulator builds them."""
     from byzps.common.components import build_run_task, build_server_estimator
     from byzps.server.engine import build_engine
 
     task = build_run_task(config)
     estimator = build_server_estimator(config, task)
-    return task, build_engine(config, task, estimator), estimator.max_nnz
+    engine = build_engine(config, task, estimator, incremental=incremental)
+    return task, engine, estimator.max_nnz

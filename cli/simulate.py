@@ -65,6 +65,8 @@ def simulate(config_path: Path, overrides: tuple[str, ...], out: Path) -> None:
     with click.progressbar(length=config.run.rounds, label="starting", show_pos=True) as bar:
         result = run_simulation(config, task, simulation, out, ProgressLine(bar))
     final = result.final
+    if final.get("diverged"):
+        raise click.ClickException(f"{config_path}: {final['diverged']} (results in {out})")
     click.echo(
         f"done: {result.rounds} rounds in {result.wall_seconds:.2f} s, "
         f"train_loss {final['train_loss']:.6f}, results in {out}"

@@ -32,7 +32,7 @@ def build_run_task(config: RunConfig) -> Task:
     t = config.task
     extra = {"regularizer": t.regularizer, "lam": t.lam}
     try:
-        task_params = _accepted(TASKS.get(t.name), extra)
+        task_params = _accepted(TASKS.get(t.name), extra) | t.params
         return build_task(
             t.name,
             num_workers=config.cluster.workers,

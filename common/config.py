@@ -46,6 +46,8 @@ class TaskSection:
     split: str = "iid"
     #: Dirichlet concentration (split = "dirichlet" only).
     alpha: float = 1.0
+    #: Further task parameters (e.g. dim, noise, heterogeneity for "quadratic").
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class RunConfig:
         try:
             data = tomllib.loads(Path(path).read_text())
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+            raise ConfigError(f"not valid TOML: {exc}") from None
         for override in overrides:
             apply_override(data, override)
         return cls.from_dict(data)
@@ -131,6 +133,23 @@ class RunConfig:
         if self.attack.name == "na":
             return self.cluster.workers
         return self.cluster.workers - self.cluster.byzantine
+
+
+def to_toml(data: Mapping[str, Mapping[str, Any]]) -> str:
+    """TOML text of a config's nested mapping (what `RunConfig.load` reads back): one table per
+    section, nested tables written inline, None values left out (TOML has no null)."""
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(v)}" for key, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, Mapping):
+        items = (f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{ " + ", ".join(items) + " }"
+    return json.dumps(value)  # JSON spells strings, numbers, booleans and lists as TOML does
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

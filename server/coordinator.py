@@ -30,7 +30,6 @@ from typing import Any
 
 import grpc
 import torch
-from torch import Tensor
 
 from byzps.common.config import RunConfig
 from byzps.common.downlink import DenseModel, Downlink
@@ -140,6 +139,8 @@ class Coordinator:
         self._startup_deadline = 0.0
         self._stopping = False
         self.failure: BaseException | None = None
+        # This round's dense answers (see _snapshot); emptied whenever x moves.
+        self._snapshots: dict[tuple[int, bool], DenseModel] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -236,8 +237,8 @@ class Coordinator:
         with self._cond:
             self._check_serving()
             if self._phase is Phase.FINISHED:
-                raise Rejected(
-                    grpc.StatusCode.FAILED_PRECONDITION, f"the run finished at round {self.rounds}"
+                raise Rejected(  # past the run's end; workers take it as "stop", not a fault
+                    grpc.StatusCode.OUT_OF_RANGE, f"the run finished at round {self.rounds}"
                 )
             check_round(round, server_round=self.engine.round)
             known = self._workers.get(worker_id)
@@ -259,8 +260,8 @@ class Coordinator:
         wait: bool,
         active: Callable[[], bool],
         poll: float = 0.2,
-    ) -> tuple[int, Tensor] | None:
-        """(r, x_r) once r ≥ round and r > known_round (the final model once finished).
+    ) -> DenseModel | None:
+        """x_r once r ≥ round and r > known_round (the final model once finished).
 
         wait=False: FAILED_PRECONDITION when no such round exists yet; wait=True: sleep until a
         round closes, returning None once `active()` turns false (client gone or past its
@@ -268,7 +269,7 @@ class Coordinator:
         """
         with self._cond:
             r = self._await_round(round, known_round, wait, active, poll)
-            return None if r is None else (r, self.engine.x.clone())
+            return None if r is None else self._snapshot(r, with_aggregate=False)
 
     def downlink(
         self,
@@ -291,8 +292,20 @@ class Coordinator:
             if delta is not None and delta.round == r:
                 if has_aggregate and known_round == r - 1:
                     return delta  # immutable: the engine makes new tensors every round
-                return DenseModel(r, self.engine.x.clone(), self.engine.last_aggregate.clone())
-            return DenseModel(r, self.engine.x.clone())
+                return self._snapshot(r, with_aggregate=True)
+            return self._snapshot(r, with_aggregate=False)
+
+    def _snapshot(self, round: int, *, with_aggregate: bool) -> DenseModel:
+        """x_r (with ĝ_r) as one immutable copy per round shared by every caller, so that the
+        reply is copied and serialized once per round, not once per worker (see
+        byzps.server.broadcast). Called under the lock with round == engine.round."""
+        key = (round, with_aggregate)
+        snapshot = self._snapshots.get(key)
+        if snapshot is None:
+            aggregate = self.engine.last_aggregate.clone() if with_aggregate else None
+            snapshot = DenseModel(round, self.engine.x.clone(), aggregate)
+            self._snapshots[key] = snapshot
+        return snapshot
 
     def _await_round(
         self,
@@ -395,6 +408,7 @@ class Coordinator:
     def _close(self, *, replaying: bool = False) -> None:
         closing = self.engine.round
         self.engine.close_round()
+        self._snapshots.clear()
         if not replaying:
             self._log(CloseRecord(closing))
         self._pushed.clear()
@@ -462,6 +476,7 @@ class Coordinator:
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.engine.load_state_dict(state["engine"])
+        self._snapshots.clear()
         self._ledger.load_state_dict(state["ledger"])
         self._workers = {
             str(w): WorkerInfo(float(i["last_seen"]), int(i["last_round"]))

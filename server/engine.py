@@ -53,14 +53,25 @@ class RoundEngine:
     With a coordinate-wise aggregator the aggregate is recomputed only on the dirty columns (see
     the module doc); `incremental_limit` is the largest fraction of d for which that is done —
     beyond it a full pass is as cheap and the change of ĝ is no smaller than the dense model.
+    A negative limit turns incremental aggregation (and with it the sparse downlink) off.
     """
 
-    #: Largest |U| / d aggregated incrementally (8 bytes per changed entry vs 4 per dense entry).
-    incremental_limit = 0.5
+    #: Default largest |U| / d aggregated incrementally (8 bytes per changed entry vs 4 per
+    #: dense entry).
+    INCREMENTAL_LIMIT = 0.5
 
-    def __init__(self, x0: Tensor, rule: ServerRule, aggregator: Aggregator, lr: float) -> None:
+    def __init__(
+        self,
+        x0: Tensor,
+        rule: ServerRule,
+        aggregator: Aggregator,
+        lr: float,
+        *,
+        incremental_limit: float = INCREMENTAL_LIMIT,
+    ) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        self.incremental_limit = incremental_limit
         self.x = x0.clone()
         self.rule = rule
         self.aggregator = aggregator
@@ -150,10 +161,18 @@ class RoundEngine:
         self.aggregator.load_state_dict(state["aggregator"])
 
 
-def build_engine(config: RunConfig, task: Task, estimator: Estimator | None = None) -> RoundEngine:
+def build_engine(
+    config: RunConfig,
+    task: Task,
+    estimator: Estimator | None = None,
+    *,
+    incremental: bool = True,
+) -> RoundEngine:
     """The server's round engine at x⁰: the rule `estimator` needs, the run's aggregator and lr.
 
     Shared by the simulator and the gRPC server, so both aggregate and step identically.
+    `incremental=False` aggregates every column every round (the dense-downlink baseline; the
+    results are bit-identical either way).
     """
     estimator = estimator if estimator is not None else build_server_estimator(config, task)
     rule = build_server_rule(
@@ -163,5 +182,9 @@ def build_engine(config: RunConfig, task: Task, estimator: Estimator | None = No
         **estimator.server_rule_params(),
     )
     return RoundEngine(
-        task.init_params(config.run.seed), rule, build_run_aggregator(config), config.algorithm.lr
+        task.init_params(config.run.seed),
+        rule,
+        build_run_aggregator(config),
+        config.algorithm.lr,
+        incremental_limit=RoundEngine.INCREMENTAL_LIMIT if incremental else -1.0,
     )

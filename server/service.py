@@ -20,11 +20,12 @@ from google.protobuf.message import DecodeError, Message
 
 from byzps.common.codec import COMPRESSOR_IDS, encode_model
 from byzps.common.config import RunConfig
-from byzps.common.downlink import Downlink, encode_downlink
+from byzps.common.downlink import DenseModel, Downlink, encode_downlink
 from byzps.common.tasks.base import Task
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
 from byzps.server.auth import Authenticator
+from byzps.server.broadcast import EncodedAnswers, passthrough
 from byzps.server.coordinator import Coordinator
 from byzps.server.validation import Rejected, max_update_bytes
 
@@ -34,7 +35,6 @@ SERVICE_NAME = "byzps.v1.ParameterServer"
 ACCEPTED_DTYPES = (pb.VALUE_DTYPE_FLOAT32, pb.VALUE_DTYPE_FLOAT16, pb.VALUE_DTYPE_BFLOAT16)
 
 R = TypeVar("R", bound=Message)
-M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 
 
@@ -79,6 +79,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.coordinator = coordinator
         self.auth = auth
         self.digest = config.digest()
+        # Each round's answers, serialized once for all workers (one cache per reply type).
+        self._chunks = EncodedAnswers()
+        self._updates = EncodedAnswers()
         self._static = pb.RegisterReply(
             model=model_spec(task),
             config_json=_config_json(config),
@@ -124,18 +127,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
         return self._unary(request, context, push)
 
-    def GetModel(self, request: Any, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
-        def fetch(known: int | None) -> tuple[int, Any] | None:
+    def GetModel(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+        def fetch(known: int | None) -> DenseModel | None:
             return self.coordinator.model(request.round, known, request.wait, _alive(context))
 
         found = self._await(request, context, fetch)
         if found is not None:
-            round, x = found
-            yield from self._sent(encode_model(x, round))
+            yield from self._sent(self._chunks.get(found, _model_chunks))
 
-    def GetModelUpdate(
-        self, request: Any, context: grpc.ServicerContext
-    ) -> Iterator[pb.ModelUpdate]:
+    def GetModelUpdate(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
         def fetch(known: int | None) -> Downlink | None:
             return self.coordinator.downlink(
                 request.round, known, request.wait, _alive(context), request.has_aggregate
@@ -143,7 +143,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
         found = self._await(request, context, fetch)
         if found is not None:
-            yield from self._sent(encode_downlink(found))
+            yield from self._sent(self._updates.get(found, encode_downlink))
 
     def Status(self, request: Any, context: grpc.ServicerContext) -> pb.StatusReply:
         def status() -> pb.StatusReply:
@@ -190,11 +190,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no newer round before deadline")
         return found
 
-    def _sent(self, messages: Iterator[M]) -> Iterator[M]:
-        """Pass a reply stream through, counting its bytes."""
-        for msg in messages:
-            self.coordinator.account(bytes_out=msg.ByteSize())
-            yield msg
+    def _sent(self, messages: list[bytes]) -> Iterator[bytes]:
+        """Pass a serialized reply stream through, counting its bytes."""
+        for data in messages:
+            self.coordinator.account(bytes_out=len(data))
+            yield data
 
     def _unary(self, request: Any, context: grpc.ServicerContext, fn: Callable[[], R]) -> R:
         reply = self._call(request, context, fn)
@@ -208,6 +208,10 @@ def _alive(context: grpc.ServicerContext) -> Callable[[], bool]:
         return context.is_active() and (remaining is None or remaining > 0)
 
     return alive
+
+
+def _model_chunks(model: DenseModel) -> Iterator[pb.ModelChunk]:
+    return encode_model(model.x, model.round)
 
 
 def _config_json(config: RunConfig) -> str:
@@ -225,12 +229,12 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> Non
         "GetModel": grpc.unary_stream_rpc_method_handler(
             servicer.GetModel,
             request_deserializer=_parser(pb.GetModelRequest),
-            response_serializer=pb.ModelChunk.SerializeToString,
+            response_serializer=passthrough(pb.ModelChunk.SerializeToString),
         ),
         "GetModelUpdate": grpc.unary_stream_rpc_method_handler(
             servicer.GetModelUpdate,
             request_deserializer=_parser(pb.GetModelRequest),
-            response_serializer=pb.ModelUpdate.SerializeToString,
+            response_serializer=passthrough(pb.ModelUpdate.SerializeToString),
         ),
         "PushUpdate": grpc.unary_unary_rpc_method_handler(
             servicer.PushUpdate,

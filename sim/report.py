@@ -69,7 +69,10 @@ class Objective:
 
     def run_score(self, run: Run) -> float:
         """The run's value under this objective. A diverged run (non-finite final value) scores
-        worst under either rule: a good value before blowing up does not make an lr usable."""
+        worst under either rule: a good value before blowing up does not make an lr usable.
+        So does a run the simulator stopped as diverged (`diverged` in its final record)."""
+        if run.final.get("diverged"):
+            return self.worst
         value = float(run.final[self.metric])
         if self.select_by == "best" and math.isfinite(value):
             values = [float(r[self.metric]) for r in run.curve]
@@ -87,8 +90,8 @@ class Objective:
         direction = "lowest" if self.lower_is_better else "highest"
         return (
             f"for each method × aggregator × attack, the lr with the {direction} mean over seeds "
-            f"of the {which} {self.metric} (a run whose final value is not finite counts as "
-            "worst; ties go to the smaller lr)"
+            f"of the {which} {self.metric} (a run that diverged or whose final value is not "
+            "finite counts as worst; ties go to the smaller lr)"
         )
 
 

@@ -21,7 +21,7 @@ from byzps.server.results import (
     round_seconds,
     write_results,
 )
-from byzps.sim.simulation import Simulation
+from byzps.sim.simulation import NonFiniteMessage, Simulation
 
 __all__ = ["RunResult", "evaluate", "round_seconds", "run_simulation", "write_results"]
 
@@ -35,7 +35,13 @@ def run_simulation(
     out: Path | None = None,
     progress: Progress | None = None,
 ) -> RunResult:
-    """Run `config.run.rounds` rounds, evaluating every `eval_every` rounds and at the end."""
+    """Run `config.run.rounds` rounds, evaluating every `eval_every` rounds and at the end.
+
+    A run that diverges (an honest message became non-finite) ends there: its final record is
+    the evaluation at the last model with `diverged` set to the reason, and the results are
+    written all the same — a diverged cell is a result of a sweep (the report ranks it worst),
+    not a crash.
+    """
     started = time.perf_counter()
     metrics_file = None
     if out is not None:
@@ -45,7 +51,13 @@ def run_simulation(
     try:
         _emit(record, metrics_file, progress)
         for t in range(1, config.run.rounds + 1):
-            simulation.step()
+            try:
+                simulation.step()
+            except NonFiniteMessage as exc:
+                record = evaluate(task, simulation.x, exc.round, simulation.bytes_uplink, started)
+                record["diverged"] = str(exc)
+                _emit(record, metrics_file, progress)
+                break
             if t % config.run.eval_every == 0 or t == config.run.rounds:
                 record = evaluate(task, simulation.x, t, simulation.bytes_uplink, started)
                 _emit(record, metrics_file, progress)
@@ -54,7 +66,7 @@ def run_simulation(
             metrics_file.close()
     wall = round_seconds(time.perf_counter() - started)
     params = params_array(simulation.x)
-    result = RunResult(config.run.rounds, wall, record, params)
+    result = RunResult(int(record["round"]), wall, record, params)
     if out is not None:
         write_results(out, config, result, simulation.bytes_uplink)
     return result

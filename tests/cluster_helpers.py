@@ -19,39 +19,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-LISTENING = re.compile(r"byzps server listening on (\S+:\d+)")
+import configs
 
-CONFIG = """
-[run]
-seed = 7
-rounds = {rounds}
-eval_every = {eval_every}
-[task]
-name = "a9a-logreg"
-batch_size = 1
-[cluster]
-workers = 5
-byzantine = 1
-[algorithm]
-name = "byz-dm21"
-lr = 0.5
-eta = 0.1
-[compressor]
-name = "topk"
-k = 2
-[aggregator]
-name = "cm"
-pre = ["nnm"]
-[attack]
-name = "{attack}"
-"""
+LISTENING = re.compile(r"byzps server listening on (\S+:\d+)")
 
 
 def write_config(
     path: Path, rounds: int, eval_every: int | None = None, attack: str = "bf"
 ) -> Path:
-    path.write_text(CONFIG.format(rounds=rounds, eval_every=eval_every or rounds, attack=attack))
-    return path
+    """The cluster tests' run: seed 7, 5 workers (1 Byzantine), Top-2."""
+    return configs.write_config(
+        path, seed=7, rounds=rounds, eval_every=eval_every or rounds, k=2, attack=attack
+    )
 
 
 def byzps(*args: str) -> list[str]:

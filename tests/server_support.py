@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import configs
 import grpc
 import torch
 from torch import Tensor
@@ -37,42 +38,17 @@ SECRET = b"s3cret-for-tests"
 N, F = 5, 1
 
 
-def config_text(rounds: int = 20, eval_every: int = 5, k: int = 1) -> str:
-    return f"""
-[run]
-seed = 3
-rounds = {rounds}
-eval_every = {eval_every}
-[task]
-name = "a9a-logreg"
-[cluster]
-workers = {N}
-byzantine = {F}
-[algorithm]
-name = "byz-dm21"
-lr = 0.5
-eta = 0.1
-[compressor]
-name = "topk"
-k = {k}
-[aggregator]
-name = "cm"
-pre = ["nnm"]
-[attack]
-name = "alie"
-"""
-
-
 def tiny_config(**kwargs: Any) -> RunConfig:
     """The tiny run as a RunConfig (parsed by RunConfig.load, as the server parses it)."""
     with tempfile.TemporaryDirectory() as tmp:
         return RunConfig.load(write_config(Path(tmp), **kwargs))
 
 
-def write_config(directory: Path, **kwargs: Any) -> Path:
-    path = directory / "run.toml"
-    path.write_text(config_text(**kwargs))
-    return path
+def write_config(directory: Path, rounds: int = 20, eval_every: int = 5, k: int = 1) -> Path:
+    """The tiny run (seed 3, N workers, F Byzantine, ALIE) as `directory`/run.toml."""
+    return configs.write_config(
+        directory / "run.toml", rounds=rounds, eval_every=eval_every, k=k, workers=N, byzantine=F
+    )
 
 
 def update(

@@ -213,7 +213,9 @@ def test_a_killed_worker_restarts_from_its_checkpoint(tmp_path: Path, procs: Pro
         )  # fmt: skip
 
     workers = [worker(k) for k in range(4)]
-    attack = procs.start(byzps("attack", *common, "--count", "1"), log=logs / "attack.log")
+    attack = procs.start(
+        byzps("attack", *common, "--count", "1", "--first-id", "4"), log=logs / "attack.log"
+    )
     wait_for(lambda: any(r["round"] >= 50 for r in metrics(out)), 120, "round 50")
     workers[2].kill()
     workers[2].wait(timeout=10)

@@ -5,32 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from configs import small_config, to_toml
 
 from byzps.common.config import ConfigError, RunConfig
 
-GOOD = """
-[run]
-seed = 3
-rounds = 50
-[task]
-name = "a9a-logreg"
-batch_size = 1
-[cluster]
-workers = 20
-byzantine = 8
-[algorithm]
-name = "byz-dm21"
-lr = 0.05
-eta = 0.01
-[compressor]
-name = "topk"
-k = 1
-[aggregator]
-name = "cm"
-pre = ["nnm"]
-[attack]
-name = "alie"
-"""
+GOOD = to_toml(
+    small_config(seed=3, rounds=50, eval_every=None, workers=20, byzantine=8, lr=0.05, eta=0.01)
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:

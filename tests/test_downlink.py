@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from server_support import SECRET, N, in_process, random_update, tiny_config
+from server_support import SECRET, N, build_parts, in_process, random_update, tiny_config
 from torch import Tensor
 
 from byzps.common.codec import WireFormatError
@@ -21,6 +21,7 @@ from byzps.common.downlink import (
     encode_downlink,
 )
 from byzps.proto.v1 import parameter_server_pb2 as pb
+from byzps.server.engine import build_engine
 from byzps.worker.client import ParameterServerClient
 
 SMALL = 64 + 8 * 4  # a message limit that forces several chunks / pieces for tiny vectors
@@ -103,13 +104,18 @@ def config_with(pre: list[str], k: int = 3) -> RunConfig:
     return RunConfig.from_dict(data)
 
 
-def run_rounds(pre: list[str], rounds: int, skip: tuple[int, int] | None = None) -> list[str]:
+def run_rounds(
+    pre: list[str], rounds: int, skip: tuple[int, int] | None = None, incremental: bool = True
+) -> list[str]:
     """Every worker fetches, checks x against the server bitwise, and pushes; returns the kinds
-    of answer worker 0 received. `skip = (worker, round)`: that worker does not fetch then."""
+    of answer worker 0 received. `skip = (worker, round)`: that worker does not fetch then.
+    `incremental=False` is the server's `--downlink dense`."""
     config = config_with(pre)
     kinds: list[str] = []
     gen = torch.Generator().manual_seed(11)
-    with in_process(config) as srv:
+    task, _, max_nnz = build_parts(config)
+    engine = build_engine(config, task, incremental=incremental)
+    with in_process(config, task=task, engine=engine, max_nnz=max_nnz) as srv:
         clients = [ParameterServerClient(srv.address, str(w), SECRET) for w in range(N)]
         mirror0 = clients[0].mirror
         assert mirror0 is not None
@@ -132,7 +138,12 @@ def run_rounds(pre: list[str], rounds: int, skip: tuple[int, int] | None = None)
             assert srv.coordinator.round == r + 1
         for c in clients:
             c.close()
+        FINAL_X[(tuple(pre), incremental)] = srv.coordinator.engine.x.clone()
     return kinds
+
+
+#: The server's final x of each run_rounds call, by (pre, incremental).
+FINAL_X: dict[tuple[tuple[str, ...], bool], Tensor] = {}
 
 
 def test_workers_applying_deltas_stay_bit_identical() -> None:
@@ -148,3 +159,9 @@ def test_a_gap_falls_back_to_dense_and_stays_exact() -> None:
 
 def test_rules_that_mix_rows_stay_dense() -> None:
     assert set(run_rounds(pre=["nnm"], rounds=4)) == {"DenseModel"}
+
+
+def test_the_dense_downlink_mode_sends_whole_models_and_gives_the_same_model() -> None:
+    assert set(run_rounds(pre=[], rounds=6, incremental=False)) == {"DenseModel"}
+    run_rounds(pre=[], rounds=6)
+    assert torch.equal(bits(FINAL_X[((), False)]), bits(FINAL_X[((), True)]))

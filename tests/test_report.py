@@ -143,3 +143,13 @@ def test_a_diverged_lr_is_never_chosen(tmp_path: Path) -> None:
     write_run(tmp_path, 0.1, 0, [0.7, 0.69])
     (row,) = build_rows(load_runs(tmp_path), Objective("train_loss", "final"))
     assert row.lr == 0.1
+
+
+@pytest.mark.parametrize("select_by", ["final", "best"])
+def test_a_run_the_simulator_stopped_as_diverged_scores_worst(select_by: str) -> None:
+    from byzps.sim.report import Run
+
+    final = {"round": 40, "train_loss": 0.3, "diverged": "round 40: honest worker 1 sent …"}
+    run = Run("cell", {}, final, [{"round": 0, "train_loss": 0.7}, final])
+    assert Objective("train_loss", select_by).run_score(run) == math.inf
+    assert Objective("test_accuracy", select_by).run_score(run) == -math.inf

@@ -11,6 +11,7 @@ import grpc
 import pytest
 import torch
 from server_support import (
+    SECRET,
     Client,
     N,
     TaskShape,
@@ -28,6 +29,8 @@ from byzps.common.server_rules import build_server_rule
 from byzps.common.sparse import SparseBatch
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.engine import RoundEngine
+from byzps.worker.client import ParameterServerClient
+from byzps.worker.session import ack_applied
 
 
 def tiny(**kw: int) -> RunConfig:
@@ -182,7 +185,13 @@ def test_after_the_last_round_the_final_model_is_served_and_pushes_refused() -> 
         round, _ = client.model(known_round=2, wait=True, timeout=5)
         assert round == 2
         code = code_of(lambda: client.push("0", 2, 3, random_update(gen)))
-        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert code == grpc.StatusCode.OUT_OF_RANGE
+        # A worker whose last update arrives after the end is told so, and stops cleanly.
+        worker = ParameterServerClient(srv.address, "1", SECRET)
+        worker.register()
+        ack = worker.push(1, 3, random_update(gen))
+        assert ack.status == pb.ACK_STATUS_REJECTED and not ack_applied(ack, 3, "1")
+        worker.close()
         client.close()
 
 

@@ -9,36 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-CONFIG = """
-[run]
-seed = 4
-rounds = 300
-eval_every = 100
-[task]
-name = "a9a-logreg"
-batch_size = 1
-[cluster]
-workers = 7
-byzantine = 2
-[algorithm]
-name = "byz-dm21"
-lr = 0.5
-eta = 0.1
-[compressor]
-name = "topk"
-k = 2
-[aggregator]
-name = "cm"
-pre = ["nnm"]
-[attack]
-name = "alie"
-"""
+from configs import write_config
 
 
 def simulate(tmp_path: Path, out: str, *overrides: str) -> subprocess.CompletedProcess[str]:
-    config = tmp_path / "run.toml"
-    config.write_text(CONFIG)
+    config = write_config(
+        tmp_path / "run.toml", seed=4, rounds=300, eval_every=100, workers=7, byzantine=2, k=2
+    )
     args = [sys.executable, "-m", "byzps.cli.main", "simulate", "--config", str(config)]
     for override in overrides:
         args += ["--set", override]

@@ -8,38 +8,23 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from configs import small_config, to_toml
 
 from byzps.cli.catalog import check_components
 from byzps.cli.main import main
 from byzps.sim.grid import GridError, cell_name, expand, load_grid
 
-BASE = """
-[run]
-seed = 0
-rounds = 30
-eval_every = 10
-[task]
-name = "a9a-logreg"
-batch_size = 1
-[cluster]
-workers = 5
-byzantine = 1
-[algorithm]
-name = "byz-dm21"
-lr = 0.05
-eta = 0.1
-[compressor]
-name = "topk"
-k = 1
-[aggregator]
-name = "cm"
-pre = ["nnm"]
-[attack]
-name = "alie"
-"""
+
+def base_toml(**overrides: Any) -> str:
+    """The grid's base run: seed 0, 30 rounds, lr 0.05, Top-1 (`overrides` change the rest)."""
+    return to_toml(small_config(seed=0, rounds=30, eval_every=10, lr=0.05, **overrides))
+
+
+BASE = base_toml()
 
 #: 2 methods × 2 seeds; br-csgd needs an unbiased compressor, so it is linked to Rand-k.
 TINY_GRID = """
@@ -210,7 +195,7 @@ def test_a_partial_cell_alone_is_rerun(swept: Path, tmp_path: Path) -> None:
 def test_a_config_change_reruns_its_cells(swept: Path, tmp_path: Path) -> None:
     grid, out = copy_of(swept, tmp_path)
     before = summaries(out)
-    (grid.parent / "base.toml").write_text(BASE.replace("eta = 0.1", "eta = 0.2"))
+    (grid.parent / "base.toml").write_text(base_toml(eta=0.2))
     code, output = sweep_in_process(grid, out)
     assert code == 0, output
     assert "4 run, 0 skipped, 0 failed" in output

@@ -121,9 +121,9 @@ def test_ack_judgement() -> None:
     ok = pb.Ack(status=pb.ACK_STATUS_ACCEPTED, last_seq=5)
     assert ack_applied(ok, 5, "0")
     assert ack_applied(pb.Ack(status=pb.ACK_STATUS_DUPLICATE, last_seq=9), 5, "0")
-    late = pb.Ack(status=pb.ACK_STATUS_REJECTED, code=9, last_seq=4, reason="round lags")
-    assert not ack_applied(late, 5, "0")
-    with pytest.raises(WorkerError, match="lost"):
+    over = pb.Ack(status=pb.ACK_STATUS_REJECTED, code=11, reason="the run finished at round 9")
+    assert not ack_applied(over, 5, "0")  # OUT_OF_RANGE: not applied, the worker goes on
+    with pytest.raises(WorkerError, match="code 9"):
         ack_applied(pb.Ack(status=pb.ACK_STATUS_REJECTED, code=9, last_seq=2), 5, "0")
     with pytest.raises(WorkerError, match="code 3"):
         ack_applied(pb.Ack(status=pb.ACK_STATUS_REJECTED, code=3, last_seq=4), 5, "0")

@@ -207,16 +207,27 @@ class ParameterServerClient:
 
     def push(self, round: int, seq: int, update: pb.SparseUpdate) -> pb.Ack:
         """Send one update; a retry resends the identical request (same seq), so it is applied
-        at most once. Returns the Ack whatever its status: REJECTED is the caller's to judge."""
+        at most once.
+
+        The server refuses by ending the call with a status. One refusal is part of a normal
+        run's end — OUT_OF_RANGE, the run finished before this update arrived (a round closed
+        by quorum without it) — and comes back as a REJECTED Ack carrying that code, for the
+        caller to judge (byzps.worker.session.ack_applied); any other refusal raises ServerError.
+        """
         request = pb.PushUpdateRequest(
             worker_id=self.worker_id, round=round, seq=seq, update=update
         )
-        return self._retrying(
-            "PushUpdate",
-            lambda: self._stub.PushUpdate(
-                request, timeout=self.call_timeout, metadata=self._metadata
-            ),
-        )
+        try:
+            return self._retrying(
+                "PushUpdate",
+                lambda: self._stub.PushUpdate(
+                    request, timeout=self.call_timeout, metadata=self._metadata
+                ),
+            )
+        except ServerError as exc:
+            if exc.code != grpc.StatusCode.OUT_OF_RANGE:
+                raise
+            return pb.Ack(status=pb.ACK_STATUS_REJECTED, code=exc.code.value[0], reason=exc.details)
 
     def status(self) -> pb.StatusReply:
         return self._retrying(

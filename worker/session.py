@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from byzps.common.codec import encode_sparse
 from byzps.common.config import RunConfig
 from byzps.common.sparse import SparseVector
@@ -81,27 +83,19 @@ def encode_row(vec: SparseVector, config: RunConfig) -> pb.SparseUpdate:
 
 def ack_applied(ack: pb.Ack, seq: int, worker_id: str) -> bool:
     """True when the update with `seq` is applied on the server (ACCEPTED, or DUPLICATE: applied
-    by an earlier attempt), so the worker commits it. False when the server refused it without
-    applying and the worker can go on without committing (e.g. it was too late): the estimator's
-    mirror and the server's state are then still equal. Raises WorkerError when going on would
-    desynchronise the two (a seq gap: the server lost acknowledged updates) or the update was
-    malformed (a bug)."""
+    by an earlier attempt), so the worker commits it. False when the run ended before it arrived
+    (a REJECTED Ack with OUT_OF_RANGE, see ParameterServerClient.push): nothing was applied, the
+    estimator's mirror still equals the server's state, and the worker goes on to fetch the
+    final model. Any other refusal raises WorkerError."""
     if ack.status in (pb.ACK_STATUS_ACCEPTED, pb.ACK_STATUS_DUPLICATE):
         return True
-    if ack.status == pb.ACK_STATUS_REJECTED:
-        if ack.last_seq != seq - 1:
-            raise WorkerError(
-                f"worker {worker_id}: seq {seq} rejected, the server's last_seq is "
-                f"{ack.last_seq} (expected {seq - 1}): {ack.reason}. The server has lost or "
-                "invented acknowledged updates; this worker's state no longer mirrors it."
-            )
-        if ack.code == 9:  # FAILED_PRECONDITION: round too old/new; nothing was applied
-            log.warning("worker %s: seq %d not applied (%s); going on", worker_id, seq, ack.reason)
-            return False
-        raise WorkerError(
-            f"worker {worker_id}: update seq {seq} rejected: {ack.reason} (code {ack.code})"
-        )
-    raise WorkerError(f"worker {worker_id}: Ack with unknown status {ack.status}")
+    if ack.status == pb.ACK_STATUS_REJECTED and ack.code == grpc.StatusCode.OUT_OF_RANGE.value[0]:
+        log.info("worker %s: seq %d not applied (%s)", worker_id, seq, ack.reason)
+        return False
+    raise WorkerError(
+        f"worker {worker_id}: update seq {seq} refused: {ack.reason} (status {ack.status}, "
+        f"code {ack.code})"
+    )
 
 
 def check_resumable(worker_id: str, server_last_seq: int, my_last_seq: int) -> None:

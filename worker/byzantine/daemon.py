@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 from torch import Tensor
 
 from byzps.common.config import RunConfig
@@ -38,7 +39,7 @@ from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.worker.byzantine import build_attack
 from byzps.worker.byzantine.base import Attack
 from byzps.worker.byzantine.cohort import ByzantineCohort
-from byzps.worker.client import ParameterServerClient
+from byzps.worker.client import ParameterServerClient, ServerError
 from byzps.worker.session import AckLedger, Run, WorkerError, ack_applied, build_run, encode_row
 
 log = logging.getLogger(__name__)
@@ -146,33 +147,37 @@ def run_attack(
     secret: bytes | None,
     *,
     count: int,
-    first_id: int | None = None,
+    first_id: int,
     attack_name: str | None = None,
     force_cohort: bool = False,
     ledger_path: Path | None = None,
     client_options: dict[str, float] | None = None,
 ) -> None:
-    """Register F = `count` identities (ids first_id … first_id + F − 1, default h … h + F − 1),
-    build the cohort from the server's config and attack until the run ends."""
+    """Register F = `count` identities, ids first_id … first_id + F − 1 (`byzps launch` uses
+    h … n − 1), build the cohort from the server's config and attack until the run ends.
+
+    The ids are the caller's to give: this process registers under no other id, not even to read
+    the run config (see `_read_config`)."""
     from byzps.common.components import build_run_compressor, build_run_estimator
 
     if count < 1:
         raise WorkerError(f"--count must be at least 1, got {count}")
+    if first_id < 0:
+        raise WorkerError(f"--first-id must be at least 0, got {first_id}")
     clients: list[ParameterServerClient] = []
     ledger = AckLedger(ledger_path)
     try:
-        run_info = build_run(_read_config(address, secret, first_id, client_options))
+        ids = list(range(first_id, first_id + count))
+        run_info = build_run(_read_config(address, secret, ids[-1], client_options))
         config = run_info.config
-        first = config.honest_workers if first_id is None else first_id
-        ids = list(range(first, first + count))
         if ids[-1] >= config.cluster.workers:
             raise WorkerError(
                 f"member ids {ids[0]}…{ids[-1]} exceed the run's ids 0…{config.cluster.workers - 1}"
             )
-        if first < config.honest_workers:
+        if first_id < config.honest_workers:
             log.warning(
                 "Byzantine ids start at %d, inside the honest range 0…%d",
-                first,
+                first_id,
                 config.honest_workers - 1,
             )
         attack = resolve_attack(config, attack_name, force_cohort=force_cohort)
@@ -214,16 +219,26 @@ def run_attack(
 def _read_config(
     address: str,
     secret: bytes | None,
-    first_id: int | None,
+    member_id: int,
     client_options: dict[str, float] | None,
 ) -> pb.RegisterReply:
-    """A registration reply (it carries the run config) before the member ids are known.
+    """A registration reply (it carries the run config), read by registering `member_id`, one
+    of this process's own ids, before the cohort is built.
 
-    With --first-id, the first member registers under its own id. Without it the ids depend on h,
-    which only the config holds, so the config is read by registering worker id "0" — an honest
-    worker that registers under the same id anyway; Register is idempotent and changes no state
-    but "seen". `byzps launch` always passes --first-id.
+    Registering is not free of effects: the server counts a registered id among the workers it
+    waits for (to open round 0, and to close a round early once everyone has pushed), so this
+    process must never register an id it does not hold, such as an honest worker's. The caller
+    passes its last id: when that lies outside the run's [0, n), the server refuses it
+    (PERMISSION_DENIED) before anything is registered.
     """
-    wid = "0" if first_id is None else str(first_id)
+    wid = str(member_id)
     with ParameterServerClient(address, wid, secret, **(client_options or {})) as client:
-        return client.register()
+        try:
+            return client.register()
+        except ServerError as exc:
+            if exc.code != grpc.StatusCode.PERMISSION_DENIED:
+                raise
+            raise WorkerError(
+                f"member id {wid} (--first-id + --count − 1) is not a worker of this run: "
+                f"{exc.details}. Byzantine ids are h … n − 1 for the server's config."
+            ) from None

@@ -30,9 +30,11 @@ class ParameterServerStub:
     Service
     ---------------------------------------------------------------------------------------------
 
-    Malformed or unauthorized calls end with a non-OK gRPC status whose code says why
-    (INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION, ...); a PushUpdate
-    from an authenticated worker is always answered with an Ack, REJECTED carrying the same code.
+    A refused call of any kind, PushUpdate included, ends with a non-OK gRPC status whose code says
+    why (INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION,
+    RESOURCE_EXHAUSTED, UNAVAILABLE, ...) and whose details give the reason, e.g. "nnz 600 exceeds
+    k_max 500"; nothing is changed on the server. An OK PushUpdate is answered with an Ack that is
+    ACCEPTED or DUPLICATE, never REJECTED.
     """
 
     def __init__(self, channel):
@@ -73,9 +75,11 @@ class ParameterServerServicer:
     Service
     ---------------------------------------------------------------------------------------------
 
-    Malformed or unauthorized calls end with a non-OK gRPC status whose code says why
-    (INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION, ...); a PushUpdate
-    from an authenticated worker is always answered with an Ack, REJECTED carrying the same code.
+    A refused call of any kind, PushUpdate included, ends with a non-OK gRPC status whose code says
+    why (INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION,
+    RESOURCE_EXHAUSTED, UNAVAILABLE, ...) and whose details give the reason, e.g. "nnz 600 exceeds
+    k_max 500"; nothing is changed on the server. An OK PushUpdate is answered with an Ack that is
+    ACCEPTED or DUPLICATE, never REJECTED.
     """
 
     def Register(self, request, context):
@@ -150,9 +154,11 @@ class ParameterServer:
     Service
     ---------------------------------------------------------------------------------------------
 
-    Malformed or unauthorized calls end with a non-OK gRPC status whose code says why
-    (INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION, ...); a PushUpdate
-    from an authenticated worker is always answered with an Ack, REJECTED carrying the same code.
+    A refused call of any kind, PushUpdate included, ends with a non-OK gRPC status whose code says
+    why (INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION,
+    RESOURCE_EXHAUSTED, UNAVAILABLE, ...) and whose details give the reason, e.g. "nnz 600 exceeds
+    k_max 500"; nothing is changed on the server. An OK PushUpdate is answered with an Ack that is
+    ACCEPTED or DUPLICATE, never REJECTED.
     """
 
     @staticmethod

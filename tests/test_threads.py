@@ -1,0 +1,35 @@
+"""Worker daemons cap their compute threads: n of them on one machine must not each start a
+pool as wide as the machine (their idle threads spin against each other)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from byzps.cli.launch import threads_each
+
+
+@pytest.mark.parametrize("processes", [1, 2, 20, 1000])
+def test_launch_gives_each_worker_process_its_share_of_the_cores(processes: int) -> None:
+    import os
+
+    cores = os.cpu_count() or 1
+    assert threads_each(processes) == max(1, cores // processes)
+
+
+def test_the_threads_option_caps_torch_and_numba_pools() -> None:
+    probe = (
+        "import click, numba, torch\n"
+        "from byzps.cli.daemon_common import daemon_options\n"
+        "@click.command()\n"
+        "@daemon_options\n"
+        "def cmd(**kw):\n"
+        "    print(torch.get_num_threads(), numba.get_num_threads())\n"
+        "cmd(['--server', 'x:1', '--threads', '1'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.split() == ["1", "1"]
