@@ -35,6 +35,7 @@ rounds, in ms. For whole rounds with 20 worker processes see benchmarks/bench_cl
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from timing import as_the_daemons_run
 
 from byzps.common.codec import MAX_MESSAGE_BYTES, decode_sparse
 from byzps.common.components import build_run_compressor, build_run_estimator, build_run_task
@@ -252,7 +254,7 @@ def run_pair(
     config = run_config(dim, aggregator, args)
     workers = Workers(config)
     paths = [
-        PathResult(sparse, build_engine(config, build_run_task(config), incremental=sparse))
+        PathResult(sparse, build_engine(config, build_run_task(config), sparse_downlink=sparse))
         for sparse in (False, True)
     ]
     shares = Shares()
@@ -290,6 +292,7 @@ def raw_baseline(lb: Loopback, total_bytes: int, n: int, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    as_the_daemons_run()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--rounds", type=int, nargs="+", default=[4, 2], help="per size")
@@ -302,8 +305,9 @@ def main(argv: list[str] | None = None) -> None:
 
     print("$ python " + shlex.join(["benchmarks/bench_round.py", *sys.argv[1:]]))
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, n = {args.workers}, "
-        f"f = {args.f}, Byz-DM21 + Top-k density {args.density} on quadratic, loopback gRPC"
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, n = {args.workers}, f = {args.f}, "
+        f"Byz-DM21 + Top-k density {args.density} on quadratic, loopback gRPC"
     )
     lb = Loopback()
     try:

@@ -3,7 +3,9 @@ module is importable as `timing`)."""
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -17,3 +19,13 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def as_the_daemons_run() -> None:
+    """Re-run this script with OMP_WAIT_POLICY=PASSIVE unless it is set: the byzps daemons run
+    so (byzps.cli.daemon_common.quiet_idle_threads), and spinning OpenMP threads would otherwise
+    slow the benchmark's own gRPC threads. Must run before any timing; torch may be imported."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)

@@ -8,6 +8,7 @@ unreachable past the retry budget, 4 the server refused a call (a non-retryable 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,19 @@ import click
 EXIT_DIVERGED = 2
 EXIT_UNREACHABLE = 3
 EXIT_REFUSED = 4
+
+
+def quiet_idle_threads() -> None:
+    """Let idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless the
+    environment says otherwise); children of `byzps launch` inherit it.
+
+    Why: a daemon alternates short tensor ops with gRPC work on the same cores, and torch's
+    OpenMP threads spin for a while after every parallel op, taking the CPU from gRPC's threads.
+    Measured on 2 cores (d = 1e6, torch with 2 threads): 20 sparse-downlink fetches 57 → 30 ms,
+    cm and mean unchanged; a 20-worker cluster at d = 1e5 went from 65 to 48 ms per round. Only
+    effective before torch is first imported (libgomp reads it once).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def set_threads(ctx: click.Context, param: click.Parameter, threads: int | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from byzps.cli.attack import attack
+from byzps.cli.daemon_common import quiet_idle_threads
 from byzps.cli.launch import launch
 from byzps.cli.report import report
 from byzps.cli.server import server
@@ -13,11 +14,17 @@ from byzps.cli.status import status
 from byzps.cli.sweep import sweep
 from byzps.cli.worker import worker
 
+#: Commands that run (or start) network daemons, whose threads must not spin while idle.
+DAEMONS = frozenset({"server", "worker", "attack", "launch"})
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="byzps")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """byzps: a Byzantine-robust parameter server with compressed communication."""
+    if ctx.invoked_subcommand in DAEMONS:
+        quiet_idle_threads()  # before any option callback or command imports torch
 
 
 @main.command()

@@ -126,7 +126,7 @@ def server(
         fsync_wal=fsync_wal,
     )
     try:
-        task, engine, max_nnz = _build(config, incremental=downlink == "sparse")
+        task, engine, max_nnz = _build(config, sparse_downlink=downlink == "sparse")
     except ConfigError as exc:
         raise ServerUsageError(f"{config_path}: {exc}") from None
 
@@ -144,7 +144,7 @@ def server(
 
 
 def _build(
-    config: RunConfig, *, incremental: bool
+    config: RunConfig, *, sparse_downlink: bool
 ) -> tuple[Task, RoundEngine, Callable[[int], int]]:
     """Task, engine at x⁰ and the per-round k_max, built exactly as the simulator builds them."""
     from byzps.common.components import build_run_task, build_server_estimator
@@ -152,5 +152,5 @@ def _build(
 
     task = build_run_task(config)
     estimator = build_server_estimator(config, task)
-    engine = build_engine(config, task, estimator, incremental=incremental)
+    engine = build_engine(config, task, estimator, sparse_downlink=sparse_downlink)
     return task, engine, estimator.max_nnz

@@ -1,10 +1,11 @@
-"""Incremental coordinate-wise aggregation: bit-identical to a full recompute, and only where exact.
+"""Incremental coordinate-wise aggregation and the change of ĝ: bit-identical to a full recompute.
 
-A reference engine with `incremental_limit = -1` aggregates every column every round; the engine
-under test recomputes only the dirty columns. Both must agree bit for bit (−0.0 vs +0.0 included)
-on the aggregate and on x, over many random rounds with partial participation, zero and signed-
-zero values, repeated rows and the occasional round too dense to be worth doing incrementally.
-A mirror that only ever sees `last_delta` must also track x exactly.
+A reference engine with both limits negative aggregates every column every round and records no
+delta; the engine under test recomputes only the dirty columns where it may (its limits are raised
+so that the small test problem takes that path) and records ĝ's change from either path. Both
+must agree bit for bit (−0.0 vs +0.0 included) on the aggregate and on x, over many random rounds
+with partial participation, zero and signed-zero values, repeated rows and the occasional round
+too dense to be done incrementally. A mirror that only ever sees `last_delta` must track x exactly.
 """
 
 from __future__ import annotations
@@ -32,16 +33,49 @@ def bits(t: Tensor) -> Tensor:
 def engine(
     rule: str, aggregator: str, pre: tuple[str, ...] = (), full: bool = False
 ) -> RoundEngine:
+    """The engine under test (incremental up to |U| = D/2), or the full reference (`full`)."""
     x0 = torch.randn(D, generator=torch.Generator().manual_seed(1))
-    e = RoundEngine(
+    limit = -1.0 if full else 0.5
+    return RoundEngine(
         x0,
         build_server_rule(rule, N, D, **RULE_PARAMS[rule]),
         build_aggregator(aggregator, f=2, pre=pre),
         lr=0.1,
+        delta_limit=limit,
+        incremental_limit=limit,
     )
-    if full:
-        e.incremental_limit = -1.0
-    return e
+
+
+def count_incremental(e: RoundEngine) -> list[int]:
+    """A counter of the aggregations `e` does on dirty columns only."""
+    calls = [0]
+    inner = e.aggregator.aggregate_columns
+
+    def counted(x: Tensor, columns: Tensor) -> Tensor:
+        calls[0] += 1
+        return inner(x, columns)
+
+    e.aggregator.aggregate_columns = counted  # type: ignore[method-assign]
+    return calls
+
+
+def mirror_check(e: RoundEngine):
+    """on_close for play(): a worker-side mirror fed only `last_delta` (dense resync when None)
+    must hold e's x bit for bit; returns (check, number of deltas applied)."""
+    state = {"x": e.x.clone(), "g": e.last_aggregate.clone(), "deltas": 0}
+
+    def check() -> None:
+        delta = e.last_delta
+        if delta is None:
+            state["x"], state["g"] = e.x.clone(), e.last_aggregate.clone()
+            return
+        state["deltas"] += 1
+        assert delta.round == e.round
+        state["g"][delta.indices.long()] = delta.values
+        apply_step(state["x"], state["g"], e.lr)
+        assert torch.equal(bits(state["x"]), bits(e.x))
+
+    return check, state
 
 
 def random_batch(gen: torch.Generator, rows: int, k: int) -> SparseBatch:
@@ -79,35 +113,28 @@ def play(engines: list[RoundEngine], seed: int, on_close=None) -> None:
 @pytest.mark.parametrize("aggregator", ["mean", "cm", "cwtm"])
 def test_incremental_is_bit_identical_to_full(aggregator: str, rule: str, backend: str) -> None:
     fast, full = engine(rule, aggregator), engine(rule, aggregator, full=True)
-    mirror_x, mirror_g = fast.x.clone(), fast.last_aggregate.clone()
-    deltas = 0
+    incremental = count_incremental(fast)
+    follow, mirror = mirror_check(fast)
 
     def check() -> None:
-        nonlocal deltas, mirror_x, mirror_g
         assert torch.equal(bits(fast.last_aggregate), bits(full.last_aggregate))
         assert torch.equal(bits(fast.x), bits(full.x))
-        delta = fast.last_delta
-        if delta is None:  # a full round: the mirror resyncs densely, as a worker would
-            mirror_x, mirror_g = fast.x.clone(), fast.last_aggregate.clone()
-            return
-        deltas += 1
-        assert delta.round == fast.round
-        mirror_g[delta.indices.long()] = delta.values
-        apply_step(mirror_x, mirror_g, fast.lr)
-        assert torch.equal(bits(mirror_x), bits(fast.x))
+        follow()
 
     with forced_backend(backend):
         play([fast, full], seed=zlib.crc32(f"{aggregator}/{rule}".encode()), on_close=check)
     assert full.last_delta is None
-    assert deltas > ROUNDS // 2  # most rounds really were incremental
+    assert incremental[0] > ROUNDS // 2  # most rounds really were incremental
+    assert mirror["deltas"] > ROUNDS // 2
 
 
 def test_delta_holds_only_changed_coordinates() -> None:
     e = engine("state", "mean")
     gen = torch.Generator().manual_seed(3)
     e.absorb(torch.arange(N), random_batch(gen, N, 5))
-    e.close_round()  # round 0 is a full aggregation
-    assert e.last_delta is None
+    e.close_round()  # round 0: a full aggregation, its change found by comparison with ĝ = 0
+    assert e.last_delta is not None
+    assert torch.equal(e.last_delta.indices.long(), e.last_aggregate.nonzero().flatten())
     before = e.last_aggregate.clone()
     e.absorb(torch.tensor([2]), random_batch(gen, 1, 5))
     e.close_round()
@@ -117,6 +144,34 @@ def test_delta_holds_only_changed_coordinates() -> None:
     assert torch.equal(changed, delta.indices.long())
     e.close_round()  # nobody pushed: nothing changes
     assert e.last_delta is not None and e.last_delta.indices.numel() == 0
+
+
+def test_a_change_larger_than_the_limit_is_not_recorded() -> None:
+    e = engine("state", "mean")
+    e.absorb(torch.arange(N), random_batch(torch.Generator().manual_seed(4), N, D // 2))
+    e.close_round()  # ĝ moves on far more than D/2 coordinates
+    assert e.last_delta is None
+
+
+def test_full_aggregations_still_give_exact_deltas() -> None:
+    """The default limits at a scale where the union is too large for the incremental path:
+    the change of ĝ comes from comparing it with its predecessor, and a mirror stays exact."""
+    x0 = torch.zeros(20_000)
+    e = RoundEngine(x0, build_server_rule("state", 20, 20_000), build_aggregator("cm", 4), 0.1)
+    incremental = count_incremental(e)
+    follow, mirror = mirror_check(e)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(6):
+        idx = torch.stack(
+            [torch.randperm(20_000, generator=gen)[:200].sort().values for _ in range(20)]
+        )
+        e.absorb(
+            torch.arange(20),
+            SparseBatch(idx.to(torch.int32), torch.randn(20, 200, generator=gen), 20_000),
+        )
+        e.close_round()
+        follow()
+    assert incremental[0] == 0 and mirror["deltas"] == 6
 
 
 @pytest.mark.parametrize(
@@ -132,14 +187,18 @@ def test_delta_holds_only_changed_coordinates() -> None:
     ],
 )
 def test_incremental_is_off_where_inexact(rule: str, aggregator: str, pre: tuple[str, ...]) -> None:
-    """Rules that mix rows, and server rules that change whole rows, always aggregate in full."""
+    """Rules that mix rows, and server rules that change whole rows, always aggregate in full;
+    the change of ĝ they record (when small enough) still keeps a mirror exact."""
     fast, full = engine(rule, aggregator, pre), engine(rule, aggregator, pre, full=True)
+    incremental = count_incremental(fast)
+    follow, _ = mirror_check(fast)
 
     def check() -> None:
-        assert fast.last_delta is None
         assert torch.equal(bits(fast.x), bits(full.x))
+        follow()
 
     play([fast, full], seed=5, on_close=check)
+    assert incremental[0] == 0
 
 
 def test_checkpoint_restore_aggregates_in_full_once() -> None:

@@ -3,6 +3,7 @@ pool as wide as the machine (their idle threads spin against each other)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,6 @@ from byzps.cli.launch import threads_each
 
 @pytest.mark.parametrize("processes", [1, 2, 20, 1000])
 def test_launch_gives_each_worker_process_its_share_of_the_cores(processes: int) -> None:
-    import os
-
     cores = os.cpu_count() or 1
     assert threads_each(processes) == max(1, cores // processes)
 
@@ -33,3 +32,21 @@ def test_the_threads_option_caps_torch_and_numba_pools() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.split() == ["1", "1"]
+
+
+def test_daemon_commands_start_with_idle_threads_sleeping() -> None:
+    probe = (
+        "import os, sys\n"
+        "from byzps.cli import main as m\n"
+        "import click\n"
+        "@m.main.command('worker-probe')\n"
+        "def probe():\n"
+        "    print(os.environ.get('OMP_WAIT_POLICY'))\n"
+        "m.DAEMONS = m.DAEMONS | {'worker-probe'}\n"
+        "m.main(['worker-probe'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.stdout.split() == ["PASSIVE"], out.stderr
