@@ -1,12 +1,14 @@
 """Whole rounds of a real cluster: `byzps launch` with n worker processes, dense vs sparse downlink.
 
 Usage:  python benchmarks/bench_cluster.py [--dim 1000000] [--workers 20] [--rounds 100 60]
-            [--aggregators mean cm nnm+cm] [--density 0.01] [--out /tmp/bench-cluster]
+            [--aggregators mean cm nnm+cm] [--density 0.01] [--noise 1.0]
+            [--out /tmp/byzps-bench-cluster]
 
 Each cell is one `byzps launch` on 127.0.0.1 — a server process, n honest Byz-DM21 worker
 processes (η = 0.1, Top-k with k = density · d) on the d-dimensional `quadratic` task — run once
 with `--downlink dense` (every round's model sent whole, every column aggregated) and once with
-`--downlink sparse` (incremental aggregation + the change of ĝ where that is exact). The round
+`--downlink sparse` (the change of ĝ whenever it is smaller than the model, incremental
+aggregation where the union of the supports is small). The round
 time is read from the server's metrics.jsonl: (wall at the last round − wall at the end of the
 warm-up) / measured rounds, so start-up and the warm-up (states start at g = 0 and need ~100
 rounds at Top-1% to become dense, as in a long run) are excluded. Both runs of a cell must end
@@ -40,7 +42,7 @@ def config_dict(args: argparse.Namespace, aggregator: str) -> dict:
     warmup, measured = args.rounds
     return {
         "run": {"seed": 0, "rounds": warmup + measured, "eval_every": warmup},
-        "task": {"name": "quadratic", "params": {"dim": args.dim}},
+        "task": {"name": "quadratic", "params": {"dim": args.dim, "noise": args.noise}},
         "cluster": {"workers": args.workers, "byzantine": args.f},
         "algorithm": {"name": "byz-dm21", "lr": 0.1, "eta": 0.1},
         "compressor": {"name": "topk", "ratio": args.density},
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=20)
     parser.add_argument("--f", type=int, default=4)
     parser.add_argument("--density", type=float, default=0.01, help="k / d")
+    parser.add_argument(
+        "--noise", type=float, default=1.0, help="gradient noise σ (0: no draws, less compute)"
+    )
     parser.add_argument("--rounds", type=int, nargs=2, default=[100, 60], metavar=("WARM", "N"))
     parser.add_argument("--aggregators", nargs="+", default=["mean", "cm", "nnm+cm"])
     parser.add_argument("--out", type=Path, default=Path("/tmp/byzps-bench-cluster"))
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     print("$ python " + shlex.join(["benchmarks/bench_cluster.py", *sys.argv[1:]]))
     print(
         f"byzps launch: 1 server + {args.workers} worker processes on 127.0.0.1, "
-        f"d = {args.dim:,}, Byz-DM21 + Top-k density {args.density} on quadratic, "
+        f"d = {args.dim:,}, Byz-DM21 + Top-k density {args.density} on quadratic "
+        f"(noise {args.noise}), "
         f"{args.rounds[0]} warm-up + {args.rounds[1]} measured rounds"
     )
     compute = worker_compute_ms(config_dict(args, "mean"))
