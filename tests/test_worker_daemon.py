@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.engine import build_engine
 from byzps.worker import checkpoint as ckpt
 from byzps.worker.byzantine.daemon import resolve_attack
+from byzps.worker.client import ServerError
 from byzps.worker.daemon import HonestWorker
 from byzps.worker.session import AckLedger, Run, WorkerError, ack_applied, check_resumable
 
@@ -52,8 +54,8 @@ class EngineClient:
             raise ConnectionError("crash before the update left the worker")
         if seq <= self.last_seq:
             return pb.Ack(status=pb.ACK_STATUS_DUPLICATE, last_seq=self.last_seq)
-        if seq != self.last_seq + 1:
-            return pb.Ack(status=pb.ACK_STATUS_REJECTED, code=9, last_seq=self.last_seq)
+        if seq != self.last_seq + 1:  # as the real server: a gap ends the call with a status
+            raise ServerError("PushUpdate", grpc.StatusCode.FAILED_PRECONDITION, "seq gap")
         batch = SparseBatch.stack([decode_sparse(update)])
         self.engine.absorb(torch.tensor([0]), batch)
         self.engine.close_round()
