@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -48,7 +49,7 @@ from byzps.cli.worker import _raise_interrupt
 def attack(
     address: str,
     secret_file: Path | None,
-    retry_timeout: float,
+    client_options: dict[str, Any],
     log_level: str,
     attack_name: str | None,
     count: int,
@@ -59,7 +60,6 @@ def attack(
     """Hold COUNT Byzantine identities and attack the run at --server until it ends."""
     from byzps.common.credentials import load_secret
     from byzps.worker.byzantine.daemon import run_attack
-    from byzps.worker.client import RetryPolicy
 
     setup_logging(log_level, "attack")
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -72,6 +72,6 @@ def attack(
             attack_name=attack_name,
             force_cohort=force_cohort,
             ledger_path=ledger,
-            client_options={"retry": RetryPolicy(give_up_after=retry_timeout)},
+            client_options=client_options,
         )
     )

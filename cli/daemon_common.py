@@ -7,6 +7,7 @@ unreachable past the retry budget, 4 the server refused a call (a non-retryable 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -51,9 +52,70 @@ def set_threads(ctx: click.Context, param: click.Parameter, threads: int | None)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
+def client_options(
+    retry_timeout: float,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_server_name: str | None,
+) -> dict[str, Any]:
+    """ParameterServerClient keyword arguments from the shared options: the retry budget and,
+    when any TLS option is given, the channel's TLS credentials."""
+    from byzps.worker.client import RetryPolicy
+
+    options: dict[str, Any] = {"retry": RetryPolicy(give_up_after=retry_timeout)}
+    if tls_ca or tls_cert or tls_key or tls_server_name:
+        from byzps.common.credentials import channel_tls
+
+        try:
+            options["credentials"] = channel_tls(tls_ca, tls_cert, tls_key)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        options["tls_server_name"] = tls_server_name
+    return options
+
+
+def tls_client_options() -> list[Callable[[Any], Any]]:
+    """--tls-ca, --tls-cert, --tls-key, --tls-server-name: a client's side of TLS (see
+    `client_options`), shared by the daemons and `byzps status`."""
+    return [
+        click.option(
+            "--tls-ca",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="Connect with TLS, trusting this CA (PEM) for the server's certificate.",
+        ),
+        click.option(
+            "--tls-cert",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="Mutual TLS: this client's certificate (PEM); needs --tls-key.",
+        ),
+        click.option(
+            "--tls-key",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="The private key (PEM) of --tls-cert.",
+        ),
+        click.option(
+            "--tls-server-name",
+            default=None,
+            help="The name the server's certificate carries, when not the --server host.",
+        ),
+    ]
+
+
+def tls_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the client-side TLS options to a command (which receives them as keywords)."""
+    for option in reversed(tls_client_options()):
+        func = option(func)
+    return func
+
+
 def daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--server, --secret-file, --retry-timeout, --log-level, --threads, shared by the worker
-    daemons."""
+    """--server, --secret-file, --retry-timeout, --tls-*, --log-level, --threads, shared by the
+    worker daemons. The decorated command receives `client_options` (see above) in place of the
+    retry and TLS options."""
     options = [
         click.option(
             "--server",
@@ -75,6 +137,7 @@ def daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Seconds of consecutive server failure before giving up.",
         ),
+        *tls_client_options(),
         click.option(
             "--threads",
             type=click.IntRange(min=1),
@@ -91,9 +154,23 @@ def daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
         ),
     ]
+
+    @functools.wraps(func)
+    def command(
+        *,
+        retry_timeout: float,
+        tls_ca: Path | None,
+        tls_cert: Path | None,
+        tls_key: Path | None,
+        tls_server_name: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        security = client_options(retry_timeout, tls_ca, tls_cert, tls_key, tls_server_name)
+        return func(client_options=security, **kwargs)
+
     for option in reversed(options):
-        func = option(func)
-    return func
+        command = option(command)
+    return command
 
 
 def setup_logging(level: str, name: str) -> None:

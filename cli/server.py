@@ -16,6 +16,8 @@ from byzps.cli.simulate import load_config
 from byzps.common.config import ConfigError, RunConfig
 
 if TYPE_CHECKING:
+    import grpc
+
     from byzps.common.tasks.base import Task
     from byzps.server.engine import RoundEngine
 
@@ -71,6 +73,21 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
 @click.option("--no-auth", is_flag=True, help="Accept calls without tokens (tests only).")
 @click.option("--fsync-wal", is_flag=True, help="fsync every log record (survives power loss).")
 @click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Serve TLS with this certificate chain (PEM); needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The private key (PEM) of --tls-cert.",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Mutual TLS: accept only clients whose certificate this CA (PEM) signed.",
+)
+@click.option(
     "--downlink",
     type=click.Choice(["sparse", "dense"]),
     default="sparse",
@@ -93,6 +110,9 @@ def server(
     secret_file: Path | None,
     no_auth: bool,
     fsync_wal: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
     downlink: str,
 ) -> None:
     """Serve one run to its last round: workers register, push updates and fetch the model."""
@@ -124,6 +144,7 @@ def server(
         linger=linger,
         secret=_secret(secret_file, no_auth),
         fsync_wal=fsync_wal,
+        tls=_tls(tls_cert, tls_key, tls_client_ca),
     )
     try:
         task, engine, max_nnz = _build(config, sparse_downlink=downlink == "sparse")
@@ -141,6 +162,24 @@ def server(
     except (StartupError, CheckpointError, WalError) as exc:
         raise ServerUsageError(str(exc)) from None
     sys.exit(code)
+
+
+def _tls(
+    cert: Path | None, key: Path | None, client_ca: Path | None
+) -> grpc.ServerCredentials | None:
+    """The port's TLS credentials, or None for plaintext; ServerUsageError names the option."""
+    from byzps.common.credentials import server_tls
+
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ServerUsageError("--tls-client-ca: needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        raise ServerUsageError("--tls-cert and --tls-key go together")
+    try:
+        return server_tls(cert, key, client_ca)
+    except ValueError as exc:
+        raise ServerUsageError(str(exc)) from None
 
 
 def _build(

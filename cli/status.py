@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import click
+
+from byzps.cli.daemon_common import client_options, tls_options
 
 
 @click.command()
 @click.option("--server", "address", required=True, metavar="HOST:PORT")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.1))
-def status(address: str, timeout: float) -> None:
+@tls_options
+def status(
+    address: str,
+    timeout: float,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_server_name: str | None,
+) -> None:
     """Print the server's round, its registered workers and bytes in/out as a small table."""
     import grpc
 
     from byzps.proto.v1 import parameter_server_pb2 as pb
     from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
+    from byzps.worker.client import open_channel
 
-    with grpc.insecure_channel(address) as channel:
+    security = client_options(timeout, tls_ca, tls_cert, tls_key, tls_server_name)
+    channel = open_channel(address, security.get("credentials"), security.get("tls_server_name"))
+    with channel:
         try:
             reply = pb_grpc.ParameterServerStub(channel).Status(pb.StatusRequest(), timeout=timeout)
         except grpc.RpcError as exc:

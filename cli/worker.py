@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -38,7 +39,7 @@ from byzps.cli.daemon_common import daemon_options, run_daemon, setup_logging
 def worker(
     address: str,
     secret_file: Path | None,
-    retry_timeout: float,
+    client_options: dict[str, Any],
     log_level: str,
     worker_id: int,
     checkpoint_dir: Path | None,
@@ -47,7 +48,6 @@ def worker(
     """Run honest worker ID: fetch each round's model, send its compressed update, until the
     server publishes the final model."""
     from byzps.common.credentials import load_secret
-    from byzps.worker.client import RetryPolicy
     from byzps.worker.daemon import run_worker
 
     setup_logging(log_level, f"worker-{worker_id}")
@@ -59,7 +59,7 @@ def worker(
             load_secret(secret_file),
             checkpoint_dir=checkpoint_dir,
             ledger_path=ledger,
-            client_options={"retry": RetryPolicy(give_up_after=retry_timeout)},
+            client_options=client_options,
         )
     )
 

@@ -1,5 +1,5 @@
-"""Shared-secret credentials, used by both sides of the wire: the token a worker presents and where
-the shared secret comes from.
+"""Credentials used by both sides of the wire: the token a worker presents, where the shared
+secret comes from, and the TLS credentials of the server's port and of client channels.
 
 Every RPC except Status carries the gRPC metadata `byzps-token` =
 hex(HMAC-SHA256(secret, b"worker:" + worker_id)). A token binds the caller to one worker id, so a
@@ -13,6 +13,8 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
+
+import grpc
 
 #: gRPC metadata key of the worker token (lower case, as gRPC requires).
 TOKEN_METADATA_KEY = "byzps-token"
@@ -46,3 +48,45 @@ def load_secret(secret_file: Path | None) -> bytes | None:
     if secret_file is not None:
         return read_secret(secret_file)
     return secret_from_env()
+
+
+# --------------------------------------------------------------------------- transport security
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: {exc.strerror}") from None
+    if b"-----BEGIN" not in data:
+        raise ValueError(f"{what} {path}: not a PEM file")
+    return data
+
+
+def server_tls(cert: Path, key: Path, client_ca: Path | None = None) -> grpc.ServerCredentials:
+    """TLS for the server's port: its certificate chain and key (PEM); with `client_ca`, mutual
+    TLS — every client must present a certificate signed by that CA.
+
+    The HMAC tokens authenticate workers but travel in the clear without TLS, as do the model
+    and the updates; across machines, use this.
+    """
+    pair = (_read(key, "--tls-key"), _read(cert, "--tls-cert"))
+    if client_ca is None:
+        return grpc.ssl_server_credentials([pair])
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=_read(client_ca, "--tls-client-ca"), require_client_auth=True
+    )
+
+
+def channel_tls(
+    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS for a client channel: trust `ca` (default: the system's roots) and, for mutual TLS,
+    present `cert` and `key` (both or neither)."""
+    if (cert is None) != (key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=None if ca is None else _read(ca, "--tls-ca"),
+        private_key=None if key is None else _read(key, "--tls-key"),
+        certificate_chain=None if cert is None else _read(cert, "--tls-cert"),
+    )

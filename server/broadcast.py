@@ -23,9 +23,10 @@ class EncodedAnswers:
 
     A round has at most three answers (the change of ĝ, x with ĝ, x alone) and only the current
     round is ever served, so three entries hold everything still useful (at d = 1e7 a dense
-    answer is 40–80 MB). Keyed by identity: answers are immutable snapshots that the coordinator reuses for every
-    caller of a round, and an entry keeps its answer alive, so an id is never reused while
-    cached. Concurrent callers of a new answer wait for the one that encodes it.
+    answer is 40–80 MB). Keyed by identity: answers are immutable snapshots that the
+    coordinator reuses for every caller of a round, and an entry keeps its answer alive, so an
+    id is never reused while cached. Concurrent callers of a new answer wait for the one that
+    encodes it.
     """
 
     def __init__(self, keep: int = 3) -> None:

@@ -58,6 +58,8 @@ class DaemonOptions:
     linger: float = 5.0
     secret: bytes | None = None
     fsync_wal: bool = False
+    #: TLS for the port (byzps.common.credentials.server_tls); None: plaintext.
+    tls: grpc.ServerCredentials | None = None
 
 
 def recover(options: DaemonOptions, store: CheckpointStore | None) -> Recovered | None:
@@ -80,9 +82,13 @@ def recover(options: DaemonOptions, store: CheckpointStore | None) -> Recovered 
 
 
 def build_grpc_server(
-    coordinator: Coordinator, servicer: ParameterServerServicer, listen: str
+    coordinator: Coordinator,
+    servicer: ParameterServerServicer,
+    listen: str,
+    tls: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
-    """The gRPC server with our service, health and reflection, bound but not started."""
+    """The gRPC server with our service, health and reflection, bound (with TLS when `tls` is
+    given) but not started."""
     n = coordinator.num_workers
     peak = max(coordinator.k_max(0), coordinator.k_max(coordinator.round))
     limit = max(MAX_MESSAGE_BYTES, max_update_bytes(peak) + 1024)
@@ -100,7 +106,9 @@ def build_grpc_server(
     )
     reflection.enable_server_reflection(names, server)
     try:
-        port = server.add_insecure_port(listen)
+        port = (
+            server.add_insecure_port(listen) if tls is None else server.add_secure_port(listen, tls)
+        )
     except RuntimeError as exc:
         raise StartupError(f"--listen {listen}: cannot bind ({exc})") from None
     if port == 0:
@@ -144,7 +152,9 @@ def serve(
     servicer = ParameterServerServicer(
         coordinator, Authenticator(options.secret, config.cluster.workers), config, task
     )
-    server, health_servicer, port = build_grpc_server(coordinator, servicer, options.listen)
+    server, health_servicer, port = build_grpc_server(
+        coordinator, servicer, options.listen, options.tls
+    )
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -178,6 +178,7 @@ def in_process(
     deadline: float = 10.0,
     startup: float = 60.0,
     checkpoint_every: int = 50,
+    tls: grpc.ServerCredentials | None = None,
 ) -> Iterator[InProcess]:
     """A real gRPC server on 127.0.0.1:0 around a Coordinator whose clock the test moves."""
     if engine is None:
@@ -198,7 +199,10 @@ def in_process(
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     add_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", tls)
     server.start()
     try:
         yield InProcess(coordinator, f"127.0.0.1:{port}", clock, server)

@@ -60,6 +60,21 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+def open_channel(
+    address: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    tls_server_name: str | None = None,
+) -> grpc.Channel:
+    """A channel to the server: TLS with `credentials` (and the certificate name to expect, when
+    it differs from the address's host), plaintext without."""
+    if credentials is None:
+        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    options = list(_CHANNEL_OPTIONS)
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return grpc.secure_channel(address, credentials, options=options)
+
+
 class ServerUnreachable(RuntimeError):
     """The server stayed unreachable for longer than the retry budget."""
 
@@ -115,6 +130,8 @@ class ParameterServerClient:
         retry: RetryPolicy | None = None,
         config_digest: str = "",
         sparse_downlink: bool = True,
+        credentials: grpc.ChannelCredentials | None = None,
+        tls_server_name: str | None = None,
         on_register: Callable[[pb.RegisterReply], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -132,7 +149,7 @@ class ParameterServerClient:
         self._rng = random.Random()
         self._token = token_for(secret, worker_id) if secret is not None else None
         self._metadata = () if self._token is None else ((TOKEN_METADATA_KEY, self._token),)
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = open_channel(address, credentials, tls_server_name)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         self.registration: pb.RegisterReply | None = None
         self._reregister = False

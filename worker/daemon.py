@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from byzps.common.codec import decode_sparse
 from byzps.common.estimators.base import Estimator, GradientOracle
@@ -142,7 +143,7 @@ def run_worker(
     *,
     checkpoint_dir: Path | None = None,
     ledger_path: Path | None = None,
-    client_options: dict[str, float] | None = None,
+    client_options: dict[str, Any] | None = None,
 ) -> None:
     """Register, build the run from the server's config, resume if possible, train to the end."""
     from byzps.common.components import build_run_compressor, build_run_estimator

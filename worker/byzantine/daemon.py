@@ -28,6 +28,7 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 from torch import Tensor
@@ -151,7 +152,7 @@ def run_attack(
     attack_name: str | None = None,
     force_cohort: bool = False,
     ledger_path: Path | None = None,
-    client_options: dict[str, float] | None = None,
+    client_options: dict[str, Any] | None = None,
 ) -> None:
     """Register F = `count` identities, ids first_id … first_id + F − 1 (`byzps launch` uses
     h … n − 1), build the cohort from the server's config and attack until the run ends.
@@ -220,7 +221,7 @@ def _read_config(
     address: str,
     secret: bytes | None,
     member_id: int,
-    client_options: dict[str, float] | None,
+    client_options: dict[str, Any] | None,
 ) -> pb.RegisterReply:
     """A registration reply (it carries the run config), read by registering `member_id`, one
     of this process's own ids, before the cohort is built.
