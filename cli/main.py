@@ -6,6 +6,7 @@ import click
 
 from byzps.cli.attack import attack
 from byzps.cli.daemon_common import quiet_idle_threads
+from byzps.cli.deploy import deploy
 from byzps.cli.launch import launch
 from byzps.cli.report import report
 from byzps.cli.server import server
@@ -44,6 +45,7 @@ main.add_command(status)
 main.add_command(worker)
 main.add_command(attack)
 main.add_command(launch)
+main.add_command(deploy)
 
 if __name__ == "__main__":
     main()

@@ -138,17 +138,18 @@ class RunConfig:
 def to_toml(data: Mapping[str, Mapping[str, Any]]) -> str:
     """TOML text of a config's nested mapping (what `RunConfig.load` reads back): one table per
     section, nested tables written inline, None values left out (TOML has no null)."""
-    lines: list[str] = []
+    sections = []
     for section, values in data.items():
-        lines.append(f"[{section}]")
+        lines = [f"[{section}]"]
         lines += [f"{key} = {_toml_value(v)}" for key, v in values.items() if v is not None]
-    return "\n".join(lines) + "\n"
+        sections.append("\n".join(lines) + "\n")
+    return "\n".join(sections)
 
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, Mapping):
-        items = (f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None)
-        return "{ " + ", ".join(items) + " }"
+        items = [f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
     return json.dumps(value)  # JSON spells strings, numbers, booleans and lists as TOML does
 
 

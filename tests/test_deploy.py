@@ -1,13 +1,15 @@
-"""The deployment artefacts in deploy/, validated offline by real tools, and kept true to the CLI.
+"""The deployment artefacts, validated offline by real tools and kept true to the CLI.
 
-- deploy/Dockerfile: hadolint.
-- deploy/compose.yaml: the Compose Specification's JSON schema (check-jsonschema's vendored copy).
-- deploy/k8s: rendered by kubectl's kustomize, every object checked by kubernetes-validate
+- deploy/Dockerfile: hadolint, and a wheel built from exactly the files it copies.
+- deploy/compose and deploy/k8s are `byzps deploy`'s output for the README's main job; they must
+  be current (regenerated here and compared byte for byte).
+- Compose projects: the Compose Specification's JSON schema (check-jsonschema's vendored copy).
+- Kubernetes: rendered by kubectl's kustomize, every object checked by kubernetes-validate
   against the Kubernetes 1.31 schemas in strict mode (unknown fields fail); a negative control
   shows the validator really refuses a misspelt field.
 - Every byzps command line in them parses with the real `byzps` CLI (option names, arity, value
-  types), names the run's ids consistently with the run config, and the Kubernetes run config is
-  the README's main-job config.
+  types), and the ids and counts follow the run config — for the main job and for other runs
+  (another n and f; no attack at all).
 
 A tool that is not installed skips its test with the reason (they come with `pip install
 -e '.[dev]'`; kubectl is not a Python package).
@@ -26,6 +28,7 @@ from typing import Any
 import click
 import pytest
 import yaml
+from configs import write_config
 
 from byzps.cli.main import main
 from byzps.common.config import RunConfig
@@ -49,18 +52,46 @@ def test_the_dockerfile_passes_hadolint() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_compose_file_follows_the_compose_specification() -> None:
+def deploy(kind: str, config: Path, out: Path) -> Path:
     done = subprocess.run(
-        [need("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
-         str(DEPLOY / "compose.yaml")],
+        byzps("deploy", kind, "--config", str(config), "--out", str(out)),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def byzps(*args: str) -> list[str]:
+    return [sys.executable, "-m", "byzps.cli.main", *args]
+
+
+@pytest.mark.parametrize("kind", ["compose", "k8s"])
+def test_the_committed_manifests_are_current(tmp_path: Path, kind: str) -> None:
+    fresh = deploy(kind, MAIN_JOB, tmp_path / kind)
+    committed = DEPLOY / kind
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(p.name for p in committed.iterdir())
+    for path in fresh.iterdir():
+        assert path.read_text() == (committed / path.name).read_text(), (
+            f"deploy/{kind}/{path.name} is stale: run `byzps deploy {kind} --config "
+            f"experiments/cluster/a9a.toml --out deploy/{kind}`"
+        )
+
+
+def check_compose(path: Path) -> None:
+    done = subprocess.run(
+        [need("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def kubernetes_objects() -> list[dict[str, Any]]:
+def test_compose_project_follows_the_compose_specification() -> None:
+    check_compose(DEPLOY / "compose" / "compose.yaml")
+
+
+def kubernetes_objects(directory: Path = DEPLOY / "k8s") -> list[dict[str, Any]]:
     done = subprocess.run(
-        [need("kubectl"), "kustomize", str(DEPLOY / "k8s")],
+        [need("kubectl"), "kustomize", str(directory)],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
@@ -71,11 +102,16 @@ def validate_k8s(obj: dict[str, Any]) -> None:
     kubernetes_validate.validate(obj, "1.31", strict=True)
 
 
+def kinds(objects: list[dict[str, Any]]) -> list[str]:
+    """kind/name of each object; the ConfigMap's name carries kustomize's content hash."""
+    names = [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
+    return sorted(n.rsplit("-", 1)[0] if n.startswith("ConfigMap/") else n for n in names)
+
+
 def test_kubernetes_objects_are_valid_in_strict_mode() -> None:
     objects = kubernetes_objects()
-    kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
-    assert [k.split("-")[0] if k.startswith("ConfigMap") else k for k in kinds] == [
-        "ConfigMap/byzps",  # name carries kustomize's content hash
+    assert kinds(objects) == [
+        "ConfigMap/byzps-run",
         "Job/byzps-attack",
         "Job/byzps-server",
         "Job/byzps-workers",
@@ -121,67 +157,79 @@ def check_command_line(args: list[str], env: set[str] = frozenset()) -> dict[str
     return values
 
 
-def compose_services() -> dict[str, dict[str, Any]]:
-    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
-
-
-def k8s_containers() -> dict[str, dict[str, Any]]:
-    docs = yaml.safe_load_all("\n---\n".join(
-        (DEPLOY / "k8s" / f"{name}.yaml").read_text() for name in ("server", "workers", "attack")
-    ))  # fmt: skip
-    return {
-        d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]
-        for d in docs
-        if d and d["kind"] == "Job"
-    }
-
-
-def test_the_check_catches_bad_command_lines() -> None:
-    with pytest.raises(click.UsageError):
-        check_command_line(["worker", "--server", "x:1", "--id", "0", "--bogus"])
-    with pytest.raises(click.UsageError):
-        check_command_line(["worker", "--server", "x:1", "--id", "0", "--threads", "two"])
-    with pytest.raises(click.UsageError):
-        check_command_line(["attack", "--server", "x:1", "--count", "8"])  # no --first-id
-
-
-def run_config() -> RunConfig:
-    return RunConfig.load(MAIN_JOB)
-
-
-def test_compose_runs_the_main_job_with_every_id_once() -> None:
-    config = run_config()
-    services = compose_services()
+def check_compose_ids(directory: Path, config: RunConfig) -> None:
+    """Every service's command parses; worker ids are 0 … h−1 once each; the cohort holds the
+    rest (or is absent under "na")."""
+    services = yaml.safe_load((directory / "compose.yaml").read_text())["services"]
     server = check_command_line(services["server"]["command"])
-    assert server["config_path"] == "/etc/byzps/experiments/cluster/a9a.toml"
+    assert server["config_path"] == services["server"]["configs"][0]["target"]
+    assert RunConfig.load(directory / "run.toml").digest() == config.digest()
     ids = []
     for name, service in services.items():
         if name.startswith("worker-"):
             values = check_command_line(service["command"], env={"BYZPS_WORKER_ID"})
             assert values["address"] == "server:50051"
             ids.append(int(service["environment"]["BYZPS_WORKER_ID"]))
-    attack = check_command_line(services["attack"]["command"])
-    h = config.honest_workers
+    h, n = config.honest_workers, config.cluster.workers
     assert sorted(ids) == list(range(h))
-    assert (attack["first_id"], attack["count"]) == (h, config.cluster.workers - h)
+    if n == h:
+        assert "attack" not in services
+    else:
+        attack = check_command_line(services["attack"]["command"])
+        assert (attack["first_id"], attack["count"]) == (h, n - h)
 
 
-def test_kubernetes_runs_the_main_job_with_every_id_once() -> None:
-    config = run_config()
-    assert (DEPLOY / "k8s" / "run.toml").read_text() == MAIN_JOB.read_text()
-    containers = k8s_containers()
-    check_command_line(containers["byzps-server"]["args"])
-    worker = containers["byzps-workers"]
-    check_command_line(worker["args"], env={"BYZPS_WORKER_ID"})
-    (env,) = worker["env"]
+def check_k8s_ids(directory: Path, config: RunConfig) -> None:
+    """The same for the Jobs: an Indexed Job of h completions hands each pod its index as
+    BYZPS_WORKER_ID; the cohort Job holds ids h … n−1 (absent under "na")."""
+    objects = kubernetes_objects(directory)
+    for obj in objects:
+        validate_k8s(obj)
+    jobs = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Job"}
+    container = {name: spec["template"]["spec"]["containers"][0] for name, spec in jobs.items()}
+    check_command_line(container["byzps-server"]["args"])
+    check_command_line(container["byzps-workers"]["args"], env={"BYZPS_WORKER_ID"})
+    (env,) = container["byzps-workers"]["env"]
     assert env["name"] == "BYZPS_WORKER_ID"
     assert "job-completion-index" in env["valueFrom"]["fieldRef"]["fieldPath"]
-    workers_job = yaml.safe_load((DEPLOY / "k8s" / "workers.yaml").read_text())["spec"]
-    assert workers_job["completionMode"] == "Indexed"
-    assert workers_job["completions"] == config.honest_workers
-    attack = check_command_line(containers["byzps-attack"]["args"])
-    h = config.honest_workers
-    assert (attack["first_id"], attack["count"]) == (h, config.cluster.workers - h)
+    h, n = config.honest_workers, config.cluster.workers
+    assert jobs["byzps-workers"]["completionMode"] == "Indexed"
+    assert jobs["byzps-workers"]["completions"] == jobs["byzps-workers"]["parallelism"] == h
+    assert RunConfig.load(directory / "run.toml").digest() == config.digest()
+    if n == h:
+        assert "byzps-attack" not in jobs
+    else:
+        attack = check_command_line(container["byzps-attack"]["args"])
+        assert (attack["first_id"], attack["count"]) == (h, n - h)
+
+
+def test_the_main_job_runs_every_id_once() -> None:
+    config = RunConfig.load(MAIN_JOB)
+    check_compose_ids(DEPLOY / "compose", config)
+    check_k8s_ids(DEPLOY / "k8s", config)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"workers": 7, "byzantine": 2, "attack": "sf"},
+        {"workers": 3, "byzantine": 0, "attack": "na"},
+    ],
+)
+def test_other_runs_get_their_own_ids(tmp_path: Path, overrides: dict[str, Any]) -> None:
+    path = write_config(tmp_path / "run.toml", **overrides)
+    config = RunConfig.load(path)
+    compose = deploy("compose", path, tmp_path / "compose")
+    check_compose(compose / "compose.yaml")
+    check_compose_ids(compose, config)
+    check_k8s_ids(deploy("k8s", path, tmp_path / "k8s"), config)
+
+
+def test_a_rerun_without_attack_removes_the_stale_cohort_job(tmp_path: Path) -> None:
+    out = deploy("k8s", MAIN_JOB, tmp_path / "k8s")
+    assert (out / "attack.yaml").exists()
+    deploy("k8s", write_config(tmp_path / "na.toml", workers=3, byzantine=0, attack="na"), out)
+    assert not (out / "attack.yaml").exists()
 
 
 def test_the_files_the_dockerfile_copies_build_the_package(tmp_path: Path) -> None:
