@@ -27,7 +27,8 @@ def build_simulation(config: RunConfig, task: Task | None = None) -> Simulation:
     compressor = build_run_compressor(config, task)
     honest_ids = list(range(h))
     honest = build_run_estimator(config, task, compressor, honest_ids)
-    engine = build_engine(config, task, honest)
+    # No downlink in one process: the change of ĝ would be computed for nobody.
+    engine = build_engine(config, task, honest, sparse_downlink=False)
     honest_part = {
         "honest": honest,
         "honest_oracle": task.oracle(honest_ids, seed),
