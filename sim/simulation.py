@@ -99,10 +99,14 @@ class Simulation:
             assert self.cohort_oracle is not None and self.byzantine_rows is not None
             honest_now = self.engine.rule.candidates[self.honest_rows]
             byz_messages = self.cohort.messages(x, self.cohort_oracle, t, honest=honest_now)
-            members, accepted = _refuse_nonfinite(byz_messages)
+            bad = nonfinite_rows(byz_messages)
+            rows, members, accepted = self.byzantine_rows, None, byz_messages
+            if bad.numel():  # refused at the door, as the server does: those states stay stale
+                members, accepted = _finite_part(byz_messages, bad)
+                rows = rows[members]
             if accepted is not None:
-                self.engine.absorb(self.byzantine_rows[members], accepted)
-                self.cohort.commit(accepted, rows=members.tolist())
+                self.engine.absorb(rows, accepted)
+                self.cohort.commit(accepted, rows=None if members is None else members.tolist())
                 self.bytes_total += message_bytes(accepted.nnz) * accepted.num_rows
         aggregate = self.engine.close_round()
         if self.cohort is not None:
@@ -110,13 +114,10 @@ class Simulation:
         return aggregate
 
 
-def _refuse_nonfinite(messages: SparseBatch) -> tuple[Tensor, SparseBatch | None]:
-    """(member rows kept, their messages or None if none is kept): the rows the server's door
-    would accept."""
+def _finite_part(messages: SparseBatch, bad: Tensor) -> tuple[Tensor, SparseBatch | None]:
+    """(member rows kept, their messages or None if none is kept): the rows of `messages` not
+    in `bad`, which the server's door would accept."""
     every = torch.arange(messages.num_rows)
-    bad = nonfinite_rows(messages)
-    if not bad.numel():
-        return every, messages
     keep = every[~torch.isin(every, bad)]
     if not keep.numel():
         return keep, None
