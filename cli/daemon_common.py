@@ -59,20 +59,33 @@ def client_options(
     tls_key: Path | None,
     tls_server_name: str | None,
 ) -> dict[str, Any]:
-    """ParameterServerClient keyword arguments from the shared options: the retry budget and,
-    when any TLS option is given, the channel's TLS credentials."""
+    """ParameterServerClient keyword arguments from the shared options: the retry budget and
+    the channel's security (`channel_security`)."""
     from byzps.worker.client import RetryPolicy
 
-    options: dict[str, Any] = {"retry": RetryPolicy(give_up_after=retry_timeout)}
-    if tls_ca or tls_cert or tls_key or tls_server_name:
-        from byzps.common.credentials import channel_tls
+    return {
+        "retry": RetryPolicy(give_up_after=retry_timeout),
+        **channel_security(tls_ca, tls_cert, tls_key, tls_server_name),
+    }
 
-        try:
-            options["credentials"] = channel_tls(tls_ca, tls_cert, tls_key)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
-        options["tls_server_name"] = tls_server_name
-    return options
+
+def channel_security(
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_server_name: str | None,
+) -> dict[str, Any]:
+    """`credentials` and `tls_server_name` for a client channel (byzps.worker.client.open_channel)
+    when any TLS option is given; empty for plaintext."""
+    if not (tls_ca or tls_cert or tls_key or tls_server_name):
+        return {}
+    from byzps.common.credentials import channel_tls
+
+    try:
+        credentials = channel_tls(tls_ca, tls_cert, tls_key)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return {"credentials": credentials, "tls_server_name": tls_server_name}
 
 
 def tls_client_options() -> list[Callable[[Any], Any]]:

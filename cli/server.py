@@ -170,12 +170,6 @@ def _tls(
     """The port's TLS credentials, or None for plaintext; ServerUsageError names the option."""
     from byzps.common.credentials import server_tls
 
-    if cert is None and key is None:
-        if client_ca is not None:
-            raise ServerUsageError("--tls-client-ca: needs --tls-cert and --tls-key")
-        return None
-    if cert is None or key is None:
-        raise ServerUsageError("--tls-cert and --tls-key go together")
     try:
         return server_tls(cert, key, client_ca)
     except ValueError as exc:

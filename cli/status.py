@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from byzps.cli.daemon_common import client_options, tls_options
+from byzps.cli.daemon_common import channel_security, tls_options
 
 
 @click.command()
@@ -29,9 +29,8 @@ def status(
     from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
     from byzps.worker.client import open_channel
 
-    security = client_options(timeout, tls_ca, tls_cert, tls_key, tls_server_name)
-    channel = open_channel(address, security.get("credentials"), security.get("tls_server_name"))
-    with channel:
+    security = channel_security(tls_ca, tls_cert, tls_key, tls_server_name)
+    with open_channel(address, **security) as channel:
         try:
             reply = pb_grpc.ParameterServerStub(channel).Status(pb.StatusRequest(), timeout=timeout)
         except grpc.RpcError as exc:

@@ -63,13 +63,22 @@ def _read(path: Path, what: str) -> bytes:
     return data
 
 
-def server_tls(cert: Path, key: Path, client_ca: Path | None = None) -> grpc.ServerCredentials:
+def server_tls(
+    cert: Path | None, key: Path | None, client_ca: Path | None = None
+) -> grpc.ServerCredentials | None:
     """TLS for the server's port: its certificate chain and key (PEM); with `client_ca`, mutual
-    TLS — every client must present a certificate signed by that CA.
+    TLS — every client must present a certificate signed by that CA. None (plaintext) when no
+    file is given; a ValueError names the option when they do not fit together.
 
     The HMAC tokens authenticate workers but travel in the clear without TLS, as do the model
     and the updates; across machines, use this.
     """
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ValueError("--tls-client-ca: needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
     pair = (_read(key, "--tls-key"), _read(cert, "--tls-cert"))
     if client_ca is None:
         return grpc.ssl_server_credentials([pair])
