@@ -26,7 +26,7 @@ from typing import Any
 import click
 
 from byzps.cli.cluster import LISTENING, Child, Cluster, byzps_command
-from byzps.cli.options import config_options
+from byzps.cli.options import config_options, downlink_option
 from byzps.cli.simulate import load_config
 
 
@@ -114,13 +114,7 @@ def format_record(record: dict[str, Any], rounds: int) -> str:
     show_default=True,
     help="Seconds between SIGTERM and SIGKILL when stopping children.",
 )
-@click.option(
-    "--downlink",
-    type=click.Choice(["sparse", "dense"]),
-    default="sparse",
-    show_default=True,
-    help="The server's downlink (see `byzps server --help`).",
-)
+@downlink_option
 def launch(
     config_path: Path,
     overrides: tuple[str, ...],
@@ -186,27 +180,27 @@ def _start_workers(
     cluster: Cluster, config: Any, address: str, secret: Path, out: Path, force_cohort: bool
 ) -> None:
     h, n = config.honest_workers, config.cluster.workers
-    processes = h + (1 if config.attack.name != "na" and n > h else 0)
+    cohort = n > h  # honest_workers is n under attack "na"
     common = [
         "--server",
         address,
         "--secret-file",
         str(secret),
         "--threads",
-        str(threads_each(processes)),
+        str(threads_each(h + int(cohort))),
     ]
     for k in range(h):
         ledger = out / "ledgers" / f"worker-{k}.jsonl"
         cluster.start(f"worker-{k}", byzps_command(
             "worker", *common, "--id", str(k), "--ledger", str(ledger)))  # fmt: skip
-    if config.attack.name != "na" and n > h:
+    if cohort:
         argv = byzps_command(
             "attack", *common, "--count", str(n - h), "--first-id", str(h),
             "--ledger", str(out / "ledgers" / "attack.jsonl"),
             *(["--force-cohort"] if force_cohort else []),
         )  # fmt: skip
         cluster.start("attack", argv)
-    click.echo(f"started {h} honest worker(s)" + (f" and {n - h} Byzantine" if n > h else ""))
+    click.echo(f"started {h} honest worker(s)" + (f" and {n - h} Byzantine" if cohort else ""))
 
 
 def _supervise(cluster: Cluster, server: Child, tail: MetricsTail) -> int:

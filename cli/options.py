@@ -26,3 +26,15 @@ def config_options(command: F) -> F:
         required=True,
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
     )(command)
+
+
+def downlink_option(command: F) -> F:
+    """`--downlink sparse|dense` (→ downlink), for `byzps server` and the server `launch` starts."""
+    return click.option(
+        "--downlink",
+        type=click.Choice(["sparse", "dense"]),
+        default="sparse",
+        show_default=True,
+        help="sparse: send the change of the aggregate when it is exact and smaller (mean, cm, "
+        "cwtm); dense: always the whole model (a baseline for benchmarks; same results).",
+    )(command)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from byzps.cli.options import config_options
+from byzps.cli.options import config_options, downlink_option
 from byzps.cli.simulate import load_config
 from byzps.common.config import ConfigError, RunConfig
 
@@ -87,14 +87,7 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Mutual TLS: accept only clients whose certificate this CA (PEM) signed.",
 )
-@click.option(
-    "--downlink",
-    type=click.Choice(["sparse", "dense"]),
-    default="sparse",
-    show_default=True,
-    help="sparse: send the change of the aggregate when it is exact and smaller (mean, cm, "
-    "cwtm); dense: always the whole model (a baseline for benchmarks; same results).",
-)
+@downlink_option
 def server(
     config_path: Path,
     overrides: tuple[str, ...],

@@ -21,7 +21,7 @@ from byzps.cli.daemon_common import daemon_options, run_daemon, setup_logging
     envvar="BYZPS_WORKER_ID",
     show_envvar=True,
     help="This worker's id (0 … n−1; honest workers are 0 … h−1). From the environment in "
-    "replicated deployments (a Kubernetes StatefulSet's pod index, see deploy/).",
+    "replicated deployments (a Kubernetes Indexed Job's completion index, see deploy/).",
 )
 @click.option(
     "--checkpoint-dir",
