@@ -239,8 +239,17 @@ def kubernetes_objects(config: RunConfig) -> dict[str, list[dict[str, Any]]]:
     return objects
 
 
+def split_image(image: str) -> tuple[str, str]:
+    """(name, tag) of an image reference; a ':' before the last '/' is a registry's port, not a
+    tag (registry:5000/byzps has no tag: "latest")."""
+    name, sep, tag = image.rpartition(":")
+    if not sep or "/" in tag:
+        return image, "latest"
+    return name, tag
+
+
 def kustomization(files: list[str], image: str) -> dict[str, Any]:
-    name, _, tag = image.rpartition(":") if ":" in image else (image, "", "latest")
+    name, tag = split_image(image)
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",

@@ -262,3 +262,18 @@ def test_the_files_the_dockerfile_copies_build_the_package(tmp_path: Path) -> No
     for needed in ("byzps/cli/main.py", "byzps/proto/v1/parameter_server_pb2.py",
                    "byzps/common/data/a9a.gz", "byzps/server/broadcast.py"):  # fmt: skip
         assert needed in names
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        ("byzps:0.1.0", ("byzps", "0.1.0")),
+        ("byzps", ("byzps", "latest")),
+        ("registry:5000/team/byzps", ("registry:5000/team/byzps", "latest")),
+        ("registry:5000/team/byzps:1.2", ("registry:5000/team/byzps", "1.2")),
+    ],
+)
+def test_image_references_split_into_name_and_tag(image: str, expected: tuple[str, str]) -> None:
+    from byzps.cli.deployment import split_image
+
+    assert split_image(image) == expected
