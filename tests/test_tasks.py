@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from optional import need_fashion_mnist
 
 from byzps.common.tasks import TASKS, build_task
 from byzps.common.tasks.a9a import A9aLogRegTask, load_a9a
@@ -259,6 +260,8 @@ def test_registered_tasks_and_factory_errors() -> None:
 
 @pytest.fixture(scope="module", params=["digits-mlp", "fmnist-cnn"])
 def nn_task(request: pytest.FixtureRequest):
+    if request.param == "fmnist-cnn":
+        need_fashion_mnist()
     extra = {"max_train": 3000, "eval_size": 500} if request.param == "fmnist-cnn" else {}
     return build_task(
         request.param, num_workers=5, seed=0, batch_size=8, split="sorted-mix", **extra
@@ -326,15 +329,19 @@ def test_nn_evaluate(nn_task) -> None:
     assert len(nn_task.test_targets) == expected_test
 
 
-def test_fmnist_data_and_missing_directory(tmp_path, monkeypatch) -> None:
-    task = build_task("fmnist-cnn", num_workers=2, seed=0, batch_size=4, max_train=100)
-    assert task.inputs.shape == (100, 1, 28, 28) and task.test_inputs.shape == (10000, 1, 28, 28)
-    assert set(task.test_targets.unique().tolist()) == set(range(10))
+def test_fmnist_missing_directory_is_named(tmp_path, monkeypatch) -> None:
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         resolve_data_dir(tmp_path)
     monkeypatch.setenv("BYZPS_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=r"nowhere.*dataset-fashion-mnist"):
         build_task("fmnist-cnn", num_workers=2, seed=0, batch_size=4)
+
+
+def test_fmnist_data() -> None:
+    need_fashion_mnist()
+    task = build_task("fmnist-cnn", num_workers=2, seed=0, batch_size=4, max_train=100)
+    assert task.inputs.shape == (100, 1, 28, 28) and task.test_inputs.shape == (10000, 1, 28, 28)
+    assert set(task.test_targets.unique().tolist()) == set(range(10))
 
 
 def test_digits_split_is_fixed_and_stratified() -> None:

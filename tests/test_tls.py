@@ -7,7 +7,6 @@ refused with a message naming the option.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,12 +14,16 @@ import numpy as np
 import pytest
 from cluster_helpers import Processes, byzps, wait_listening
 from configs import write_config
+from optional import need_tool
 from server_support import SECRET, in_process, tiny_config
 
 from byzps.common.credentials import channel_tls, server_tls
 from byzps.worker.client import ParameterServerClient, RetryPolicy, ServerUnreachable
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+
+@pytest.fixture(autouse=True)
+def _openssl() -> None:
+    need_tool("openssl")
 
 
 def openssl(*args: str, cwd: Path) -> None:
