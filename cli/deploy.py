@@ -14,8 +14,7 @@ from typing import Any
 
 import click
 
-from byzps.cli.options import config_options
-from byzps.cli.simulate import load_config
+from byzps.cli.options import config_options, load_config
 
 DEFAULT_IMAGE = "byzps:0.1.0"
 HEADER = (

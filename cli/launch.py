@@ -26,8 +26,7 @@ from typing import Any
 import click
 
 from byzps.cli.cluster import LISTENING, Child, Cluster, byzps_command
-from byzps.cli.options import config_options, downlink_option
-from byzps.cli.simulate import load_config
+from byzps.cli.options import config_options, downlink_option, load_config
 
 
 class Interrupted(Exception):

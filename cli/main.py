@@ -31,7 +31,7 @@ def main(ctx: click.Context) -> None:
 @main.command()
 def components() -> None:
     """List every algorithm, compressor, aggregator, attack and task byzps can build by name."""
-    from byzps.cli.catalog import catalog
+    from byzps.common.catalog import catalog
 
     for kind, names in catalog().items():
         click.echo(f"{kind:12s} {', '.join(names)}")

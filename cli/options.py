@@ -1,4 +1,4 @@
-"""Click options shared by the commands that take a run config."""
+"""Click options shared by the commands that take a run config, and the loading of that config."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import click
+
+from byzps.common.config import ConfigError, RunConfig
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -38,3 +40,15 @@ def downlink_option(command: F) -> F:
         help="sparse: send the change of the aggregate when it is exact and smaller (mean, cm, "
         "cwtm); dense: always the whole model (a baseline for benchmarks; same results).",
     )(command)
+
+
+def load_config(path: Path, overrides: tuple[str, ...]) -> RunConfig:
+    """Load, validate and check a config, turning every problem into a one-line CLI error."""
+    from byzps.common.catalog import check_components
+
+    try:
+        config = RunConfig.load(path, overrides)
+        check_components(config)
+    except ConfigError as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+    return config

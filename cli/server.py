@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from byzps.cli.options import config_options, downlink_option
-from byzps.cli.simulate import load_config
+from byzps.cli.options import config_options, downlink_option, load_config
 from byzps.common.config import ConfigError, RunConfig
 
 if TYPE_CHECKING:

@@ -8,19 +8,8 @@ from typing import Any
 
 import click
 
-from byzps.cli.catalog import check_components
-from byzps.cli.options import config_options
-from byzps.common.config import ConfigError, RunConfig
-
-
-def load_config(path: Path, overrides: tuple[str, ...]) -> RunConfig:
-    """Load, validate and check a config, turning every problem into a one-line CLI error."""
-    try:
-        config = RunConfig.load(path, overrides)
-        check_components(config)
-    except ConfigError as exc:
-        raise click.ClickException(f"{path}: {exc}") from None
-    return config
+from byzps.cli.options import config_options, load_config
+from byzps.common.config import ConfigError
 
 
 class ProgressLine:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from byzps.cli.catalog import check_components
+from byzps.common.catalog import check_components
 from byzps.sim.grid import (
     Cell,
     CellOutcome,

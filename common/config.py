@@ -231,8 +231,7 @@ def _describe(hint: Any) -> str:
 
 def validate(config: RunConfig) -> None:
     """Cross-field checks; each failure names its key. (Component names and their parameters are
-    checked against the registries by byzps.cli.catalog.check_components, which can see every
-    layer.)"""
+    checked against the registries by byzps.common.catalog.check_components.)"""
     n, f = config.cluster.workers, config.cluster.byzantine
     _require(config.run.rounds >= 1, "run.rounds", "must be at least 1")
     _require(config.run.eval_every >= 1, "run.eval_every", "must be at least 1")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from byzps.common.attacks import build_attack
+from byzps.common.attacks.cohort import ByzantineCohort
 from byzps.common.components import build_run_compressor, build_run_estimator, build_run_task
 from byzps.common.config import ConfigError, RunConfig
 from byzps.common.tasks.base import Task
 from byzps.server.engine import build_engine
 from byzps.sim.simulation import Simulation
-from byzps.worker.byzantine import build_attack
-from byzps.worker.byzantine.cohort import ByzantineCohort
 
 
 def build_simulation(config: RunConfig, task: Task | None = None) -> Simulation:

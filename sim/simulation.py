@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from byzps.common.attacks.cohort import ByzantineCohort
 from byzps.common.estimators.base import Estimator, GradientOracle
 from byzps.common.sparse import SparseBatch
 from byzps.server.engine import RoundEngine
 from byzps.server.results import message_bytes, uplink_per_worker
-from byzps.worker.byzantine.cohort import ByzantineCohort
 
 
 class NonFiniteMessage(RuntimeError):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from byzps.worker.byzantine import ATTACKS, AttackView, build_attack
-from byzps.worker.byzantine.attacks import alie_z
+from byzps.common.attacks import ATTACKS, AttackView, build_attack
+from byzps.common.attacks.strategies import alie_z
 
 D = 50
 

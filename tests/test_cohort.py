@@ -6,11 +6,11 @@ import pytest
 import torch
 from oracles import ReplayOracle
 
+from byzps.common.attacks import ATTACKS, build_attack
+from byzps.common.attacks.cohort import ByzantineCohort
 from byzps.common.compressors import build_compressor
 from byzps.common.estimators import build_estimator
 from byzps.common.server_rules import build_server_rule
-from byzps.worker.byzantine import ATTACKS, build_attack
-from byzps.worker.byzantine.cohort import ByzantineCohort
 
 N, F, D, ROUNDS = 7, 3, 40, 6
 ATTACK_NAMES = [name for name in ATTACKS.names() if name != "na"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from byzps.cli.catalog import check_components
+from byzps.common.catalog import check_components
 from byzps.common.components import build_run_task
 from byzps.common.config import ConfigError, RunConfig
 from byzps.common.tasks import build_task

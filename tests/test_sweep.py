@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 from configs import small_config, to_toml
 
-from byzps.cli.catalog import check_components
 from byzps.cli.main import main
+from byzps.common.catalog import check_components
 from byzps.sim.grid import GridError, cell_name, expand, load_grid
 
 

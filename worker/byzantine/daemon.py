@@ -33,13 +33,13 @@ from typing import Any
 import grpc
 from torch import Tensor
 
+from byzps.common.attacks import build_attack
+from byzps.common.attacks.base import Attack
+from byzps.common.attacks.cohort import ByzantineCohort
 from byzps.common.config import RunConfig
 from byzps.common.estimators.core import BatchedEstimator
 from byzps.common.sparse import SparseBatch
 from byzps.proto.v1 import parameter_server_pb2 as pb
-from byzps.worker.byzantine import build_attack
-from byzps.worker.byzantine.base import Attack
-from byzps.worker.byzantine.cohort import ByzantineCohort
 from byzps.worker.client import ParameterServerClient, ServerError
 from byzps.worker.session import AckLedger, Run, WorkerError, ack_applied, build_run, encode_row
 

@@ -1,6 +1,5 @@
 """One place that imports every registering module, so listings and config validation see all
-components by name. It lives at the composition root because attacks (byzps.worker) sit above
-byzps.common, where the config is defined."""
+components by name (imported lazily: the config module stays free of torch)."""
 
 from __future__ import annotations
 
@@ -11,10 +10,10 @@ from byzps.common.registry import Registry
 def registries() -> dict[str, Registry]:
     """Every component registry by kind, in a stable order."""
     from byzps.common.aggregators import AGGREGATORS, WRAPPERS
+    from byzps.common.attacks import ATTACKS
     from byzps.common.compressors import COMPRESSORS
     from byzps.common.estimators import ESTIMATORS
     from byzps.common.tasks import TASKS
-    from byzps.worker.byzantine import ATTACKS
 
     return {
         "algorithms": ESTIMATORS,
@@ -38,7 +37,7 @@ def check_components(config: RunConfig) -> None:
     algorithm and task parameters need the task's dimension and are checked when the run is built.
     """
     from byzps.common.aggregators import build_aggregator
-    from byzps.worker.byzantine import build_attack
+    from byzps.common.attacks import build_attack
 
     found = registries()
     for key, name in (

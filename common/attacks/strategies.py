@@ -1,4 +1,4 @@
-"""The attacks of ALGORITHMS.md, one small class each, built by name through ATTACKS.
+"""The attacks of the algorithms documentation, one small class each, built by name through ATTACKS.
 
 Each class chooses target candidates from an AttackView; the cohort (cohort.py) turns targets into
 k-sparse messages. The colluding attacks (alie, ipm, minmax) give every member the same target.
@@ -11,7 +11,7 @@ from statistics import NormalDist
 import torch
 from torch import Tensor
 
-from byzps.worker.byzantine.base import ATTACKS, Attack, AttackView
+from byzps.common.attacks.base import ATTACKS, Attack, AttackView
 
 
 def _repeat(target: Tensor, m: int) -> Tensor:

@@ -19,13 +19,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from byzps.common.attacks.base import Attack, AttackView
 from byzps.common.compressors import dense_batch
 from byzps.common.estimators.base import GradientOracle
 from byzps.common.estimators.core import BatchedEstimator
 from byzps.common.seeding import generator
 from byzps.common.server_rules import ServerRule, build_server_rule
 from byzps.common.sparse import SparseBatch
-from byzps.worker.byzantine.base import Attack, AttackView
 
 Knowledge = Literal["omniscient", "cohort"]
 
