@@ -6,7 +6,7 @@ The token formula and the secret rules are in byzps.common.credentials, shared w
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import grpc
 
@@ -46,11 +46,18 @@ class Authenticator:
         self.num_workers = num_workers
 
     def check(
-        self, metadata: Iterable[tuple[str, str | bytes]], worker_id: str, fallback: bytes = b""
+        self,
+        metadata: Iterable[tuple[str, str | bytes]],
+        worker_id: str,
+        fallback: bytes = b"",
+        peer: Mapping[str, Sequence[bytes]] | None = None,
     ) -> int:
         """The worker's row; Rejected(UNAUTHENTICATED) for a missing or wrong token,
         Rejected(PERMISSION_DENIED) for an id outside [0, n). `fallback` is a token carried in
-        the request itself (RegisterRequest.token), used when the metadata has none."""
+        the request itself (RegisterRequest.token), used when the metadata has none. `peer` is
+        the call's gRPC auth context (`context.auth_context()`: the TLS peer's certificate
+        properties), which binds the id to a client certificate under mutual TLS."""
+        del peer  # not yet bound
         if self.secret is not None:
             presented = _metadata_token(metadata) or fallback
             if not presented:

@@ -94,7 +94,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     def Register(self, request: Any, context: grpc.ServicerContext) -> pb.RegisterReply:
         def register() -> pb.RegisterReply:
-            self.auth.check(context.invocation_metadata(), request.worker_id, request.token)
+            self.auth.check(
+                context.invocation_metadata(),
+                request.worker_id,
+                request.token,
+                context.auth_context(),
+            )
             if request.config_digest and request.config_digest != self.digest:
                 raise Rejected(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -116,7 +121,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     def PushUpdate(self, request: Any, context: grpc.ServicerContext) -> pb.Ack:
         def push() -> pb.Ack:
-            row = self.auth.check(context.invocation_metadata(), request.worker_id)
+            row = self.auth.check(
+                context.invocation_metadata(), request.worker_id, peer=context.auth_context()
+            )
             if not request.HasField("update"):
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "update: missing")
             ack = self.coordinator.push(
@@ -181,7 +188,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         long-poll that outlives its deadline while still connected ends DEADLINE_EXCEEDED."""
 
         def call() -> T | None:
-            self.auth.check(context.invocation_metadata(), request.worker_id)
+            self.auth.check(
+                context.invocation_metadata(), request.worker_id, peer=context.auth_context()
+            )
             self.coordinator.touch(request.worker_id)
             return fetch(request.known_round if request.HasField("known_round") else None)
 
