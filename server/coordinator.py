@@ -37,7 +37,7 @@ from byzps.common.sparse import SparseBatch, SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.checkpoint import CheckpointStore, Recovered
 from byzps.server.engine import RoundEngine
-from byzps.server.results import MetricsRecorder, message_bytes, uplink_per_worker
+from byzps.server.results import MetricsRecorder, RoundLog, message_bytes, uplink_per_worker
 from byzps.server.validation import (
     Rejected,
     SeqDecision,
@@ -110,6 +110,7 @@ class Coordinator:
         settings: Settings,
         *,
         metrics: MetricsRecorder | None = None,
+        rounds_log: RoundLog | None = None,
         store: CheckpointStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -125,6 +126,7 @@ class Coordinator:
         self.settings = settings
         self._max_nnz = max_nnz
         self._metrics = metrics
+        self._rounds_log = rounds_log
         self._store = store
         self._clock = clock
         self._cond = threading.Condition(threading.Lock())
@@ -136,6 +138,7 @@ class Coordinator:
         self._bytes_out = 0
         self._phase = Phase.STARTING
         self._opened_at = 0.0
+        self._opened_wall = 0.0
         self._startup_deadline = 0.0
         self._stopping = False
         self.failure: BaseException | None = None
@@ -178,6 +181,8 @@ class Coordinator:
                 self._store.close()
             if self._metrics is not None:
                 self._metrics.close()
+            if self._rounds_log is not None:
+                self._rounds_log.close()
 
     @property
     def round(self) -> int:
@@ -391,6 +396,7 @@ class Coordinator:
         if len(self._workers) >= self.num_workers or self._clock() >= self._startup_deadline:
             self._phase = Phase.RUNNING
             self._opened_at = self._clock()
+            self._opened_wall = time.time()
             log.info("round %d open with %d registered workers", self.round, len(self._workers))
             self._maybe_close()
 
@@ -411,8 +417,12 @@ class Coordinator:
         self._snapshots.clear()
         if not replaying:
             self._log(CloseRecord(closing))
+            if self._rounds_log is not None:
+                now = time.time()
+                self._rounds_log.record(closing, self._opened_wall, now, len(self._pushed))
         self._pushed.clear()
         self._opened_at = self._clock()
+        self._opened_wall = time.time()
         if self.engine.round >= self.rounds:
             self._finish()
         else:

@@ -34,7 +34,7 @@ from byzps.server.auth import Authenticator
 from byzps.server.checkpoint import CheckpointStore, Recovered
 from byzps.server.coordinator import Coordinator, Settings
 from byzps.server.engine import RoundEngine
-from byzps.server.results import MetricsRecorder
+from byzps.server.results import MetricsRecorder, RoundLog
 from byzps.server.service import SERVICE_NAME, ParameterServerServicer, add_to_server
 from byzps.server.validation import max_update_bytes
 
@@ -141,7 +141,13 @@ def serve(
         options.out, config, task, resume=recovered is not None, elapsed=elapsed
     )
     coordinator = Coordinator(
-        config, engine, max_nnz, options.settings, metrics=metrics, store=store
+        config,
+        engine,
+        max_nnz,
+        options.settings,
+        metrics=metrics,
+        rounds_log=RoundLog(options.out),
+        store=store,
     )
     try:
         coordinator.start(recovered)

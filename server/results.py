@@ -157,3 +157,28 @@ class MetricsRecorder:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class RoundLog:
+    """rounds.jsonl of a live server: one line per closed round, {"round", "opened", "closed",
+    "pushes"} (wall-clock seconds; `pushes`: workers whose update counted in it).
+
+    Why: a round's duration is what a slow or flooding worker would stretch, so the attack
+    benchmarks read honest round times from here; evaluation records are too sparse for that.
+    Appended and flushed per line, so a resumed server continues the same file.
+    """
+
+    def __init__(self, out: Path | None) -> None:
+        self._file: IO[str] | None = None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            self._file = (out / "rounds.jsonl").open("a")
+
+    def record(self, round: int, opened: float, closed: float, pushes: int) -> None:
+        line = {"round": round, "opened": opened, "closed": closed, "pushes": pushes}
+        emit(line, self._file)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
