@@ -1,16 +1,21 @@
-"""Numba kernels: the passes over the (n, d) data that every CPU aggregation reduces to.
+"""Numba kernels: the passes over the (n, d) data that every CPU aggregation reduces to, and the
+small O(n²) iterations of the distance rules.
 
 * `band_mean` — per coordinate, the mean of order statistics a..b-1 of the (optionally mixed) rows,
-  by a comparator network applied to blocks of B coordinates (see `_networks`);
-* `centred_gram` — the Gram matrix of the rows centred on their mean, in float64;
+  by a comparator network applied to blocks of B coordinates (see `_networks`), NaN ranking as +inf;
+* `centred_gram` — the Gram matrix of the rows centred on their mean or a given centre, in float64;
 * `combine` — one weighted sum of rows, the output of every Gram-based rule.
 
-Both walk the coordinates in fixed chunks, one chunk per parallel task, and each chunk in blocks
+Those walk the coordinates in fixed chunks, one chunk per parallel task, and each chunk in blocks
 small enough that the working buffer stays in L1. The chunking depends only on (n, d, dtype), never
 on the thread count, so results are bitwise reproducible on any machine with the same build.
 `band_mean` and `combine` are compiled with fastmath off: comparisons must treat inf exactly and
 the sums must round exactly like the torch fallback. `centred_gram` allows reassociation so that
 its dot products vectorise; it works in float64, where the reordering is harmless.
+
+* `weiszfeld`, `clip_steps`, `kth_sq_dists` — gm's and cclip's iterations and the honest-scale
+  distances, on the n × n Gram: plain loops, because at this size numpy's per-call overhead, not
+  arithmetic, is the cost (a Weiszfeld step is a few hundred flops and would be ten numpy calls).
 """
 
 from __future__ import annotations
@@ -34,8 +39,15 @@ def band_mean(x, idx, wts, network, a, b, block, out):  # pragma: no cover - com
     """out[t] = mean of ranks a..b-1 of column t of the rows (mixed rows when idx is non-empty).
 
     Mixed row i is  sum_k wts[i, k] * x[idx[i, k]]  accumulated in float64 in order k = 0, 1, …
-    then rounded to x's dtype. Each comparator (i, j) of `network` leaves min on wire i, max on j
-    (a swap, so NaN moves but is never duplicated or lost).
+    (skipping zero weights, which pad the lists: 0 · inf would be NaN), then rounded to x's dtype.
+
+    NaN becomes +inf as a value enters the buffer (`v if v < inf else inf`, one vminps): a
+    comparator cannot order NaN — it would stay on its wire and silently corrupt the ranks of the
+    finite values around it — so NaN sorts as +inf. Each comparator (i, j) of `network` then
+    swaps wires i and j when  hi < lo , leaving the smaller value on wire i. It writes into two
+    scratch rows and copies them back: in place, the compiler must assume the two wires alias and
+    emits scalar or masked stores (measured 4x slower on AMD EPYC); out of place it is one vminps
+    and one vmaxps per 8 lanes. The result is the same swap either way.
     """
     n0, d = x.shape
     n = idx.shape[0] if idx.shape[0] > 0 else n0
@@ -43,6 +55,8 @@ def band_mean(x, idx, wts, network, a, b, block, out):  # pragma: no cover - com
     scale = 1.0 / (b - a)
     for c in prange((d + chunk - 1) // chunk):
         buf = np.empty((n, block), dtype=x.dtype)
+        low = np.empty(block, dtype=x.dtype)
+        high = np.empty(block, dtype=x.dtype)
         acc = np.empty(block, dtype=np.float64)
         stop = min(d, (c + 1) * chunk)
         for s in range(c * chunk, stop, block):
@@ -52,23 +66,31 @@ def band_mean(x, idx, wts, network, a, b, block, out):  # pragma: no cover - com
                     acc[:w] = 0.0
                     for k in range(idx.shape[1]):
                         weight = wts[i, k]
-                        src = x[idx[i, k], s : s + w]
-                        for t in range(w):
-                            acc[t] += weight * src[t]
+                        if weight != 0.0:  # padding: 0 · inf would be NaN
+                            src = x[idx[i, k], s : s + w]
+                            for t in range(w):
+                                acc[t] += weight * src[t]
                     for t in range(w):
-                        buf[i, t] = acc[t]
+                        v = acc[t]
+                        buf[i, t] = v if v < np.inf else np.inf
             else:
                 for i in range(n):
-                    buf[i, :w] = x[i, s : s + w]
+                    src = x[i, s : s + w]
+                    for t in range(w):
+                        v = src[t]
+                        buf[i, t] = v if v < np.inf else np.inf
             for q in range(network.shape[0]):
                 lo = buf[network[q, 0]]
                 hi = buf[network[q, 1]]
                 for t in range(w):
                     u = lo[t]
                     v = hi[t]
-                    if v < u:
-                        lo[t] = v
-                        hi[t] = u
+                    swap = v < u
+                    low[t] = v if swap else u
+                    high[t] = u if swap else v
+                for t in range(w):
+                    lo[t] = low[t]
+                    hi[t] = high[t]
             for t in range(w):
                 acc[t] = buf[a, t]
             for r in range(a + 1, b):
@@ -79,15 +101,19 @@ def band_mean(x, idx, wts, network, a, b, block, out):  # pragma: no cover - com
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def centred_gram(x, extra, block):  # pragma: no cover - compiled
-    """G = Y Yᵀ in float64, Y = [x; extra] minus the column mean of x's rows.
+def centred_gram(x, extra, centre, block):  # pragma: no cover - compiled
+    """G = Y Yᵀ in float64, Y = [x; extra] minus `centre` (the column mean of x's rows when
+    `centre` is empty).
 
     Centring before the products keeps the Gram accurate relative to the spread of the rows, not
     their norm, so ‖x_i − x_j‖² survives the cancellation in G_ii + G_jj − 2 G_ij. Everything is
     float64: products of float32 values are then exact, which matters when one Byzantine row is
     10⁴× larger than the rest — it shifts the mean, and float32 products of the shifted honest
-    rows would lose their mutual distances entirely. Dot products run in 2×2 register tiles, one
-    load per FMA.
+    rows would lose their mutual distances entirely. A row 10³⁰× larger shifts the mean so far
+    that even float64 loses them; the caller then passes a robust `centre` (`rows._Inputs`).
+    A non-finite value makes its row's entries (and, through the mean, everyone's) non-finite;
+    the caller detects that on the diagonal. Dot products run in 2×2 register tiles, one load per
+    FMA.
     """
     n, d = x.shape
     m = n + extra.shape[0]
@@ -103,13 +129,17 @@ def centred_gram(x, extra, block):  # pragma: no cover - compiled
         stop = min(d, (c + 1) * chunk)
         for s in range(c * chunk, stop, block):
             w = min(block, stop - s)
-            mu[:w] = 0.0
-            for i in range(n):
-                src = x[i, s : s + w]
+            if centre.shape[0] > 0:
                 for t in range(w):
-                    mu[t] += src[t]
-            for t in range(w):
-                mu[t] *= inv_n
+                    mu[t] = centre[s + t]
+            else:
+                mu[:w] = 0.0
+                for i in range(n):
+                    src = x[i, s : s + w]
+                    for t in range(w):
+                        mu[t] += src[t]
+                for t in range(w):
+                    mu[t] *= inv_n
             for i in range(n):
                 src = x[i, s : s + w]
                 dst = y[i]
@@ -176,3 +206,125 @@ def combine(x, weights, extra, extra_weights, out):  # pragma: no cover - compil
                         acc[t] += weight * src[t]
             for t in range(w):
                 out[s + t] = acc[t]
+
+
+@njit(cache=True, fastmath=False)
+def weiszfeld(gram, base, beta, usable, nu, threshold, cap):  # pragma: no cover - compiled
+    """Smoothed Weiszfeld steps in coefficient space; returns (β, steps taken, ‖∇F_ν(z)‖).
+
+    z = y_b + Σ_k β_k (y_k − y_b), b = `base`: the steps work on the Gram of y_k − y_b,
+    G'_ij = G_ij − G_ib − G_jb + G_bb (`gram.weiszfeld` says why). Rows with usable[i] False get
+    weight 0. A step is
+
+        w_i = 1 / max(ν, ‖y_i − z‖),   z⁺ = Σ_i w_i y_i / Σ_i w_i,
+
+    and since ∇F_ν(z) = Σ_i w_i (z − y_i) = W (z − z⁺) (W = Σ_i w_i), the gradient norm of the
+    smoothed objective comes for free: W ‖z − z⁺‖, from the Gram. Stops at the first z whose
+    gradient norm is at most `threshold`, or after `cap` steps, and returns that z (the one the
+    gradient was measured at). O(n²) per step, plain loops: bitwise reproducible, and for the
+    tens of steps a tolerance takes ~100x cheaper than numpy's per-call overhead.
+    """
+    n = beta.shape[0]
+    local = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            local[i, j] = gram[i, j] - gram[i, base] - gram[j, base] + gram[base, base]
+    g_beta = np.empty(n)
+    weights = np.empty(n)
+    delta = np.empty(n)
+    grad = np.inf
+    for step in range(cap + 1):
+        quad = 0.0
+        for i in range(n):
+            acc = 0.0
+            for j in range(n):
+                acc += local[i, j] * beta[j]
+            g_beta[i] = acc
+            quad += beta[i] * acc
+        total = 0.0
+        for i in range(n):
+            weights[i] = 0.0
+            if usable[i]:
+                dist = np.sqrt(max(local[i, i] - 2.0 * g_beta[i] + quad, 0.0))
+                weights[i] = 1.0 / max(nu, dist)
+                total += weights[i]
+        for i in range(n):
+            weights[i] /= total
+            delta[i] = beta[i] - weights[i]
+        moved = 0.0
+        for i in range(n):
+            acc = 0.0
+            for j in range(n):
+                acc += local[i, j] * delta[j]
+            moved += delta[i] * acc
+        grad = total * np.sqrt(max(moved, 0.0))
+        if grad <= threshold or step == cap:
+            return beta, step, grad
+        beta = weights.copy()
+    return beta, cap, grad
+
+
+@njit(cache=True, fastmath=False)
+def kth_sq_dists(gram, far, k):  # pragma: no cover - compiled
+    """(n,) squared distance of each row to its k-th nearest other row (k ≥ 1), from the Gram;
+    +inf to and from `far` rows.
+
+    Compiled because numpy's dozen calls on an n × n matrix cost more than the Gram itself on
+    small inputs.
+    """
+    n = gram.shape[0]
+    kth = np.full(n, np.inf)
+    if n < 2:
+        return kth
+    others = np.empty(n - 1)
+    for i in range(n):
+        if far[i]:
+            continue
+        m = 0
+        for j in range(n):
+            if j != i:
+                sq = gram[i, i] + gram[j, j] - 2.0 * gram[i, j]
+                others[m] = np.inf if far[j] else max(sq, 0.0)
+                m += 1
+        others.sort()
+        kth[i] = others[min(k, n - 1) - 1]
+    return kth
+
+
+@njit(cache=True, fastmath=False)
+def clip_steps(gram, usable, tau, steps):  # pragma: no cover - compiled
+    """Centered clipping in coefficient space: the basis is the n rows, then the old centre (last
+    row of `gram`); returns the coefficients c of v^L, starting from c = e_n (v⁰, the centre):
+
+        vˡ⁺¹ = vˡ + (1/n) Σ_{i usable} min(1, τ/‖y_i − vˡ‖) (y_i − vˡ).
+
+    Compiled for the same reason as `weiszfeld`: a handful of O(n²) steps, each a dozen numpy
+    calls otherwise.
+    """
+    m = gram.shape[0]
+    n = m - 1
+    c = np.zeros(m)
+    c[n] = 1.0
+    g_c = np.empty(m)
+    clip = np.empty(n)
+    for _ in range(steps):
+        quad = 0.0
+        for i in range(m):
+            acc = 0.0
+            for j in range(m):
+                acc += gram[i, j] * c[j]
+            g_c[i] = acc
+            quad += c[i] * acc
+        total = 0.0
+        for i in range(n):
+            clip[i] = 0.0
+            if usable[i]:
+                dist = np.sqrt(max(gram[i, i] - 2.0 * g_c[i] + quad, 0.0))
+                clip[i] = tau / max(tau, dist)  # min(1, τ/‖y_i − vˡ‖), 1 at distance 0
+                total += clip[i]
+        keep = 1.0 - total / n
+        for i in range(m):
+            c[i] *= keep
+        for i in range(n):
+            c[i] += clip[i] / n
+    return c

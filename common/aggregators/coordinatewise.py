@@ -3,6 +3,11 @@
 cm and cwtm are both "the mean of the order statistics of rank a..b-1, per coordinate", so they
 share one implementation (`_RankBandMean`) that differs only in the band; the work is one pass of
 the comparator-network kernel (`_kernels.band_mean`).
+
+Non-finite values: ±inf rank like any value and NaN ranks as +inf (a comparator cannot order NaN;
+left in place it would corrupt the ranks of the finite values around it). So with f < n/2 values
+per coordinate arbitrary — ±inf, NaN, ±FLT_MAX included — the band [f, n − f) holds values
+between the honest ones and the output is finite; no row is dropped, and no pass is added.
 """
 
 from __future__ import annotations
@@ -31,7 +36,12 @@ class Mean(RowsAggregator):
 
 
 class _RankBandMean(RowsAggregator):
-    """x̂_t = mean of the values of rank a..b-1 (0-based, ascending) in coordinate t."""
+    """x̂_t = mean of the values of rank a..b-1 (0-based, ascending, NaN as +inf) in coordinate t.
+
+    Guarantee: when a ≥ f and b ≤ n − f, each x̂_t lies within [min, max] of the honest values in
+    coordinate t — at most f values rank below the band and f above it, so every value in the
+    band has an honest value at or below it and one at or above it.
+    """
 
     coordinatewise = True
 
@@ -48,7 +58,8 @@ class _RankBandMean(RowsAggregator):
 class CoordinateMedian(_RankBandMean):
     """x̂_t = median_i x_{i,t}; for even n, the mean of the two middle values.
 
-    Tolerates f < n/2: the f outliers can push the median at most to an honest value's rank.
+    Tolerates f < n/2: the f outliers can push the median at most to an honest value's rank, so
+    x̂_t stays within the honest values' range (whatever the outliers hold, NaN as +inf).
     """
 
     def band(self, n: int, f: int) -> tuple[int, int]:
@@ -60,7 +71,8 @@ class CoordinateMedian(_RankBandMean):
 class TrimmedMean(_RankBandMean):
     """x̂_t = (1/(n−2f)) Σ_{r=f}^{n−f−1} x_{(r),t}, where x_{(0),t} ≤ … ≤ x_{(n−1),t}.
 
-    Drops the f largest and f smallest values of each coordinate; needs 2f < n to keep any.
+    Drops the f largest and f smallest values of each coordinate (NaN counting as +inf); needs
+    2f < n to keep any, and then x̂_t stays within the honest values' range.
     """
 
     def band(self, n: int, f: int) -> tuple[int, int]:

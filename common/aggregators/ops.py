@@ -42,10 +42,10 @@ def _threads_for(columns: int) -> Iterator[None]:
     """One numba thread for inputs of a single chunk: there is no parallel work to share, and
     waking numba's pool between torch ops makes the two thread pools fight over the cores (seen
     as a 30x slower simulator round on a 2-core machine)."""
-    if columns > _kernels.CHUNK:
+    previous = numba.get_num_threads()
+    if columns > _kernels.CHUNK or previous == 1:
         yield
         return
-    previous = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
         yield
@@ -55,7 +55,7 @@ def _threads_for(columns: int) -> Iterator[None]:
 
 def _use_numba(x: Tensor) -> bool:
     backend = _BACKEND.get()
-    eligible = x.device.type == "cpu" and x.dtype in _NUMBA_DTYPES
+    eligible = x.is_cpu and x.dtype in _NUMBA_DTYPES
     if backend == "numba" and not eligible:
         raise ValueError(f"the numba backend needs a CPU float32/float64 tensor, got {x.dtype}")
     return eligible and backend != "torch"
@@ -80,39 +80,73 @@ def band_mean(x: Tensor, idx: np.ndarray, wts: np.ndarray, a: int, b: int) -> Te
 def _band_mean_torch(
     x: Tensor, idx: np.ndarray, wts: np.ndarray, network: np.ndarray, a: int, b: int
 ) -> Tensor:
-    """The comparator network over whole rows: two elementwise ops per comparator, any device."""
+    """The comparator network over whole rows, any device; bitwise what the numba kernel does.
+
+    NaN becomes +inf first, and a comparator swaps exactly when  hi < lo  — not min/max, which
+    would propagate NaN and order −0.0 before +0.0 where the kernel keeps them in place.
+    """
     if idx.shape[0] > 0:
         rows = []
         for i in range(idx.shape[0]):
             acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
             for k in range(idx.shape[1]):
-                acc = acc + float(wts[i, k]) * x[int(idx[i, k])].double()
-            rows.append(acc.to(x.dtype))
+                if wts[i, k] != 0.0:
+                    acc = acc + float(wts[i, k]) * x[int(idx[i, k])].double()
+            rows.append(_nan_as_inf(acc.to(x.dtype)))
     else:
-        rows = list(x.unbind(0))
+        rows = [_nan_as_inf(row) for row in x.unbind(0)]
     for i, j in network.tolist():
-        rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
+        swap = rows[j] < rows[i]
+        rows[i], rows[j] = torch.where(swap, rows[j], rows[i]), torch.where(swap, rows[i], rows[j])
     acc = rows[a].double()
     for r in range(a + 1, b):
         acc = acc + rows[r].double()
     return (acc * (1.0 / (b - a))).to(x.dtype)
 
 
-def centred_gram(x: Tensor, extra: Tensor | None = None) -> np.ndarray:
-    """float64 Gram of [x; extra] after subtracting the column mean of x's rows, as numpy (m, m)."""
+def _nan_as_inf(row: Tensor) -> Tensor:
+    """`row` with NaN replaced by +inf (the kernel's `v if v < inf else inf`)."""
+    return torch.where(row < torch.inf, row, torch.inf)
+
+
+def centred_gram(
+    x: Tensor, extra: Tensor | None = None, centre: Tensor | None = None
+) -> np.ndarray:
+    """float64 Gram of [x; extra] after subtracting `centre` (x's column mean when None), as numpy
+    (m, m). `centre` is a (d,) tensor of x's dtype and device."""
+    if _use_numba(x):
+        data = x.numpy()
+        extra_data = data[:0] if extra is None else extra.numpy()
+        origin = data[0, :0] if centre is None else centre.numpy()
+        block = _kernels.block_size(x.shape[0] + extra_data.shape[0], 8)
+        with _threads_for(x.shape[1]):
+            return _kernels.centred_gram(data, extra_data, origin, block)
     if extra is None:
         extra = x[:0]
-    if _use_numba(x):
-        block = _kernels.block_size(x.shape[0] + extra.shape[0], 8)
-        with _threads_for(x.shape[1]):
-            return _kernels.centred_gram(x.numpy(), extra.numpy(), block)
     gram = torch.zeros((x.shape[0] + extra.shape[0],) * 2, dtype=torch.float64, device=x.device)
     for s in range(0, x.shape[1], _TORCH_GRAM_COLUMNS):
         cols = slice(s, s + _TORCH_GRAM_COLUMNS)
         xs = x[:, cols].double()
-        y = torch.cat([xs, extra[:, cols].double()]) - xs.mean(0)
+        origin = xs.mean(0) if centre is None else centre[cols].double()
+        y = torch.cat([xs, extra[:, cols].double()]) - origin
         gram += y @ y.T
     return gram.cpu().numpy()
+
+
+def coordinate_median(x: Tensor) -> Tensor:
+    """Per coordinate, the median of x's rows (NaN counted as +inf), non-finite results set to 0.
+
+    A centre for the Gram that no minority of rows can move outside the others' range; where a
+    majority of a column is non-finite it falls back to 0, so the centre itself is always finite.
+    """
+    n = x.shape[0]
+    empty = np.empty((0, 0), np.int64), np.empty((0, 0), np.float64)
+    median = band_mean(x, *empty, (n - 1) // 2, n // 2 + 1)
+    if median.device.type == "cpu":  # through numpy: a torch op would wake torch's thread pool
+        values = median.numpy()
+        values[~np.isfinite(values)] = 0.0
+        return median
+    return torch.where(torch.isfinite(median), median, 0.0)
 
 
 def combine(
@@ -125,21 +159,37 @@ def combine(
 
     One pass over the rows with non-zero weight; both backends add the terms in the same order.
     """
-    if extra is None or extra_weights is None:
-        extra, extra_weights = x[:0], np.zeros(0)
     weights = np.ascontiguousarray(weights, dtype=np.float64)
+    if extra is None or extra_weights is None:
+        extra, extra_weights = None, np.zeros(0)
     extra_weights = np.ascontiguousarray(extra_weights, dtype=np.float64)
     if _use_numba(x):
-        out = np.empty(x.shape[1], dtype=x.numpy().dtype)
+        data = x.numpy()
+        out = np.empty(x.shape[1], dtype=data.dtype)
+        extra_data = data[:0] if extra is None else extra.numpy()
         with _threads_for(x.shape[1]):
-            _kernels.combine(x.numpy(), weights, extra.numpy(), extra_weights, out)
+            _kernels.combine(data, weights, extra_data, extra_weights, out)
         return torch.from_numpy(out)
     acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    terms = [
-        *zip(weights.tolist(), x, strict=True),
-        *zip(extra_weights.tolist(), extra, strict=True),
-    ]
+    terms = list(zip(weights.tolist(), x, strict=True))
+    if extra is not None:
+        terms += zip(extra_weights.tolist(), extra, strict=True)
     for weight, row in terms:
         if weight != 0.0:
             acc = acc + weight * row.double()
     return acc.to(x.dtype)
+
+
+def mix_rows(x: Tensor, mix: np.ndarray) -> Tensor:
+    """The rows  mix · x  (mix: (n', n), zeros skipped), each summed in float64 like `combine`,
+    in x's dtype. For the rare mixes that cannot stay lazy (`rows.Rows`)."""
+    if _use_numba(x):
+        data = x.numpy()
+        out = np.empty((mix.shape[0], x.shape[1]), dtype=data.dtype)
+        none, no_weights = data[:0], np.zeros(0)
+        with _threads_for(x.shape[1]):
+            for i in range(mix.shape[0]):
+                weights = np.ascontiguousarray(mix[i], dtype=np.float64)
+                _kernels.combine(data, weights, none, no_weights, out[i])
+        return torch.from_numpy(out)
+    return torch.stack([combine(x, weights) for weights in mix])

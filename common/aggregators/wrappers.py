@@ -2,7 +2,8 @@
 
 Both replace the n inputs by averages of inputs, i.e. by M · X for a row-stochastic M, and hand
 those rows to a base rule. They only build M (in n-dimensional space, from the Gram matrix or a
-permutation); `Rows` keeps M · X lazy, so the wrapper adds no pass over the data.
+permutation); `Rows` keeps M · X lazy, so the wrapper adds no pass over the data — unless mixing
+would cancel huge inputs, where `Rows` computes the mixed rows once (see `rows`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from byzps.common.aggregators.gram import pairwise_sq_dists
 from byzps.common.aggregators.rows import Rows
 from byzps.common.aggregators.rule import RowsAggregator, register, require
 from byzps.common.registry import Registry
 from byzps.common.seeding import generator
 
-WRAPPERS: Registry[RowsAggregator] = Registry("aggregator wrapper")
+WRAPPERS: Registry[RowsAggregator] = Registry("aggregator wrapper", supplied=("base", "f", "seed"))
 
 
 class Wrapper(RowsAggregator):
@@ -44,17 +44,30 @@ class NearestNeighborMixing(Wrapper):
 
     x_i is always in N_i, even when duplicates tie with it; other ties go to the lower index.
     Needs f < n.
+
+    Non-finite inputs are infinitely far from everything, so they are never in a finite row's
+    N_i while n − f inputs are finite; their own y_i includes them and is non-finite itself
+    (`Rows.far`), which the base rule treats as such.
+
+    Guarantee: n − f honest inputs lie within D_H (their diameter) of each honest x_i, so all of
+    N_i does, and at most min(f, n − f − 1) members are not honest; each honest y_i is then
+    within r_H + min(f, n − f − 1)/(n − f) · D_H < 2 D_H of μ_H (r_H, μ_H: the honest inputs'
+    radius and mean). The base rule's guarantee applies to these n − f rows.
     """
 
     def aggregate(self, rows: Rows, f: int) -> Tensor:
+        return self.base.aggregate(rows.mixed(self.mixing(rows, f)), f)
+
+    def mixing(self, rows: Rows, f: int) -> np.ndarray:
+        """The (n, n) row-stochastic M with y = M x: 1/(n − f) on each row's N_i."""
         n = rows.n
         require(f < n, self.name, "f < n", f, n)
-        dists = pairwise_sq_dists(rows.gram())
+        dists = rows.pairwise_sq_dists()
         np.fill_diagonal(dists, -np.inf)
         nearest = np.argsort(dists, axis=1, kind="stable")[:, : n - f]
         mix = np.zeros((n, n))
         np.put_along_axis(mix, nearest, 1.0 / (n - f), axis=1)
-        return self.base.aggregate(rows.mixed(mix), f)
+        return mix
 
 
 @register("bucketing", WRAPPERS)
@@ -65,6 +78,13 @@ class Bucketing(Wrapper):
     Why f': f Byzantine inputs can spoil at most f buckets, so f stays a valid bound; but with
     n' = ⌈n/s⌉ buckets the base rule may not accept that many, and ⌈n'/2⌉ − 1 is the most a
     majority-based rule tolerates — a clamp that keeps the call legal, not a robustness guarantee.
+
+    Guarantee, when the Byzantine inputs fall into at most f' buckets: every other bucket is a
+    mean of honest inputs — within r_H of their mean μ_H, within D_H of each other, inside their
+    coordinate-wise range — and the base rule's guarantee applies on (n', f') with those
+    constants. A bucket holding a non-finite input is non-finite (`Rows.far`); one whose members
+    cancel (+1e38 and −1e38) is computed rather than mixed lazily (`rows`), so the base rule sees
+    the value it will output.
 
     π is drawn from a generator keyed by (seed, "bucketing", call counter), so a run is
     reproducible from its seed alone; the counter is the state, so a checkpoint restores the exact
