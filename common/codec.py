@@ -25,13 +25,17 @@ from torch import Tensor
 from byzps.common.sparse import INDEX_DTYPE, SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
 
+#: Trailing metadata of a refusal the caller may retry (over its share of the server): the
+#: suggested wait in milliseconds. A RESOURCE_EXHAUSTED without it (a request too large) is final.
+RETRY_AFTER_METADATA_KEY = "byzps-retry-after-ms"
 #: gRPC's default message limit; every ModelChunk serializes to at most this many bytes.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Upper bound on a ModelChunk's non-data bytes (three uint64 varints and the bytes header ≤ 39).
 CHUNK_HEADER_BYTES = 64
 #: Largest dimension the format carries: receivers hold indices as int32.
 MAX_DIM = 2**31 - 1
-_INDEX_BYTES = 4
+#: Bytes of one packed index on the wire (little-endian uint32).
+INDEX_BYTES = 4
 _MODEL_ITEM_BYTES = 4  # ModelChunk.data is float32
 
 #: Config names of the compressors ↔ their wire enum.
@@ -192,10 +196,10 @@ def decode_sparse(msg: pb.SparseUpdate) -> SparseVector:
 
 def _decode_indices(raw: bytes, nnz: int, dim: int) -> np.ndarray:
     """Check packed uint32 indices (length, range, strictly increasing); return them as int32."""
-    if len(raw) != _INDEX_BYTES * nnz:
+    if len(raw) != INDEX_BYTES * nnz:
         hint = " (or 0 bytes when nnz == dim)" if nnz == dim else ""
         raise WireFormatError(
-            f"indices: {len(raw)} bytes, expected 4·nnz = {_INDEX_BYTES * nnz}{hint}"
+            f"indices: {len(raw)} bytes, expected 4·nnz = {INDEX_BYTES * nnz}{hint}"
         )
     idx = np.frombuffer(raw, dtype="<u4")  # a view: checked before anything is copied
     if nnz == 0:

@@ -30,19 +30,28 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunSection:
+    #: Run seed. Every random draw (data split, mini-batches, model init, Rand-k coordinates,
+    #: shared coins, bucketing, attack noise) is keyed by it, so one seed gives one trajectory.
     seed: int = 0
+    #: Rounds T to run; the model published after round T is the result.
     rounds: int = 1000
+    #: Evaluate the model (a metrics.jsonl record) every this many rounds, plus rounds 0 and T.
     eval_every: int = 100
 
 
 @dataclass(frozen=True)
 class TaskSection:
+    #: Model, data and loss, by registered name (`byzps components` lists them).
     name: str = "a9a-logreg"
-    #: a9a only: "l2" or "nonconvex".
+    #: a9a only: "l2" or "nonconvex" (ignored by tasks without a regulariser).
     regularizer: str = "l2"
     #: Regularisation weight; None takes the task's default (5.6e-4 for l2, 0.1 for nonconvex).
     lam: float | None = None
+    #: Rows per mini-batch per worker and gradient evaluation, drawn with replacement from the
+    #: worker's own shard ("quadratic": scales its gradient noise by 1/√batch_size).
     batch_size: int = 1
+    #: How training rows are dealt to workers: "iid", "sorted-mix" (half label-sorted, half
+    #: IID: the authors' heterogeneous split) or "dirichlet".
     split: str = "iid"
     #: Dirichlet concentration (split = "dirichlet" only).
     alpha: float = 1.0
@@ -54,14 +63,24 @@ class TaskSection:
 class ClusterSection:
     #: n: every worker, honest and Byzantine.
     workers: int = 20
-    #: f: Byzantine workers, also the f every robust aggregator is declared with.
+    #: f: Byzantine workers, also the f every robust aggregator is declared with. Under an
+    #: attack the last f ids (n − f … n − 1) are the Byzantine ones.
     byzantine: int = 0
+    #: Pushes that let the server close a round once its deadline has passed (unset: n − f).
+    #: A smaller quorum keeps a run going when workers die (with f = 0 the default n would stall
+    #: on one dead worker), at the price of rounds aggregated over fewer fresh states: a silent
+    #: worker's stale state still counts, so each missing worker adds staleness, not bias.
+    quorum: int | None = None
 
 
 @dataclass(frozen=True)
 class AlgorithmSection:
+    #: Worker-side estimator, by registered name; it also picks the server rule.
     name: str = "byz-dm21"
+    #: Step size γ of the server's step x ← x − γ ĝ.
     lr: float = 0.05
+    #: Momentum weight η on new information, for the estimators that take one (the authors'
+    #: code writes m = 1 − η).
     eta: float = 0.1
     #: Further estimator parameters (e.g. p for byz-vr-marina, authors_init for byz-dm21).
     params: dict[str, Any] = field(default_factory=dict)
@@ -69,36 +88,57 @@ class AlgorithmSection:
 
 @dataclass(frozen=True)
 class CompressorSection:
+    #: Compressor of every message, by registered name; its k is also the server's k_max.
     name: str = "topk"
+    #: Non-zeros per message as a count (give exactly one of k and ratio; neither for identity).
     k: int | None = None
+    #: Non-zeros per message as a share of d: k = max(1, ⌊ratio · d⌋), per tensor under
+    #: scope = "layer".
     ratio: float | None = None
+    #: Top-k only: "global" selects over the flat vector, "layer" inside every parameter
+    #: tensor (needs ratio).
     scope: str = "global"
 
 
 @dataclass(frozen=True)
 class AggregatorSection:
+    #: Robust aggregation rule the server applies to the candidates, by registered name.
     name: str = "cm"
     #: Wrappers applied before the base rule, outermost first (e.g. ["nnm"]).
     pre: list[str] = field(default_factory=list)
+    #: Parameters of the rule and of its wrappers: a key goes to the wrapper that takes it
+    #: (e.g. bucket_size), the rest to the rule.
     params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class AttackSection:
+    #: What the Byzantine workers do, by registered name; "na" makes all n workers honest.
     name: str = "na"
     #: "omniscient": the attack sees honest candidates; "cohort": only its own shadows.
     knowledge: str = "omniscient"
+    #: Parameters of the attack (e.g. z for alie, epsilon for ipm).
     params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class RunConfig:
+    """One run, section by section. Each field's `#:` comment is its documentation: the config
+    reference (docs/config.md, `byzps components --markdown`) is generated from them."""
+
+    #: Seed and length of the run.
     run: RunSection = field(default_factory=RunSection)
+    #: The learning problem and how its data is split among the workers.
     task: TaskSection = field(default_factory=TaskSection)
+    #: How many workers there are and how many of them are Byzantine.
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    #: The workers' estimator and the server's step size.
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    #: How every message is sparsified.
     compressor: CompressorSection = field(default_factory=CompressorSection)
+    #: How the server combines the workers' candidates.
     aggregator: AggregatorSection = field(default_factory=AggregatorSection)
+    #: The Byzantine workers' strategy.
     attack: AttackSection = field(default_factory=AttackSection)
 
     @classmethod
@@ -126,6 +166,12 @@ class RunConfig:
         """A stable hash of the resolved config (servers and workers compare it at registration)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def quorum(self) -> int:
+        """Pushes that close a round at its deadline: cluster.quorum, else n − f."""
+        c = self.cluster
+        return c.workers - c.byzantine if c.quorum is None else c.quorum
 
     @property
     def honest_workers(self) -> int:
@@ -239,6 +285,8 @@ def validate(config: RunConfig) -> None:
     _require(n >= 1, "cluster.workers", "must be at least 1")
     _require(f >= 0, "cluster.byzantine", "must be non-negative")
     _require(2 * f < n, "cluster.byzantine", f"f = {f} must be below n/2 = {n / 2}")
+    q = config.cluster.quorum
+    _require(q is None or 1 <= q <= n, "cluster.quorum", f"must be in [1, n = {n}]")
     _require(config.task.batch_size >= 1, "task.batch_size", "must be at least 1")
     _require(config.task.alpha > 0, "task.alpha", "must be positive")
     _require(

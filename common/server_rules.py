@@ -10,7 +10,7 @@ message. What b_j is, and how it moves, is the rule:
 * marina:                      b_j = previous aggregate (or 0 in a full-gradient round).
 
 A Byzantine worker that wants its candidate to be a target t sends C(t − b_j): knowing its own b_j
-exactly is what makes the attacks of ALGORITHMS.md expressible for every estimator.
+exactly is what makes every attack (docs/algorithms.md#attacks) expressible for every estimator.
 """
 
 from __future__ import annotations
@@ -46,6 +46,17 @@ class ServerRule(ABC):
     @abstractmethod
     def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
         """Apply one message per given worker row, exactly once."""
+
+    def admissible(self, rows: Tensor, messages: SparseBatch, round: int) -> Tensor:
+        """(len(rows),) bool: True where absorbing message i would leave every value of row
+        `rows[i]`'s state finite — what the server's door requires (byzps.server.validation).
+
+        Computed with the very float32 operations `absorb` performs, at the message's support
+        only (nothing else changes), so "admissible" means exactly "absorb stays finite". The
+        default covers rules whose new state is the message itself.
+        """
+        del rows, round
+        return _finite_rows(messages.values)
 
     def touched(self, rows: Tensor, messages: SparseBatch) -> Tensor | None:
         """The coordinates whose candidates `absorb(rows, messages)` may change, or None: all.
@@ -107,6 +118,16 @@ def scatter_add_rows(
         return
     flat = (rows[:, None] * d + messages.indices.long()).reshape(-1)
     target.view(-1).index_add_(0, flat, values.reshape(-1), alpha=alpha)
+
+
+def _finite_rows(values: Tensor) -> Tensor:
+    """(m,) bool: rows of an (m, k) tensor that hold only finite values."""
+    return torch.isfinite(values).all(dim=1)
+
+
+def _at_support(state: Tensor, rows: Tensor, messages: SparseBatch) -> Tensor:
+    """(m, k): state[rows[i], indices[i]] — the entries that message i would change."""
+    return state[rows[:, None], messages.indices.long()]
 
 
 def _set_bits(row: Tensor) -> Tensor:
@@ -193,6 +214,12 @@ class StateRule(_BatchedRule):
 
     def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
         scatter_add_rows(self.g, self._prepare(rows, messages), messages)
+
+    def admissible(self, rows: Tensor, messages: SparseBatch, round: int) -> Tensor:
+        """g_j + c_j finite on c_j's support (two finite pushes of 3e38 overflow float32)."""
+        del round
+        r = self._prepare(rows, messages)
+        return _finite_rows(_at_support(self.g, r, messages) + messages.values.to(self.g.dtype))
 
     def touched(self, rows: Tensor, messages: SparseBatch) -> Tensor | None:
         """g_j += c_j changes g_j on supp(c_j) only."""
@@ -299,6 +326,14 @@ class DianaRule(_CandidateRule):
         self._write(r, self.h[r], messages)
         scatter_add_rows(self.h, r, messages, alpha=self.a)
 
+    def admissible(self, rows: Tensor, messages: SparseBatch, round: int) -> Tensor:
+        """Both the candidate h_j + c_j and the new shift h_j + a·c_j finite."""
+        del round
+        r = self._prepare(rows, messages)
+        h = _at_support(self.h, r, messages)
+        c = messages.values.to(self.h.dtype)
+        return _finite_rows(h + c) & _finite_rows(h + self.a * c)
+
     def close_round(self, aggregate: Tensor, round: int) -> None:
         del aggregate, round
 
@@ -349,6 +384,12 @@ class MarinaRule(_CandidateRule):
     def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
         r = self._prepare(rows, messages)
         self._write(r, self._base(len(r), round), messages)
+
+    def admissible(self, rows: Tensor, messages: SparseBatch, round: int) -> Tensor:
+        """The candidate base + c_j finite, with the base `absorb` would use for `round`."""
+        r = self._prepare(rows, messages)
+        base = _at_support(self._base(len(r), round), torch.arange(len(r)), messages)
+        return _finite_rows(base + messages.values.to(base.dtype))
 
     def close_round(self, aggregate: Tensor, round: int) -> None:
         self.last_aggregate = aggregate.detach().to(self.candidate).clone()

@@ -1,20 +1,23 @@
-"""The round state machine of a live server: registration, pushes, quorum, deadlines, waiters.
+"""The round state machine of a live server: registration, pushes, quorum, deadlines, answers.
 
-Transport-free (the gRPC servicer translates to and from protobuf; this module speaks domain
-objects and raises Rejected), so every rule here is unit-testable without sockets. All state
-mutation happens under one lock, in this order for a push:
+Transport-free: the servicer (byzps.server.service) decodes and authenticates a call and hands
+this module domain values — a worker's row, an `Update` that passed the door's wire checks — and
+maps its refusals (Rejected) to status codes; nothing here knows gRPC or protobuf, so every rule is
+unit-testable without sockets. All state mutation happens under one lock, in this order for a
+push:
 
-    validate (pure, outside the lock) → round check → seq check → engine.absorb → WAL append
+    seq check → round check → door.admit (the state stays finite) → engine.absorb → WAL append
     → ledger.commit → maybe close the round → Ack
 
 so an update is on disk before it is acknowledged, and a refused update changes nothing. A
 round closes when every registered worker has pushed for it, or when at least `quorum` have and
 `round_deadline` seconds passed since it opened; workers that missed it keep their stale state.
-GetModel callers that wait for a newer model sleep on the lock's Condition and wake on close;
-GetModelUpdate callers get the same round as the change of the aggregate when they can apply it
-(`downlink`, see byzps.common.downlink).
 
-Replaying the write-ahead log after a crash goes through the same `_apply` / `_close` steps as
+Nothing here blocks waiting for a round: `model` and `downlink` answer at once (None: not yet),
+and listeners registered with `on_change` hear of every closed round and of shutdown, so the
+servicer can park waiting callers without holding a thread each.
+
+Replaying the write-ahead log after a crash goes through the same `_accept` / `_close` steps as
 live traffic, which is why replay reproduces the engine state bit for bit.
 """
 
@@ -28,29 +31,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import torch
 
 from byzps.common.config import RunConfig
 from byzps.common.downlink import DenseModel, Downlink
-from byzps.common.sparse import SparseBatch, SparseVector
-from byzps.proto.v1 import parameter_server_pb2 as pb
+from byzps.common.sparse import SparseBatch
 from byzps.server.checkpoint import CheckpointStore, Recovered
 from byzps.server.engine import RoundEngine
-from byzps.server.results import MetricsRecorder, RoundLog, message_bytes, uplink_per_worker
+from byzps.server.results import MetricsRecorder, RoundLog, progress_line, uplink_per_worker
 from byzps.server.validation import (
+    Door,
+    Refusal,
     Rejected,
     SeqDecision,
     SeqLedger,
+    Update,
     check_round,
-    max_update_bytes,
-    validate_update,
 )
 from byzps.server.wal import CloseRecord, Record, UpdateRecord
 
 log = logging.getLogger("byzps.server")
-
-_VALUE_BYTES = {pb.VALUE_DTYPE_FLOAT32: 4, pb.VALUE_DTYPE_FLOAT16: 2, pb.VALUE_DTYPE_BFLOAT16: 2}
 
 
 class Phase(enum.Enum):
@@ -84,7 +84,7 @@ class AckInfo:
 
 @dataclass(frozen=True)
 class WorkerStatus:
-    worker_id: str
+    row: int
     last_seen: float
     last_seq: int
     last_round: int
@@ -93,7 +93,9 @@ class WorkerStatus:
 @dataclass(frozen=True)
 class StatusInfo:
     round: int
+    rounds: int
     phase: Phase
+    num_workers: int
     workers: list[WorkerStatus]
     bytes_in: int
     bytes_out: int
@@ -106,7 +108,7 @@ class Coordinator:
         self,
         config: RunConfig,
         engine: RoundEngine,
-        max_nnz: Callable[[int], int],
+        door: Door,
         settings: Settings,
         *,
         metrics: MetricsRecorder | None = None,
@@ -119,20 +121,20 @@ class Coordinator:
             raise ValueError(f"quorum must be in [1, {n}], got {settings.quorum}")
         self.config = config
         self.engine = engine
+        self.door = door
         self.dim = int(engine.x.numel())
         self.num_workers = n
         self.rounds = config.run.rounds
-        self.compressor = config.compressor.name
         self.settings = settings
-        self._max_nnz = max_nnz
         self._metrics = metrics
         self._rounds_log = rounds_log
         self._store = store
         self._clock = clock
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
         self._ledger = SeqLedger()
-        self._workers: dict[str, WorkerInfo] = {}
-        self._pushed: set[str] = set()
+        self._workers: dict[int, WorkerInfo] = {}
+        self._pushed: set[int] = set()
         self._bytes_total = 0  # payload bytes of every accepted update
         self._bytes_in = 0
         self._bytes_out = 0
@@ -150,7 +152,7 @@ class Coordinator:
     def start(self, recovered: Recovered | None = None) -> None:
         """Begin serving: restore `recovered` (checkpoint + replayed log) or start fresh at x⁰,
         then write the generation checkpoint a later resume starts from."""
-        with self._cond:
+        with self._lock:
             if recovered is not None and recovered.state is not None:
                 self._load_state(recovered.state)
             if recovered is not None:
@@ -165,24 +167,26 @@ class Coordinator:
             self._startup_deadline = self._clock() + self.settings.startup_timeout
             self._maybe_open()
 
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` (under the lock: it must only schedule work) whenever a round
+        closes or the server stops, so that waiting callers can look again."""
+        self._listeners.append(listener)
+
     def stop(self) -> None:
-        """Refuse new work and wake every waiting GetModel (graceful shutdown, step 1)."""
-        with self._cond:
+        """Refuse new work and wake every waiting caller (graceful shutdown, step 1)."""
+        with self._lock:
             self._stopping = True
-            self._cond.notify_all()
+            self._notify()
 
     def close(self, *, checkpoint: bool = True) -> None:
         """Final checkpoint (unless storage failed) and release files (shutdown, step 2)."""
-        with self._cond:
+        with self._lock:
             self._stopping = True
             if checkpoint and self._store is not None and self.failure is None:
                 self._checkpoint()
-            if self._store is not None:
-                self._store.close()
-            if self._metrics is not None:
-                self._metrics.close()
-            if self._rounds_log is not None:
-                self._rounds_log.close()
+            for resource in (self._store, self._metrics, self._rounds_log):
+                if resource is not None:
+                    resource.close()
 
     @property
     def round(self) -> int:
@@ -194,103 +198,65 @@ class Coordinator:
 
     def tick(self) -> None:
         """Time-driven transitions: the startup timeout and round deadlines (call it often)."""
-        with self._cond:
+        with self._lock:
             if self.failure is None and not self._stopping:
                 self._maybe_open()
                 self._maybe_close()
 
     # --- RPC-facing operations ------------------------------------------------------------
 
-    def register(self, worker_id: str) -> tuple[int, int]:
-        """Mark `worker_id` registered; returns (current round, its last acknowledged seq)."""
-        with self._cond:
+    def register(self, row: int) -> tuple[int, int]:
+        """Mark worker `row` registered; returns (current round, its last acknowledged seq)."""
+        with self._lock:
             self._check_serving()
-            self._touch(worker_id)
+            self._touch(row)
             self._maybe_open()
-            return self.engine.round, self._ledger.last(worker_id)
+            return self.engine.round, self._ledger.last(row)
 
-    def touch(self, worker_id: str) -> None:
-        """Record an authenticated call from `worker_id` (its last-seen time)."""
-        with self._cond:
-            info = self._workers.get(worker_id)
+    def touch(self, row: int) -> None:
+        """Record an authenticated call from a registered worker (its last-seen time)."""
+        with self._lock:
+            info = self._workers.get(row)
             if info is not None:
                 info.last_seen = time.time()
 
     def k_max(self, round: int) -> int:
         """The largest nnz an update computed at `round` may carry (dense MARINA/PAGE rounds)."""
-        return self._max_nnz(round)
+        return self.door.k_max(round)
 
-    def _validate(self, update: pb.SparseUpdate, round: int) -> SparseVector:
-        """The door check of one update claimed for `round`, shared by live pushes and WAL
-        replay so both refuse exactly the same messages."""
-        k_max = self.k_max(round)
-        return validate_update(
-            update,
-            dim=self.dim,
-            k_max=k_max,
-            compressor=self.compressor,
-            max_bytes=max_update_bytes(k_max),
-        )
-
-    def push(
-        self, worker_id: str, row: int, round: int, seq: int, update: pb.SparseUpdate
-    ) -> AckInfo:
-        """Validate and apply one update exactly once; Rejected (nothing changed) otherwise."""
-        vec = self._validate(update, min(round, self.rounds))  # bounded for absurd rounds
-        payload = update.SerializeToString()
-        nbytes = message_bytes(vec.nnz, _VALUE_BYTES[update.dtype])
-        with self._cond:
+    def push(self, update: Update) -> AckInfo:
+        """Apply one update exactly once; Rejected (nothing changed) otherwise. A push after
+        the run finished is refused with OUT_OF_RANGE: workers take it as "stop", not a fault."""
+        with self._lock:
             self._check_serving()
             if self._phase is Phase.FINISHED:
-                raise Rejected(  # past the run's end; workers take it as "stop", not a fault
-                    grpc.StatusCode.OUT_OF_RANGE, f"the run finished at round {self.rounds}"
-                )
-            check_round(round, server_round=self.engine.round)
-            known = self._workers.get(worker_id)
+                raise Rejected(Refusal.OUT_OF_RANGE, f"the run finished at round {self.rounds}")
+            known = self._workers.get(update.row)
             if known is not None:
                 known.last_seen = time.time()
-            if self._ledger.check(worker_id, seq) is SeqDecision.DUPLICATE:
-                return AckInfo(True, self.engine.round, self._ledger.last(worker_id))
-            self._apply(worker_id, row, round, vec, nbytes)  # also registers an unknown worker
-            self._log(UpdateRecord(worker_id, seq, round, payload))
-            self._ledger.commit(worker_id, seq)
+            if self._ledger.check(update.row, update.seq) is SeqDecision.DUPLICATE:
+                return AckInfo(True, self.engine.round, self._ledger.last(update.row))
+            last_round = -1 if known is None else known.last_round
+            check_round(update.round, server_round=self.engine.round, last_round=last_round)
+            self._accept(update)
+            self._log(UpdateRecord(update.row, update.seq, update.round, update.encoded))
             self._maybe_open()
             self._maybe_close()
-            return AckInfo(False, self.engine.round, seq)
+            return AckInfo(False, self.engine.round, update.seq)
 
-    def model(
-        self,
-        round: int,
-        known_round: int | None,
-        wait: bool,
-        active: Callable[[], bool],
-        poll: float = 0.2,
-    ) -> DenseModel | None:
-        """x_r once r ≥ round and r > known_round (the final model once finished).
-
-        wait=False: FAILED_PRECONDITION when no such round exists yet; wait=True: sleep until a
-        round closes, returning None once `active()` turns false (client gone or past its
-        deadline) and UNAVAILABLE when the server shuts down.
-        """
-        with self._cond:
-            r = self._await_round(round, known_round, wait, active, poll)
+    def model(self, round: int, known_round: int | None) -> DenseModel | None:
+        """x_r once r ≥ round and r > known_round (the final model once finished); None while
+        no such round exists. UNAVAILABLE once the server shuts down."""
+        with self._lock:
+            r = self._ready_round(round, known_round)
             return None if r is None else self._snapshot(r, with_aggregate=False)
 
-    def downlink(
-        self,
-        round: int,
-        known_round: int | None,
-        wait: bool,
-        active: Callable[[], bool],
-        has_aggregate: bool,
-        poll: float = 0.2,
-    ) -> Downlink | None:
+    def downlink(self, round: int, known_round: int | None, has_aggregate: bool) -> Downlink | None:
         """Like `model`, but as the cheapest answer that keeps the caller exact: the change of ĝ
-        when the caller holds x and ĝ of round r − 1 and that round was aggregated
-        incrementally; otherwise x_r densely, with ĝ_r while deltas are being produced (so the
-        caller can take the next one)."""
-        with self._cond:
-            r = self._await_round(round, known_round, wait, active, poll)
+        when the caller holds x and ĝ of round r − 1 and that round recorded one; otherwise x_r
+        densely, with ĝ_r while deltas are being produced (so the caller can take the next)."""
+        with self._lock:
+            r = self._ready_round(round, known_round)
             if r is None:
                 return None
             delta = self.engine.last_delta
@@ -312,44 +278,33 @@ class Coordinator:
             self._snapshots[key] = snapshot
         return snapshot
 
-    def _await_round(
-        self,
-        round: int,
-        known_round: int | None,
-        wait: bool,
-        active: Callable[[], bool],
-        poll: float,
-    ) -> int | None:
-        """The round r to serve (see `model`), or None when the caller went away first."""
-        while True:
-            self._check_serving()
-            r = self.engine.round
-            ready = r >= round and (known_round is None or r > known_round)
-            if ready or self._phase is Phase.FINISHED:
-                return r
-            if not wait:
-                raise Rejected(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"the server is at round {r}; asked for round >= {round}"
-                    + ("" if known_round is None else f" and > {known_round}"),
-                )
-            if not active():
-                return None
-            self._cond.wait(poll)
+    def _ready_round(self, round: int, known_round: int | None) -> int | None:
+        """The round r to serve (see `model`), or None when it has not closed yet."""
+        self._check_serving()
+        r = self.engine.round
+        ready = r >= round and (known_round is None or r > known_round)
+        return r if ready or self._phase is Phase.FINISHED else None
 
     def account(self, bytes_in: int = 0, bytes_out: int = 0) -> None:
-        with self._cond:
-            self._bytes_in += bytes_in
-            self._bytes_out += bytes_out
+        """Count request and reply bytes. Lock-free on purpose: only the servicer's event-loop
+        thread calls it, and it must never wait behind an aggregation holding the lock."""
+        self._bytes_in += bytes_in
+        self._bytes_out += bytes_out
 
     def status(self) -> StatusInfo:
-        with self._cond:
+        with self._lock:
             workers = [
-                WorkerStatus(w, info.last_seen, self._ledger.last(w), info.last_round)
-                for w, info in sorted(self._workers.items(), key=lambda kv: int(kv[0]))
+                WorkerStatus(row, info.last_seen, self._ledger.last(row), info.last_round)
+                for row, info in sorted(self._workers.items())
             ]
             return StatusInfo(
-                self.engine.round, self._phase, workers, self._bytes_in, self._bytes_out
+                self.engine.round,
+                self.rounds,
+                self._phase,
+                self.num_workers,
+                workers,
+                self._bytes_in,
+                self._bytes_out,
             )
 
     @property
@@ -358,25 +313,34 @@ class Coordinator:
 
     # --- state transitions (caller holds the lock) ----------------------------------------
 
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
+
     def _check_serving(self) -> None:
         if self.failure is not None or self._stopping:
-            raise Rejected(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            raise Rejected(Refusal.UNAVAILABLE, "the server is shutting down")
 
-    def _touch(self, worker_id: str) -> WorkerInfo:
-        info = self._workers.get(worker_id)
+    def _touch(self, row: int) -> WorkerInfo:
+        info = self._workers.get(row)
         if info is None:
-            info = self._workers[worker_id] = WorkerInfo(time.time())
+            info = self._workers[row] = WorkerInfo(time.time())
         else:
             info.last_seen = time.time()
         return info
 
-    def _apply(self, worker_id: str, row: int, round: int, vec: SparseVector, nbytes: int) -> None:
+    def _accept(self, update: Update) -> None:
+        """Apply an update that passed the seq and round checks: the door's state check, then
+        absorb, then commit its seq — the one path of live pushes and WAL replay."""
+        self.door.admit(self.engine.rule, update)
+        vec = update.vector
         seeds = None if vec.seed is None else (vec.seed,)
         batch = SparseBatch(vec.indices[None], vec.values[None], vec.dim, seeds)
-        self.engine.absorb(torch.tensor([row], dtype=torch.long), batch)
-        self._touch(worker_id).last_round = round
-        self._pushed.add(worker_id)
-        self._bytes_total += nbytes
+        self.engine.absorb(torch.tensor([update.row], dtype=torch.long), batch)
+        self._ledger.commit(update.row, update.seq)
+        self._touch(update.row).last_round = update.round
+        self._pushed.add(update.row)
+        self._bytes_total += update.wire_bytes
 
     def _log(self, record: Record) -> None:
         if self._store is None:
@@ -386,9 +350,9 @@ class Coordinator:
         except OSError as exc:
             # The engine ran ahead of the disk: acknowledging anything more would lose updates.
             self.failure = exc
-            self._cond.notify_all()
+            self._notify()
             log.error("write-ahead log failed, stopping: %s", exc)
-            raise Rejected(grpc.StatusCode.UNAVAILABLE, "the server's storage failed") from None
+            raise Rejected(Refusal.UNAVAILABLE, "the server's storage failed") from None
 
     def _maybe_open(self) -> None:
         if self._phase is not Phase.STARTING:
@@ -430,7 +394,7 @@ class Coordinator:
             every = self.settings.checkpoint_every
             if not replaying and every > 0 and self.engine.round % every == 0:
                 self._checkpoint()
-        self._cond.notify_all()
+        self._notify()
 
     def _finish(self) -> None:
         self._phase = Phase.FINISHED
@@ -442,6 +406,8 @@ class Coordinator:
     def _record_metrics(self) -> None:
         if self._metrics is not None:
             self._metrics.record(self.engine.round, self.engine.x, self.bytes_uplink)
+            if self._metrics.last is not None and self._metrics.last["round"] == self.round:
+                log.info("%s", progress_line(self._metrics.last, self.rounds))
 
     # --- persistence ----------------------------------------------------------------------
 
@@ -452,20 +418,10 @@ class Coordinator:
                 raise ValueError(f"log closes round {record.round} at round {self.engine.round}")
             self._close(replaying=True)
             return
-        update = pb.SparseUpdate.FromString(record.update)
-        vec = self._validate(update, record.round)
-        row = int(record.worker_id)
-        self._ledger.commit(record.worker_id, record.seq)
-        self._apply(
-            record.worker_id,
-            row,
-            record.round,
-            vec,
-            message_bytes(vec.nnz, _VALUE_BYTES[update.dtype]),
-        )
+        self._accept(self.door.replayed(record.row, record.round, record.seq, record.update))
 
     def state_dict(self) -> dict[str, Any]:
-        with self._cond:
+        with self._lock:
             return self._state_dict()
 
     def _state_dict(self) -> dict[str, Any]:
@@ -473,10 +429,10 @@ class Coordinator:
             "engine": self.engine.state_dict(),
             "ledger": self._ledger.state_dict(),
             "workers": {
-                w: {"last_seen": i.last_seen, "last_round": i.last_round}
-                for w, i in self._workers.items()
+                row: {"last_seen": i.last_seen, "last_round": i.last_round}
+                for row, i in self._workers.items()
             },
-            "pushed": sorted(self._pushed, key=int),
+            "pushed": sorted(self._pushed),
             "bytes_total": self._bytes_total,
             "bytes_in": self._bytes_in,
             "bytes_out": self._bytes_out,
@@ -489,10 +445,10 @@ class Coordinator:
         self._snapshots.clear()
         self._ledger.load_state_dict(state["ledger"])
         self._workers = {
-            str(w): WorkerInfo(float(i["last_seen"]), int(i["last_round"]))
-            for w, i in state["workers"].items()
+            int(row): WorkerInfo(float(i["last_seen"]), int(i["last_round"]))
+            for row, i in state["workers"].items()
         }
-        self._pushed = {str(w) for w in state["pushed"]}
+        self._pushed = {int(row) for row in state["pushed"]}
         self._bytes_total = int(state["bytes_total"])
         self._bytes_in = int(state["bytes_in"])
         self._bytes_out = int(state["bytes_out"])

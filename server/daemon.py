@@ -4,44 +4,52 @@ Lifecycle:
 1. persistence — with --resume, load the newest checkpoint and replay the write-ahead log after
    it; otherwise start at x⁰ (an old run's files in the checkpoint directory are removed);
    either way write a checkpoint generation to resume from;
-2. serve — ParameterServer, grpc.health.v1 (SERVING once listening) and server reflection; print
-   the one "listening" line; the main thread ticks round deadlines;
+2. serve — ParameterServer, grpc.health.v1 (SERVING once listening) and server reflection, all
+   on one asyncio event loop (grpc.aio: a waiting call costs no thread, see
+   byzps.server.service); print the one "listening" line; tick round deadlines on the loop;
 3. end — after the last round closed and the results were written, linger so workers can fetch
    the final model; on SIGTERM/SIGINT stop earlier. Both: refuse new calls, let in-flight ones
    finish, write a final checkpoint, exit 0. A failed write-ahead log exits 1 without a
    checkpoint (the engine ran ahead of the disk; the last checkpoint + log are the truth).
+
+`ServerThread` runs the same server on a background thread's event loop, for tests and for
+embedding a server in another program.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
-import warnings
 from collections.abc import Callable
-from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from byzps.common.codec import MAX_MESSAGE_BYTES
 from byzps.common.config import RunConfig
 from byzps.common.tasks.base import Task
 from byzps.server.auth import Authenticator
 from byzps.server.checkpoint import CheckpointStore, Recovered
 from byzps.server.coordinator import Coordinator, Settings
 from byzps.server.engine import RoundEngine
+from byzps.server.limits import Limits
 from byzps.server.results import MetricsRecorder, RoundLog
 from byzps.server.service import SERVICE_NAME, ParameterServerServicer, add_to_server
-from byzps.server.validation import max_update_bytes
+from byzps.server.validation import Door
 
 log = logging.getLogger("byzps.server")
 
 TICK_SECONDS = 0.05
 SHUTDOWN_GRACE_SECONDS = 5.0
+#: gRPC's own ceiling on a request, above every per-method limit of the servicer (which refuses
+#: by exact size): small requests, health and reflection fit; only PushUpdate may be larger.
+BASE_RECEIVE_BYTES = 64 * 1024
+#: HTTP/2 streams one connection may hold open at once: a worker needs two or three.
+MAX_STREAMS_PER_CONNECTION = 32
 
 
 class StartupError(Exception):
@@ -60,10 +68,17 @@ class DaemonOptions:
     fsync_wal: bool = False
     #: TLS for the port (byzps.common.credentials.server_tls); None: plaintext.
     tls: grpc.ServerCredentials | None = None
+    #: Each worker's share of the server (byzps.server.limits).
+    limits: Limits = field(default_factory=Limits)
+    #: Under mutual TLS, a client certificate naming worker K may call as K only
+    #: (byzps.server.auth); off for client certificates from a PKI that names no byzps worker.
+    bind_certificates: bool = True
 
 
 def recover(options: DaemonOptions, store: CheckpointStore | None) -> Recovered | None:
-    """What the run starts from; StartupError when --resume cannot be honoured."""
+    """What the run starts from; StartupError when --resume cannot be honoured, or when the
+    checkpoint directory holds a run that the command line did not say to resume or replace
+    (the CLI's claim on the directory normally refuses that first)."""
     if store is None:
         if options.resume:
             raise StartupError("--resume needs --checkpoint-dir (or --out)")
@@ -71,40 +86,34 @@ def recover(options: DaemonOptions, store: CheckpointStore | None) -> Recovered 
     if options.resume:
         recovered = store.recover()
         if recovered.state is None and not recovered.records:
-            warnings.warn(f"{store.directory}: nothing to resume, starting fresh", stacklevel=2)
+            log.warning("%s: nothing to resume, starting fresh", store.directory)
         return recovered
     if store.has_state():
-        warnings.warn(
-            f"{store.directory}: removing a previous run's checkpoints (no --resume)", stacklevel=2
+        raise StartupError(
+            f"{store.directory} holds a run's checkpoints: pass --resume to continue it or "
+            "--overwrite to replace it"
         )
-        store.clear()
     return None
 
 
-def build_grpc_server(
-    coordinator: Coordinator,
-    servicer: ParameterServerServicer,
-    listen: str,
-    tls: grpc.ServerCredentials | None = None,
-) -> tuple[grpc.Server, health.HealthServicer, int]:
-    """The gRPC server with our service, health and reflection, bound (with TLS when `tls` is
-    given) but not started."""
-    n = coordinator.num_workers
-    peak = max(coordinator.k_max(0), coordinator.k_max(coordinator.round))
-    limit = max(MAX_MESSAGE_BYTES, max_update_bytes(peak) + 1024)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(16, 4 * n + 8), thread_name_prefix="rpc"),
-        options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)],
-    )
-    add_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        SERVICE_NAME,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(names, server)
+def grpc_options(door: Door) -> list[tuple[str, int]]:
+    """Channel arguments of the server's port: receive no request larger than the largest legal
+    one, and bound the streams one connection may hold."""
+    largest = max(BASE_RECEIVE_BYTES, *door.request_limits().values())
+    return [
+        ("grpc.max_receive_message_length", largest),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def bind(
+    door: Door, listen: str, tls: grpc.ServerCredentials | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """An aio gRPC server bound to `listen` (TLS when `tls` is given), with no service yet; it
+    must be made on the loop that will run it. Bound first, before anything is written, so an
+    address in use fails at once and leaves no files behind."""
+    server = grpc.aio.server(options=grpc_options(door))
     try:
         port = (
             server.add_insecure_port(listen) if tls is None else server.add_secure_port(listen, tls)
@@ -112,8 +121,24 @@ def build_grpc_server(
     except RuntimeError as exc:
         raise StartupError(f"--listen {listen}: cannot bind ({exc})") from None
     if port == 0:
-        raise StartupError(f"--listen {listen}: cannot bind")
-    return server, health_servicer, port
+        raise StartupError(f"--listen {listen}: cannot bind (address in use?)")
+    return server, port
+
+
+def add_services(
+    server: grpc.aio.Server, servicer: ParameterServerServicer
+) -> health.aio.HealthServicer:
+    """Our service, grpc.health.v1 and server reflection on `server` (before it starts)."""
+    add_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    return health_servicer
 
 
 def serve(
@@ -128,6 +153,14 @@ def serve(
 ) -> int:
     """Run the server to the end of the run (or a signal); returns the process exit code."""
     stop = stop if stop is not None else threading.Event()
+    door = Door(task.dim, config.compressor.name, max_nnz, config.run.rounds)
+    return asyncio.run(_serve(config, task, engine, door, options, ready, stop))
+
+
+def _start_coordinator(
+    config: RunConfig, task: Task, engine: RoundEngine, door: Door, options: DaemonOptions
+) -> Coordinator:
+    """Recover (or start fresh) and open the run's files: the coordinator, started."""
     store = None
     if options.checkpoint_dir is not None:
         store = CheckpointStore(
@@ -143,7 +176,7 @@ def serve(
     coordinator = Coordinator(
         config,
         engine,
-        max_nnz,
+        door,
         options.settings,
         metrics=metrics,
         rounds_log=RoundLog(options.out),
@@ -155,36 +188,128 @@ def serve(
         if recovered is None:
             raise
         raise StartupError(f"checkpoint: cannot restore the saved state ({exc})") from None
-    servicer = ParameterServerServicer(
-        coordinator, Authenticator(options.secret, config.cluster.workers), config, task
+    return coordinator
+
+
+async def _serve(
+    config: RunConfig,
+    task: Task,
+    engine: RoundEngine,
+    door: Door,
+    options: DaemonOptions,
+    ready: Callable[[str], None],
+    stop: threading.Event,
+) -> int:
+    server, port = bind(door, options.listen, options.tls)
+    coordinator = _start_coordinator(config, task, engine, door, options)
+    auth = Authenticator(
+        options.secret, config.cluster.workers, bind_certificates=options.bind_certificates
     )
-    server, health_servicer, port = build_grpc_server(
-        coordinator, servicer, options.listen, options.tls
-    )
-    server.start()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    host = options.listen.rsplit(":", 1)[0]
-    ready(f"{host}:{port}")
-    code = _run(coordinator, stop, options.linger)
-    health_servicer.enter_graceful_shutdown()
-    coordinator.stop()
-    server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+    servicer = ParameterServerServicer(coordinator, auth, config, task, limits=options.limits)
+    try:
+        health_servicer = add_services(server, servicer)
+        await server.start()
+        servicer.attach(asyncio.get_running_loop())
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        host = options.listen.rsplit(":", 1)[0]
+        ready(f"{host}:{port}")
+        code = await _run(coordinator, servicer, stop, options.linger)
+        await health_servicer.enter_graceful_shutdown()
+        coordinator.stop()
+        await server.stop(SHUTDOWN_GRACE_SECONDS)
+    finally:
+        servicer.close()
     coordinator.close(checkpoint=code == 0)
     return code
 
 
-def _run(coordinator: Coordinator, stop: threading.Event, linger: float) -> int:
+async def _run(
+    coordinator: Coordinator,
+    servicer: ParameterServerServicer,
+    stop: threading.Event,
+    linger: float,
+) -> int:
     """Tick until the run finished (then linger), a signal arrives, or storage failed."""
-    while not stop.wait(TICK_SECONDS):
+    while not stop.is_set():
+        await asyncio.sleep(TICK_SECONDS)
         if coordinator.failure is not None:
             log.error("stopping after a storage failure: %s", coordinator.failure)
             return 1
         if coordinator.finished:
-            stop.wait(linger)
+            await _sleep_unless(stop, linger)
             return 0 if coordinator.failure is None else 1
-        coordinator.tick()
+        await servicer.offload(coordinator.tick)
     return 0 if coordinator.failure is None else 1
+
+
+async def _sleep_unless(stop: threading.Event, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while not stop.is_set() and loop.time() < end:
+        await asyncio.sleep(min(TICK_SECONDS, max(0.0, end - loop.time())))
+
+
+class ServerThread:
+    """A started coordinator served by the aio gRPC server on a background thread's loop.
+
+    The coordinator is the caller's (started, with whatever clock it likes); this only serves it
+    on `listen` until `stop()`, which also stops the coordinator (not close: the caller owns its
+    files)."""
+
+    def __init__(
+        self,
+        servicer: ParameterServerServicer,
+        listen: str = "127.0.0.1:0",
+        tls: grpc.ServerCredentials | None = None,
+    ) -> None:
+        self.servicer = servicer
+        self._listen = listen
+        self._tls = tls
+        self._loop = asyncio.new_event_loop()
+        self._stopped: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._main, name="grpc-server", daemon=True)
+        self._thread.start()
+        self._started.wait(30)
+        if self._error is not None:
+            raise self._error
+        if not self.port:
+            raise RuntimeError("the server thread did not start within 30 s")
+
+    @property
+    def address(self) -> str:
+        host = self._listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        except BaseException as exc:  # surfaced to the constructor, or lost after start
+            self._error = exc
+            self._started.set()
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stopped = asyncio.Event()
+        server, self.port = bind(self.servicer.coordinator.door, self._listen, self._tls)
+        add_services(server, self.servicer)
+        await server.start()
+        self.servicer.attach(asyncio.get_running_loop())
+        self._started.set()
+        await self._stopped.wait()
+        self.servicer.coordinator.stop()
+        await server.stop(0)
+
+    def stop(self) -> None:
+        if self._thread.is_alive() and self._stopped is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+        self._thread.join(30)
+        self.servicer.close()
 
 
 def install_signal_handlers(stop: threading.Event) -> None:

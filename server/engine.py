@@ -27,6 +27,7 @@ is found by comparing ĝ with its predecessor (~0.5 ms per 1e6 entries).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,11 @@ import torch
 from torch import Tensor
 
 from byzps.common.aggregators.base import Aggregator
-from byzps.common.components import build_run_aggregator, build_server_estimator
+from byzps.common.components import (
+    build_run_aggregator,
+    build_run_task,
+    build_server_estimator,
+)
 from byzps.common.config import RunConfig
 from byzps.common.downlink import AggregateDelta, apply_step
 from byzps.common.estimators.base import Estimator
@@ -218,3 +223,15 @@ def build_engine(
         delta_limit=RoundEngine.DELTA_LIMIT if sparse_downlink else -1.0,
         incremental_limit=RoundEngine.INCREMENTAL_LIMIT if sparse_downlink else -1.0,
     )
+
+
+def build_server_parts(
+    config: RunConfig, *, sparse_downlink: bool = True
+) -> tuple[Task, RoundEngine, Callable[[int], int]]:
+    """What a server needs from its run config: the task, the engine at x⁰ and the per-round
+    k_max (the door's bound on a message of each round), built exactly as the simulator builds
+    them."""
+    task = build_run_task(config)
+    estimator = build_server_estimator(config, task)
+    engine = build_engine(config, task, estimator, sparse_downlink=sparse_downlink)
+    return task, engine, estimator.max_nnz

@@ -17,11 +17,9 @@ from typing import IO, Any
 import numpy as np
 from torch import Tensor
 
+from byzps.common.codec import INDEX_BYTES
 from byzps.common.config import RunConfig
 from byzps.common.tasks.base import Task
-
-#: Bytes of one packed index on the wire (little-endian uint32).
-INDEX_BYTES = 4
 
 
 @dataclass
@@ -88,6 +86,18 @@ def write_results(out: Path, config: RunConfig, result: RunResult, bytes_uplink:
     tmp_params = out / "params.tmp.npy"
     np.save(tmp_params, result.params.astype(np.float32))
     tmp_params.replace(out / "params.npy")
+
+
+def progress_line(record: dict[str, Any], rounds: int) -> str:
+    """One evaluation record as a progress line: round, loss, accuracy, uplink."""
+    parts = [f"round {record.get('round', '?')}/{rounds}"]
+    if "train_loss" in record:
+        parts.append(f"loss {record['train_loss']:.6f}")
+    if "test_accuracy" in record:
+        parts.append(f"acc {record['test_accuracy']:.4f}")
+    if "bytes_uplink" in record:
+        parts.append(f"uplink {record['bytes_uplink']:,.0f} B/worker")
+    return " | ".join(parts)
 
 
 class MetricsRecorder:

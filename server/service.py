@@ -1,59 +1,82 @@
-"""The gRPC servicer: a thin translation between protobuf messages and the Coordinator.
+"""The gRPC servicer (grpc.aio): a thin translation between protobuf messages and the Coordinator.
 
-Every method authenticates, converts the request to domain values, calls the coordinator and
-converts the answer back; refusals (Rejected) become a non-OK status with their precise code.
-Anything unexpected becomes INTERNAL without touching state — the coordinator mutates state only
-in steps that cannot fail halfway — so no input can crash the server. Requests are parsed by our
-own deserializer, so even bytes that are not a protobuf message get INVALID_ARGUMENT instead of
-gRPC's generic error.
+Every method parses, authenticates, is admitted (byzps.server.limits), converts the request to
+domain values, calls the coordinator and converts the answer back; a refusal (Rejected) becomes a
+non-OK status with its precise code. Anything unexpected becomes INTERNAL without touching state
+— the coordinator mutates state only in steps that cannot fail halfway — so no input can crash
+the server.
+
+Why asyncio: a waiting call must not cost a thread. A long-poll for the next round, a reader
+that stops reading a model stream, a request that trickles in byte by byte — under a thread-pool
+server each holds a thread, and twenty of them from one worker's valid token blocked every other
+worker (measured). Here each is a suspended coroutine; long-polls are held at most
+`Limits.max_poll_seconds`, a reply write that waits longer than `Limits.stall_seconds` for the
+reader ends the call, and a request is refused by size before it is parsed. The coordinator's
+work (its lock, aggregation, snapshots, serialization) runs on a small thread pool so the event
+loop never waits behind it.
+
+Requests are parsed by our own deserializer with a per-method size limit, so bytes that are not a
+protobuf message get INVALID_ARGUMENT, and padding (unknown fields) beyond the largest legal
+request gets RESOURCE_EXHAUSTED, before anything else is done.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from byzps.common.codec import COMPRESSOR_IDS, encode_model
+from byzps.common.codec import COMPRESSOR_IDS, RETRY_AFTER_METADATA_KEY, encode_model
 from byzps.common.config import RunConfig
-from byzps.common.downlink import DenseModel, Downlink, encode_downlink
+from byzps.common.downlink import DenseModel, encode_downlink
 from byzps.common.tasks.base import Task
 from byzps.proto.v1 import parameter_server_pb2 as pb
-from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
 from byzps.server.auth import Authenticator
 from byzps.server.broadcast import EncodedAnswers, passthrough
 from byzps.server.coordinator import Coordinator
-from byzps.server.validation import Rejected, max_update_bytes
+from byzps.server.limits import Admission, Group, Limits
+from byzps.server.validation import Refusal, Rejected, max_update_bytes
 
 log = logging.getLogger("byzps.server")
 
 SERVICE_NAME = "byzps.v1.ParameterServer"
 ACCEPTED_DTYPES = (pb.VALUE_DTYPE_FLOAT32, pb.VALUE_DTYPE_FLOAT16, pb.VALUE_DTYPE_BFLOAT16)
 
-R = TypeVar("R", bound=Message)
 T = TypeVar("T")
 
 
 class Malformed:
-    """Stands in for a request whose bytes did not parse, so the servicer can refuse it."""
+    """Stands in for a request whose bytes did not parse (or were too many), so the servicer can
+    refuse it with `code`."""
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, code: Refusal, error: str) -> None:
+        self.code = code
         self.error = error
 
     def ByteSize(self) -> int:  # mirrors the protobuf method it stands in for
         return 0
 
 
-def _parser(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
+def _parser(cls: type[Message], limit: int) -> Callable[[bytes], Message | Malformed]:
+    name = cls.DESCRIPTOR.name
+
     def parse(data: bytes) -> Message | Malformed:
+        if len(data) > limit:
+            return Malformed(
+                Refusal.RESOURCE_EXHAUSTED, f"{name} is {len(data)} bytes, limit {limit}"
+            )
         try:
             return cls.FromString(data)
         except (DecodeError, ValueError, RuntimeError) as exc:
-            return Malformed(f"request is not a valid {cls.DESCRIPTOR.name}: {exc}")
+            return Malformed(Refusal.INVALID_ARGUMENT, f"request is not a valid {name}: {exc}")
 
     return parse
 
@@ -70,189 +93,268 @@ def model_spec(task: Task) -> pb.ModelSpec:
     return spec
 
 
-class ParameterServerServicer(pb_grpc.ParameterServerServicer):
-    """Register, GetModel(Update), PushUpdate and Status over one Coordinator."""
+class ParameterServerServicer:
+    """Register, GetModel(Update), PushUpdate and Status over one Coordinator.
+
+    `attach(loop)` must be called on the serving event loop before the first call: it makes the
+    coordinator's round closes wake parked long-polls and refill the callers' rate budgets.
+    """
 
     def __init__(
-        self, coordinator: Coordinator, auth: Authenticator, config: RunConfig, task: Task
+        self,
+        coordinator: Coordinator,
+        auth: Authenticator,
+        config: RunConfig,
+        task: Task,
+        *,
+        limits: Limits | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.auth = auth
+        self.limits = limits if limits is not None else Limits()
+        self.admission = Admission(self.limits, coordinator.num_workers)
         self.digest = config.digest()
+        self._executor = executor or ThreadPoolExecutor(4, thread_name_prefix="coordinator")
+        self._owns_executor = executor is None
+        self._changed: asyncio.Event | None = None
         # Each round's answers, serialized once for all workers (one cache per reply type).
         self._chunks = EncodedAnswers()
         self._updates = EncodedAnswers()
         self._static = pb.RegisterReply(
             model=model_spec(task),
-            config_json=_config_json(config),
+            config_json=json.dumps(config.to_dict()),
             config_digest=self.digest,
             compressor=COMPRESSOR_IDS[config.compressor.name],
             accepted_dtypes=ACCEPTED_DTYPES,
         )
 
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wake parked callers on `loop` whenever the coordinator closes a round or stops."""
+        self._changed = asyncio.Event()
+
+        def wake() -> None:
+            assert self._changed is not None
+            self._changed.set()
+            self._changed = asyncio.Event()
+            self.admission.round_closed()
+
+        def schedule() -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(wake)
+
+        self.coordinator.on_change(schedule)
+
+    def close(self) -> None:
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
+
     # --- RPCs -----------------------------------------------------------------------------
 
-    def Register(self, request: Any, context: grpc.ServicerContext) -> pb.RegisterReply:
-        def register() -> pb.RegisterReply:
-            self.auth.check(
-                context.invocation_metadata(),
-                request.worker_id,
-                request.token,
-                context.auth_context(),
-            )
+    async def Register(self, request: Any, context: grpc.aio.ServicerContext) -> pb.RegisterReply:
+        async with self._serving(request, context, Group.REGISTER, request.token) as row:
             if request.config_digest and request.config_digest != self.digest:
                 raise Rejected(
-                    grpc.StatusCode.FAILED_PRECONDITION,
+                    Refusal.FAILED_PRECONDITION,
                     f"config digest {request.config_digest} differs from the server's "
                     f"{self.digest}",
                 )
-            round, last_seq = self.coordinator.register(request.worker_id)
-            k_max = self.coordinator.k_max(round)
-            peak = max(k_max, self.coordinator.k_max(0))
+            round, last_seq = await self.offload(self.coordinator.register, row)
+            door = self.coordinator.door
             reply = pb.RegisterReply()
             reply.CopyFrom(self._static)
-            reply.k_max = k_max
-            reply.max_update_bytes = max_update_bytes(peak)
+            reply.k_max = door.k_max(round)
+            reply.max_update_bytes = max_update_bytes(door.largest_k_max)
             reply.round = round
             reply.last_seq = last_seq
-            return reply
+            return self._sent(reply)
 
-        return self._unary(request, context, register)
-
-    def PushUpdate(self, request: Any, context: grpc.ServicerContext) -> pb.Ack:
-        def push() -> pb.Ack:
-            row = self.auth.check(
-                context.invocation_metadata(), request.worker_id, peer=context.auth_context()
-            )
+    async def PushUpdate(self, request: Any, context: grpc.aio.ServicerContext) -> pb.Ack:
+        async with self._serving(request, context, Group.PUSH) as row:
             if not request.HasField("update"):
-                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "update: missing")
-            ack = self.coordinator.push(
-                request.worker_id, row, request.round, request.seq, request.update
+                raise Rejected(Refusal.INVALID_ARGUMENT, "update: missing")
+            door = self.coordinator.door
+            update = await self.offload(
+                door.receive, row, request.round, request.seq, request.update
             )
+            ack = await self.offload(self.coordinator.push, update)
             status = pb.ACK_STATUS_DUPLICATE if ack.duplicate else pb.ACK_STATUS_ACCEPTED
-            return pb.Ack(status=status, round=ack.round, last_seq=ack.last_seq)
+            return self._sent(pb.Ack(status=status, round=ack.round, last_seq=ack.last_seq))
 
-        return self._unary(request, context, push)
+    async def GetModel(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        async with self._serving(request, context, Group.MODEL) as row:
+            known = request.known_round if request.HasField("known_round") else None
 
-    def GetModel(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
-        def fetch(known: int | None) -> DenseModel | None:
-            return self.coordinator.model(request.round, known, request.wait, _alive(context))
+            def fetch() -> DenseModel | None:
+                self.coordinator.touch(row)
+                return self.coordinator.model(request.round, known)
 
-        found = self._await(request, context, fetch)
-        if found is not None:
-            yield from self._sent(self._chunks.get(found, _model_chunks))
+            answer = await self._await(fetch, request, context)
+            messages = await self.offload(self._chunks.get, answer, _model_chunks)
+            await self._stream(messages, context)
 
-    def GetModelUpdate(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
-        def fetch(known: int | None) -> Downlink | None:
-            return self.coordinator.downlink(
-                request.round, known, request.wait, _alive(context), request.has_aggregate
+    async def GetModelUpdate(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        async with self._serving(request, context, Group.MODEL) as row:
+            known = request.known_round if request.HasField("known_round") else None
+
+            def fetch() -> object:
+                self.coordinator.touch(row)
+                return self.coordinator.downlink(request.round, known, request.has_aggregate)
+
+            answer = await self._await(fetch, request, context)
+            messages = await self.offload(self._updates.get, answer, encode_downlink)
+            await self._stream(messages, context)
+
+    async def Status(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        async with self._serving(request, context, Group.STATUS, anonymous=True) as row:
+            info = await self.offload(self.coordinator.status)
+            reply = pb.StatusReply(
+                round=info.round,
+                rounds=info.rounds,
+                finished=info.phase.value == "finished",
+                phase=info.phase.value,
+                num_workers=info.num_workers,
+                registered=len(info.workers),
+                bytes_in=info.bytes_in,
+                bytes_out=info.bytes_out,
             )
-
-        found = self._await(request, context, fetch)
-        if found is not None:
-            yield from self._sent(self._updates.get(found, encode_downlink))
-
-    def Status(self, request: Any, context: grpc.ServicerContext) -> pb.StatusReply:
-        def status() -> pb.StatusReply:
-            info = self.coordinator.status()
-            reply = pb.StatusReply(round=info.round, bytes_in=info.bytes_in)
-            for w in info.workers:
-                ws = reply.workers.add(worker_id=w.worker_id, last_seq=w.last_seq)
-                ws.last_seen.FromNanoseconds(int(w.last_seen * 1e9))
-                ws.last_round = max(w.last_round, 0)
-            reply.bytes_out = info.bytes_out
-            return reply
-
-        return self._unary(request, context, status)
+            if row is not None:  # the caller holds a credential: every worker's line too
+                for w in info.workers:
+                    ws = reply.workers.add(worker_id=str(w.row), last_seq=w.last_seq)
+                    ws.last_seen.FromNanoseconds(int(w.last_seen * 1e9))
+                    ws.last_round = max(w.last_round, 0)
+            return self._sent(reply)
 
     # --- translation helpers --------------------------------------------------------------
 
-    def _call(self, request: Any, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
-        """Run `fn`; a Rejected or unexpected exception ends the call with its status code."""
-        if isinstance(request, Malformed):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
-        self.coordinator.account(bytes_in=request.ByteSize())
+    @asynccontextmanager
+    async def _serving(
+        self,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        group: Group,
+        token: bytes = b"",
+        *,
+        anonymous: bool = False,
+    ) -> AsyncIterator[int | None]:
+        """Check and admit one call, then run its body; a Rejected (from here or the body) ends
+        the call with its status, anything else with INTERNAL.
+
+        Yields the caller's row: the worker it authenticated as, or for `anonymous` calls the
+        row of any credential it presented (None: none)."""
         try:
-            return fn()
+            if isinstance(request, Malformed):
+                raise Rejected(request.code, request.error)
+            self.coordinator.account(bytes_in=request.ByteSize())
+            metadata = context.invocation_metadata() or ()
+            peer = context.auth_context()
+            if anonymous:
+                row = self.auth.holder(metadata, peer)
+            else:
+                row = self.auth.check(metadata, request.worker_id, token, peer)
+            with self.admission.enter(row, group):
+                yield row
         except Rejected as exc:
-            code, reason = exc.code, exc.reason
+            if exc.retry_after is not None:
+                millis = str(max(1, round(exc.retry_after * 1000)))
+                context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, millis),))
+            await context.abort(getattr(grpc.StatusCode, exc.code.name), exc.reason)
+        except grpc.aio.AbortError:
+            raise
         except Exception:
-            log.exception("unexpected error in %s", type(request).__name__)
-            code, reason = grpc.StatusCode.INTERNAL, "internal server error"
-        context.abort(code, reason)
+            log.exception("unexpected error in %s", group.value)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 
-    def _await(
-        self, request: Any, context: grpc.ServicerContext, fetch: Callable[[int | None], T]
-    ) -> T | None:
-        """The shared front of both model RPCs: authenticate, then `fetch(known_round)`; a
-        long-poll that outlives its deadline while still connected ends DEADLINE_EXCEEDED."""
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the coordinator's thread pool: it may wait for the coordinator's lock
+        (held through an aggregation), which the event loop must never do."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
-        def call() -> T | None:
-            self.auth.check(
-                context.invocation_metadata(), request.worker_id, peer=context.auth_context()
-            )
-            self.coordinator.touch(request.worker_id)
-            return fetch(request.known_round if request.HasField("known_round") else None)
+    async def _await(
+        self, fetch: Callable[[], T | None], request: Any, context: grpc.aio.ServicerContext
+    ) -> T:
+        """The answer `fetch()` gives once it gives one: at once (wait=false: FAILED_PRECONDITION
+        when there is none yet), or parked until a round closes, for at most the client's
+        deadline and `max_poll_seconds` (then DEADLINE_EXCEEDED: the client asks again)."""
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        budget = self.limits.max_poll_seconds
+        deadline = loop.time() + (budget if remaining is None else min(budget, remaining))
+        while True:
+            changed = self._changed  # taken before looking, so no close can slip in between
+            found = await self.offload(fetch)
+            if found is not None:
+                return found
+            if not request.wait:
+                known = request.known_round if request.HasField("known_round") else None
+                raise Rejected(
+                    Refusal.FAILED_PRECONDITION,
+                    f"the server is at round {self.coordinator.round}; asked for round >= "
+                    f"{request.round}" + ("" if known is None else f" and > {known}"),
+                )
+            left = deadline - loop.time()
+            if left <= 0 or changed is None:
+                raise Rejected(Refusal.DEADLINE_EXCEEDED, "no newer round before the deadline")
+            try:
+                await asyncio.wait_for(changed.wait(), left)
+            except asyncio.TimeoutError:
+                continue  # the loop sees the deadline has passed
 
-        found = self._call(request, context, call)
-        if found is None and context.is_active():  # still connected, so its deadline ran out
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no newer round before deadline")
-        return found
-
-    def _sent(self, messages: list[bytes]) -> Iterator[bytes]:
-        """Pass a serialized reply stream through, counting its bytes."""
+    async def _stream(self, messages: Iterable[bytes], context: grpc.aio.ServicerContext) -> None:
+        """Send a serialized reply stream; a reader that takes no message for `stall_seconds`
+        (its flow-control window stays shut) is cut off with RESOURCE_EXHAUSTED."""
+        stall = self.limits.stall_seconds
         for data in messages:
             self.coordinator.account(bytes_out=len(data))
-            yield data
+            try:
+                await asyncio.wait_for(context.write(data), stall)
+            except asyncio.TimeoutError:
+                raise Rejected(
+                    Refusal.RESOURCE_EXHAUSTED, f"the reader took nothing for {stall:g} s"
+                ) from None
+            except Exception:
+                if context.cancelled():  # the reader went away: nothing left to send it
+                    return
+                raise
 
-    def _unary(self, request: Any, context: grpc.ServicerContext, fn: Callable[[], R]) -> R:
-        reply = self._call(request, context, fn)
+    def _sent(self, reply: Message) -> Any:
         self.coordinator.account(bytes_out=reply.ByteSize())
         return reply
 
 
-def _alive(context: grpc.ServicerContext) -> Callable[[], bool]:
-    def alive() -> bool:
-        remaining = context.time_remaining()
-        return context.is_active() and (remaining is None or remaining > 0)
-
-    return alive
-
-
-def _model_chunks(model: DenseModel) -> Iterator[pb.ModelChunk]:
+def _model_chunks(model: DenseModel) -> Iterable[pb.ModelChunk]:
     return encode_model(model.x, model.round)
 
 
-def _config_json(config: RunConfig) -> str:
-    return json.dumps(config.to_dict())
-
-
-def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
-    """Register the servicer like the generated helper, but with forgiving request parsers."""
+def add_to_server(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer like the generated helper, but with size-limited, forgiving request
+    parsers and pass-through serializers for the pre-serialized model streams."""
+    limits = servicer.coordinator.door.request_limits()
     handlers = {
         "Register": grpc.unary_unary_rpc_method_handler(
             servicer.Register,
-            request_deserializer=_parser(pb.RegisterRequest),
+            request_deserializer=_parser(pb.RegisterRequest, limits["Register"]),
             response_serializer=pb.RegisterReply.SerializeToString,
         ),
         "GetModel": grpc.unary_stream_rpc_method_handler(
             servicer.GetModel,
-            request_deserializer=_parser(pb.GetModelRequest),
+            request_deserializer=_parser(pb.GetModelRequest, limits["GetModel"]),
             response_serializer=passthrough(pb.ModelChunk.SerializeToString),
         ),
         "GetModelUpdate": grpc.unary_stream_rpc_method_handler(
             servicer.GetModelUpdate,
-            request_deserializer=_parser(pb.GetModelRequest),
+            request_deserializer=_parser(pb.GetModelRequest, limits["GetModelUpdate"]),
             response_serializer=passthrough(pb.ModelUpdate.SerializeToString),
         ),
         "PushUpdate": grpc.unary_unary_rpc_method_handler(
             servicer.PushUpdate,
-            request_deserializer=_parser(pb.PushUpdateRequest),
+            request_deserializer=_parser(pb.PushUpdateRequest, limits["PushUpdate"]),
             response_serializer=pb.Ack.SerializeToString,
         ),
         "Status": grpc.unary_unary_rpc_method_handler(
             servicer.Status,
-            request_deserializer=_parser(pb.StatusRequest),
+            request_deserializer=_parser(pb.StatusRequest, limits["Status"]),
             response_serializer=pb.StatusReply.SerializeToString,
         ),
     }

@@ -1,50 +1,100 @@
-"""Validation at the door: every check a pushed update must pass before it touches any state.
+"""The door: every check a pushed update must pass before it touches any state, and the one error
+type a refusal raises.
 
 A Byzantine worker controls every byte it sends, so the server treats a PushUpdate as hostile
-until proven well-formed: size first (cheap, bounds all later work), then the header fields
-against the model (dim, nnz ≤ k_max, compressor), then the payload (lengths, index order and
-range, finite values — byzps.common.codec), then the Rand-k seed. A refusal raises Rejected
-with the gRPC status code a client should see and a precise reason; nothing is mutated, so the
-server never crashes on input and never half-applies one.
+until proven well-formed and harmless:
 
-SeqLedger is the exactly-once bookkeeping: a pure per-worker record of the last acknowledged
-sequence number, checkpointed with the rest of the server state.
+1. the wire (`validate_update`): size first (cheap, bounds all later work), then the header
+   fields against the model (dim, nnz ≤ k_max, compressor), then the payload (lengths, index
+   order and range, finite values — byzps.common.codec), then the Rand-k seed;
+2. the sender's own history (`check_round`, `SeqLedger`): a round the server has reached, later
+   than the sender's last accepted one, the next sequence number;
+3. the state (`Door.admit`): applying the update must leave the sender's server-side state
+   finite. Two finite pushes of 3e38 would otherwise turn g_j into +inf, and one non-finite row
+   reaches every Gram-based rule and the model.
 
-Transport-light on purpose: grpc.StatusCode is the only gRPC name used here, so the round engine
-and the simulator can run these checks without a server.
+A refusal raises Rejected with a `Refusal` (the canonical status vocabulary — INVALID_ARGUMENT,
+FAILED_PRECONDITION, … — as a plain enum, which the gRPC servicer maps to its status codes) and a
+precise reason; nothing is mutated before every check has passed, so the server never crashes on
+input and never half-applies one. Transport-free: no gRPC here, so the simulator runs the same
+`Door` on its in-process messages.
+
+Why no bound on a state's norm: the robust rules stay finite and within their guarantees for any
+finite inputs (byzps.common.aggregators computes distances in float64 around a robust centre, and
+their property tests throw ±FLT_MAX at them), so finiteness is the only property the state must
+keep. A norm cap would be one more hyperparameter that either clips honest states or is too loose
+to protect anything finiteness does not.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
-import grpc
 import torch
+from torch import Tensor
 
 from byzps.common.codec import WireFormatError, compressor_name, decode_sparse
 from byzps.common.compressors import randk_indices
-from byzps.common.sparse import SparseVector
+from byzps.common.server_rules import ServerRule
+from byzps.common.sparse import SparseBatch, SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
+from byzps.server.results import message_bytes
 
 #: Serialized bytes a SparseUpdate may use beyond its 8 bytes per float32 entry: dim, nnz, dtype,
 #: compressor, seed and the two bytes-field headers take at most 39.
 UPDATE_OVERHEAD_BYTES = 64
+#: Bytes a PushUpdateRequest may use beyond its SparseUpdate: worker_id (≤ 10 digits), round and
+#: seq varints and the field headers take at most 40.
+PUSH_OVERHEAD_BYTES = 64
+#: The largest legal request of every other RPC: a RegisterRequest carries a 64-character token,
+#: a 64-character config digest and a worker id (≤ 150 bytes); the rest are smaller.
+SMALL_REQUEST_BYTES = 512
+#: Serialized bytes of one value, by wire dtype.
+VALUE_BYTES = {pb.VALUE_DTYPE_FLOAT32: 4, pb.VALUE_DTYPE_FLOAT16: 2, pb.VALUE_DTYPE_BFLOAT16: 2}
+
+
+class Refusal(enum.Enum):
+    """Why a call is refused, named after the canonical status codes a client will see."""
+
+    INVALID_ARGUMENT = "malformed request"
+    UNAUTHENTICATED = "caller not authenticated"
+    PERMISSION_DENIED = "caller may not do this"
+    FAILED_PRECONDITION = "not possible in the server's current state"
+    RESOURCE_EXHAUSTED = "too large, or over the caller's share"
+    UNAVAILABLE = "the server is shutting down"
+    OUT_OF_RANGE = "the run has finished"
+    DEADLINE_EXCEEDED = "nothing new before the wait ended"
 
 
 class Rejected(Exception):
-    """An update or call the server refuses: `code` is the gRPC status, `reason` says why."""
+    """A call the server refuses: `code` says what kind of refusal, `reason` says why, and
+    `retry_after` (seconds), when set, that the same call may succeed later — the caller went
+    over its share, not wrong (see byzps.server.limits)."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+    def __init__(self, code: Refusal, reason: str, *, retry_after: float | None = None) -> None:
         super().__init__(f"{code.name}: {reason}")
         self.code = code
         self.reason = reason
+        self.retry_after = retry_after
+
+
+def _invalid(reason: str) -> NoReturn:
+    raise Rejected(Refusal.INVALID_ARGUMENT, reason)
 
 
 def max_update_bytes(k_max: int) -> int:
     """The largest serialized SparseUpdate a server with this k_max needs to accept."""
     return 8 * k_max + UPDATE_OVERHEAD_BYTES
+
+
+def max_push_bytes(k_max: int) -> int:
+    """The largest serialized PushUpdateRequest: its update plus the request's own fields. The
+    server refuses anything larger before parsing it, so padding outside the update (unknown
+    fields) buys an attacker nothing."""
+    return max_update_bytes(k_max) + PUSH_OVERHEAD_BYTES
 
 
 def validate_update(
@@ -65,7 +115,7 @@ def validate_update(
     limit = max_update_bytes(k_max) if max_bytes is None else max_bytes
     size = update.ByteSize()  # counts unknown fields too, so padding cannot sneak past
     if size > limit:
-        raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"update is {size} bytes, limit {limit}")
+        raise Rejected(Refusal.RESOURCE_EXHAUSTED, f"update is {size} bytes, limit {limit}")
     if update.dim != dim:
         _invalid(f"dim {update.dim} does not match the model's {dim}")
     if update.nnz > k_max:
@@ -92,23 +142,121 @@ def _check_randk(vec: SparseVector, k: int) -> None:
         _invalid(f"indices are not the Rand-k selection of seed {vec.seed}")
 
 
-def check_round(round: int, *, server_round: int, max_lag: int | None = None) -> None:
-    """An update must come from a round the server has reached; a late one still counts (it is
-    a delta on its worker's own state) unless it lags more than `max_lag` rounds."""
+def check_round(
+    round: int, *, server_round: int, last_round: int = -1, max_lag: int | None = None
+) -> None:
+    """An update must come from a round the server has reached and be later than the sender's
+    last accepted one (`last_round`); a late one still counts (it is a delta on its worker's own
+    state) unless it lags more than `max_lag` rounds.
+
+    Why strictly later: an honest worker computes one update per round, so two different updates
+    claiming the same round can only come from a Byzantine one — and without this rule it could
+    push without limit, growing the write-ahead log and the server's work at will. With it, a
+    worker's accepted updates over a run are at most the run's rounds.
+    """
     if round > server_round:
         raise Rejected(
-            grpc.StatusCode.FAILED_PRECONDITION,
+            Refusal.FAILED_PRECONDITION,
             f"round {round} is ahead of the server's round {server_round}",
+        )
+    if round <= last_round:
+        raise Rejected(
+            Refusal.FAILED_PRECONDITION,
+            f"round {round}: this worker's last accepted update already claimed round "
+            f"{last_round} (one update per round)",
         )
     if max_lag is not None and server_round - round > max_lag:
         raise Rejected(
-            grpc.StatusCode.FAILED_PRECONDITION,
+            Refusal.FAILED_PRECONDITION,
             f"round {round} lags the server's round {server_round} by more than {max_lag}",
         )
 
 
-def _invalid(reason: str) -> NoReturn:
-    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, reason)
+# ----------------------------------------------------------------------------------------------
+# The door: wire checks for the server, state checks for the server and the simulator
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Update:
+    """One update that passed the wire checks, in domain terms: what the coordinator applies."""
+
+    row: int
+    round: int
+    seq: int
+    vector: SparseVector
+    #: Payload bytes on the wire (index + value per entry), counted for the uplink metric.
+    wire_bytes: int
+    #: The update as received, serialized: what the write-ahead log stores and replays.
+    encoded: bytes
+
+
+class Door:
+    """The checks every update passes before it touches state, shared by the gRPC server and the
+    simulator so both refuse exactly the same messages.
+
+    `k_max(round)` is the largest nnz a message computed at `round` may carry (MARINA/PAGE send
+    dense rounds); `rounds` bounds the round used to ask it, so absurd claimed rounds cost nothing.
+    """
+
+    def __init__(self, dim: int, compressor: str, k_max: Callable[[int], int], rounds: int) -> None:
+        self.dim = dim
+        self.compressor = compressor
+        self.k_max = k_max
+        self.rounds = rounds
+
+    @property
+    def largest_k_max(self) -> int:
+        """The largest k_max of the run: round 0's, which every estimator byzps has sends at
+        least as densely as any later round (MARINA and PAGE send their full rounds dense, and
+        round 0 is always one). Bounds request sizes; each update is still checked against its
+        own round's k_max."""
+        return max(self.k_max(0), self.k_max(min(1, self.rounds)))
+
+    def request_limits(self) -> dict[str, int]:
+        """The largest serialized request each RPC of the service accepts."""
+        small = SMALL_REQUEST_BYTES
+        return {"Register": small, "GetModel": small, "GetModelUpdate": small,
+                "PushUpdate": max_push_bytes(self.largest_k_max), "Status": small}  # fmt: skip
+
+    def receive(self, row: int, round: int, seq: int, update: pb.SparseUpdate) -> Update:
+        """The wire checks of one update claimed for `round`; Rejected if any fails."""
+        k_max = self.k_max(min(round, self.rounds))
+        vec = validate_update(update, dim=self.dim, k_max=k_max, compressor=self.compressor)
+        wire_bytes = message_bytes(vec.nnz, VALUE_BYTES[update.dtype])
+        return Update(row, round, seq, vec, wire_bytes, update.SerializeToString())
+
+    def replayed(self, row: int, round: int, seq: int, encoded: bytes) -> Update:
+        """An update read back from the write-ahead log, through the same wire checks as when
+        it arrived (so replay refuses exactly what live traffic would have)."""
+        update = pb.SparseUpdate.FromString(encoded)
+        return self.receive(row, round, seq, update)
+
+    def refused_rows(
+        self, rule: ServerRule, rows: Tensor, messages: SparseBatch, round: int
+    ) -> Tensor:
+        """Positions i of `messages` (computed at `round`) the door refuses: more entries than
+        the round's k_max, or whose absorption would leave worker row `rows[i]` with a
+        non-finite value in its server state (or that hold one themselves). The simulator's
+        whole door: its messages never cross a wire."""
+        if messages.nnz > self.k_max(min(round, self.rounds)):
+            return torch.arange(messages.num_rows)
+        return (~rule.admissible(rows, messages, round)).nonzero().flatten()
+
+    def admit(self, rule: ServerRule, update: Update) -> None:
+        """Rejected (INVALID_ARGUMENT) when applying `update` would make its sender's state
+        non-finite; the state is not touched either way."""
+        vec = update.vector
+        batch = SparseBatch(vec.indices[None], vec.values[None], vec.dim, _seeds(vec))
+        if self.refused_rows(rule, torch.tensor([update.row]), batch, update.round).numel():
+            _invalid(
+                "applying this update would make the sender's server-side state non-finite "
+                "(float32 overflow)"
+            )
+
+
+def _seeds(vec: SparseVector) -> tuple[int, ...] | None:
+    return None if vec.seed is None else (vec.seed,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +272,7 @@ class SeqDecision(enum.Enum):
 
 
 class SeqLedger:
-    """Per worker, the last acknowledged sequence number (0: none yet; seqs start at 1).
+    """Per worker row, the last acknowledged sequence number (0: none yet; seqs start at 1).
 
     Two steps so a failure in between changes nothing: `check` classifies a seq without touching
     the ledger, `commit` advances it once the update has been applied. Not thread-safe: the
@@ -132,43 +280,44 @@ class SeqLedger:
     """
 
     def __init__(self) -> None:
-        self._last: dict[str, int] = {}
+        self._last: dict[int, int] = {}
 
-    def last(self, worker_id: str) -> int:
-        """The last acknowledged seq of `worker_id` (0 for a worker never acknowledged)."""
-        return self._last.get(worker_id, 0)
+    def last(self, row: int) -> int:
+        """The last acknowledged seq of worker `row` (0 for a worker never acknowledged)."""
+        return self._last.get(row, 0)
 
-    def check(self, worker_id: str, seq: int) -> SeqDecision:
+    def check(self, row: int, seq: int) -> SeqDecision:
         """APPLY for last + 1, DUPLICATE for seq ≤ last; Rejected for seq < 1 (INVALID_ARGUMENT)
         or a gap, seq > last + 1 (FAILED_PRECONDITION: the worker must resync from last_seq)."""
         if seq < 1:
             _invalid(f"seq {seq}: sequence numbers start at 1")
-        last = self.last(worker_id)
+        last = self.last(row)
         if seq <= last:
             return SeqDecision.DUPLICATE
         if seq > last + 1:
             raise Rejected(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                Refusal.FAILED_PRECONDITION,
                 f"seq {seq} leaves a gap: last acknowledged is {last}, expected {last + 1}",
             )
         return SeqDecision.APPLY
 
-    def commit(self, worker_id: str, seq: int) -> None:
+    def commit(self, row: int, seq: int) -> None:
         """Record `seq` as applied; it must be the next expected one (else a caller bug)."""
-        expected = self.last(worker_id) + 1
+        expected = self.last(row) + 1
         if seq != expected:
-            raise ValueError(f"commit of seq {seq} for {worker_id!r}, expected {expected}")
-        self._last[worker_id] = seq
+            raise ValueError(f"commit of seq {seq} for worker {row}, expected {expected}")
+        self._last[row] = seq
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_seq": dict(self._last)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the ledger with a checkpointed one (checked: str ids, non-negative int seqs)."""
+        """Replace the ledger with a checkpointed one (checked: int rows, non-negative int seqs)."""
         last = state["last_seq"]
-        if not isinstance(last, Mapping) or not all(
-            isinstance(w, str) and isinstance(s, int) and not isinstance(s, bool) and s >= 0
-            for w, s in last.items()
-        ):
-            raise ValueError("last_seq must map worker ids (str) to non-negative ints")
+
+        def whole(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if not isinstance(last, Mapping) or not all(whole(w) and whole(s) for w, s in last.items()):
+            raise ValueError("last_seq must map worker rows to non-negative ints")
         self._last = dict(last)

@@ -9,7 +9,7 @@ before the Ack leaves; `fsync=True` also makes it survive a power loss.
 File layout: an 80-byte header (magic, start round, config digest), then records
     <u32 length of body> <u32 CRC-32 of body> <body>
 with body = one kind byte and its fields (little-endian):
-    UPDATE: <u64 seq> <u64 round> <u16 len(worker_id)> worker_id <serialized SparseUpdate>
+    UPDATE: <u64 seq> <u64 round> <u32 worker row> <serialized SparseUpdate as received>
     CLOSE:  <u64 round>   (the round that closed)
 A torn or corrupt record (short read, bad CRC) ends the readable log: replay stops there with a
 warning and the file is truncated before new records are appended.
@@ -25,10 +25,11 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-MAGIC = b"BYZPSWAL"
+#: "2": records name the worker by its row (version 1, "BYZPSWAL", by its id string).
+MAGIC = b"BYZPSWL2"
 _HEADER = struct.Struct("<8sQ64s")  # magic, start round, config digest (hex sha256)
 _RECORD = struct.Struct("<II")  # body length, CRC-32 of body
-_UPDATE = struct.Struct("<BQQH")  # kind, seq, round, len(worker_id)
+_UPDATE = struct.Struct("<BQQI")  # kind, seq, round, worker row
 _CLOSE = struct.Struct("<BQ")  # kind, round
 #: No legal body comes near this (an update is bounded by the server's max_update_bytes); a
 #: larger length can only be a torn or corrupt header, and must not make the reader allocate.
@@ -46,7 +47,7 @@ class Kind(enum.IntEnum):
 
 @dataclass(frozen=True)
 class UpdateRecord:
-    worker_id: str
+    row: int
     seq: int
     round: int
     update: bytes  # the SparseUpdate exactly as received, serialized
@@ -62,8 +63,7 @@ Record = UpdateRecord | CloseRecord
 
 def encode_record(record: Record) -> bytes:
     if isinstance(record, UpdateRecord):
-        wid = record.worker_id.encode()
-        body = _UPDATE.pack(Kind.UPDATE, record.seq, record.round, len(wid)) + wid + record.update
+        body = _UPDATE.pack(Kind.UPDATE, record.seq, record.round, record.row) + record.update
     else:
         body = _CLOSE.pack(Kind.CLOSE, record.round)
     return _RECORD.pack(len(body), zlib.crc32(body)) + body
@@ -72,9 +72,8 @@ def encode_record(record: Record) -> bytes:
 def _decode_body(body: bytes) -> Record:
     kind = body[0]
     if kind == Kind.UPDATE:
-        _, seq, round, n = _UPDATE.unpack_from(body)
-        start = _UPDATE.size
-        return UpdateRecord(body[start : start + n].decode(), seq, round, body[start + n :])
+        _, seq, round, row = _UPDATE.unpack_from(body)
+        return UpdateRecord(row, seq, round, body[_UPDATE.size :])
     if kind == Kind.CLOSE:
         _, round = _CLOSE.unpack(body)
         return CloseRecord(round)
@@ -97,7 +96,10 @@ def read_wal(path: Path) -> WalContents:
         raise WalError(f"{path}: {len(data)} bytes, shorter than the log header")
     magic, start_round, digest = _HEADER.unpack_from(data)
     if magic != MAGIC:
-        raise WalError(f"{path}: not a byzps write-ahead log")
+        older = (
+            " (an older byzps wrote it; resume with that version)" if magic == b"BYZPSWAL" else ""
+        )
+        raise WalError(f"{path}: not a byzps write-ahead log of this version{older}")
     records: list[Record] = []
     pos = _HEADER.size
     while pos < len(data):
@@ -114,7 +116,7 @@ def read_wal(path: Path) -> WalContents:
             else:
                 try:
                     records.append(_decode_body(body))
-                except (ValueError, struct.error, UnicodeDecodeError) as exc:
+                except (ValueError, struct.error) as exc:
                     problem = f"undecodable record: {exc}"
         if problem is not None:
             warnings.warn(

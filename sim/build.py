@@ -15,6 +15,7 @@ from byzps.common.components import build_run_compressor, build_run_estimator, b
 from byzps.common.config import ConfigError, RunConfig
 from byzps.common.tasks.base import Task
 from byzps.server.engine import build_engine
+from byzps.server.validation import Door
 from byzps.sim.simulation import Simulation
 
 
@@ -30,6 +31,7 @@ def build_simulation(config: RunConfig, task: Task | None = None) -> Simulation:
     # No downlink in one process: the change of ĝ would be computed for nobody.
     engine = build_engine(config, task, honest, sparse_downlink=False)
     honest_part = {
+        "door": Door(task.dim, config.compressor.name, honest.max_nnz, config.run.rounds),
         "honest": honest,
         "honest_oracle": task.oracle(honest_ids, seed),
         "honest_rows": torch.tensor(honest_ids, dtype=torch.long),

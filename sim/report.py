@@ -257,7 +257,7 @@ def plot(rows: Sequence[Row], metric: str, x_axis: str, path: Path) -> None:
             low = np.maximum(mean - std, mean * 1e-3) if log_y else mean - std
             ax.fill_between(x, low, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(f"attack: {attack}")
-        ax.set_xlabel("round" if x_axis == "rounds" else "bits sent (uplink, all workers)")
+        ax.set_xlabel("round" if x_axis == "rounds" else "bits sent per worker (uplink)")
         ax.set_ylabel(metric)
         if log_y:
             ax.set_yscale("log")
@@ -273,11 +273,16 @@ def plot_names(metric: str) -> dict[str, str]:
 
 
 def render(
-    rows: Sequence[Row], objective: Objective, commands: Sequence[str], plots: dict[str, str]
+    rows: Sequence[Row],
+    objective: Objective,
+    commands: Sequence[str],
+    plots: dict[str, str],
+    heading: Sequence[str] = ("# Sweep report",),
 ) -> str:
-    """report.md: the lr rule, the commands that regenerate it, a table per attack, the plots."""
+    """report.md: its heading, the lr rule, the commands that regenerate it, a table per
+    attack, the plots."""
     out = [
-        "# Sweep report",
+        *heading,
         "",
         f"**lr selection rule:** {objective.rule()}.",
         "Table entries are mean ± std (population, ddof = 0) over seeds of the final evaluation "
@@ -297,12 +302,27 @@ def render(
     return "\n".join(out)
 
 
-def sweep_command(sweep_dir: Path) -> str:
-    """The command grid.json records, or a template when the runs were not made by `sweep`."""
+def sweep_command(sweep_dir: Path) -> str | None:
+    """The command grid.json records, or None when the runs were not made by `byzps sweep`."""
     try:
         return shlex.join(json.loads((sweep_dir / "grid.json").read_text())["command"])
     except (OSError, ValueError, KeyError):
-        return f"byzps sweep --grid GRID.toml --out {shlex.quote(str(sweep_dir))}"
+        return None
+
+
+def heading(sweep_dir: Path, runs: Sequence[Run], from_sweep: bool) -> list[str]:
+    """What the report is of: a sweep's grid, or runs made one by one (`byzps simulate`,
+    `byzps launch`), which have no grid to regenerate them from."""
+    if from_sweep:
+        return ["# Sweep report"]
+    title = "# Run report" if len(runs) == 1 else "# Report of separate runs"
+    what = "one run" if len(runs) == 1 else f"{len(runs)} runs"
+    return [
+        title,
+        "",
+        f"Of {what} found under `{sweep_dir}`, made one by one (not by `byzps sweep`), so "
+        "there is no grid to regenerate them from.",
+    ]
 
 
 def write_report(
@@ -317,6 +337,9 @@ def write_report(
     plots = plot_names(objective.metric)
     for x_axis, file in plots.items():
         plot(rows, objective.metric, x_axis, out / file)
-    text = render(rows, objective, [sweep_command(sweep_dir), report_command], plots)
+    made_by = sweep_command(sweep_dir)
+    commands = [report_command] if made_by is None else [made_by, report_command]
+    title = heading(sweep_dir, runs, made_by is not None)
+    text = render(rows, objective, commands, plots, title)
     (out / "report.md").write_text(text + "\n")
     return rows

@@ -12,40 +12,36 @@ from byzps.common.estimators.base import Estimator, GradientOracle
 from byzps.common.sparse import SparseBatch
 from byzps.server.engine import RoundEngine
 from byzps.server.results import message_bytes, uplink_per_worker
+from byzps.server.validation import Door
 
 
 class NonFiniteMessage(RuntimeError):
-    """An honest worker's message holds NaN or ±Inf: the run diverged. (A gRPC server refuses
-    such an update at its door, INVALID_ARGUMENT, and the honest worker stops; the simulator stops
-    the run the same way, before the values reach the engine's states.)"""
+    """An honest worker's update is refused at the door — it holds NaN or ±Inf, or absorbing it
+    would make the worker's state non-finite: the run diverged. (A gRPC server refuses such an
+    update, INVALID_ARGUMENT, and the honest worker stops; the simulator stops the run the same
+    way, before the values reach the engine's states.)"""
 
-    def __init__(self, round: int, worker: int, value: float, rows: int) -> None:
+    def __init__(self, round: int, worker: int, what: str, rows: int) -> None:
         more = f" ({rows - 1} other worker(s) too)" if rows > 1 else ""
-        super().__init__(
-            f"round {round}: honest worker {worker} sent a non-finite message value "
-            f"({value}){more}: the run diverged"
-        )
+        super().__init__(f"round {round}: honest worker {worker} {what}{more}: the run diverged")
         self.round = round
         self.worker = worker
 
 
-def nonfinite_rows(messages: SparseBatch) -> Tensor:
-    """Indices of the rows of `messages` holding a NaN or ±Inf (one reduction when none do)."""
-    values = messages.values
-    if bool(torch.isfinite(values).all()):
-        return torch.empty(0, dtype=torch.long)
-    return (~torch.isfinite(values.reshape(messages.num_rows, -1))).any(dim=1).nonzero().flatten()
-
-
-def check_finite(messages: SparseBatch, rows: Tensor, round: int) -> None:
-    """Raise NonFiniteMessage naming the first row of `messages` (engine row `rows[i]`) that
-    holds a NaN or ±Inf."""
-    bad = nonfinite_rows(messages)
-    if bad.numel():
-        i = int(bad[0])
-        row_values = messages.row(i).values
-        first = float(row_values[~torch.isfinite(row_values)][0])
-        raise NonFiniteMessage(round, int(rows[i]), first, int(bad.numel()))
+def check_finite(messages: SparseBatch, rows: Tensor, round: int, refused: Tensor) -> None:
+    """Raise NonFiniteMessage naming the first refused row of `messages` (engine row `rows[i]`):
+    its first non-finite value, or the state it would overflow."""
+    if not refused.numel():
+        return
+    i = int(refused[0])
+    values = messages.row(i).values
+    bad = values[~torch.isfinite(values)]
+    what = (
+        f"sent a non-finite message value ({float(bad[0])})"
+        if bad.numel()
+        else "sent an update that would make its state non-finite"
+    )
+    raise NonFiniteMessage(round, int(rows[i]), what, int(refused.numel()))
 
 
 @dataclass
@@ -58,12 +54,14 @@ class Simulation:
        shadows, computes its messages and the server absorbs them;
     3. the server closes the round: ĝ = ARAgg(candidates), x ← x − γ ĝ.
 
-    Non-finite messages are handled as the gRPC server's door handles them: a Byzantine member's
-    is refused (its state stays stale, its cohort does not commit it), an honest worker's stops
-    the run with NonFiniteMessage before it is absorbed.
+    Every message passes the gRPC server's own door (`Door.refused_rows`: finite values, a state
+    that stays finite): a Byzantine member's refused message is dropped (its state stays stale,
+    its cohort does not commit it), an honest worker's stops the run with NonFiniteMessage
+    before it is absorbed.
     """
 
     engine: RoundEngine
+    door: Door
     honest: Estimator
     honest_oracle: GradientOracle
     honest_rows: Tensor
@@ -91,7 +89,8 @@ class Simulation:
         t = self.engine.round
         x = self.engine.x
         honest_messages = self.honest.message(x, self.honest_oracle, t)
-        check_finite(honest_messages, self.honest_rows, t)
+        refused = self.door.refused_rows(self.engine.rule, self.honest_rows, honest_messages, t)
+        check_finite(honest_messages, self.honest_rows, t, refused)
         self.engine.absorb(self.honest_rows, honest_messages)
         self.honest.commit(honest_messages)
         self.bytes_total += message_bytes(honest_messages.nnz) * honest_messages.num_rows
@@ -99,10 +98,10 @@ class Simulation:
             assert self.cohort_oracle is not None and self.byzantine_rows is not None
             honest_now = self.engine.rule.candidates[self.honest_rows]
             byz_messages = self.cohort.messages(x, self.cohort_oracle, t, honest=honest_now)
-            bad = nonfinite_rows(byz_messages)
+            bad = self.door.refused_rows(self.engine.rule, self.byzantine_rows, byz_messages, t)
             rows, members, accepted = self.byzantine_rows, None, byz_messages
             if bad.numel():  # refused at the door, as the server does: those states stay stale
-                members, accepted = _finite_part(byz_messages, bad)
+                members, accepted = _admitted_part(byz_messages, bad)
                 rows = rows[members]
             if accepted is not None:
                 self.engine.absorb(rows, accepted)
@@ -114,9 +113,9 @@ class Simulation:
         return aggregate
 
 
-def _finite_part(messages: SparseBatch, bad: Tensor) -> tuple[Tensor, SparseBatch | None]:
+def _admitted_part(messages: SparseBatch, bad: Tensor) -> tuple[Tensor, SparseBatch | None]:
     """(member rows kept, their messages or None if none is kept): the rows of `messages` not
-    in `bad`, which the server's door would accept."""
+    in `bad`, which the server's door admits."""
     every = torch.arange(messages.num_rows)
     keep = every[~torch.isin(every, bad)]
     if not keep.numel():

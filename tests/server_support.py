@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,11 @@ from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
 from byzps.server.auth import Authenticator
 from byzps.server.checkpoint import CheckpointStore
 from byzps.server.coordinator import Coordinator, Settings
-from byzps.server.engine import RoundEngine
-from byzps.server.service import ParameterServerServicer, add_to_server
+from byzps.server.daemon import ServerThread
+from byzps.server.engine import RoundEngine, build_server_parts
+from byzps.server.limits import Limits
+from byzps.server.service import ParameterServerServicer
+from byzps.server.validation import Door
 
 SECRET = b"s3cret-for-tests"
 N, F = 5, 1
@@ -71,10 +73,20 @@ def random_update(gen: torch.Generator, k: int = 1, dim: int = 123) -> pb.Sparse
 
 
 class Client:
-    """A test worker-side client for any worker id (it holds the shared secret)."""
+    """A test worker-side client for any worker id (it holds the shared secret); over TLS with
+    `credentials`."""
 
-    def __init__(self, address: str, secret: bytes | None = SECRET) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(
+        self,
+        address: str,
+        secret: bytes | None = SECRET,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.channel = (
+            grpc.insecure_channel(address)
+            if credentials is None
+            else grpc.secure_channel(address, credentials)
+        )
         self.stub = pb_grpc.ParameterServerStub(self.channel)
         self.secret = secret
 
@@ -114,8 +126,10 @@ class Client:
     def model(self, dim: int = 123, **kw: Any) -> tuple[int, Tensor]:
         return decode_model(self.chunks(**kw), dim=dim)
 
-    def status(self) -> pb.StatusReply:
-        return self.stub.Status(pb.StatusRequest(), timeout=10)
+    def status(self, as_worker: str | None = None) -> pb.StatusReply:
+        """Status, anonymous or with `as_worker`'s token (which adds every worker's line)."""
+        meta = [] if as_worker is None else self.meta(as_worker)
+        return self.stub.Status(pb.StatusRequest(), metadata=meta, timeout=10)
 
 
 def code_of(call: Any) -> grpc.StatusCode:
@@ -145,7 +159,7 @@ class InProcess:
     coordinator: Coordinator
     address: str
     clock: FakeClock
-    server: grpc.Server
+    server: ServerThread
 
 
 @dataclass
@@ -154,15 +168,6 @@ class TaskShape:
 
     dim: int
     layer_sizes: tuple[int, ...]
-
-
-def build_parts(config: RunConfig) -> tuple[Any, RoundEngine, Any]:
-    from byzps.common.components import build_run_task, build_server_estimator
-    from byzps.server.engine import build_engine
-
-    task = build_run_task(config)
-    estimator = build_server_estimator(config, task)
-    return task, build_engine(config, task, estimator), estimator.max_nnz
 
 
 @contextmanager
@@ -179,36 +184,35 @@ def in_process(
     startup: float = 60.0,
     checkpoint_every: int = 50,
     tls: grpc.ServerCredentials | None = None,
+    limits: Limits | None = None,
+    bind_certificates: bool = True,
 ) -> Iterator[InProcess]:
     """A real gRPC server on 127.0.0.1:0 around a Coordinator whose clock the test moves."""
     if engine is None:
-        task, engine, max_nnz = build_parts(config)
+        task, engine, max_nnz = build_server_parts(config)
     clock = FakeClock()
     store = None if store_dir is None else CheckpointStore(store_dir, config.digest())
     coordinator = Coordinator(
         config,
         engine,
-        max_nnz,
+        Door(task.dim, config.compressor.name, max_nnz, config.run.rounds),
         Settings(quorum, deadline, startup, checkpoint_every),
         store=store,
         clock=clock,
     )
     coordinator.start(None)
     servicer = ParameterServerServicer(
-        coordinator, Authenticator(secret, config.cluster.workers), config, task
+        coordinator,
+        Authenticator(secret, config.cluster.workers, bind_certificates=bind_certificates),
+        config,
+        task,
+        limits=limits,
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    add_to_server(servicer, server)
-    if tls is None:
-        port = server.add_insecure_port("127.0.0.1:0")
-    else:
-        port = server.add_secure_port("127.0.0.1:0", tls)
-    server.start()
+    server = ServerThread(servicer, tls=tls)
     try:
-        yield InProcess(coordinator, f"127.0.0.1:{port}", clock, server)
+        yield InProcess(coordinator, server.address, clock, server)
     finally:
-        coordinator.stop()
-        server.stop(0).wait(5)
+        server.stop()
         coordinator.close(checkpoint=False)
 
 

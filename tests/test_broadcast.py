@@ -68,7 +68,7 @@ def test_workers_of_one_round_share_one_snapshot_and_get_the_same_bytes() -> Non
         coordinator = srv.coordinator
 
         def fetch() -> DenseModel:
-            found = coordinator.model(0, None, False, lambda: True)
+            found = coordinator.model(0, None)
             assert found is not None
             return found
 

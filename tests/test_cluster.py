@@ -102,12 +102,13 @@ def test_launch_stops_everything_on_sigint(tmp_path: Path, procs: Processes) -> 
     assert leftovers(str(tmp_path)) == []
 
 
-def status(address: str) -> dict[str, int]:
-    """The server's per-worker last_seq (Status needs no token)."""
+def status(address: str, secret: bytes) -> dict[str, int]:
+    """The server's per-worker last_seq (listed for callers with a credential: worker 0's)."""
     from byzps.worker.client import ParameterServerClient, RetryPolicy, ServerUnreachable
 
+    retry = RetryPolicy(give_up_after=1.0)
     try:
-        with ParameterServerClient(address, "0", None, retry=RetryPolicy(give_up_after=1.0)) as c:
+        with ParameterServerClient(address, "0", secret, retry=retry) as c:
             reply = c.status()
     except ServerUnreachable:
         return {"round": -1}
@@ -156,7 +157,8 @@ def test_a_killed_server_resumes_without_losing_or_repeating_updates(
               str(tmp_path / "ledgers" / "attack.jsonl")),
         log=logs / "attack.log"))  # fmt: skip
 
-    wait_for(lambda: status(address)["round"] >= 50, 120, "round 50")
+    key = secret.read_bytes()
+    wait_for(lambda: status(address, key)["round"] >= 50, 120, "round 50")
     first.kill()
     first.wait(timeout=10)
     killed_at = max(r["round"] for r in metrics(out))
@@ -166,7 +168,9 @@ def test_a_killed_server_resumes_without_losing_or_repeating_updates(
     second = server(address, "--resume")
     assert wait_listening(second) == address
 
-    final = wait_for(lambda: (s := status(address))["round"] >= rounds and s, 180, "the end")
+    final = wait_for(
+        lambda: (s := status(address, b"test-secret"))["round"] >= rounds and s, 180, "the end"
+    )
     assert second.wait(timeout=60) == 0
     for proc in workers:
         assert proc.wait(timeout=60) == 0, [p.read_text()[-2000:] for p in logs.iterdir()]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from server_support import SECRET, N, build_parts, in_process, random_update, tiny_config
+from server_support import SECRET, N, in_process, random_update, tiny_config
 from torch import Tensor
 
 from byzps.common.codec import WireFormatError
@@ -21,7 +21,7 @@ from byzps.common.downlink import (
     encode_downlink,
 )
 from byzps.proto.v1 import parameter_server_pb2 as pb
-from byzps.server.engine import build_engine
+from byzps.server.engine import build_engine, build_server_parts
 from byzps.worker.client import ParameterServerClient
 
 SMALL = 64 + 8 * 4  # a message limit that forces several chunks / pieces for tiny vectors
@@ -113,7 +113,7 @@ def run_rounds(
     config = config_with(pre)
     kinds: list[str] = []
     gen = torch.Generator().manual_seed(11)
-    task, _, max_nnz = build_parts(config)
+    task, _, max_nnz = build_server_parts(config)
     engine = build_engine(config, task, sparse_downlink=incremental)
     with in_process(config, task=task, engine=engine, max_nnz=max_nnz) as srv:
         clients = [ParameterServerClient(srv.address, str(w), SECRET) for w in range(N)]

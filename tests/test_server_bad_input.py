@@ -91,6 +91,26 @@ def padded() -> pb.SparseUpdate:
     return u
 
 
+def with_unknown_field(request: bytes, size: int) -> bytes:
+    """`request` plus a length-delimited field 100 of `size` bytes that no message declares."""
+    length = bytearray()
+    rest = size
+    while True:
+        length.append((rest & 0x7F) | (0x80 if rest > 0x7F else 0))
+        rest >>= 7
+        if not rest:
+            break
+    return request + b"\xa2\x06" + bytes(length) + b"\0" * size
+
+
+def push_padded_outside_update(c: Client, size: int) -> Any:
+    request = pb.PushUpdateRequest(worker_id="1", round=0, seq=1, update=update([1], [1.0]))
+    raw = with_unknown_field(request.SerializeToString(), size)
+    return c.channel.unary_unary("/byzps.v1.ParameterServer/PushUpdate")(
+        raw, metadata=c.meta("1"), timeout=10
+    )
+
+
 Case = Callable[[Client], Any]
 CASES: dict[str, tuple[Case, grpc.StatusCode]] = {
     "wrong dim": (lambda c: c.push("1", 0, 1, update([1], [1.0], dim=124)), C.INVALID_ARGUMENT),
@@ -121,6 +141,18 @@ CASES: dict[str, tuple[Case, grpc.StatusCode]] = {
     ),
     "missing update": (lambda c: c.push("1", 0, 1, None), C.INVALID_ARGUMENT),
     "oversize update": (lambda c: c.push("1", 0, 1, padded()), C.RESOURCE_EXHAUSTED),
+    "request padded outside the update (a little)": (
+        lambda c: push_padded_outside_update(c, 200),
+        C.RESOURCE_EXHAUSTED,
+    ),
+    "request padded outside the update (3 MiB)": (
+        lambda c: push_padded_outside_update(c, 3 << 20),
+        C.RESOURCE_EXHAUSTED,
+    ),
+    "a second update claiming the same round": (
+        lambda c: c.push("0", 0, 2, update([1], [1.0])),
+        C.FAILED_PRECONDITION,
+    ),
     "future round": (lambda c: c.push("1", 1, 1, update([1], [1.0])), C.FAILED_PRECONDITION),
     "seq gap": (lambda c: c.push("1", 0, 2, update([1], [1.0])), C.FAILED_PRECONDITION),
     "seq zero": (lambda c: c.push("1", 0, 0, update([1], [1.0])), C.INVALID_ARGUMENT),
@@ -129,8 +161,16 @@ CASES: dict[str, tuple[Case, grpc.StatusCode]] = {
         lambda c: c.push("01", 0, 1, update([1], [1.0])),
         C.PERMISSION_DENIED,
     ),
-    "huge worker id": (
+    "huge worker id (larger than any legal request)": (
         lambda c: c.push("9" * 5000, 0, 1, update([1], [1.0])),
+        C.RESOURCE_EXHAUSTED,
+    ),
+    "worker id past n": (
+        lambda c: c.push("9999999999", 0, 1, update([1], [1.0])),
+        C.PERMISSION_DENIED,
+    ),
+    "non-canonical worker id": (
+        lambda c: c.push("01", 0, 1, update([1], [1.0])),
         C.PERMISSION_DENIED,
     ),
     "bad token": (
@@ -205,3 +245,34 @@ def test_the_server_still_accepts_good_updates_afterwards(
     expected = g_before.clone()
     expected[1, 7] += 2.5
     assert torch.equal(g, expected)
+
+
+def test_a_push_that_would_overflow_its_state_is_refused_and_the_run_goes_on() -> None:
+    """Two finite pushes of 3e38 would make the sender's g_j +inf (float32): the second is
+    refused at the door, its state stays finite, and so do every aggregate and the model."""
+    big = float(torch.finfo(torch.float32).max)
+    with in_process(tiny_config(k=K)) as srv:
+        client = Client(srv.address)
+        try:
+            for w in range(N):
+                client.register(str(w))
+            for w in range(N):
+                values = [big, -big, big] if w == 1 else [0.1, 0.2, 0.3]
+                client.push(str(w), 0, 1, update([1, 2, 3], values))
+            assert srv.coordinator.round == 1  # everyone pushed: the round closed
+            state = srv.coordinator.state_dict()
+            before = state["engine"]["rule"]["g"].clone()
+            overflow = lambda: client.push("1", 1, 2, update([1, 2, 3], [big, 0.0, 0.0]))  # noqa: E731
+            assert code_of(overflow) == C.INVALID_ARGUMENT
+            state = srv.coordinator.state_dict()
+            assert torch.equal(state["engine"]["rule"]["g"], before)
+            assert state["ledger"]["last_seq"][1] == 1
+            ack = client.push("1", 1, 2, update([1, 2, 3], [-big, big, 0.0]))  # back toward 0
+            assert ack.status == pb.ACK_STATUS_ACCEPTED
+            for w in (0, 2, 3, 4):
+                client.push(str(w), 1, 2, update([1, 2, 3], [0.1, 0.2, 0.3]))
+            assert srv.coordinator.round == 2
+            assert torch.isfinite(srv.coordinator.engine.x).all()
+            assert torch.isfinite(srv.coordinator.engine.rule.candidates).all()
+        finally:
+            client.close()

@@ -50,10 +50,16 @@ def test_missing_secret_exits_2(tmp_path: Path) -> None:
     assert done.returncode == 2 and "secret" in done.stderr
 
 
+BYZPS = [sys.executable, "-m", "byzps.cli.main"]
+
+
 def test_a_whole_run_writes_results_and_exits_0(tmp_path: Path) -> None:
     config = write_config(tmp_path, rounds=3, eval_every=2)
     out = tmp_path / "out"
-    with server_process(config, "--out", str(out), "--linger", "0.5") as srv:
+    # A round closes only when all N pushed (not at a deadline while status runs).
+    with server_process(
+        config, "--out", str(out), "--linger", "0.5", "--round-deadline", "600"
+    ) as srv:
         client = Client(srv.address, secret=None)
         with grpc.insecure_channel(srv.address) as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(
@@ -72,16 +78,30 @@ def test_a_whole_run_writes_results_and_exits_0(tmp_path: Path) -> None:
             for w in range(N):
                 client.push(str(w), r, r + 1, random_update(gen))
         # Asked mid-run: once the last round closes the server only lingers briefly.
-        status = subprocess.run(
-            [sys.executable, "-m", "byzps.cli.main", "status", "--server", srv.address],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        status, as_json = (
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "byzps.cli.main",
+                    "status",
+                    "--server",
+                    srv.address,
+                    *json_flag,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            for json_flag in ([], ["--json"])
         )
         assert status.returncode == 0, status.stderr
-        assert status.stdout.startswith("round 2")
+        assert status.stdout.startswith("round 2/3 (running)")
         assert len(status.stdout.splitlines()) == 2 + N
+        record = json.loads(as_json.stdout)
+        assert (record["round"], record["rounds"], record["finished"]) == (2, 3, False)
+        assert [w["worker_id"] for w in record["workers"]] == [str(w) for w in range(N)]
         for w in range(N):
             client.push(str(w), 2, 3, random_update(gen))
         round, x = client.model(known_round=2, wait=True, timeout=10)

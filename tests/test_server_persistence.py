@@ -14,7 +14,6 @@ from server_support import (
     SECRET,
     Client,
     N,
-    build_parts,
     random_update,
     server_command,
     server_process,
@@ -26,6 +25,7 @@ from byzps.common.config import RunConfig
 from byzps.common.sparse import SparseBatch
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.checkpoint import CheckpointStore, load_checkpoint
+from byzps.server.engine import build_server_parts
 from byzps.server.wal import CloseRecord, UpdateRecord, WriteAheadLog, encode_record, read_wal
 
 
@@ -41,7 +41,7 @@ class Mirror:
 
     def __init__(self, config_path: Path) -> None:
         config = RunConfig.load(config_path)
-        _, self.engine, _ = build_parts(config)
+        _, self.engine, _ = build_server_parts(config)
         self.seq = dict.fromkeys(map(str, range(N)), 0)
         self.gen = torch.Generator().manual_seed(11)
 
@@ -117,8 +117,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_0(tmp_path: Path, secret_file: Pa
     state = load_checkpoint(newest)
     assert state["engine"]["round"] == 1
     assert torch.equal(state["engine"]["x"], mirror.engine.x)
-    assert state["ledger"]["last_seq"] == {str(w): (2 if w == 2 else 1) for w in range(N)}
-    assert state["pushed"] == ["2"]
+    assert state["ledger"]["last_seq"] == {w: (2 if w == 2 else 1) for w in range(N)}
+    assert state["pushed"] == [2]
     assert read_wal(sorted(ckpt.glob("wal-*.log"))[-1]).records == []  # rotated
 
 
@@ -145,10 +145,10 @@ def test_resume_with_another_config_is_refused_naming_the_digest(
 
 def _records() -> list[UpdateRecord | CloseRecord]:
     return [
-        UpdateRecord("0", 1, 0, b"\x08\x7b"),
-        UpdateRecord("4", 1, 0, b"\x08\x7b\x10\x01"),
+        UpdateRecord(0, 1, 0, b"\x08\x7b"),
+        UpdateRecord(4, 1, 0, b"\x08\x7b\x10\x01"),
         CloseRecord(0),
-        UpdateRecord("0", 2, 1, b""),
+        UpdateRecord(0, 2, 1, b""),
     ]
 
 

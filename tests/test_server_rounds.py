@@ -15,7 +15,6 @@ from server_support import (
     Client,
     N,
     TaskShape,
-    build_parts,
     code_of,
     in_process,
     random_update,
@@ -28,9 +27,8 @@ from byzps.common.config import RunConfig
 from byzps.common.server_rules import build_server_rule
 from byzps.common.sparse import SparseBatch
 from byzps.proto.v1 import parameter_server_pb2 as pb
-from byzps.server.engine import RoundEngine
-from byzps.worker.client import ParameterServerClient
-from byzps.worker.session import ack_applied
+from byzps.server.engine import RoundEngine, build_server_parts
+from byzps.worker.client import ParameterServerClient, Pushed
 
 
 def tiny(**kw: int) -> RunConfig:
@@ -53,7 +51,7 @@ def test_register_reply_describes_the_run() -> None:
 
 def test_all_pushed_closes_at_once_and_matches_a_direct_engine() -> None:
     config = tiny()
-    _, reference, _ = build_parts(config)
+    _, reference, _ = build_server_parts(config)
     gen = torch.Generator().manual_seed(0)
     with in_process(config) as srv:
         client = Client(srv.address)
@@ -123,8 +121,8 @@ def test_late_update_lands_on_its_worker_and_counts_for_the_current_round() -> N
         expected = g_before.clone()
         expected[4] += decode_sparse(late).to_dense()
         assert torch.equal(g, expected)
-        assert srv.coordinator.state_dict()["pushed"] == ["4"]
-        status = {w.worker_id: w for w in client.status().workers}
+        assert srv.coordinator.state_dict()["pushed"] == [4]
+        status = {w.worker_id: w for w in client.status(as_worker="0").workers}
         assert status["4"].last_round == 0 and status["4"].last_seq == 1
         client.close()
 
@@ -189,8 +187,7 @@ def test_after_the_last_round_the_final_model_is_served_and_pushes_refused() -> 
         # A worker whose last update arrives after the end is told so, and stops cleanly.
         worker = ParameterServerClient(srv.address, "1", SECRET)
         worker.register()
-        ack = worker.push(1, 3, random_update(gen))
-        assert ack.status == pb.ACK_STATUS_REJECTED and not ack_applied(ack, 3, "1")
+        assert worker.push(1, 3, random_update(gen)) is Pushed.RUN_FINISHED
         worker.close()
         client.close()
 
@@ -216,14 +213,20 @@ def test_a_large_model_streams_in_several_chunks_of_at_most_4_mib() -> None:
 
 @pytest.mark.parametrize("wait", [False, True])
 def test_status_needs_no_token_and_counts_traffic(wait: bool) -> None:
+    """Anonymous Status shows the run's progress; a credential adds every worker's line."""
     config = tiny()
     with in_process(config) as srv:
         client = Client(srv.address)
         client.register("3")
         client.chunks("3", wait=wait)
-        status = Client(srv.address, secret=None).status()
-        assert status.round == 0
+        anonymous = Client(srv.address, secret=None).status()
+        assert (anonymous.round, anonymous.rounds, anonymous.phase) == (0, 20, "starting")
+        assert (anonymous.num_workers, anonymous.registered, anonymous.finished) == (N, 1, False)
+        assert not anonymous.workers
+        assert anonymous.bytes_in > 0 and anonymous.bytes_out > 123 * 4
+        wrong = Client(srv.address, secret=b"not the secret").status(as_worker="3")
+        assert not wrong.workers and wrong.registered == 1
+        status = client.status(as_worker="0")
         assert [w.worker_id for w in status.workers] == ["3"]
-        assert status.bytes_in > 0 and status.bytes_out > 123 * 4
         assert status.workers[0].last_seen.seconds > 0
         client.close()

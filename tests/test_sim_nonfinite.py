@@ -93,9 +93,11 @@ def test_check_finite_names_the_first_bad_row_and_counts_the_rest() -> None:
     batch = SparseBatch(torch.zeros(4, 3, dtype=torch.int32), values, dim=10)
     rows = torch.tensor([5, 6, 7, 8])
     with pytest.raises(NonFiniteMessage, match=r"honest worker 6 .*\(nan\).*1 other") as info:
-        check_finite(batch, rows, 9)
+        check_finite(batch, rows, 9, torch.tensor([1, 3]))
     assert info.value.worker == 6 and info.value.round == 9
-    check_finite(SparseBatch(batch.indices, torch.ones(4, 3), 10), rows, 9)
+    check_finite(SparseBatch(batch.indices, torch.ones(4, 3), 10), rows, 9, torch.tensor([]))
+    with pytest.raises(NonFiniteMessage, match=r"honest worker 5 .*state non-finite"):
+        check_finite(SparseBatch(batch.indices, torch.ones(4, 3), 10), rows, 9, torch.tensor([0]))
 
 
 def test_finite_runs_are_unaffected() -> None:
@@ -139,3 +141,17 @@ def test_simulate_cli_reports_divergence_without_a_traceback(tmp_path: Path) -> 
     assert "Traceback" not in done.stderr
     assert "honest worker" in done.stderr and "the run diverged" in done.stderr
     assert (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("aggregator", ["cm", "gm", "krum", "cclip"])
+def test_an_overflowing_member_is_refused_by_the_servers_own_door(aggregator: str) -> None:
+    """The `overflow` attack pushes ±FLT_MAX: its first push is finite and accepted, the next
+    would make the member's state ±inf, and the simulator's door — the server's `Door` — refuses
+    it, so every state, aggregate and the model stay finite under every rule."""
+    sim = simulation(attack={"name": "overflow"}, aggregator=aggregator, pre=())
+    big = float(torch.finfo(torch.float32).max)
+    for _ in range(4):
+        sim.step()
+    member = sim.engine.rule.candidates[4]
+    assert torch.isfinite(sim.engine.rule.candidates).all() and torch.isfinite(sim.x).all()
+    assert float(member.abs().max()) == big  # its first push landed; later ones were refused

@@ -5,25 +5,28 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
 from byzps.common.codec import encode_sparse
 from byzps.common.compressors import randk_indices
-from byzps.common.sparse import INDEX_DTYPE, SparseVector
+from byzps.common.server_rules import build_server_rule
+from byzps.common.sparse import INDEX_DTYPE, SparseBatch, SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.validation import (
+    Door,
+    Refusal,
     Rejected,
     SeqDecision,
     SeqLedger,
+    Update,
     check_round,
     max_update_bytes,
     validate_update,
 )
 
 DIM, K = 1000, 10
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
+INVALID = Refusal.INVALID_ARGUMENT
 
 
 def topk_update(
@@ -53,7 +56,7 @@ def without_seed(msg: pb.SparseUpdate) -> pb.SparseUpdate:
     return msg
 
 
-def assert_rejected(msg: pb.SparseUpdate, code: grpc.StatusCode, match: str, **kw: object) -> None:
+def assert_rejected(msg: pb.SparseUpdate, code: Refusal, match: str, **kw: object) -> None:
     kw = {"dim": DIM, "k_max": K, **kw}
     with pytest.raises(Rejected, match=match) as info:
         validate_update(msg, **kw)  # type: ignore[arg-type]
@@ -117,12 +120,12 @@ def test_compressor_must_match_the_run() -> None:
 
 def test_oversize_message_is_resource_exhausted() -> None:
     big_values = changed(topk_update(), values=b"\0" * (8 * K + 100))
-    assert_rejected(big_values, grpc.StatusCode.RESOURCE_EXHAUSTED, r"bytes, limit 144")
+    assert_rejected(big_values, Refusal.RESOURCE_EXHAUSTED, r"bytes, limit 144")
     # Unknown fields are kept by the parser; padding with one must not slip past the limit.
     padding = b"\xfa\x06" + bytes([200, 1]) + b"x" * 200  # field 111, length-delimited, 200 bytes
     padded = pb.SparseUpdate.FromString(topk_update().SerializeToString() + padding)
-    assert_rejected(padded, grpc.StatusCode.RESOURCE_EXHAUSTED, r"limit 144")
-    assert_rejected(topk_update(), grpc.StatusCode.RESOURCE_EXHAUSTED, r"limit 50", max_bytes=50)
+    assert_rejected(padded, Refusal.RESOURCE_EXHAUSTED, r"limit 144")
+    assert_rejected(topk_update(), Refusal.RESOURCE_EXHAUSTED, r"limit 50", max_bytes=50)
 
 
 def test_size_limit_fits_a_full_update() -> None:
@@ -146,9 +149,9 @@ def test_identity_dense_convention_passes() -> None:
 
 
 def test_rejected_carries_code_and_reason() -> None:
-    err = Rejected(grpc.StatusCode.PERMISSION_DENIED, "not yours")
+    err = Rejected(Refusal.PERMISSION_DENIED, "not yours")
     assert (err.code, err.reason, str(err)) == (
-        grpc.StatusCode.PERMISSION_DENIED,
+        Refusal.PERMISSION_DENIED,
         "not yours",
         "PERMISSION_DENIED: not yours",
     )
@@ -159,31 +162,21 @@ def test_check_round() -> None:
     check_round(1, server_round=5)  # late updates still count
     with pytest.raises(Rejected, match="ahead") as info:
         check_round(6, server_round=5)
-    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.code == Refusal.FAILED_PRECONDITION
     check_round(3, server_round=5, max_lag=2)
     with pytest.raises(Rejected, match="by more than 2") as info:
         check_round(2, server_round=5, max_lag=2)
-    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.code == Refusal.FAILED_PRECONDITION
 
 
-def test_validation_uses_no_grpc_name_but_status_code() -> None:
-    """Transport-light: the round engine and the simulator can run these checks without gRPC."""
+def test_validation_is_transport_free() -> None:
+    """No gRPC in the door: the simulator runs the same checks without a server."""
     import byzps.server.validation as module
 
     tree = ast.parse(Path(module.__file__).read_text())
-    used = {
-        node.attr
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute)
-        and isinstance(node.value, ast.Name)
-        and node.value.id == "grpc"
-    }
-    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
-    grpc_imports = [
-        a.name for n in imports if isinstance(n, ast.Import) for a in n.names if "grpc" in a.name
-    ]
-    assert used == {"StatusCode"} and grpc_imports == ["grpc"]
-    assert not any(isinstance(n, ast.ImportFrom) and "grpc" in (n.module or "") for n in imports)
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [name for name in imported if name.split(".")[0] == "grpc"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,54 +186,54 @@ def test_validation_uses_no_grpc_name_but_status_code() -> None:
 
 def test_seq_accept_then_duplicate() -> None:
     ledger = SeqLedger()
-    assert ledger.last("w") == 0
-    assert ledger.check("w", 1) is SeqDecision.APPLY
-    assert ledger.last("w") == 0  # check alone changes nothing
-    ledger.commit("w", 1)
-    assert ledger.last("w") == 1
-    assert ledger.check("w", 1) is SeqDecision.DUPLICATE
-    assert ledger.check("w", 2) is SeqDecision.APPLY
-    ledger.commit("w", 2)
-    assert ledger.check("w", 1) is SeqDecision.DUPLICATE
-    assert ledger.last("other") == 0 and ledger.check("other", 1) is SeqDecision.APPLY
+    assert ledger.last(0) == 0
+    assert ledger.check(0, 1) is SeqDecision.APPLY
+    assert ledger.last(0) == 0  # check alone changes nothing
+    ledger.commit(0, 1)
+    assert ledger.last(0) == 1
+    assert ledger.check(0, 1) is SeqDecision.DUPLICATE
+    assert ledger.check(0, 2) is SeqDecision.APPLY
+    ledger.commit(0, 2)
+    assert ledger.check(0, 1) is SeqDecision.DUPLICATE
+    assert ledger.last(3) == 0 and ledger.check(3, 1) is SeqDecision.APPLY
 
 
 def test_seq_gap_is_failed_precondition() -> None:
     ledger = SeqLedger()
-    ledger.commit("w", 1)
+    ledger.commit(0, 1)
     with pytest.raises(Rejected, match="seq 3 leaves a gap: last acknowledged is 1") as info:
-        ledger.check("w", 3)
-    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert ledger.last("w") == 1
+        ledger.check(0, 3)
+    assert info.value.code == Refusal.FAILED_PRECONDITION
+    assert ledger.last(0) == 1
 
 
 def test_seq_zero_is_invalid() -> None:
     with pytest.raises(Rejected, match="start at 1") as info:
-        SeqLedger().check("w", 0)
+        SeqLedger().check(0, 0)
     assert info.value.code == INVALID
 
 
 def test_commit_out_of_order_is_a_bug() -> None:
     ledger = SeqLedger()
     with pytest.raises(ValueError, match="expected 1"):
-        ledger.commit("w", 2)
+        ledger.commit(0, 2)
 
 
 def test_ledger_state_round_trip() -> None:
     ledger = SeqLedger()
     for seq in (1, 2, 3):
-        ledger.commit("a", seq)
-    ledger.commit("b", 1)
+        ledger.commit(1, seq)
+    ledger.commit(2, 1)
     state = ledger.state_dict()
-    ledger.commit("a", 4)  # the saved state is a copy, not a view
+    ledger.commit(1, 4)  # the saved state is a copy, not a view
     restored = SeqLedger()
     restored.load_state_dict(state)
-    assert restored.state_dict() == {"last_seq": {"a": 3, "b": 1}}
-    assert restored.check("a", 3) is SeqDecision.DUPLICATE
-    assert restored.check("a", 4) is SeqDecision.APPLY
+    assert restored.state_dict() == {"last_seq": {1: 3, 2: 1}}
+    assert restored.check(1, 3) is SeqDecision.DUPLICATE
+    assert restored.check(1, 4) is SeqDecision.APPLY
 
 
-@pytest.mark.parametrize("bad", [{"a": -1}, {"a": 1.5}, {"a": True}, {3: 1}, [1]])
+@pytest.mark.parametrize("bad", [{1: -1}, {1: 1.5}, {1: True}, {"3": 1}, [1]])
 def test_ledger_refuses_a_corrupt_state(bad: object) -> None:
     with pytest.raises(ValueError, match="last_seq"):
         SeqLedger().load_state_dict({"last_seq": bad})
@@ -252,3 +245,61 @@ def test_message_is_not_mutated() -> None:
     with pytest.raises(Rejected):
         validate_update(msg, dim=DIM, k_max=K)
     assert msg.SerializeToString() == before
+
+
+# ----------------------------------------------------------------------------------------------
+# The door's state check: an update must leave its sender's server state finite
+# ----------------------------------------------------------------------------------------------
+
+FLT_MAX = float(torch.finfo(torch.float32).max)
+
+
+def door_update(row: int, values: list[float], round: int = 0) -> Update:
+    vec = SparseVector(torch.tensor([1, 2], dtype=INDEX_DTYPE), torch.tensor(values), DIM)
+    return Update(row, round, 1, vec, 16, b"")
+
+
+@pytest.mark.parametrize(
+    ("rule", "params"), [("state", {}), ("diana", {"a": 0.5}), ("marina", {"p": 0.5})]
+)
+def test_door_refuses_what_would_overflow_a_state_and_changes_nothing(
+    rule: str, params: dict[str, float]
+) -> None:
+    server_rule = build_server_rule(rule, 3, DIM, **params)
+    door = Door(DIM, "topk", lambda r: K, rounds=10)
+    first = door_update(1, [FLT_MAX, -FLT_MAX])
+    door.admit(server_rule, first)  # finite on its own
+    batch = SparseBatch(first.vector.indices[None], first.vector.values[None], DIM)
+    server_rule.absorb(torch.tensor([1]), batch, 0)
+    later = 1
+    if rule == "marina":  # candidates are base + message: a base near max, in a round using it
+        server_rule.close_round(server_rule.candidates[1].clone(), 0)
+        later = next(r for r in range(1, 100) if not server_rule.is_full(r))
+    before = {k: v.clone() for k, v in server_rule.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(Rejected, match="non-finite") as info:
+        door.admit(server_rule, door_update(1, [FLT_MAX, 0.0], round=later))
+    assert info.value.code == Refusal.INVALID_ARGUMENT
+    after = {k: v for k, v in server_rule.state_dict().items() if torch.is_tensor(v)}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    if rule != "marina":  # marina's base is shared by every row
+        door.admit(server_rule, door_update(2, [FLT_MAX, 1.0], round=later))
+    rows = torch.tensor([1, 2])
+    two = SparseBatch(
+        torch.tensor([[1, 2], [1, 2]], dtype=INDEX_DTYPE), torch.tensor([[FLT_MAX, 0.0]] * 2), DIM
+    )
+    expected = [0, 1] if rule == "marina" else [0]
+    assert door.refused_rows(server_rule, rows, two, later).tolist() == expected
+
+
+def test_door_refuses_batches_over_k_max() -> None:
+    door = Door(DIM, "topk", lambda r: 1, rounds=10)
+    rule = build_server_rule("state", 2, DIM)
+    batch = SparseBatch(torch.tensor([[1, 2]], dtype=INDEX_DTYPE), torch.ones(1, 2), DIM)
+    assert door.refused_rows(rule, torch.tensor([0]), batch, 0).tolist() == [0]
+
+
+def test_one_update_per_claimed_round() -> None:
+    check_round(3, server_round=5, last_round=2)
+    with pytest.raises(Rejected, match="already claimed round 3") as info:
+        check_round(3, server_round=5, last_round=3)
+    assert info.value.code == Refusal.FAILED_PRECONDITION
