@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Any
 
 import click
 
-from byzps.cli.daemon_common import daemon_options, run_daemon, setup_logging
-from byzps.cli.worker import _raise_interrupt
+from byzps.cli.daemon_common import (
+    client_credential,
+    daemon_options,
+    interrupt_on_sigterm,
+    run_daemon,
+    setup_logging,
+)
 
 
 @click.command()
@@ -35,6 +39,15 @@ from byzps.cli.worker import _raise_interrupt
     "under no other (byzps launch passes h = n − f, the first Byzantine id).",
 )
 @click.option(
+    "--token-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    envvar="BYZPS_TOKEN_DIR",
+    show_envvar=True,
+    default=None,
+    help="Directory of the members' own tokens, TOKEN_DIR/worker-ID.token for each held id "
+    "(`byzps credentials issue`); no other file in it is read.",
+)
+@click.option(
     "--force-cohort",
     is_flag=True,
     help="Run an omniscient attack that uses honest statistics on the cohort's own "
@@ -46,6 +59,23 @@ from byzps.cli.worker import _raise_interrupt
     default=None,
     help="Append every acknowledged (worker, seq) as a JSON line.",
 )
+@click.option(
+    "--protocol",
+    "protocol_names",
+    multiple=True,
+    metavar="NAME",
+    help="Also run this protocol-level attack beside the gradient attack, with the members' own "
+    "credentials, until the run ends (repeatable): longpoll-flood, push-storm, slow-reader, "
+    "slowloris, padded, register-storm, deadline (byzps.worker.byzantine.protocol).",
+)
+@click.option(
+    "--protocol-param",
+    "protocol_params",
+    multiple=True,
+    metavar="[NAME.]KEY=VALUE",
+    help="A parameter of a --protocol attack (repeatable); NAME may be left out when only one "
+    "is selected.",
+)
 def attack(
     address: str,
     secret_file: Path | None,
@@ -54,24 +84,34 @@ def attack(
     attack_name: str | None,
     count: int,
     first_id: int,
+    token_dir: Path | None,
     force_cohort: bool,
     ledger: Path | None,
+    protocol_names: tuple[str, ...],
+    protocol_params: tuple[str, ...],
 ) -> None:
     """Hold COUNT Byzantine identities and attack the run at --server until it ends."""
-    from byzps.common.credentials import load_secret
     from byzps.worker.byzantine.daemon import run_attack
+    from byzps.worker.byzantine.protocol import build_protocol_attacks
 
+    try:
+        protocols = build_protocol_attacks(protocol_names, protocol_params)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     setup_logging(log_level, "attack")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    ids = list(range(first_id, first_id + count))
+    credential = client_credential(ids, secret_file, token_dir=token_dir)
+    interrupt_on_sigterm()
     run_daemon(
         lambda: run_attack(
             address,
-            load_secret(secret_file),
+            credential,
             count=count,
             first_id=first_id,
             attack_name=attack_name,
             force_cohort=force_cohort,
             ledger_path=ledger,
             client_options=client_options,
+            protocols=protocols,
         )
     )

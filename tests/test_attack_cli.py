@@ -20,7 +20,7 @@ def registered(address: str) -> list[str]:
 
     client = Client(address)
     try:
-        return sorted(w.worker_id for w in client.status().workers)
+        return sorted(w.worker_id for w in client.status(as_worker="0").workers)
     finally:
         client.close()
 

@@ -1,12 +1,22 @@
-"""Attack targets: the formulas of ALGORITHMS.md, checked against direct computations."""
+"""Attack targets: the formulas of docs/algorithms.md#attacks, checked against direct
+computations."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from oracles import ReplayOracle
 
 from byzps.common.attacks import ATTACKS, AttackView, build_attack
-from byzps.common.attacks.strategies import alie_z
+from byzps.common.attacks.cohort import ByzantineCohort
+from byzps.common.attacks.strategies import FLT_MAX, alie_z
+from byzps.common.codec import decode_sparse, encode_sparse
+from byzps.common.compressors import build_compressor
+from byzps.common.estimators import build_estimator
+from byzps.common.server_rules import build_server_rule
+from byzps.common.sparse import SparseBatch
 
 D = 50
 
@@ -112,8 +122,144 @@ def test_registry_names_and_bad_params() -> None:
         "gauss",
         "mimic",
         "minmax",
+        "scale",
+        "overflow",
     }
     with pytest.raises(ValueError, match="epsilon2"):
         build_attack("ipm", epsilon2=1.0)
     with pytest.raises(ValueError, match="sigma"):
         build_attack("gauss", sigma=-1.0)
+
+
+# --- large-norm and overflow attacks --------------------------------------------------------
+
+
+def test_scale_targets_minus_m_along_the_honest_mean() -> None:
+    view = make_view()
+    target = build_attack("scale", magnitude=1e6).targets(view)
+    mu = view.honest.mean(0)
+    assert target.shape == (8, D)
+    torch.testing.assert_close(target, (-1e6 * mu / mu.norm()).expand(8, -1))
+    assert float(target[0].norm()) == pytest.approx(1e6)
+
+
+def test_scale_without_an_honest_direction_uses_minus_ones() -> None:
+    view = make_view()
+    flat = AttackView(
+        torch.zeros_like(view.honest), view.shadow, view.bases, n=20, f=8,
+        generator=view.generator,
+    )  # fmt: skip
+    target = build_attack("scale", magnitude=10.0).targets(flat)
+    torch.testing.assert_close(target, torch.full((8, D), -10.0 / math.sqrt(D), dtype=target.dtype))
+
+
+def test_overflow_targets_the_base_plus_flt_max() -> None:
+    view = make_view()
+    target = build_attack("overflow").targets(view)
+    assert target.dtype == torch.float64  # b + FLT_MAX lies beyond float32
+    torch.testing.assert_close(target - view.bases, torch.full_like(target, FLT_MAX))
+    halved = AttackView(view.honest, view.shadow, view.bases, n=20, f=8,
+                        generator=view.generator, gain=4.0)  # fmt: skip
+    below = build_attack("overflow", sign=-1).targets(halved)
+    torch.testing.assert_close(below - view.bases, torch.full_like(below, -FLT_MAX / 4))
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "match"),
+    [
+        ("scale", {"magnitude": 0.0}, "magnitude"),
+        ("scale", {"magnitude": -1.0}, "magnitude"),
+        ("scale", {"magnitude": math.inf}, "magnitude"),
+        ("scale", {"magnitude": math.nan}, "magnitude"),
+        ("scale", {"magnitude": FLT_MAX}, "FLT_MAX/2"),
+        ("scale", {"magnitude": "big"}, "number"),
+        ("overflow", {"magnitude": 1e39}, "FLT_MAX"),
+        ("overflow", {"sign": 0}, "sign"),
+        ("overflow", {"sign": 2}, "sign"),
+        ("overflow", {"direction": 1}, "direction"),
+    ],
+)
+def test_large_norm_attacks_refuse_bad_parameters(
+    name: str, params: dict[str, object], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_attack(name, **params)
+
+
+N_COHORT, F_COHORT, K = 7, 3, 4
+
+
+def cohort_for(attack: str, algorithm: str, compressor: str) -> ByzantineCohort:
+    """F_COHORT members of an N_COHORT-worker run, D coordinates, k = K (or dense)."""
+    comp = build_compressor(compressor, D, **({} if compressor == "identity" else {"k": K}))
+    ids = list(range(N_COHORT - F_COHORT, N_COHORT))
+    extra = {"eta": 0.3} if algorithm == "byz-dm21" else {}
+    shadow = build_estimator(algorithm, D, comp, worker_ids=ids, seed=5, **extra)
+    return ByzantineCohort(
+        build_attack(attack), shadow, worker_ids=ids, num_workers=N_COHORT, dim=D, seed=5,
+        knowledge="cohort",
+    )  # fmt: skip
+
+
+def wire_values(messages: SparseBatch, compressor: str) -> list[torch.Tensor]:
+    """Each row as the server decodes it: the wire's checks (finite values, lengths, order)."""
+    return [decode_sparse(encode_sparse(row, compressor=compressor)).values
+            for row in messages.rows()]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("attack", "algorithm", "compressor"),
+    [
+        ("scale", "byz-dm21", "topk"),
+        ("scale", "br-csgd", "randk"),
+        ("overflow", "byz-dm21", "topk"),
+        ("overflow", "byz-dm21", "randk"),
+        ("overflow", "br-csgd", "randk"),
+        ("overflow", "byz-dm21", "identity"),
+    ],
+)
+def test_large_norm_messages_are_finite_float32_within_k_max(
+    attack: str, algorithm: str, compressor: str
+) -> None:
+    """Whatever the server state becomes, every message the cohort builds passes the wire's
+    finite-values check as float32 and keeps the compressor's nnz (and Rand-k's seeds)."""
+    cohort = cohort_for(attack, algorithm, compressor)
+    oracle = ReplayOracle(F_COHORT, D, 6, seed=1)
+    server = build_server_rule(cohort.shadow.server_rule, F_COHORT, D,
+                               **cohort.shadow.server_rule_params())  # fmt: skip
+    rows = torch.arange(F_COHORT)
+    for t in range(6):
+        messages = cohort.messages(torch.full((D,), 0.1 * t), oracle, t)
+        assert messages.values.dtype == torch.float32
+        assert messages.nnz == cohort.shadow.max_nnz(t)
+        if compressor == "randk":
+            assert cohort.shadow.compressor.check(messages)
+        for row, values in enumerate(wire_values(messages, compressor)):
+            assert values.abs().max() <= FLT_MAX
+            if attack == "overflow":  # ±FLT_MAX where the state is still finite, else 0
+                assert set(values.abs().unique().tolist()) <= {FLT_MAX, 0.0}
+                if bool(torch.isfinite(server.candidates[row]).any()):
+                    assert float(values.abs().max()) == FLT_MAX
+        server.absorb(rows, messages, t)  # a server without the door's state check
+        cohort.commit(messages)
+        aggregate = server.candidates.mean(0)
+        server.close_round(aggregate, t)
+        cohort.close_round(aggregate, t)
+
+
+def test_overflow_makes_a_state_non_finite_on_the_second_push() -> None:
+    """Under the accumulating rule with Top-k: g = ±FLT_MAX after one accepted push (finite),
+    ±inf after the second — the push a server must refuse at the door."""
+    cohort = cohort_for("overflow", "byz-dm21", "topk")
+    oracle = ReplayOracle(F_COHORT, D, 3, seed=1)
+    server = build_server_rule("state", F_COHORT, D)
+    rows = torch.arange(F_COHORT)
+    first = cohort.messages(torch.zeros(D), oracle, 0)
+    server.absorb(rows, first, 0)
+    cohort.commit(first)
+    assert bool(torch.isfinite(server.candidates).all())
+    assert float(server.candidates.abs().max()) == FLT_MAX
+    second = cohort.messages(torch.zeros(D), oracle, 1)
+    assert torch.equal(second.indices, first.indices)  # Top-k keeps the same coordinates
+    server.absorb(rows, second, 1)
+    assert not bool(torch.isfinite(server.candidates).all())

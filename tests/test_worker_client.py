@@ -22,6 +22,7 @@ from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
 from byzps.worker.client import (
     ParameterServerClient,
+    Pushed,
     RetryPolicy,
     ServerError,
     ServerUnreachable,
@@ -110,8 +111,8 @@ def test_a_lost_ack_is_retried_with_the_same_seq_and_bytes(served) -> None:
                              compressor=pb.COMPRESSOR_TOPK)  # fmt: skip
     with ParameterServerClient(address, "1", SECRET, retry=FAST) as client:
         client.register()
-        ack = client.push(0, 1, update)
-    assert ack.status == pb.ACK_STATUS_DUPLICATE  # applied once, acknowledged on the 3rd try
+        pushed = client.push(0, 1, update)
+    assert pushed is Pushed.DUPLICATE  # applied once, acknowledged on the 3rd try
     assert len(servicer.pushes) == 3
     assert {p.SerializeToString() for p in servicer.pushes} == {
         servicer.pushes[0].SerializeToString()

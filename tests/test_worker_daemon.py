@@ -22,9 +22,9 @@ from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.engine import build_engine
 from byzps.worker import checkpoint as ckpt
 from byzps.worker.byzantine.daemon import resolve_attack
-from byzps.worker.client import ServerError
+from byzps.worker.client import Pushed, ServerError
 from byzps.worker.daemon import HonestWorker
-from byzps.worker.session import AckLedger, Run, WorkerError, ack_applied, check_resumable
+from byzps.worker.session import AckLedger, Run, WorkerError, check_resumable
 
 CONFIG = {
     "run": {"seed": 3, "rounds": 12, "eval_every": 12},
@@ -48,12 +48,12 @@ class EngineClient:
     def get_model(self, round: int, known_round: int | None = None):
         return self.engine.round, self.engine.x.clone()
 
-    def push(self, round: int, seq: int, update: pb.SparseUpdate) -> pb.Ack:
+    def push(self, round: int, seq: int, update: pb.SparseUpdate) -> Pushed:
         if self.crash_before_push:
             self.crash_before_push = False
             raise ConnectionError("crash before the update left the worker")
         if seq <= self.last_seq:
-            return pb.Ack(status=pb.ACK_STATUS_DUPLICATE, last_seq=self.last_seq)
+            return Pushed.DUPLICATE
         if seq != self.last_seq + 1:  # as the real server: a gap ends the call with a status
             raise ServerError("PushUpdate", grpc.StatusCode.FAILED_PRECONDITION, "seq gap")
         batch = SparseBatch.stack([decode_sparse(update)])
@@ -63,7 +63,7 @@ class EngineClient:
         if self.lose_next_ack:
             self.lose_next_ack = False
             raise ConnectionError("crash after the server applied the update")
-        return pb.Ack(status=pb.ACK_STATUS_ACCEPTED, last_seq=seq)
+        return Pushed.ACCEPTED
 
 
 def make_worker(tmp_path: Path | None) -> tuple[HonestWorker, EngineClient]:
@@ -119,16 +119,9 @@ def test_a_worker_without_its_state_refuses_to_diverge() -> None:
     check_resumable("4", server_last_seq=0, my_last_seq=0)
 
 
-def test_ack_judgement() -> None:
-    ok = pb.Ack(status=pb.ACK_STATUS_ACCEPTED, last_seq=5)
-    assert ack_applied(ok, 5, "0")
-    assert ack_applied(pb.Ack(status=pb.ACK_STATUS_DUPLICATE, last_seq=9), 5, "0")
-    over = pb.Ack(status=pb.ACK_STATUS_REJECTED, code=11, reason="the run finished at round 9")
-    assert not ack_applied(over, 5, "0")  # OUT_OF_RANGE: not applied, the worker goes on
-    with pytest.raises(WorkerError, match="code 9"):
-        ack_applied(pb.Ack(status=pb.ACK_STATUS_REJECTED, code=9, last_seq=2), 5, "0")
-    with pytest.raises(WorkerError, match="code 3"):
-        ack_applied(pb.Ack(status=pb.ACK_STATUS_REJECTED, code=3, last_seq=4), 5, "0")
+def test_what_a_push_outcome_means() -> None:
+    assert Pushed.ACCEPTED.applied and Pushed.DUPLICATE.applied
+    assert not Pushed.RUN_FINISHED.applied  # the run ended first: nothing applied, go on
 
 
 def test_omniscient_attacks_on_honest_statistics_are_refused_unless_forced() -> None:
@@ -146,12 +139,12 @@ def test_omniscient_attacks_on_honest_statistics_are_refused_unless_forced() -> 
 def test_the_ack_ledger_records_each_seq_once_and_survives_a_cut_line(tmp_path: Path) -> None:
     path = tmp_path / "ledger.jsonl"
     first = AckLedger(path)
-    first.record("2", 1, 0, pb.ACK_STATUS_ACCEPTED)
-    first.record("2", 2, 1, pb.ACK_STATUS_ACCEPTED)
+    first.record("2", 1, 0, "ACCEPTED")
+    first.record("2", 2, 1, "ACCEPTED")
     first.close()
     path.write_text(path.read_text() + '{"worker": "2", "se')  # killed mid-write
     second = AckLedger(path)
-    second.record("2", 2, 1, pb.ACK_STATUS_DUPLICATE)  # a restart settling seq 2 again
-    second.record("2", 3, 2, pb.ACK_STATUS_ACCEPTED)
+    second.record("2", 2, 1, "DUPLICATE")  # a restart settling seq 2 again
+    second.record("2", 3, 2, "ACCEPTED")
     second.close()
     assert [json.loads(line)["seq"] for line in path.read_text().splitlines()] == [1, 2, 3]

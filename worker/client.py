@@ -5,9 +5,13 @@ more. What to send and when to commit stays in the worker loop and the estimator
 
 Why retries look like this:
 
-* UNAVAILABLE (server down or restarting) and DEADLINE_EXCEEDED (a call that took too long) are
-  retried with exponential backoff and jitter, so n workers do not hammer a restarting server in
-  lock-step; any other status is a real answer and is raised at once.
+* UNAVAILABLE (server down or restarting) and DEADLINE_EXCEEDED (a call that took too long)
+  are retried with exponential backoff and jitter, so n workers do not hammer a restarting
+  server in lock-step. RESOURCE_EXHAUSTED is retried only when the server says the call may
+  succeed later (the `byzps-retry-after-ms` trailer: over this worker's share of the server,
+  byzps.server.limits — an honest worker only meets it if the server is configured tighter
+  than its pace), after at least the wait it suggests; without that trailer (a request too
+  large) it is final. Any other status is a real answer and is raised at once.
 * A retried PushUpdate carries the *same* seq and the *same* encoded bytes: if the first attempt
   was applied before the connection broke, the server answers DUPLICATE and nothing is applied
   twice (exactly-once = at-least-once delivery + server-side dedup).
@@ -29,6 +33,7 @@ is served by plain GetModel from then on.
 
 from __future__ import annotations
 
+import enum
 import logging
 import random
 import time
@@ -39,7 +44,7 @@ from typing import TypeVar
 import grpc
 from torch import Tensor
 
-from byzps.common.codec import decode_model
+from byzps.common.codec import RETRY_AFTER_METADATA_KEY, decode_model
 from byzps.common.credentials import TOKEN_METADATA_KEY, token_for
 from byzps.common.downlink import ModelMirror, decode_downlink
 from byzps.proto.v1 import parameter_server_pb2 as pb
@@ -50,6 +55,27 @@ T = TypeVar("T")
 
 #: Status codes that say "try again later", never "your request is wrong".
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def retry_after(exc: grpc.RpcError) -> float | None:
+    """The wait (s) a refusal suggests before the same call is tried again, or None when the
+    refusal says nothing of the kind (then it is final unless its code is RETRYABLE)."""
+    try:
+        trailers = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+    for key, value in trailers:
+        if key == RETRY_AFTER_METADATA_KEY:
+            try:
+                return max(0.0, int(value) / 1000.0)
+            except ValueError:
+                return None
+    return None
+
+
+#: Seconds between the log lines of a worker that keeps retrying (the first failure is logged at
+#: once, with the whole budget).
+RETRY_LOG_SECONDS = 5.0
 
 #: gRPC's own reconnect backoff defaults to 1 s … 120 s; a restarted server on the same port
 #: should be found within about a second.
@@ -73,6 +99,19 @@ def open_channel(
     if tls_server_name:
         options.append(("grpc.ssl_target_name_override", tls_server_name))
     return grpc.secure_channel(address, credentials, options=options)
+
+
+class Pushed(enum.Enum):
+    """What became of a pushed update."""
+
+    ACCEPTED = "ACCEPTED"  # applied now: commit it
+    DUPLICATE = "DUPLICATE"  # applied by an earlier attempt of the same seq: commit it
+    RUN_FINISHED = "RUN_FINISHED"  # the run ended before it arrived: nothing applied
+
+    @property
+    def applied(self) -> bool:
+        """The server applied it, so the worker commits it (its mirror of g moves)."""
+        return self is not Pushed.RUN_FINISHED
 
 
 class ServerUnreachable(RuntimeError):
@@ -113,6 +152,10 @@ class RetryPolicy:
 class ParameterServerClient:
     """One worker identity talking to one server address.
 
+    It authenticates with `token`, the worker's own token (`byzps credentials issue`), or —
+    the legacy way — derives it from the master `secret`; with neither, it sends no token
+    (a server run with --no-auth).
+
     Methods block until they have an answer, retrying transient failures per `retry`.
     `call_timeout` bounds each unary call, `poll_timeout` each GetModel long-poll, and `max_wait`
     the total time spent waiting for a new model.
@@ -122,8 +165,9 @@ class ParameterServerClient:
         self,
         address: str,
         worker_id: str,
-        secret: bytes | None,
+        secret: bytes | None = None,
         *,
+        token: str | None = None,
         call_timeout: float = 10.0,
         poll_timeout: float = 30.0,
         max_wait: float = 3600.0,
@@ -147,7 +191,9 @@ class ParameterServerClient:
         self._sleep = sleep
         self._clock = clock
         self._rng = random.Random()
-        self._token = token_for(secret, worker_id) if secret is not None else None
+        if secret is not None and token is not None:
+            raise ValueError("give the worker's token or the master secret, not both")
+        self._token = token if secret is None else token_for(secret, worker_id)
         self._metadata = () if self._token is None else ((TOKEN_METADATA_KEY, self._token),)
         self._channel = open_channel(address, credentials, tls_server_name)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
@@ -157,6 +203,12 @@ class ParameterServerClient:
         self.mirror: ModelMirror | None = ModelMirror() if sparse_downlink else None
 
     # --- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata this identity presents (its token): for other callers that speak
+        as this worker over their own channels (byzps.worker.byzantine.protocol)."""
+        return self._metadata
 
     def close(self) -> None:
         self._channel.close()
@@ -222,20 +274,20 @@ class ParameterServerClient:
         assert mirror.round is not None and mirror.x is not None
         return mirror.round, mirror.x.clone()  # the mirror must stay the server's exact copy
 
-    def push(self, round: int, seq: int, update: pb.SparseUpdate) -> pb.Ack:
-        """Send one update; a retry resends the identical request (same seq), so it is applied
-        at most once.
+    def push(self, round: int, seq: int, update: pb.SparseUpdate) -> Pushed:
+        """Send one update and say what became of it; a retry resends the identical request
+        (same seq), so it is applied at most once.
 
         The server refuses by ending the call with a status. One refusal is part of a normal
         run's end — OUT_OF_RANGE, the run finished before this update arrived (a round closed
-        by quorum without it) — and comes back as a REJECTED Ack carrying that code, for the
-        caller to judge (byzps.worker.session.ack_applied); any other refusal raises ServerError.
+        by quorum without it) — and is its own outcome, Pushed.RUN_FINISHED; any other refusal
+        raises ServerError.
         """
         request = pb.PushUpdateRequest(
             worker_id=self.worker_id, round=round, seq=seq, update=update
         )
         try:
-            return self._retrying(
+            ack = self._retrying(
                 "PushUpdate",
                 lambda: self._stub.PushUpdate(
                     request, timeout=self.call_timeout, metadata=self._metadata
@@ -244,11 +296,20 @@ class ParameterServerClient:
         except ServerError as exc:
             if exc.code != grpc.StatusCode.OUT_OF_RANGE:
                 raise
-            return pb.Ack(status=pb.ACK_STATUS_REJECTED, code=exc.code.value[0], reason=exc.details)
+            log.info("worker %s: seq %d not applied (%s)", self.worker_id, seq, exc.details)
+            return Pushed.RUN_FINISHED
+        if ack.status == pb.ACK_STATUS_ACCEPTED:
+            return Pushed.ACCEPTED
+        if ack.status == pb.ACK_STATUS_DUPLICATE:
+            return Pushed.DUPLICATE
+        raise ServerError("PushUpdate", grpc.StatusCode.UNKNOWN, f"an OK Ack with status {ack}")
 
     def status(self) -> pb.StatusReply:
         return self._retrying(
-            "Status", lambda: self._stub.Status(pb.StatusRequest(), timeout=self.call_timeout)
+            "Status",
+            lambda: self._stub.Status(
+                pb.StatusRequest(), timeout=self.call_timeout, metadata=self._metadata
+            ),
         )
 
     # --- machinery ---------------------------------------------------------------------------
@@ -282,6 +343,7 @@ class ParameterServerClient:
         """
         delays = self.retry.delays(self._rng)
         first_failure: float | None = None
+        last_said = self._clock()
         while True:
             try:
                 if self._reregister and method != "Register":
@@ -295,7 +357,8 @@ class ParameterServerClient:
                 details = exc.details() or ""
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and not retry_deadline:
                     raise _PollExpired from None
-                if code not in RETRYABLE:
+                suggested = retry_after(exc)
+                if code not in RETRYABLE and suggested is None:
                     raise ServerError(method, code, details) from None
                 now = self._clock()
                 if first_failure is None:
@@ -310,7 +373,14 @@ class ParameterServerClient:
                         f"{now - first_failure:.1f} s ({code.name}: {details})"
                     ) from None
                 self._reregister = code == grpc.StatusCode.UNAVAILABLE or self._reregister
-                delay = next(delays)
+                delay = max(next(delays), suggested or 0.0)
+                if now - last_said >= RETRY_LOG_SECONDS:  # a waiting worker is never silent long
+                    last_said = now
+                    left = self.retry.give_up_after - (now - first_failure)
+                    log.info(
+                        "%s: still %s (%s); retrying, %.0f s left before giving up",
+                        method, code.name, details, left,
+                    )  # fmt: skip
                 log.debug("%s: %s (%s); retrying in %.2f s", method, code.name, details, delay)
                 self._sleep(delay)
 

@@ -22,16 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from byzps.common.codec import decode_sparse
+from byzps.common.credentials import ClientCredential, token_of
 from byzps.common.estimators.base import Estimator, GradientOracle
 from byzps.common.sparse import SparseBatch
-from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.worker import checkpoint as ckpt
-from byzps.worker.client import ParameterServerClient
+from byzps.worker.client import ParameterServerClient, Pushed
 from byzps.worker.session import (
     AckLedger,
     Run,
     WorkerError,
-    ack_applied,
     build_run,
     check_resumable,
     encode_row,
@@ -73,12 +72,12 @@ class HonestWorker:
 
     def _deliver(self, pending: ckpt.Pending, message: SparseBatch) -> None:
         """Push until acknowledged, then commit (only then: a refused message changes nothing)."""
-        ack = self.client.push(pending.round, pending.seq, pending.update)
-        if ack_applied(ack, pending.seq, self.worker_id):
+        pushed = self.client.push(pending.round, pending.seq, pending.update)
+        if pushed.applied:
             self.estimator.commit(message)
             self.last_seq = pending.seq
             if self.ledger is not None:
-                self.ledger.record(self.worker_id, pending.seq, pending.round, ack.status)
+                self.ledger.record(self.worker_id, pending.seq, pending.round, pushed.value)
 
     def run(self) -> None:
         while self.step():
@@ -121,7 +120,7 @@ class HonestWorker:
                 self.last_seq = pending.seq
                 if self.ledger is not None:
                     self.ledger.record(
-                        self.worker_id, pending.seq, pending.round, pb.ACK_STATUS_DUPLICATE
+                        self.worker_id, pending.seq, pending.round, Pushed.DUPLICATE.value
                     )
             elif server_last_seq == pending.seq - 1:
                 log.info("worker %s: resending pending seq %d", self.worker_id, pending.seq)
@@ -139,17 +138,19 @@ class HonestWorker:
 def run_worker(
     address: str,
     worker_id: int,
-    secret: bytes | None,
+    credential: ClientCredential,
     *,
     checkpoint_dir: Path | None = None,
     ledger_path: Path | None = None,
     client_options: dict[str, Any] | None = None,
 ) -> None:
-    """Register, build the run from the server's config, resume if possible, train to the end."""
+    """Register, build the run from the server's config, resume if possible, train to the end.
+    `credential`: this worker's token (by id), or the master secret (legacy), or None."""
     from byzps.common.components import build_run_compressor, build_run_estimator
 
     wid = str(worker_id)
-    client = ParameterServerClient(address, wid, secret, **(client_options or {}))
+    token = token_of(credential, wid)
+    client = ParameterServerClient(address, wid, token=token, **(client_options or {}))
     ledger = AckLedger(ledger_path)
     try:
         reply = client.register()

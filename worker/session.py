@@ -1,5 +1,5 @@
 """What honest and Byzantine worker daemons share: the run built from a registration, the wire
-form of one message row, the judgement of an Ack, and the ledger of acknowledged seqs.
+form of one message row, and the ledger of acknowledged seqs.
 
 Kept apart from the loops so that the two daemons agree on every one of these rules.
 """
@@ -11,8 +11,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import grpc
 
 from byzps.common.codec import encode_sparse
 from byzps.common.config import RunConfig
@@ -81,23 +79,6 @@ def encode_row(vec: SparseVector, config: RunConfig) -> pb.SparseUpdate:
     return encode_sparse(vec, compressor=name)
 
 
-def ack_applied(ack: pb.Ack, seq: int, worker_id: str) -> bool:
-    """True when the update with `seq` is applied on the server (ACCEPTED, or DUPLICATE: applied
-    by an earlier attempt), so the worker commits it. False when the run ended before it arrived
-    (a REJECTED Ack with OUT_OF_RANGE, see ParameterServerClient.push): nothing was applied, the
-    estimator's mirror still equals the server's state, and the worker goes on to fetch the
-    final model. Any other refusal raises WorkerError."""
-    if ack.status in (pb.ACK_STATUS_ACCEPTED, pb.ACK_STATUS_DUPLICATE):
-        return True
-    if ack.status == pb.ACK_STATUS_REJECTED and ack.code == grpc.StatusCode.OUT_OF_RANGE.value[0]:
-        log.info("worker %s: seq %d not applied (%s)", worker_id, seq, ack.reason)
-        return False
-    raise WorkerError(
-        f"worker {worker_id}: update seq {seq} refused: {ack.reason} (status {ack.status}, "
-        f"code {ack.code})"
-    )
-
-
 def check_resumable(worker_id: str, server_last_seq: int, my_last_seq: int) -> None:
     """A worker without knowledge of its acknowledged updates cannot rebuild its mirror g_i.
 
@@ -140,7 +121,9 @@ class AckLedger:
                     )
             self._file = path.open("a")
 
-    def record(self, worker_id: str, seq: int, round: int, status: int) -> None:
+    def record(self, worker_id: str, seq: int, round: int, status: str) -> None:
+        """Record that `seq` is applied (`status`: "ACCEPTED", or "DUPLICATE" when an earlier
+        attempt applied it)."""
         if self._file is None or seq <= self._last.get(worker_id, 0):
             return
         self._last[worker_id] = seq
@@ -148,7 +131,7 @@ class AckLedger:
             "worker": worker_id,
             "seq": seq,
             "round": round,
-            "status": pb.AckStatus.Name(status),
+            "status": status,
         }
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()

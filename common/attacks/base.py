@@ -29,6 +29,11 @@ class AttackView:
     bases:  (m, d) each Byzantine member's current server-side base b_j (known exactly).
     n, f:   total number of workers and of Byzantine workers (m = f here).
     generator: the cohort's random source for this round (keyed by run seed and round).
+    gain:   what the cohort's compressor multiplies a kept coordinate of t − b by this round
+        (d/k for Rand-k under a non-accumulating rule; 1 for Top-k, dense rounds, and Rand-k
+        under the "state" rule, whose messages the cohort scales back by 1/(ω + 1)). Attacks
+        that aim at the message values themselves, not at the candidates (overflow), divide
+        by it so the sent values come out as intended.
     """
 
     honest: Tensor
@@ -37,6 +42,7 @@ class AttackView:
     n: int
     f: int
     generator: torch.Generator
+    gain: float = 1.0
 
 
 class Attack(ABC):

@@ -97,10 +97,25 @@ class ByzantineCohort:
             n=self.num_workers,
             f=self.size,
             generator=generator(self.seed, "attack", round),
+            gain=self._gain(round),
         )
-        delta = self.attack.targets(view) - bases
+        delta = _deviation(self.attack.targets(view), bases)
         self._round = round
-        return self._compress(delta, round)
+        message = self._compress(delta, round)
+        if message.values.dtype != bases.dtype:  # float64 targets (overflow): state dtype
+            message = SparseBatch(
+                message.indices, message.values.to(bases.dtype), message.dim, message.seeds
+            )
+        return message
+
+    def _gain(self, round: int) -> float:
+        """The factor `_compress` applies to a kept coordinate of t − b (see AttackView.gain)."""
+        compressor = self.shadow.compressor
+        if self.shadow.max_nnz(round) == self.dim or not compressor.unbiased:
+            return 1.0
+        if self.shadow.server_rule == "state":
+            return 1.0  # Rand-k's d/k, undone by the 1/(ω + 1) of `_compress`
+        return compressor.omega + 1.0
 
     def _compress(self, delta: Tensor, round: int) -> SparseBatch:
         """Byzantine messages obey the round's honest limit: dense only when honest ones are
@@ -151,3 +166,19 @@ class ByzantineCohort:
         self._sent.load_state_dict(state["sent"])
         self._shadow_rule.load_state_dict(state["shadow_rule"])
         self._round = state["round"]
+
+
+def _deviation(targets: Tensor, bases: Tensor) -> Tensor:
+    """t − b, computed in the wider of the two dtypes, and 0 where a base is not finite.
+
+    Why the zeros: a server that accepted an overflowing message (one that predates the door's
+    finiteness check of the state) holds ±inf for that member, and no finite message can move
+    an infinite entry; t − b would be NaN there and poison the whole row at the wire's finite
+    check. Targets that are themselves non-finite still give non-finite messages (the door
+    refuses those, as it must).
+    """
+    delta = targets - bases
+    stuck = ~torch.isfinite(bases)
+    if bool(stuck.any()):
+        delta = delta.masked_fill(stuck, 0.0)
+    return delta

@@ -1,11 +1,14 @@
-"""The attacks of the algorithms documentation, one small class each, built by name through ATTACKS.
+"""The attacks of docs/algorithms.md#attacks, one small class each, built by name through ATTACKS.
 
 Each class chooses target candidates from an AttackView; the cohort (cohort.py) turns targets into
-k-sparse messages. The colluding attacks (alie, ipm, minmax) give every member the same target.
+k-sparse messages. The colluding attacks (alie, ipm, minmax, scale) give every member the same
+target. `scale` and `overflow` are not from the robust-learning literature: they test the server's
+numerics (large norms, the float32 range) rather than the robust aggregator's statistics.
 """
 
 from __future__ import annotations
 
+import math
 from statistics import NormalDist
 
 import torch
@@ -24,6 +27,19 @@ def _honest_std(honest: Tensor) -> Tensor:
     if honest.shape[0] < 2:
         return torch.zeros_like(honest[0])
     return honest.std(dim=0)
+
+
+#: The largest finite float32, 3.4028235e38: the wire's and the server state's range.
+FLT_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _check_magnitude(attack: str, value: float, limit: float, limit_name: str) -> float:
+    """`value` as a float in (0, limit]; a ValueError that names the attack otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{attack} magnitude must be a number, got {value!r}")
+    if not (math.isfinite(value) and 0 < value <= limit):
+        raise ValueError(f"{attack} magnitude must be in (0, {limit_name}], got {value!r}")
+    return float(value)
 
 
 def alie_z(n: int, m: int) -> float:
@@ -176,3 +192,71 @@ class MinMax(Attack):
         disc = (b * b - c * (a - max_dist_sq)).clamp_min(0.0)
         gamma = float(((b + disc.sqrt()) / c).min().clamp_min(0.0))
         return _repeat((mu - gamma * sigma).to(view.bases.dtype), m)
+
+
+@ATTACKS.register("scale")
+class LargeNorm(Attack):
+    """Large-norm collusion: every member targets t = −M·μ/‖μ‖, μ the mean honest candidate.
+
+    The opposite of the honest direction at norm M (`magnitude`, default 1e6, in (0, FLT_MAX/2]);
+    when μ = 0 the direction is −1/√d · (1, …, 1). The classic test of an aggregator without
+    a norm bound (the plain mean moves by f·M/n), and of the server's numerics: a state of norm
+    M squared in a distance computation (Krum, NNM: ‖a_i − a_j‖² ~ M²) overflows float32 for
+    M ≳ 1.8e19. Bounded by FLT_MAX/2 so that t − b stays finite while the members' own states
+    (|b| ≤ M once they reached t) are within range.
+    """
+
+    name = "scale"
+    uses_honest = True
+
+    def __init__(self, magnitude: float = 1e6) -> None:
+        self.magnitude = _check_magnitude("scale", magnitude, FLT_MAX / 2, "FLT_MAX/2")
+
+    def targets(self, view: AttackView) -> Tensor:
+        mu = view.honest.double().mean(dim=0)
+        norm = float(mu.norm())
+        if norm > 0 and math.isfinite(norm):
+            direction = mu / norm
+        else:
+            direction = torch.full_like(mu, 1.0 / math.sqrt(mu.numel()))
+        target = (-self.magnitude * direction).to(view.bases.dtype)
+        return _repeat(target, view.bases.shape[0])
+
+
+@ATTACKS.register("overflow")
+class Overflow(Attack):
+    """Float32 overflow: every message value is ±M (M = `magnitude`, default FLT_MAX =
+    3.4028235e38), always with the same sign (`sign`, +1 or −1), so the state it lands in leaves
+    float32's range.
+
+    Target t_j = b_j + sign·M/gain (float64: it lies beyond float32 when b_j is large), so the
+    cohort's message C(t_j − b_j) carries ±M on the coordinates the compressor keeps — finite
+    float32, passing the wire's finiteness check. What that does on the server:
+
+    * "state" rule (Byz-DM21, EF21): g_j ← g_j + c_j. The first accepted push makes g_j = ±M on
+      the k kept coordinates (finite, but the mean of f ≥ 2 such rows already overflows); the
+      second, with Top-k keeping the same coordinates (ties go to the lower index), makes
+      g_j = ±inf. A server must refuse that push at the door (its application would make the
+      sender's state non-finite), leaving the state unchanged; the cohort then retries the same
+      push every round and is refused every time.
+    * rules whose candidate is the message (CSGD): the candidate is ±M every round; the
+      aggregate of several such rows overflows unless the aggregator is robust to it.
+    * Rand-k: the values are ±M all the same (`gain` undoes the d/k scaling where the cohort
+      does not), but each push lands on freshly drawn coordinates, so under the "state" rule
+      the overflow waits until a coordinate is drawn a second time.
+
+    A coordinate whose server-side state is already ±inf (a server that accepted the overflow)
+    gets a zero message there (see cohort._deviation), so later messages stay finite.
+    """
+
+    name = "overflow"
+
+    def __init__(self, magnitude: float = FLT_MAX, sign: int = 1) -> None:
+        self.magnitude = _check_magnitude("overflow", magnitude, FLT_MAX, "FLT_MAX")
+        if sign not in (1, -1) or isinstance(sign, bool):
+            raise ValueError(f"overflow sign must be 1 or -1, got {sign!r}")
+        self.sign = sign
+
+    def targets(self, view: AttackView) -> Tensor:
+        step = self.sign * self.magnitude / view.gain
+        return view.bases.double() + step

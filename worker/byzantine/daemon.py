@@ -6,7 +6,11 @@ simulator. Each member still talks to the server under its own id, token and seq
 cannot tell it from an honest worker except by what it sends.
 
 Per round: GetModel once → cohort.messages for all F → push every member's row under its own id
-(concurrently, each retried with its own seq) → cohort.commit(the acknowledged rows).
+(concurrently, each retried with its own seq) → cohort.commit(the acknowledged rows). A push the
+server refuses (a non-OK status) is logged and skipped — Byzantine messages are often built to be
+refused — so the member's seq and mirror stay where they were, and it tries again next round.
+Protocol-level attacks (`--protocol`, byzps.worker.byzantine.protocol) run beside this loop in
+their own threads and stop with it.
 
 What a real deployment cannot do, and how this daemon handles it:
 
@@ -25,7 +29,8 @@ What a real deployment cannot do, and how this daemon handles it:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,11 +42,13 @@ from byzps.common.attacks import build_attack
 from byzps.common.attacks.base import Attack
 from byzps.common.attacks.cohort import ByzantineCohort
 from byzps.common.config import RunConfig
+from byzps.common.credentials import ClientCredential, token_of
 from byzps.common.estimators.core import BatchedEstimator
 from byzps.common.sparse import SparseBatch
 from byzps.proto.v1 import parameter_server_pb2 as pb
-from byzps.worker.client import ParameterServerClient, ServerError
-from byzps.worker.session import AckLedger, Run, WorkerError, ack_applied, build_run, encode_row
+from byzps.worker.byzantine.protocol import Priority, ProtocolAttack, campaign_for
+from byzps.worker.client import ParameterServerClient, Pushed, ServerError
+from byzps.worker.session import AckLedger, Run, WorkerError, build_run, encode_row
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +93,16 @@ class ByzantineDaemon:
         oracle: object,
         *,
         ledger: AckLedger | None = None,
+        before_push: Callable[[int, float], None] | None = None,
     ) -> None:
         self.clients = list(clients)
         self.run_info = run_info
         self.cohort = cohort
         self.oracle = oracle
         self.ledger = ledger
+        #: Called with (round, monotonic time the round's model arrived) before the members
+        #: push: a protocol attack's hold on the pushes (byzps.worker.byzantine.protocol).
+        self.before_push = before_push
         self.last_seq = [int(c.registration.last_seq) if c.registration else 0 for c in clients]
         self.next_round = 0
         self._prev: tuple[int, Tensor] | None = None
@@ -104,18 +115,21 @@ class ByzantineDaemon:
     def step(self) -> bool:
         """One round for every member; False once the final model has been published."""
         r, x = self.clients[0].get_model(self.next_round)
+        arrived = time.monotonic()
         self._close_previous(r, x)
         if r >= self.run_info.rounds:
             return False
         messages = self.cohort.messages(x, self.oracle, r)  # type: ignore[arg-type]
         updates = [encode_row(v, self.run_info.config) for v in messages.rows()]
         seqs = [s + 1 for s in self.last_seq]
-        acks = list(
+        if self.before_push is not None:
+            self.before_push(r, arrived)
+        outcomes = list(
             self._pool.map(
-                lambda i: self.clients[i].push(r, seqs[i], updates[i]), range(len(self.clients))
+                lambda i: self._push(i, r, seqs[i], updates[i]), range(len(self.clients))
             )
         )
-        applied = [i for i, ack in enumerate(acks) if ack_applied(ack, seqs[i], self.ids[i])]
+        applied = [i for i, done in enumerate(outcomes) if done is not None and done.applied]
         if len(applied) == len(self.clients):
             self.cohort.commit(messages)
         elif applied:
@@ -123,9 +137,27 @@ class ByzantineDaemon:
         for i in applied:
             self.last_seq[i] = seqs[i]
             if self.ledger is not None:
-                self.ledger.record(self.ids[i], seqs[i], r, acks[i].status)
+                self.ledger.record(self.ids[i], seqs[i], r, outcomes[i].value)
         self.next_round = r + 1
         return True
+
+    def _push(self, i: int, round: int, seq: int, update: pb.SparseUpdate) -> Pushed | None:
+        """Member i's push, or None when the server refused it.
+
+        A refusal (INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, PERMISSION_DENIED,
+        …) is an answer a Byzantine member must expect — its messages are built to be refused
+        (an overflowing state, limits probed on purpose) — so it is logged and the member
+        carries on: nothing was applied, so its seq is not consumed and its mirror not advanced,
+        exactly like a partial acknowledgement. An unreachable server still ends the daemon.
+        """
+        try:
+            return self.clients[i].push(round, seq, update)
+        except ServerError as exc:
+            log.warning(
+                "member %s: round %d seq %d refused (%s: %s); not applied, carrying on",
+                self.ids[i], round, seq, exc.code.name, exc.details,
+            )  # fmt: skip
+            return None
 
     def _close_previous(self, r: int, x: Tensor) -> None:
         """close_round(ĝ, r−1) from the models of rounds r_prev and r (see the module doc)."""
@@ -145,7 +177,7 @@ class ByzantineDaemon:
 
 def run_attack(
     address: str,
-    secret: bytes | None,
+    credential: ClientCredential,
     *,
     count: int,
     first_id: int,
@@ -153,12 +185,15 @@ def run_attack(
     force_cohort: bool = False,
     ledger_path: Path | None = None,
     client_options: dict[str, Any] | None = None,
+    protocols: Sequence[ProtocolAttack] = (),
 ) -> None:
     """Register F = `count` identities, ids first_id … first_id + F − 1 (`byzps launch` uses
-    h … n − 1), build the cohort from the server's config and attack until the run ends.
+    h … n − 1), build the cohort from the server's config and attack until the run ends, with
+    the `protocols` attacks (byzps.worker.byzantine.protocol) running beside it until then.
 
     The ids are the caller's to give: this process registers under no other id, not even to read
-    the run config (see `_read_config`)."""
+    the run config (see `_read_config`). `credential`: the members' own tokens (by id; `byzps
+    attack --token-dir`), or the master secret (legacy), or None without auth."""
     from byzps.common.components import build_run_compressor, build_run_estimator
 
     if count < 1:
@@ -169,7 +204,7 @@ def run_attack(
     ledger = AckLedger(ledger_path)
     try:
         ids = list(range(first_id, first_id + count))
-        run_info = build_run(_read_config(address, secret, ids[-1], client_options))
+        run_info = build_run(_read_config(address, credential, ids[-1], client_options))
         config = run_info.config
         if ids[-1] >= config.cluster.workers:
             raise WorkerError(
@@ -183,9 +218,15 @@ def run_attack(
             )
         attack = resolve_attack(config, attack_name, force_cohort=force_cohort)
         digest = config.digest()
+        priority = Priority()  # a member's client backing off pauses the protocol attacks
         for wid in ids:
             client = ParameterServerClient(
-                address, str(wid), secret, config_digest=digest, **(client_options or {})
+                address,
+                str(wid),
+                token=token_of(credential, str(wid)),
+                config_digest=digest,
+                sleep=priority.backoff,
+                **(client_options or {}),
             )
             clients.append(client)
             client.register()
@@ -209,7 +250,12 @@ def run_attack(
                 [s + 1 for s in daemon.last_seq],
             )
         log.info("attack %s: members %s registered at %s", attack.name, ids, address)
-        daemon.run()
+        campaign = campaign_for(daemon, protocols, address, client_options, priority)
+        campaign.start()
+        try:
+            daemon.run()
+        finally:
+            campaign.stop()
         log.info("attack %s: done", attack.name)
     finally:
         ledger.close()
@@ -219,7 +265,7 @@ def run_attack(
 
 def _read_config(
     address: str,
-    secret: bytes | None,
+    credential: ClientCredential,
     member_id: int,
     client_options: dict[str, Any] | None,
 ) -> pb.RegisterReply:
@@ -233,7 +279,8 @@ def _read_config(
     (PERMISSION_DENIED) before anything is registered.
     """
     wid = str(member_id)
-    with ParameterServerClient(address, wid, secret, **(client_options or {})) as client:
+    token = token_of(credential, wid)
+    with ParameterServerClient(address, wid, token=token, **(client_options or {})) as client:
         try:
             return client.register()
         except ServerError as exc:
