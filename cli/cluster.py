@@ -22,6 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+#: Set by the launcher in every child's environment: the PID the child must not outlive.
+PARENT_ENV = "BYZPS_PARENT_PID"
+#: prctl(2) option: the signal the kernel sends this process when its parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
+
 #: The line `byzps server` prints once it accepts connections.
 LISTENING = re.compile(r"^byzps server listening on (\S+:\d+)\s*$")
 
@@ -70,6 +75,7 @@ class Cluster:
                 stdout=subprocess.PIPE if pipe_stdout else log,
                 stderr=subprocess.STDOUT if pipe_stdout else log,
                 start_new_session=True,
+                env={**os.environ, PARENT_ENV: str(os.getpid())},
             )
         finally:
             log.close()  # the child holds its own descriptor
@@ -144,3 +150,23 @@ class Cluster:
                 child.process.wait()
         for thread in self._copiers:
             thread.join(timeout=1.0)
+
+
+def follow_parent() -> None:
+    """In a child of `byzps launch` (PARENT_ENV set): ask the kernel for SIGTERM when the
+    launcher dies, however it dies — SIGKILL and a closed terminal included, where it has no
+    chance to stop its children itself — and exit at once if it is already gone.
+
+    Why the child does it and not a preexec_fn: the launcher has threads, and code run between
+    fork and exec in a threaded parent can deadlock. Linux only (prctl); elsewhere the launcher's
+    own signal handling is all there is.
+    """
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if str(os.getppid()) != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+
+from byzps.cli.options import Address
 
 EXIT_DIVERGED = 2
 EXIT_UNREACHABLE = 3
@@ -126,22 +129,25 @@ def tls_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--server, --secret-file, --retry-timeout, --tls-*, --log-level, --threads, shared by the
-    worker daemons. The decorated command receives `client_options` (see above) in place of the
-    retry and TLS options."""
+    """--server, --secret-file (legacy), --retry-timeout, --tls-*, --log-level, --threads, shared
+    by the worker daemons (each adds its own token option: --token-file, --token-dir). The
+    decorated command receives `client_options` (see above) in place of the retry and TLS
+    options."""
     options = [
         click.option(
             "--server",
             "address",
             required=True,
-            metavar="HOST:PORT",
+            type=Address(),
             help="Address of the parameter server.",
         ),
         click.option(
             "--secret-file",
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
             default=None,
-            help="Shared secret for tokens (default: $BYZPS_SECRET; none: no auth).",
+            help="Legacy: the run's master secret (default: $BYZPS_SECRET), from which this "
+            "process derives its token(s). It hands the holder every worker's identity: give "
+            "workers their own token files instead.",
         ),
         click.option(
             "--retry-timeout",
@@ -165,6 +171,7 @@ def daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
             default="INFO",
             show_default=True,
             type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+            help="Least severe log messages shown (on stderr, timestamped).",
         ),
     ]
 
@@ -184,6 +191,65 @@ def daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def client_credential(
+    worker_ids: list[int],
+    secret_file: Path | None,
+    *,
+    token_file: Path | None = None,
+    token_dir: Path | None = None,
+) -> dict[str, str] | None:
+    """The tokens of exactly `worker_ids`, by wire id, from this process's credential: its
+    token file (a worker: one id), its token directory (the cohort: DIR/worker-ID.token for each
+    id) or — legacy, with a warning — derived from the master secret (--secret-file, else
+    $BYZPS_SECRET). None when there is none of them (a server run with --no-auth).
+
+    Why derive here: even on the legacy path the daemon is handed its own ids' tokens only, so
+    nothing below the command line holds the master secret."""
+    from byzps.common.credentials import (
+        SECRET_ENV,
+        load_secret,
+        read_token,
+        read_tokens,
+        token_for,
+    )
+
+    option = "--token-file" if token_file is not None else "--token-dir"
+    if (token_file is not None or token_dir is not None) and secret_file is not None:
+        raise click.UsageError(f"{option} and --secret-file exclude each other")
+    try:
+        if token_file is not None:
+            (worker_id,) = worker_ids
+            return {str(worker_id): read_token(token_file)}
+        if token_dir is not None:
+            return read_tokens(token_dir, worker_ids)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+    try:
+        secret = load_secret(secret_file)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--secret-file") from None
+    if secret is None:
+        return None
+    logging.getLogger("byzps").warning(
+        "%s is the master secret, which derives every worker's token: whoever holds it can act "
+        "as any worker. Give each worker only its own (`byzps credentials issue`, then "
+        "--token-file or --token-dir).",
+        "--secret-file" if secret_file is not None else f"${SECRET_ENV}",
+    )
+    return {str(w): token_for(secret, str(w)) for w in worker_ids}
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends a daemon like Ctrl-C: through its finally blocks (ledger and channel
+    closed), so `byzps launch` and container runtimes stop it cleanly."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        del signum, frame
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def setup_logging(level: str, name: str) -> None:

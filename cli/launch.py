@@ -4,22 +4,33 @@ as separate OS processes talking gRPC over 127.0.0.1.
 It writes the same DIR/metrics.jsonl, summary.json and params.npy as `byzps simulate` (the server
 does), so the two can be compared file for file. Layout of DIR:
 
-    secret              shared secret (mode 0600), handed to every process by file, never argv
+    secret              the master secret (mode 0600), handed to the server only, by file
+    credentials/        worker-K.token for each honest worker K, each handed to its worker only;
+                        operator.token for `byzps status --token-file`;
+                        cohort/worker-K.token for the cohort's ids h … n−1, its --token-dir
     checkpoints/        the server's checkpoints (--resume restarts from them)
+    workers/            each honest worker's checkpoint (--resume restarts them from it)
     ledgers/            every worker's acknowledged seqs, one JSON line each
     logs/               server.log, worker-K.log, attack.log
+    launch.lock         held while this launch runs (its PID), so no second one can start here
 
-The exit code is the server's; an interrupted launch (Ctrl-C, SIGTERM) exits 128 + signal after
-stopping every child (SIGTERM, then SIGKILL after a grace period).
+A directory holding an earlier run is refused unless --resume (continue it from the checkpoints:
+the same secret, the server and the workers pick up where they stopped) or --overwrite.
+
+The exit code is the server's; an interrupted launch (Ctrl-C, SIGTERM, SIGHUP: a closed
+terminal) exits 128 + signal after stopping every child (SIGTERM, then SIGKILL after a grace
+period). A launch killed outright (SIGKILL) cannot do that: its children then stop themselves,
+since each asks the kernel to signal it when its launcher dies (byzps.cli.cluster.follow_parent).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
+import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +38,9 @@ import click
 
 from byzps.cli.cluster import LISTENING, Child, Cluster, byzps_command
 from byzps.cli.options import config_options, downlink_option, load_config
+from byzps.cli.rundir import RunLock, claim
+from byzps.common.config import RunConfig
+from byzps.common.credentials import issue_tokens, read_secret, token_file_name, write_secret
 
 
 class Interrupted(Exception):
@@ -35,12 +49,8 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def write_secret(path: Path) -> None:
-    """A fresh 256-bit secret as hex text (no newline), readable by the owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32))
-    os.chmod(path, 0o600)
+#: Signals that stop a launch cleanly.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class MetricsTail:
@@ -53,6 +63,8 @@ class MetricsTail:
         self.last: dict[str, Any] | None = None
 
     def poll(self) -> None:
+        from byzps.server.results import progress_line  # torch: not before the daemons' setup
+
         if not self.path.exists():
             return
         with self.path.open("rb") as fh:
@@ -66,18 +78,7 @@ class MetricsTail:
             except json.JSONDecodeError:
                 continue
             self.last = record
-            click.echo(format_record(record, self.rounds))
-
-
-def format_record(record: dict[str, Any], rounds: int) -> str:
-    parts = [f"round {record.get('round', '?')}/{rounds}"]
-    if "train_loss" in record:
-        parts.append(f"loss {record['train_loss']:.6f}")
-    if "test_accuracy" in record:
-        parts.append(f"acc {record['test_accuracy']:.4f}")
-    if "bytes_uplink" in record:
-        parts.append(f"uplink {record['bytes_uplink']:,} B/worker")
-    return " | ".join(parts)
+            click.echo(progress_line(record, self.rounds))
 
 
 @click.command()
@@ -86,7 +87,7 @@ def format_record(record: dict[str, Any], rounds: int) -> str:
     "--out",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Output directory (results, checkpoints, logs, secret).",
+    help="Output directory (results, checkpoints, logs, secret, credentials).",
 )
 @click.option(
     "--round-deadline",
@@ -113,6 +114,8 @@ def format_record(record: dict[str, Any], rounds: int) -> str:
     show_default=True,
     help="Seconds between SIGTERM and SIGKILL when stopping children.",
 )
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoints.")
+@click.option("--overwrite", is_flag=True, help="Replace the run in --out (its files are deleted).")
 @downlink_option
 def launch(
     config_path: Path,
@@ -122,13 +125,18 @@ def launch(
     startup_timeout: float,
     force_cohort: bool,
     grace: float,
+    resume: bool,
+    overwrite: bool,
     downlink: str,
 ) -> None:
     """Run server, workers and attackers of CONFIG as local processes until the run ends."""
     config = load_config(config_path, overrides)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, "launch")
+    claim(out, resume=resume, overwrite=overwrite, can_resume=True)
     secret = out / "secret"
-    write_secret(secret)
+    if not (resume and secret.exists()):
+        write_secret(secret, overwrite=True)  # a fresh one for every new run
+    credentials = issue_credentials(config, secret, out / "credentials")
     sets = [a for o in overrides for a in ("--set", o)]
     cluster = Cluster(out / "logs")
     caught: list[int] = []
@@ -137,20 +145,23 @@ def launch(
         caught.append(signum)
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     code = 1
     try:
         server_argv = byzps_command(
             "server", "--config", str(config_path), *sets,
             "--listen", "127.0.0.1:0", "--out", str(out),
             "--checkpoint-dir", str(out / "checkpoints"), "--secret-file", str(secret),
-            "--downlink", downlink,
+            "--downlink", downlink, *(["--resume"] if resume else ["--overwrite"]),
             *(["--round-deadline", str(round_deadline)] if round_deadline is not None else []),
         )  # fmt: skip
         server = cluster.start("server", server_argv, pipe_stdout=True)
         address = cluster.wait_for_line(server, LISTENING, startup_timeout)
         click.echo(f"server {address} (pid {server.pid}); logs in {cluster.log_dir}")
-        _start_workers(cluster, config, address, secret, out, force_cohort)
+        for name, argv in client_commands(config, address, credentials, out, force_cohort):
+            cluster.start(name, argv)
+        h, f = config.honest_workers, config.cluster.workers - config.honest_workers
+        click.echo(f"started {h} honest worker(s)" + (f" and {f} Byzantine" if f else ""))
         code = _supervise(cluster, server, MetricsTail(out / "metrics.jsonl", config.run.rounds))
     except Interrupted as exc:
         click.echo(f"launch: {exc}, stopping the cluster", err=True)
@@ -159,11 +170,12 @@ def launch(
         click.echo(f"launch: {exc}", err=True)
         code = 1
     finally:
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not abort the cleanup
         cluster.stop(grace=grace)
         for s, handler in previous.items():
             signal.signal(s, handler)
+        lock.release()
     if code == 0:
         click.echo(f"done: results in {out}")
     raise SystemExit(code)
@@ -175,31 +187,57 @@ def threads_each(processes: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(processes, 1))
 
 
-def _start_workers(
-    cluster: Cluster, config: Any, address: str, secret: Path, out: Path, force_cohort: bool
-) -> None:
+@dataclass(frozen=True)
+class Credentials:
+    """Where each client process's tokens are: honest worker K's file, the cohort's directory."""
+
+    directory: Path
+
+    def worker(self, k: int) -> Path:
+        return self.directory / token_file_name(k)
+
+    @property
+    def cohort(self) -> Path:
+        return self.directory / "cohort"
+
+
+def issue_credentials(config: RunConfig, secret: Path, directory: Path) -> Credentials:
+    """Fresh token files from the master secret: one per honest worker, and the cohort's in a
+    directory of their own, so that no process is handed a token of an id it does not hold.
+    A previous launch's tokens are removed first (they belong to another secret)."""
+    h, n = config.honest_workers, config.cluster.workers
+    shutil.rmtree(directory, ignore_errors=True)
+    credentials = Credentials(directory)
+    key = read_secret(secret)
+    issue_tokens(key, list(range(h)), directory, operator=True)
+    if n > h:
+        issue_tokens(key, list(range(h, n)), credentials.cohort)
+    return credentials
+
+
+def client_commands(
+    config: RunConfig, address: str, credentials: Credentials, out: Path, force_cohort: bool
+) -> list[tuple[str, list[str]]]:
+    """(name, argv) of every client process: honest worker K with --token-file of its own
+    token, and the cohort (unless the run has none) with --token-dir of its ids' tokens."""
     h, n = config.honest_workers, config.cluster.workers
     cohort = n > h  # honest_workers is n under attack "na"
-    common = [
-        "--server",
-        address,
-        "--secret-file",
-        str(secret),
-        "--threads",
-        str(threads_each(h + int(cohort))),
-    ]
-    for k in range(h):
-        ledger = out / "ledgers" / f"worker-{k}.jsonl"
-        cluster.start(f"worker-{k}", byzps_command(
-            "worker", *common, "--id", str(k), "--ledger", str(ledger)))  # fmt: skip
+    common = ["--server", address, "--threads", str(threads_each(h + int(cohort)))]
+    commands = [
+        (f"worker-{k}", byzps_command(
+            "worker", *common, "--token-file", str(credentials.worker(k)), "--id", str(k),
+            "--ledger", str(out / "ledgers" / f"worker-{k}.jsonl"),
+            "--checkpoint-dir", str(out / "workers" / f"worker-{k}")))
+        for k in range(h)
+    ]  # fmt: skip
     if cohort:
-        argv = byzps_command(
-            "attack", *common, "--count", str(n - h), "--first-id", str(h),
+        commands.append(("attack", byzps_command(
+            "attack", *common, "--token-dir", str(credentials.cohort),
+            "--count", str(n - h), "--first-id", str(h),
             "--ledger", str(out / "ledgers" / "attack.jsonl"),
             *(["--force-cohort"] if force_cohort else []),
-        )  # fmt: skip
-        cluster.start("attack", argv)
-    click.echo(f"started {h} honest worker(s)" + (f" and {n - h} Byzantine" if cohort else ""))
+        )))  # fmt: skip
+    return commands
 
 
 def _supervise(cluster: Cluster, server: Child, tail: MetricsTail) -> int:

@@ -27,6 +27,7 @@ def config_options(command: F) -> F:
         "config_path",
         required=True,
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="The run's TOML config (every key: docs/config.md).",
     )(command)
 
 
@@ -52,3 +53,68 @@ def load_config(path: Path, overrides: tuple[str, ...]) -> RunConfig:
     except ConfigError as exc:
         raise click.ClickException(f"{path}: {exc}") from None
     return config
+
+
+def split_address(text: str, *, listen: bool) -> tuple[str, int]:
+    """(host, port) of HOST:PORT or [IPV6]:PORT; ValueError saying what is wrong. A listening
+    address may use port 0 (the system picks a free one); one to connect to may not."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {text!r} (the port is missing)")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(f"expected [IPV6]:PORT, got {text!r}")
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets: [{host}]:{port}")
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(f"the port of {text!r} is not a number")
+    number = int(port)
+    lowest = 0 if listen else 1
+    if not lowest <= number <= 65535:
+        raise ValueError(f"port {number} is outside {lowest}…65535")
+    return host, number
+
+
+class Address(click.ParamType):
+    """HOST:PORT (or [IPV6]:PORT), checked when the command line is parsed."""
+
+    name = "HOST:PORT"
+
+    def __init__(self, *, listen: bool = False) -> None:
+        self.listen = listen
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> str:
+        text = str(value)
+        try:
+            split_address(text, listen=self.listen)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return text
+
+
+def check_bindable(listen: str) -> None:
+    """Fail at once, naming --listen, when the address cannot be bound (in use, not local):
+    a plain socket tries it before any slow start-up work, so a taken port costs no data
+    loading and leaves no files. Port 0 always binds. The server's own bind stays the real
+    check; this only makes the common failure immediate."""
+    import socket
+
+    host, port = split_address(listen, listen=True)
+    if port == 0:
+        return
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise click.BadParameter(f"{host}: {exc.strerror}", param_hint="--listen") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise click.BadParameter(
+                f"cannot bind {listen}: {exc.strerror}", param_hint="--listen"
+            ) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -17,7 +18,13 @@ from byzps.sim.report import METRICS, SELECT_BY, Objective, ReportError, write_r
     type=click.Path(file_okay=False, path_type=Path),
     help="Report directory [default: SWEEP_DIR/report].",
 )
-@click.option("--metric", type=click.Choice(METRICS), default="train_loss", show_default=True)
+@click.option(
+    "--metric",
+    type=click.Choice(METRICS),
+    default="train_loss",
+    show_default=True,
+    help="The metric tabulated, plotted and used to choose each method's lr.",
+)
 @click.option(
     "--select-by",
     type=click.Choice(SELECT_BY),
@@ -28,7 +35,8 @@ from byzps.sim.report import METRICS, SELECT_BY, Objective, ReportError, write_r
 def report(sweep_dir: Path, out: Path | None, metric: str, select_by: str) -> None:
     """Write report.md (a table per attack, best lr per method) and PNG curves for a sweep."""
     out = out if out is not None else sweep_dir / "report"
-    where = [str(sweep_dir.resolve()), "--out", str(out.resolve())]
+    # Relative to where it ran, so the command works in any checkout of the same tree.
+    where = [os.path.relpath(sweep_dir), "--out", os.path.relpath(out)]
     command = shlex.join(["byzps", "report", *where, "--metric", metric, "--select-by", select_by])
     objective = Objective(metric, select_by)
     try:

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from byzps.cli.options import config_options, downlink_option, load_config
-from byzps.common.config import ConfigError, RunConfig
+from byzps.cli.daemon_common import setup_logging
+from byzps.cli.options import (
+    Address,
+    check_bindable,
+    config_options,
+    downlink_option,
+    load_config,
+)
+from byzps.cli.rundir import claim_server_dirs
+from byzps.common.config import ConfigError
 
 if TYPE_CHECKING:
     import grpc
-
-    from byzps.common.tasks.base import Task
-    from byzps.server.engine import RoundEngine
 
 
 class ServerUsageError(click.ClickException):
@@ -47,7 +50,12 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
 
 @click.command()
 @config_options
-@click.option("--listen", required=True, metavar="HOST:PORT", help="Address; port 0 picks one.")
+@click.option(
+    "--listen",
+    required=True,
+    type=Address(listen=True),
+    help="Address to serve on, HOST:PORT or [IPV6]:PORT; port 0 picks a free one.",
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -58,16 +66,53 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Checkpoints and write-ahead log (default: OUT/checkpoints when --out is given).",
 )
-@click.option("--checkpoint-every", default=50, show_default=True, type=click.IntRange(min=0))
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint directory.")
-@click.option("--round-deadline", default=10.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("--quorum", type=int, help="Pushes that close a round at its deadline [n - f].")
-@click.option("--startup-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("--linger", default=5.0, show_default=True, type=click.FloatRange(min=0))
+@click.option(
+    "--checkpoint-every",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Write a checkpoint every this many rounds (0: only at start and shutdown); the "
+    "write-ahead log covers the rounds in between.",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in the checkpoint directory.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace the run in --out and the checkpoint directory."
+)
+@click.option(
+    "--round-deadline",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds after a round opens when it may close without the workers that have not "
+    "pushed, once the quorum has (cluster.quorum, default n − f).",
+)
+@click.option(
+    "--startup-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to wait for all n workers to register before round 0 opens with those there.",
+)
+@click.option(
+    "--linger",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to keep serving the final model after the last round before exiting.",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+    help="Least severe log messages shown (on stderr, timestamped).",
+)
 @click.option(
     "--secret-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Shared secret for worker tokens (else $BYZPS_SECRET).",
+    help="The run's master secret, from which every worker's token is derived (else "
+    "$BYZPS_SECRET). The server's alone: workers get their own token files "
+    "(`byzps credentials issue`).",
 )
 @click.option("--no-auth", is_flag=True, help="Accept calls without tokens (tests only).")
 @click.option("--fsync-wal", is_flag=True, help="fsync every log record (survives power loss).")
@@ -84,7 +129,16 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
 @click.option(
     "--tls-client-ca",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Mutual TLS: accept only clients whose certificate this CA (PEM) signed.",
+    help="Mutual TLS: accept only clients whose certificate this CA (PEM) signed, and bind "
+    "worker ids to certificates: one naming worker K (`byzps credentials cert --worker K`) may "
+    "call as K only; one naming no worker (--operator) may call Status only.",
+)
+@click.option(
+    "--tls-bind-ids/--no-tls-bind-ids",
+    default=True,
+    show_default=True,
+    help="Under mutual TLS, let a client certificate call only as the worker it names (off: "
+    "certificates from a PKI that names no byzps worker; the tokens still bind the ids).",
 )
 @downlink_option
 def server(
@@ -95,41 +149,38 @@ def server(
     checkpoint_dir: Path | None,
     checkpoint_every: int,
     resume: bool,
+    overwrite: bool,
     round_deadline: float,
-    quorum: int | None,
     startup_timeout: float,
     linger: float,
+    log_level: str,
     secret_file: Path | None,
     no_auth: bool,
     fsync_wal: bool,
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_client_ca: Path | None,
+    tls_bind_ids: bool,
     downlink: str,
 ) -> None:
     """Serve one run to its last round: workers register, push updates and fetch the model."""
     from byzps.server.checkpoint import CheckpointError
     from byzps.server.coordinator import Settings
     from byzps.server.daemon import DaemonOptions, StartupError, install_signal_handlers, serve
+    from byzps.server.engine import build_server_parts
     from byzps.server.wal import WalError
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="byzps server: %(message)s")
+    setup_logging(log_level, "server")
+    check_bindable(listen)
     try:
         config = load_config(config_path, overrides)
     except click.ClickException as exc:
         raise ServerUsageError(exc.message) from None
-    n = config.cluster.workers
-    quorum = n - config.cluster.byzantine if quorum is None else quorum
-    if not 1 <= quorum <= n:
-        raise ServerUsageError(f"--quorum: {quorum} is outside [1, {n}]")
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ServerUsageError(f"--listen: expected HOST:PORT, got {listen!r}")
     if checkpoint_dir is None and out is not None:
         checkpoint_dir = out / "checkpoints"
     options = DaemonOptions(
         listen=listen,
-        settings=Settings(quorum, round_deadline, startup_timeout, checkpoint_every),
+        settings=Settings(config.quorum, round_deadline, startup_timeout, checkpoint_every),
         out=out,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
@@ -137,11 +188,13 @@ def server(
         secret=_secret(secret_file, no_auth),
         fsync_wal=fsync_wal,
         tls=_tls(tls_cert, tls_key, tls_client_ca),
+        bind_certificates=tls_bind_ids,
     )
     try:
-        task, engine, max_nnz = _build(config, sparse_downlink=downlink == "sparse")
+        task, engine, max_nnz = build_server_parts(config, sparse_downlink=downlink == "sparse")
     except ConfigError as exc:
         raise ServerUsageError(f"{config_path}: {exc}") from None
+    locks = claim_server_dirs(out, checkpoint_dir, resume=resume, overwrite=overwrite)
 
     def ready(address: str) -> None:
         click.echo(f"byzps server listening on {address}")
@@ -149,10 +202,20 @@ def server(
 
     stop = threading.Event()
     install_signal_handlers(stop)
+    started = False
+
+    def ready_once(address: str) -> None:
+        nonlocal started
+        started = True
+        ready(address)
+
     try:
-        code = serve(config, task, engine, max_nnz, options, ready=ready, stop=stop)
+        code = serve(config, task, engine, max_nnz, options, ready=ready_once, stop=stop)
     except (StartupError, CheckpointError, WalError) as exc:
         raise ServerUsageError(str(exc)) from None
+    finally:
+        for lock in locks:
+            lock.release(tidy=not started and not resume)
     sys.exit(code)
 
 
@@ -166,16 +229,3 @@ def _tls(
         return server_tls(cert, key, client_ca)
     except ValueError as exc:
         raise ServerUsageError(str(exc)) from None
-
-
-def _build(
-    config: RunConfig, *, sparse_downlink: bool
-) -> tuple[Task, RoundEngine, Callable[[int], int]]:
-    """Task, engine at x⁰ and the per-round k_max, built exactly as the simulator builds them."""
-    from byzps.common.components import build_run_task, build_server_estimator
-    from byzps.server.engine import build_engine
-
-    task = build_run_task(config)
-    estimator = build_server_estimator(config, task)
-    engine = build_engine(config, task, estimator, sparse_downlink=sparse_downlink)
-    return task, engine, estimator.max_nnz

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from byzps.cli.options import config_options, load_config
+from byzps.cli.rundir import RESULT_FILES, RunLock, claim
 from byzps.common.config import ConfigError
 
 
@@ -39,20 +40,28 @@ class ProgressLine:
     type=click.Path(file_okay=False, path_type=Path),
     help="Output directory.",
 )
-def simulate(config_path: Path, overrides: tuple[str, ...], out: Path) -> None:
+@click.option(
+    "--overwrite", is_flag=True, help="Replace the results already in --out (else refused)."
+)
+def simulate(config_path: Path, overrides: tuple[str, ...], out: Path, overwrite: bool) -> None:
     """Run the whole cluster in one process and write metrics.jsonl, summary.json, params.npy."""
     from byzps.common.components import build_run_task
     from byzps.sim.build import build_simulation
     from byzps.sim.runner import run_simulation
 
     config = load_config(config_path, overrides)
+    if not overwrite:  # refuse at once, before the task's data is loaded
+        claim(out, can_resume=False, owned=RESULT_FILES)
     try:
         task = build_run_task(config)
         simulation = build_simulation(config, task)
     except ConfigError as exc:
         raise click.ClickException(f"{config_path}: {exc}") from None
+    lock = RunLock(out, "simulate")  # only now: a run that cannot start leaves nothing behind
+    claim(out, overwrite=overwrite, can_resume=False, owned=RESULT_FILES)
     with click.progressbar(length=config.run.rounds, label="starting", show_pos=True) as bar:
         result = run_simulation(config, task, simulation, out, ProgressLine(bar))
+    lock.release()
     final = result.final
     if final.get("diverged"):
         raise click.ClickException(f"{config_path}: {final['diverged']} (results in {out})")

@@ -68,7 +68,13 @@ def _line(outcome: CellOutcome) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     help="Sweep directory; one sub-directory per cell.",
 )
-@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Cells run at once, each in its own process with one thread.",
+)
 def sweep(grid_path: Path, out: Path, jobs: int) -> None:
     """Run every cell of a grid; cells already finished with the same config are skipped."""
     try:

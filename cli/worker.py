@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Any
 
 import click
 
-from byzps.cli.daemon_common import daemon_options, run_daemon, setup_logging
+from byzps.cli.daemon_common import (
+    client_credential,
+    daemon_options,
+    interrupt_on_sigterm,
+    run_daemon,
+    setup_logging,
+)
 
 
 @click.command()
@@ -20,8 +25,16 @@ from byzps.cli.daemon_common import daemon_options, run_daemon, setup_logging
     type=click.IntRange(min=0),
     envvar="BYZPS_WORKER_ID",
     show_envvar=True,
-    help="This worker's id (0 … n−1; honest workers are 0 … h−1). From the environment in "
-    "replicated deployments (a Kubernetes Indexed Job's completion index, see deploy/).",
+    help="This worker's id (0 … n−1; honest workers are 0 … h−1).",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="BYZPS_TOKEN_FILE",
+    show_envvar=True,
+    default=None,
+    help="This worker's own token (`byzps credentials issue`): the only credential a worker "
+    "needs, and one that lets it act as no other worker.",
 )
 @click.option(
     "--checkpoint-dir",
@@ -42,28 +55,24 @@ def worker(
     client_options: dict[str, Any],
     log_level: str,
     worker_id: int,
+    token_file: Path | None,
     checkpoint_dir: Path | None,
     ledger: Path | None,
 ) -> None:
     """Run honest worker ID: fetch each round's model, send its compressed update, until the
     server publishes the final model."""
-    from byzps.common.credentials import load_secret
     from byzps.worker.daemon import run_worker
 
     setup_logging(log_level, f"worker-{worker_id}")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    credential = client_credential([worker_id], secret_file, token_file=token_file)
+    interrupt_on_sigterm()
     run_daemon(
         lambda: run_worker(
             address,
             worker_id,
-            load_secret(secret_file),
+            credential,
             checkpoint_dir=checkpoint_dir,
             ledger_path=ledger,
             client_options=client_options,
         )
     )
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    """SIGTERM ends a daemon like Ctrl-C: through its finally blocks (ledger and channel closed)."""
-    raise KeyboardInterrupt

@@ -25,7 +25,7 @@ from torch import Tensor
 from byzps.common.registry import Registry
 from byzps.common.sparse import INDEX_DTYPE, SparseBatch
 
-COMPRESSORS: Registry[Compressor] = Registry("compressor")
+COMPRESSORS: Registry[Compressor] = Registry("compressor", supplied=("dim", "layer_sizes"))
 
 #: Below this many coordinates one stable sort over the whole (w, d) batch beats per-row partition.
 SMALL_DIM = 4096

@@ -1,20 +1,93 @@
 """Name → class registries, so aggregators, compressors, estimators, attacks and tasks are built
-from configuration by name, with errors that name what is wrong."""
+from configuration by name, with errors that name what is wrong.
+
+A registry also describes its components (`parameters`, `summary`), read from the constructors
+themselves, so `byzps components` and docs/config.md cannot drift from the code. Constructor
+arguments that byzps fills in itself (an estimator's `dim`, an aggregator's `f`) are declared as
+`supplied` when the registry is created and left out of every listing: a user cannot set them.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
+#: The default of a parameter that has none (it must be given).
+REQUIRED = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Param:
+    """One settable constructor parameter of a component."""
+
+    name: str
+    #: The annotation as written in the source ("float | None"), "" when there is none.
+    annotation: str
+    default: Any = REQUIRED
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def describe(self) -> str:
+        """`eta: float = 0.1`, or `k: int (required)`."""
+        text = f"{self.name}: {self.annotation}" if self.annotation else self.name
+        return f"{text} (required)" if self.required else f"{text} = {self.default!r}"
+
+
+def _annotation(parameter: inspect.Parameter) -> str:
+    annotation = parameter.annotation
+    if annotation is inspect.Parameter.empty:
+        return ""
+    if isinstance(annotation, str):  # `from __future__ import annotations` keeps the source text
+        return annotation
+    return getattr(annotation, "__name__", repr(annotation))
+
+
+def _signature_params(factory: Callable[..., Any]) -> tuple[list[inspect.Parameter], bool]:
+    """(keyword parameters `factory` accepts, True if it accepts any keyword at all).
+
+    For a class, constructors that pass `**kwargs` up are followed along the MRO (a subclass's
+    `__init__(self, *, eta, **common)` also takes its base's `seed`), and a subclass's default
+    wins over its base's. A class accepts nothing beyond what the walk finds: an `**kwargs`
+    that reaches `object.__init__` would fail there.
+    """
+    if not isinstance(factory, type):
+        params = list(inspect.signature(factory).parameters.values())
+        return _keywords(params), any(p.kind is p.VAR_KEYWORD for p in params)
+    found: dict[str, inspect.Parameter] = {}
+    for klass in factory.__mro__:
+        if klass is object:
+            break
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]  # drop self
+        for p in _keywords(params):
+            found.setdefault(p.name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return list(found.values()), False
+
+
+def _keywords(params: Iterable[inspect.Parameter]) -> list[inspect.Parameter]:
+    return [p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
 
 class Registry(Generic[T]):
-    """Maps names to constructors of one kind of component (e.g. "aggregator")."""
+    """Maps names to constructors of one kind of component (e.g. "aggregator").
 
-    def __init__(self, kind: str) -> None:
+    `supplied` names the constructor arguments that the code building this kind passes itself
+    (e.g. "dim", "f"): they are accepted, but never listed as settable parameters.
+    """
+
+    def __init__(self, kind: str, *, supplied: Iterable[str] = ()) -> None:
         self.kind = kind
+        self.supplied = frozenset(supplied)
         self._entries: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -36,19 +109,47 @@ class Registry(Generic[T]):
             known = ", ".join(self.names())
             raise ValueError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
+    def parameters(self, name: str) -> tuple[Param, ...]:
+        """The parameters a configuration may set for `name`, in signature order (those in
+        `supplied` left out)."""
+        params, _ = _signature_params(self.get(name))
+        return tuple(
+            Param(p.name, _annotation(p), p.default) for p in params if p.name not in self.supplied
+        )
+
+    def summary(self, name: str) -> str:
+        """The first paragraph of `name`'s docstring, on one line ("" without a docstring),
+        ending as a sentence: a paragraph that introduces a formula (":") or that breaks off
+        before one ends with "." instead."""
+        doc = inspect.getdoc(self.get(name)) or ""
+        text = " ".join(doc.split("\n\n", 1)[0].split())
+        if text.endswith(":"):
+            return text[:-1] + "."
+        return text + "." if text[-1:].isalnum() else text
+
     def check(self, name: str, params: Mapping[str, Any]) -> None:
         """Raise ValueError unless `name` exists and accepts every key of `params`, without
-        constructing anything (arguments the builder supplies itself may be missing)."""
-        signature = inspect.signature(self.get(name))
-        accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        constructing anything (arguments the builder supplies itself may be missing).
+
+        An unknown key's error lists the parameters `name` does take, so a typo is one look away
+        from its fix: "attack 'alie' has no parameter 'zz' (parameters: z)".
+        """
+        factory = self.get(name)
+        accepted, accepts_any = _signature_params(factory)
         if not accepts_any:
-            unknown = sorted(set(params) - set(signature.parameters))
+            unknown = sorted(set(params) - {p.name for p in accepted})
             if unknown:
-                raise ValueError(f"{self.kind} {name!r} has no parameter {unknown[0]!r}")
+                raise ValueError(
+                    f"{self.kind} {name!r} has no parameter {unknown[0]!r} ({self._settable(name)})"
+                )
         try:
-            signature.bind_partial(**params)
+            inspect.signature(factory).bind_partial(**params)
         except TypeError as exc:
             raise ValueError(f"{self.kind} {name!r}: {exc}") from None
+
+    def _settable(self, name: str) -> str:
+        settable = [p.name for p in self.parameters(name)]
+        return f"parameters: {', '.join(settable)}" if settable else "it takes no parameters"
 
     def build(self, name: str, /, **params: Any) -> T:
         """Construct `name` from `params`; an unknown or missing parameter is a ValueError."""

@@ -1,6 +1,6 @@
 """Estimators against independent float64 reference recursions (plain numpy loops), the
-reductions of ALGORITHMS.md, commit-after-acknowledgement, the mirror of the server rules, and
-state round-trips."""
+reductions of docs/algorithms.md#byz-dm21, commit-after-acknowledgement, the mirror of the server
+rules, and state round-trips."""
 
 from __future__ import annotations
 

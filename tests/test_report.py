@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +57,9 @@ def test_report_table_holds_the_mean_over_seeds_and_valid_pngs(swept: Path) -> N
     assert done.returncode == 0, done.stderr
     text = (report_dir / "report.md").read_text()
     assert "lowest mean over seeds of the final train_loss" in text
-    assert "byzps report " in text and "byzps sweep " in text
+    # Cells run through the library leave no grid.json: nothing claims a sweep made them.
+    assert text.startswith("# Report of separate runs") and "byzps sweep " not in text
+    assert f"byzps report {os.path.relpath(swept)} --out" in text  # relative paths
     assert "## attack: alie" in text
 
     finals: dict[str, list[dict[str, float]]] = {}
@@ -153,3 +157,13 @@ def test_a_run_the_simulator_stopped_as_diverged_scores_worst(select_by: str) ->
     run = Run("cell", {}, final, [{"round": 0, "train_loss": 0.7}, final])
     assert Objective("train_loss", select_by).run_score(run) == math.inf
     assert Objective("test_accuracy", select_by).run_score(run) == -math.inf
+
+
+def test_a_single_run_is_reported_as_one(swept: Path, tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    shutil.copytree(next(swept.glob("*/summary.json")).parent, single / "run")
+    args = [sys.executable, "-m", "byzps.cli.main", "report", str(single)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    text = (single / "report" / "report.md").read_text()
+    assert text.startswith("# Run report") and "Of one run found under" in text

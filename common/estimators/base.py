@@ -16,7 +16,10 @@ from byzps.common.compressors import Compressor
 from byzps.common.registry import Registry
 from byzps.common.sparse import SparseBatch
 
-ESTIMATORS: Registry[Estimator] = Registry("algorithm")
+ESTIMATORS: Registry[Estimator] = Registry(
+    "algorithm",
+    supplied=("dim", "compressor", "num_workers", "worker_ids", "seed", "dtype", "device"),
+)
 
 
 class Batch(Protocol):

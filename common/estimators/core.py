@@ -11,7 +11,6 @@ Each concrete estimator then writes only its update rule. Three layers:
 
 from __future__ import annotations
 
-import inspect
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -227,19 +226,3 @@ def require_identity(name: str, compressor: Compressor) -> None:
         raise ValueError(
             f"compressor: {name} sends dense vectors; use 'identity', got {compressor.name!r}"
         )
-
-
-def accepted_params(cls: type) -> set[str]:
-    """Keyword names a constructor accepts, following `**kwargs` up the MRO (so the registry's
-    'unknown parameter' check sees the shared BatchedEstimator arguments too)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names.update(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    names.discard("self")
-    return names

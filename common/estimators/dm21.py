@@ -1,4 +1,4 @@
-"""Byz-DM21 and Byz-VR-DM21: double momentum with error feedback (ALGORITHMS.md)."""
+"""Byz-DM21 and Byz-VR-DM21: double momentum with error feedback (docs/algorithms.md#byz-dm21)."""
 
 from __future__ import annotations
 

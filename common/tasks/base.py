@@ -11,7 +11,9 @@ from torch import Tensor
 from byzps.common.estimators.base import GradientOracle
 from byzps.common.registry import Registry
 
-TASKS: Registry[Task] = Registry("task")
+TASKS: Registry[Task] = Registry(
+    "task", supplied=("num_workers", "seed", "batch_size", "split", "alpha")
+)
 
 
 class Task(ABC):
