@@ -241,6 +241,19 @@ def client_credential(
     return {str(w): token_for(secret, str(w)) for w in worker_ids}
 
 
+def token_file_option(help: str) -> Callable[[Any], Any]:
+    """`--token-file` (or $BYZPS_TOKEN_FILE): one credential, a token file of `byzps credentials
+    issue`; what it is for is the command's to say."""
+    return click.option(
+        "--token-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        envvar="BYZPS_TOKEN_FILE",
+        show_envvar=True,
+        default=None,
+        help=help,
+    )
+
+
 def interrupt_on_sigterm() -> None:
     """SIGTERM ends a daemon like Ctrl-C: through its finally blocks (ledger and channel
     closed), so `byzps launch` and container runtimes stop it cleanly."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from byzps.cli.daemon_common import channel_security, tls_options
+from byzps.cli.daemon_common import channel_security, tls_options, token_file_option
 from byzps.cli.options import Address
 
 
@@ -74,14 +74,7 @@ def status_table(record: dict[str, Any]) -> str:
     type=click.FloatRange(min=0.1),
     help="Seconds to wait for each answer.",
 )
-@click.option(
-    "--token-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    envvar="BYZPS_TOKEN_FILE",
-    show_envvar=True,
-    default=None,
-    help="A credential (operator or worker token) that adds every worker's line.",
-)
+@token_file_option("A credential (operator or worker token) that adds every worker's line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per answer.")
 @click.option(
     "--watch",

@@ -13,6 +13,7 @@ from byzps.cli.daemon_common import (
     interrupt_on_sigterm,
     run_daemon,
     setup_logging,
+    token_file_option,
 )
 
 
@@ -27,14 +28,9 @@ from byzps.cli.daemon_common import (
     show_envvar=True,
     help="This worker's id (0 … n−1; honest workers are 0 … h−1).",
 )
-@click.option(
-    "--token-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    envvar="BYZPS_TOKEN_FILE",
-    show_envvar=True,
-    default=None,
-    help="This worker's own token (`byzps credentials issue`): the only credential a worker "
-    "needs, and one that lets it act as no other worker.",
+@token_file_option(
+    "This worker's own token (`byzps credentials issue`): the only credential a worker needs, "
+    "and one that lets it act as no other worker."
 )
 @click.option(
     "--checkpoint-dir",

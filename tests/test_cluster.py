@@ -71,6 +71,7 @@ def test_launch_reproduces_simulate(tmp_path: Path, procs: Processes) -> None:
     assert leftovers(str(tmp_path)) == []
 
 
+@pytest.mark.slow  # a run long enough to kill a worker in
 def test_a_killed_worker_does_not_stop_the_run(tmp_path: Path, procs: Processes) -> None:
     config = write_config(tmp_path / "run.toml", rounds=16, eval_every=2)
     out = tmp_path / "net"
@@ -193,6 +194,7 @@ def test_a_killed_server_resumes_without_losing_or_repeating_updates(
     assert all(p.poll() is not None for p in procs.started)
 
 
+@pytest.mark.slow  # a run long enough to kill a worker in
 def test_a_killed_worker_restarts_from_its_checkpoint(tmp_path: Path, procs: Processes) -> None:
     """kill -9 a worker with --checkpoint-dir and start it again: it settles its pending update
     with the server (commit or resend) and continues with contiguous seqs."""

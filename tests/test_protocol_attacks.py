@@ -153,6 +153,7 @@ def assert_same_params(outcome: Outcome, baseline: np.ndarray) -> None:
 # --- the attacks that send no accepted update: same result as without them ---------------------
 
 
+@pytest.mark.slow  # a whole cluster run; push-storm keeps one in the default suite
 def test_longpoll_flood_leaves_the_run_unchanged(
     tmp_path: Path, a9a_baseline: tuple[Path, np.ndarray]
 ) -> None:
@@ -178,6 +179,7 @@ def test_push_storm_is_refused_and_leaves_the_run_unchanged(
     assert_same_params(outcome, baseline)
 
 
+@pytest.mark.slow  # a whole cluster run; push-storm keeps one in the default suite
 def test_register_storm_leaves_the_run_unchanged(
     tmp_path: Path, a9a_baseline: tuple[Path, np.ndarray]
 ) -> None:
@@ -187,6 +189,7 @@ def test_register_storm_leaves_the_run_unchanged(
     assert_same_params(outcome, baseline)
 
 
+@pytest.mark.slow  # a whole cluster run; push-storm keeps one in the default suite
 def test_padded_requests_are_bounded_and_leave_the_run_unchanged(
     tmp_path: Path, a9a_baseline: tuple[Path, np.ndarray]
 ) -> None:
@@ -199,6 +202,7 @@ def test_padded_requests_are_bounded_and_leave_the_run_unchanged(
     assert_same_params(outcome, baseline)
 
 
+@pytest.mark.slow  # a whole cluster run; push-storm keeps one in the default suite
 def test_slowloris_leaves_the_run_unchanged(
     tmp_path: Path, a9a_baseline: tuple[Path, np.ndarray]
 ) -> None:
@@ -222,6 +226,7 @@ def test_slow_reader_leaves_the_run_unchanged(tmp_path: Path) -> None:
 # --- the attack that delays real updates: the run still finishes -------------------------------
 
 
+@pytest.mark.slow  # a whole cluster run; push-storm keeps one in the default suite
 def test_deadline_holds_pushes_and_the_run_finishes(tmp_path: Path) -> None:
     """Pushes held until just before the round deadline: a slowdown bounded by the deadline
     (not asserted here), and every process finishes the run."""
@@ -239,6 +244,7 @@ def test_deadline_holds_pushes_and_the_run_finishes(tmp_path: Path) -> None:
 # --- a member whose pushes are refused carries on ---------------------------------------------
 
 
+@pytest.mark.slow  # a whole cluster run; push-storm keeps one in the default suite
 def test_refused_pushes_do_not_stop_the_cohort(tmp_path: Path) -> None:
     """Gaussian noise of σ = 1e39 overflows float32: every member push carries ±inf and is
     refused at the door (INVALID_ARGUMENT). The member logs it, keeps its seq and mirror, and

@@ -149,6 +149,7 @@ def test_simulate_refuses_to_overwrite_a_finished_run(tmp_path: Path) -> None:
     assert replaced.returncode == 0 and (out / "summary.json").read_bytes() != before
 
 
+@pytest.mark.slow  # three launches of a 400-round run
 def test_launch_refuses_an_existing_run_and_resumes_it_when_asked(
     tmp_path: Path, procs: Processes
 ) -> None:

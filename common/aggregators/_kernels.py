@@ -209,6 +209,21 @@ def combine(x, weights, extra, extra_weights, out):  # pragma: no cover - compil
 
 
 @njit(cache=True, fastmath=False)
+def _gram_product(gram, coef, out):  # pragma: no cover - compiled
+    """out = G·c and returns cᵀG·c: what ‖y_i − Σ_k c_k y_k‖² = G_ii − 2 (Gc)_i + cᵀGc needs,
+    for the coefficient-space iterations below. Same loop order as before it was shared, so the
+    results are bitwise those of the inlined loops."""
+    quad = 0.0
+    for i in range(coef.shape[0]):
+        acc = 0.0
+        for j in range(coef.shape[0]):
+            acc += gram[i, j] * coef[j]
+        out[i] = acc
+        quad += coef[i] * acc
+    return quad
+
+
+@njit(cache=True, fastmath=False)
 def weiszfeld(gram, base, beta, usable, nu, threshold, cap):  # pragma: no cover - compiled
     """Smoothed Weiszfeld steps in coefficient space; returns (β, steps taken, ‖∇F_ν(z)‖).
 
@@ -234,13 +249,7 @@ def weiszfeld(gram, base, beta, usable, nu, threshold, cap):  # pragma: no cover
     delta = np.empty(n)
     grad = np.inf
     for step in range(cap + 1):
-        quad = 0.0
-        for i in range(n):
-            acc = 0.0
-            for j in range(n):
-                acc += local[i, j] * beta[j]
-            g_beta[i] = acc
-            quad += beta[i] * acc
+        quad = _gram_product(local, beta, g_beta)
         total = 0.0
         for i in range(n):
             weights[i] = 0.0
@@ -308,13 +317,7 @@ def clip_steps(gram, usable, tau, steps):  # pragma: no cover - compiled
     g_c = np.empty(m)
     clip = np.empty(n)
     for _ in range(steps):
-        quad = 0.0
-        for i in range(m):
-            acc = 0.0
-            for j in range(m):
-                acc += gram[i, j] * c[j]
-            g_c[i] = acc
-            quad += c[i] * acc
+        quad = _gram_product(gram, c, g_c)
         total = 0.0
         for i in range(n):
             clip[i] = 0.0
