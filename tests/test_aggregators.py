@@ -604,3 +604,23 @@ def test_registry_names():
     assert BASES == ["cclip", "cm", "cwtm", "gm", "krum", "mean", "multikrum"]
     assert WRAPPERS.names() == ["bucketing", "nnm"]
     assert isinstance(build_aggregator("gm", 1, pre=["bucketing"]), Bucketing)
+
+
+def test_cclip_auto_radius_ties_the_bias_to_the_honest_spread() -> None:
+    """τ = "auto": the radius is the (n − f)-th smallest distance to the centre, at most the
+    largest honest one, so 8 rows colluding at 1e6 move the output by at most L·f·r_H/n from
+    where the honest rows alone take it — while the default τ = 10 lets them move it by up to
+    L·f·τ/n = 12."""
+    gen = torch.Generator().manual_seed(0)
+    honest = torch.randn(12, 6, generator=gen, dtype=torch.float64) * 0.1
+    attackers = torch.full((8, 6), 1e6, dtype=torch.float64)
+    rows = torch.cat([honest, attackers])
+    auto = build_aggregator("cclip", f=8, params={"tau": "auto"})
+    fixed = build_aggregator("cclip", f=8)
+    r_h = float((honest - honest.mean(0)).norm(dim=1).max())
+    # From v⁰ = 0, within r_H of μ_H: every radius is at most 2 r_H, so L = 3 steps let the 8
+    # attackers move v by ≤ 3·8·2r_H/20, and the honest pull keeps it within 2 r_H of μ_H.
+    assert float((auto(rows) - honest.mean(0)).norm()) <= 3 * 8 * 2 * r_h / 20 + 2 * r_h
+    assert float((fixed(rows) - honest.mean(0)).norm()) > 1.0  # τ = 10 lets them pull far
+    with pytest.raises(ValueError, match="positive number or 'auto'"):
+        build_aggregator("cclip", f=1, params={"tau": "fast"})

@@ -301,14 +301,15 @@ def kth_sq_dists(gram, far, k):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=False)
-def clip_steps(gram, usable, tau, steps):  # pragma: no cover - compiled
+def clip_steps(gram, usable, tau, steps, rank):  # pragma: no cover - compiled
     """Centered clipping in coefficient space: the basis is the n rows, then the old centre (last
     row of `gram`); returns the coefficients c of v^L, starting from c = e_n (v⁰, the centre):
 
-        vˡ⁺¹ = vˡ + (1/n) Σ_{i usable} min(1, τ/‖y_i − vˡ‖) (y_i − vˡ).
+        vˡ⁺¹ = vˡ + (1/n) Σ_{i usable} min(1, τ_l/‖y_i − vˡ‖) (y_i − vˡ),
 
-    Compiled for the same reason as `weiszfeld`: a handful of O(n²) steps, each a dozen numpy
-    calls otherwise.
+    with τ_l = `tau` when it is positive, else (adaptive) the `rank`-th smallest distance from
+    vˡ to the rows (unusable rows counting as infinitely far). Compiled for the same reason as
+    `weiszfeld`: a handful of O(n²) steps, each a dozen numpy calls otherwise.
     """
     m = gram.shape[0]
     n = m - 1
@@ -316,14 +317,24 @@ def clip_steps(gram, usable, tau, steps):  # pragma: no cover - compiled
     c[n] = 1.0
     g_c = np.empty(m)
     clip = np.empty(n)
+    dist = np.empty(n)
     for _ in range(steps):
         quad = _gram_product(gram, c, g_c)
+        for i in range(n):
+            dist[i] = np.inf
+            if usable[i]:
+                dist[i] = np.sqrt(max(gram[i, i] - 2.0 * g_c[i] + quad, 0.0))
+        radius = tau
+        if radius <= 0.0:
+            radius = np.sort(dist)[rank - 1]
         total = 0.0
         for i in range(n):
             clip[i] = 0.0
             if usable[i]:
-                dist = np.sqrt(max(gram[i, i] - 2.0 * g_c[i] + quad, 0.0))
-                clip[i] = tau / max(tau, dist)  # min(1, τ/‖y_i − vˡ‖), 1 at distance 0
+                if dist[i] <= radius:
+                    clip[i] = 1.0  # min(1, τ/‖y_i − vˡ‖) = 1 inside the radius (0 included)
+                else:
+                    clip[i] = radius / dist[i]
                 total += clip[i]
         keep = 1.0 - total / n
         for i in range(m):
