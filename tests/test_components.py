@@ -51,7 +51,7 @@ def test_parameters_follow_kwargs_up_the_mro_and_hide_supplied_ones() -> None:
     assert _names(ESTIMATORS, "byz-dasha-page") == ["a", "p"]
     assert _names(AGGREGATORS, "krum") == []  # Krum's own __init__ hides multikrum's m
     (tau, iterations) = AGGREGATORS.parameters("cclip")
-    assert (tau.name, tau.default, tau.annotation) == ("tau", 10.0, "float")
+    assert (tau.name, tau.default, tau.annotation) == ("tau", 10.0, "float | str")
     assert iterations.describe() == "iterations: int = 3"
     # A supplied argument is still accepted when the builder passes it.
     ESTIMATORS.check("byz-dm21", {"dim": 3, "seed": 1, "eta": 0.5})
