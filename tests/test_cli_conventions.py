@@ -59,3 +59,27 @@ def test_a_missing_data_set_is_one_line_and_debug_shows_the_traceback(tmp_path: 
         [*base, "--debug", *args], capture_output=True, text=True, timeout=120, env=env
     )
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_an_unwritable_out_is_one_line_naming_the_option(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = Path(__file__).resolve().parents[1] / "experiments" / "cluster" / "a9a.toml"
+    done = subprocess.run(
+        [sys.executable, "-m", "byzps", "simulate", "--config", str(config), "--out",
+         str(blocker / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"--out {blocker / 'out'}: cannot write there" in done.stderr
+
+
+def test_a_worker_without_a_server_says_how_long_it_keeps_trying() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "byzps", "worker", "--server", "127.0.0.1:1", "--id", "0",
+         "--retry-timeout", "7"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 3  # unreachable, as the exit codes document
+    assert "retrying for up to 7 s" in done.stderr and "s left before giving up" in done.stderr
+    assert "Traceback" not in done.stderr
