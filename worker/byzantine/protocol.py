@@ -338,8 +338,19 @@ def _round_of(message: pb.ModelChunk | pb.ModelUpdate) -> int:
     return int(getattr(message, body).round) if body else -1
 
 
+class _Storm(ProtocolAttack):
+    """An attack that fires bursts of `calls` concurrent calls per member, `pause` seconds apart,
+    each with a client deadline of `timeout` seconds (the storms below share these parameters)."""
+
+    def __init__(self, calls: int = 16, pause: float = 0.01, timeout: float = 10.0) -> None:
+        super().__init__()
+        self.calls = _count(self.name, "calls", calls, high=4096)
+        self.pause = _seconds(self.name, "pause", pause)
+        self.timeout = _seconds(self.name, "timeout", timeout, positive=True)
+
+
 @PROTOCOL_ATTACKS.register("push-storm")
-class PushStorm(ProtocolAttack):
+class PushStorm(_Storm):
     """Bursts of concurrent PushUpdate calls per member, none of which may be applied: replays
     of the member's last acknowledged seq (→ DUPLICATE), seqs far in the future (→ a gap,
     FAILED_PRECONDITION) and malformed updates (→ INVALID_ARGUMENT; each of
@@ -354,12 +365,6 @@ class PushStorm(ProtocolAttack):
     """
 
     name = "push-storm"
-
-    def __init__(self, calls: int = 16, pause: float = 0.01, timeout: float = 10.0) -> None:
-        super().__init__()
-        self.calls = _count(self.name, "calls", calls, high=4096)
-        self.pause = _seconds(self.name, "pause", pause)
-        self.timeout = _seconds(self.name, "timeout", timeout, positive=True)
 
     def bodies(self, ctx: ProtocolContext) -> list[Callable[[], None]]:
         plausible = forge.plausible_update(ctx.registration)
@@ -641,7 +646,7 @@ class Padded(ProtocolAttack):
 
 
 @PROTOCOL_ATTACKS.register("register-storm")
-class RegisterStorm(ProtocolAttack):
+class RegisterStorm(_Storm):
     """Bursts of concurrent Register calls per member (idempotent for a registered id, so they
     change nothing but each takes the server's attention, its lock included).
 
@@ -653,12 +658,6 @@ class RegisterStorm(ProtocolAttack):
     """
 
     name = "register-storm"
-
-    def __init__(self, calls: int = 16, pause: float = 0.01, timeout: float = 10.0) -> None:
-        super().__init__()
-        self.calls = _count(self.name, "calls", calls, high=4096)
-        self.pause = _seconds(self.name, "pause", pause)
-        self.timeout = _seconds(self.name, "timeout", timeout, positive=True)
 
     def bodies(self, ctx: ProtocolContext) -> list[Callable[[], None]]:
         return [lambda i=i: self._storm(ctx, i) for i in range(len(ctx.members))]
