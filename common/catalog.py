@@ -55,7 +55,13 @@ def check_components(config: RunConfig) -> None:
         raise ConfigError(f"task.params: {exc}") from None
     agg = config.aggregator
     try:
-        build_aggregator(agg.name, config.cluster.byzantine, pre=agg.pre, params=agg.params)
+        build_aggregator(
+            agg.name,
+            config.cluster.byzantine,
+            pre=agg.pre,
+            params=agg.params,
+            n=config.cluster.workers,
+        )
     except ValueError as exc:
         raise ConfigError(f"aggregator: {exc}") from None
     try:

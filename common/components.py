@@ -86,6 +86,7 @@ def build_run_aggregator(config: RunConfig) -> Aggregator:
             pre=config.aggregator.pre,
             params=config.aggregator.params,
             seed=config.run.seed,
+            n=config.cluster.workers,
         )
     except ValueError as exc:
         raise ConfigError(f"aggregator: {exc}") from None

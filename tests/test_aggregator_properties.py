@@ -41,9 +41,10 @@ Wrappers.
   lies in [lo_t − e, hi_t + e], e = e_k/(n − f) · D_H. X's bound with (ρ, 2ρ, box ± e); for cclip
   the honest mixed rows themselves, from the rule's own mixing matrix (whose neighbourhoods are
   checked against the D_H property, and never contain a non-finite row).
-* bucketing∘X: n' = ⌈n/s⌉ buckets, f' = min(f, ⌈n'/2⌉ − 1); only cases where the adversarial rows
-  spoil ≤ f' buckets and X's condition holds on (n', f') are drawn. Honest buckets are means of
-  honest rows: within r_H of μ_H, D_H of each other, inside [lo, hi]. X's bound on (n', f').
+* bucketing∘X: n' = ⌈n/s⌉ buckets and the same f (f rows spoil at most f buckets); only bucket
+  sizes for which X's condition holds on (n', f) are drawn (others are refused by the wrapper).
+  Honest buckets are means of honest rows: within r_H of μ_H, D_H of each other, inside
+  [lo, hi]. X's bound on (n', f).
 
 Floating-point slack, added to every bound:
 * 32 n ε · A, A = the largest |value| in play (honest rows, cclip's v⁰ and L τ): rounding of
@@ -327,13 +328,9 @@ def configs(rule: str) -> st.SearchStrategy[Config]:
 
 
 def bucket_size(rng: np.random.Generator, rule: str, n: int, f: int) -> int:
-    """A bucket size s ≤ 4 for which the base rule's guarantee holds on (n', f') (s = 1 always
+    """A bucket size s ≤ 4 for which the base rule's guarantee holds on (n', f) (s = 1 always
     does when it holds on (n, f))."""
-    valid = [
-        s
-        for s in range(1, 5)
-        if min(f, math.ceil(math.ceil(n / s) / 2) - 1) <= max_f(rule, math.ceil(n / s))
-    ]
+    valid = [s for s in range(1, 5) if f <= max_f(rule, math.ceil(n / s))]
     return valid[rng.integers(len(valid))]
 
 
@@ -341,14 +338,13 @@ def choose_bad(
     rng: np.random.Generator, n: int, f: int, agg: RowsAggregator, keep_order: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Adversarial row indices: f of them (sometimes fewer); under bucketing, members of at most
-    f' buckets of this call's permutation (which is returned too), bucket by bucket if
+    f buckets of this call's permutation (which is returned too), bucket by bucket if
     `keep_order`."""
     if not isinstance(agg, Bucketing):
         return rng.permutation(n)[: max(0, f - (0, 0, 0, 1, 3)[rng.integers(5)])], None
     perm = agg.permutation(n)
     groups = np.array_split(perm, range(agg.bucket_size, n, agg.bucket_size))
-    f_inner = min(f, math.ceil(len(groups) / 2) - 1)
-    spoiled = rng.permutation(len(groups))[: int(rng.integers(0, f_inner + 1))]
+    spoiled = rng.permutation(len(groups))[: int(rng.integers(0, f + 1))]
     pool = np.concatenate([groups[k] for k in spoiled]) if len(spoiled) else np.zeros(0, int)
     return (pool if keep_order else rng.permutation(pool))[: min(f, len(pool))], perm
 
@@ -442,8 +438,7 @@ def cclip_centre(
 def base_sizes(pre: tuple[str, ...], n: int, f: int, size: int) -> tuple[int, int]:
     """(n_b, f_b): how many rows the base rule sees, and the f it is given."""
     if pre == ("bucketing",):
-        buckets = math.ceil(n / size)
-        return buckets, min(f, math.ceil(buckets / 2) - 1)
+        return math.ceil(n / size), f
     return n, f
 
 

@@ -39,7 +39,7 @@ def engine(
     return RoundEngine(
         x0,
         build_server_rule(rule, N, D, **RULE_PARAMS[rule]),
-        build_aggregator(aggregator, f=2, pre=pre),
+        build_aggregator(aggregator, f=1 if "bucketing" in pre else 2, pre=pre),  # ⌈N/2⌉ buckets
         lr=0.1,
         delta_limit=limit,
         incremental_limit=limit,

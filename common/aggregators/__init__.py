@@ -46,8 +46,10 @@ def build_aggregator(
     pre: Sequence[str] = (),
     params: Mapping[str, Any] | None = None,
     seed: int = 0,
+    n: int | None = None,
 ) -> Aggregator:
-    """The rule `name` for f Byzantine inputs, wrapped by `pre` (outermost first).
+    """The rule `name` for f Byzantine inputs, wrapped by `pre` (outermost first); with `n`, the
+    number of inputs it will see, checked to tolerate f of them (`RowsAggregator.check`).
 
     pre=["bucketing", "nnm"] gives bucketing∘nnm∘name: the inputs are bucketed, the buckets mixed,
     then aggregated. `params` holds the base rule's parameters plus the wrappers' own (each key goes
@@ -69,4 +71,6 @@ def build_aggregator(
     aggregator = AGGREGATORS.build(name, f=f, **base_params)
     for wrapper, own in reversed(list(zip(pre, wrapper_params, strict=True))):
         aggregator = WRAPPERS.build(wrapper, base=aggregator, f=f, **own)
+    if n is not None:
+        aggregator.check(n, f)  # type: ignore[attr-defined]
     return aggregator

@@ -62,8 +62,11 @@ class CoordinateMedian(_RankBandMean):
     x̂_t stays within the honest values' range (whatever the outliers hold, NaN as +inf).
     """
 
-    def band(self, n: int, f: int) -> tuple[int, int]:
+    def check(self, n: int, f: int) -> None:
         require(2 * f < n, "cm", "2f < n", f, n)
+
+    def band(self, n: int, f: int) -> tuple[int, int]:
+        self.check(n, f)
         return (n - 1) // 2, n // 2 + 1
 
 
@@ -75,6 +78,9 @@ class TrimmedMean(_RankBandMean):
     2f < n to keep any, and then x̂_t stays within the honest values' range.
     """
 
-    def band(self, n: int, f: int) -> tuple[int, int]:
+    def check(self, n: int, f: int) -> None:
         require(2 * f < n, "cwtm", "2f < n", f, n)
+
+    def band(self, n: int, f: int) -> tuple[int, int]:
+        self.check(n, f)
         return f, n - f

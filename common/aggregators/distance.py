@@ -66,12 +66,16 @@ class MultiKrum(RowsAggregator):
             raise ValueError(f"m must be at least 1, got {m}")
         self.m = m
 
-    def aggregate(self, rows: Rows, f: int) -> Tensor:
-        n = rows.n
+    def check(self, n: int, f: int) -> None:
         require(n - f - 2 >= 1, self.name, "n − f − 2 ≥ 1", f, n)
         m = n - f if self.m is None else self.m
         if m > n:
             raise ValueError(f"{self.name} cannot select m={m} of n={n} inputs")
+
+    def aggregate(self, rows: Rows, f: int) -> Tensor:
+        n = rows.n
+        self.check(n, f)
+        m = n - f if self.m is None else self.m
         dists = rows.pairwise_sq_dists()
         np.fill_diagonal(dists, np.inf)
         scores = np.sort(dists, axis=1)[:, : n - f - 2].sum(axis=1)
@@ -151,9 +155,12 @@ class GeometricMedian(RowsAggregator):
         self.nu = nu
         self.tol = tol
 
+    def check(self, n: int, f: int) -> None:
+        require(2 * f < n, self.name, "2f < n", f, n)
+
     def aggregate(self, rows: Rows, f: int) -> Tensor:
         n = rows.n
-        require(2 * f < n, self.name, "2f < n", f, n)
+        self.check(n, f)
         gram = rows.gram()
         usable = ~rows.far()
         if not usable.any():  # every row is non-finite: there is nothing to take a median of
@@ -204,9 +211,12 @@ class CenteredClipping(RowsAggregator):
         self.iterations = int(iterations)
         self.centre: Tensor | None = None
 
+    def check(self, n: int, f: int) -> None:
+        require(2 * f < n, self.name, "2f < n", f, n)
+
     def aggregate(self, rows: Rows, f: int) -> Tensor:
         n = rows.n
-        require(2 * f < n, self.name, "2f < n", f, n)
+        self.check(n, f)
         x = rows.x
         if self.centre is None:
             centre = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)

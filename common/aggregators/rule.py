@@ -26,6 +26,14 @@ class RowsAggregator(Aggregator):
     def __call__(self, x: Tensor) -> Tensor:
         return self.aggregate(Rows(as_matrix(x)), self.f)
 
+    def check(self, n: int, f: int) -> None:
+        """ValueError, naming f and n, when f Byzantine inputs among n exceed what the rule
+        tolerates. Called by `aggregate` on every call, and by the config check before a run
+        starts (`build_aggregator(..., n=)`), so an impossible pairing fails in seconds, not at
+        the first round. The default accepts any f (the plain mean: not robust, never refused).
+        """
+        del n, f
+
     @abstractmethod
     def aggregate(self, rows: Rows, f: int) -> Tensor:
         """Aggregate `rows` (n of them, at most f Byzantine) into one (d,) vector."""
