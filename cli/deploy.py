@@ -1,9 +1,12 @@
-"""`byzps deploy`: write the deployment of a run — a Compose project or Kubernetes Jobs.
+"""`byzps deploy`: write the deployment of a run — a Compose project, Kubernetes Jobs, a podman
+pod script or a Slurm batch script.
 
     byzps deploy compose --config run.toml --out deploy/compose
     byzps deploy k8s --config run.toml --out deploy/k8s [--image registry/byzps:0.1.0]
+    byzps deploy podman --config run.toml --out job [--image localhost/byzps:0.1.0]
+    byzps deploy slurm --config run.toml --out /nfs/job
 
-Both write the resolved run config as OUT/run.toml beside the manifests (byzps.cli.deployment
+Each writes the resolved run config as OUT/run.toml beside the manifests (byzps.cli.deployment
 derives every id and count from it). Existing files of the same names are replaced.
 """
 
@@ -45,6 +48,14 @@ def _write(out: Path, files: dict[str, str]) -> None:
     click.echo(f"wrote {', '.join(sorted(files))} in {out}")
 
 
+_out_option = click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the generated files (written over if present).",
+)
+
+
 def _options(func: Any) -> Any:
     func = click.option(
         "--image",
@@ -52,13 +63,7 @@ def _options(func: Any) -> Any:
         show_default=True,
         help="Image of every container (built from deploy/Dockerfile).",
     )(func)
-    func = click.option(
-        "--out",
-        required=True,
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Directory for the generated files (written over if present).",
-    )(func)
-    return config_options(func)
+    return config_options(_out_option(func))
 
 
 @click.group()
@@ -101,3 +106,34 @@ def k8s(config_path: Path, overrides: tuple[str, ...], out: Path, image: str) ->
     if "attack.yaml" not in files and stale.exists():
         stale.unlink()  # a previous run's cohort must not be applied with this one
     _write(out, files)
+
+
+def _script(out: Path, name: str, text: str, config_toml: str) -> None:
+    _write(out, {name: text, "run.toml": config_toml})
+    (out / name).chmod(0o755)
+
+
+@deploy.command()
+@_options
+def podman(config_path: Path, overrides: tuple[str, ...], out: Path, image: str) -> None:
+    """The Compose project as one podman pod on this host (OUT/pod.sh up|wait|down, beside
+    OUT/run.toml, OUT/secret and OUT/credentials/; deploy/README.md)."""
+    from byzps.cli.deployment import podman_script
+    from byzps.common.config import to_toml
+
+    config = load_config(config_path, overrides)
+    _script(out, "pod.sh", podman_script(config, image), to_toml(config.to_dict()))
+
+
+@deploy.command()
+@config_options
+@_out_option
+def slurm(config_path: Path, overrides: tuple[str, ...], out: Path) -> None:
+    """An sbatch script (OUT/byzps.sbatch beside OUT/run.toml): server step, worker step (id =
+    SLURM_PROCID), cohort step; submit from OUT: `cd OUT && sbatch byzps.sbatch`
+    (deploy/README.md)."""
+    from byzps.cli.deployment import slurm_script
+    from byzps.common.config import to_toml
+
+    config = load_config(config_path, overrides)
+    _script(out, "byzps.sbatch", slurm_script(config), to_toml(config.to_dict()))

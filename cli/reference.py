@@ -37,8 +37,8 @@ KINDS: dict[str, tuple[str, str]] = {
     ),
     "compressors": (
         "compressor.name",
-        "Set through the `[compressor]` keys `k`, `ratio` and (Top-k) `scope`; there is no "
-        "params table, so other constructor parameters keep their defaults.",
+        "Set through the `[compressor]` keys `k`, `ratio` and (Top-k) `scope`; every other "
+        "parameter (`levels`, `values`) goes in `compressor.params`.",
     ),
     "aggregators": (
         "aggregator.name",

@@ -53,6 +53,10 @@ def check_components(config: RunConfig) -> None:
         found["tasks"].check(config.task.name, config.task.params)
     except ValueError as exc:
         raise ConfigError(f"task.params: {exc}") from None
+    try:
+        found["compressors"].check(config.compressor.name, config.compressor.params)
+    except ValueError as exc:
+        raise ConfigError(f"compressor.params: {exc}") from None
     agg = config.aggregator
     try:
         build_aggregator(

@@ -1,5 +1,10 @@
 """Wire codec: SparseVector ↔ SparseUpdate and a dense float32 model ↔ a ModelChunk stream.
 
+An update travels in one of two forms, chosen by its compressor: index/value pairs (Top-k,
+Rand-k, Perm-K, identity; values float32, float16 or bfloat16) or, for the quantizers (QSGD,
+natural compression, scaled sign), every coordinate as a bit-packed code with at most one float32
+scale (byzps.common.compressors.codes).
+
 Bulk data travels as packed little-endian bytes (see protos/byzps/v1/parameter_server.proto), so
 encoding is one copy (tensor → bytes) and decoding checks `np.frombuffer` views of the received
 bytes before making the one copy into a writable tensor — the tensor must own writable memory
@@ -22,6 +27,7 @@ import torch
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from torch import Tensor
 
+from byzps.common.compressors import VALUE_DTYPES, Compressor, Quantizer, codes
 from byzps.common.sparse import INDEX_DTYPE, SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
 
@@ -43,7 +49,16 @@ COMPRESSOR_IDS: dict[str, int] = {
     "topk": pb.COMPRESSOR_TOPK,
     "randk": pb.COMPRESSOR_RANDK,
     "identity": pb.COMPRESSOR_IDENTITY,
+    "permk": pb.COMPRESSOR_PERMK,
+    "qsgd": pb.COMPRESSOR_QSGD,
+    "natural": pb.COMPRESSOR_NATURAL,
+    "sign": pb.COMPRESSOR_SIGN,
+    "natural-dithering": pb.COMPRESSOR_NATURAL_DITHERING,
 }
+#: The compressors whose updates travel packed (SparseUpdate.packed, scale, levels).
+PACKED_COMPRESSORS = frozenset({"qsgd", "natural-dithering", "natural", "sign"})
+#: The packed ones whose codes are levels 0 … s (SparseUpdate.levels).
+LEVEL_COMPRESSORS = frozenset({"qsgd", "natural-dithering"})
 _COMPRESSOR_NAMES = {v: k for k, v in COMPRESSOR_IDS.items()}
 
 
@@ -171,14 +186,46 @@ def encode_sparse(
     return msg
 
 
+def encode_update(vec: SparseVector, compressor: Compressor) -> pb.SparseUpdate:
+    """One message row of `compressor` in its wire form: packed codes for a quantizer, else
+    index/value pairs in the compressor's value dtype (lossless: it rounded the values to it)."""
+    if isinstance(compressor, Quantizer):
+        return encode_packed(vec, compressor)
+    dtype = VALUE_DTYPES[compressor.values]
+    return encode_sparse(vec, compressor=compressor.name, dtype=dtype)
+
+
+def encode_packed(vec: SparseVector, quantizer: Quantizer) -> pb.SparseUpdate:
+    """A dense row of `quantizer` as its packed code (a row off the code is rounded onto it)."""
+    scale, packed = quantizer.pack(vec)
+    msg = pb.SparseUpdate(
+        dim=vec.dim,
+        nnz=vec.dim,
+        dtype=pb.VALUE_DTYPE_FLOAT32,
+        compressor=COMPRESSOR_IDS[quantizer.name],
+        packed=packed,
+        levels=quantizer.levels,
+    )
+    if scale is not None:
+        msg.scale = scale
+    return msg
+
+
 def decode_sparse(msg: pb.SparseUpdate) -> SparseVector:
     """Unpack and check a SparseUpdate; values come back as float32 whatever the wire dtype."""
-    fmt = _value_format(msg.dtype)
     dim, nnz = msg.dim, msg.nnz
     if not 1 <= dim <= MAX_DIM:
         raise WireFormatError(f"dim: {dim} is outside [1, {MAX_DIM}]")
     if nnz > dim:
         raise WireFormatError(f"nnz: {nnz} exceeds dim {dim}")
+    name = _COMPRESSOR_NAMES.get(msg.compressor)
+    if name in PACKED_COMPRESSORS:
+        return _decode_packed(msg, name)
+    if msg.packed or msg.HasField("scale") or msg.levels:
+        raise WireFormatError(
+            f"packed, scale, levels: only {sorted(PACKED_COMPRESSORS)} updates carry them"
+        )
+    fmt = _value_format(msg.dtype)
     raw_indices, raw_values = msg.indices, msg.values  # each access copies, so read once
     if len(raw_values) != fmt.itemsize * nnz:
         raise WireFormatError(
@@ -192,6 +239,43 @@ def decode_sparse(msg: pb.SparseUpdate) -> SparseVector:
     _check_finite(values, "values")
     seed = msg.seed if msg.HasField("seed") else None
     return SparseVector(indices, torch.from_numpy(values), dim, seed)
+
+
+def _decode_packed(msg: pb.SparseUpdate, name: str) -> SparseVector:
+    """A packed quantizer update (dim already checked): dense, every code and the scale valid."""
+    dim = msg.dim
+    if msg.nnz != dim:
+        raise WireFormatError(f"nnz: {name} updates are dense, nnz {msg.nnz} != dim {dim}")
+    if msg.indices or msg.values:
+        raise WireFormatError(f"indices, values: {name} updates carry packed codes, not pairs")
+    if msg.dtype != pb.VALUE_DTYPE_FLOAT32:
+        raise WireFormatError(f"dtype: {name} decodes to float32, got {msg.dtype}")
+    if msg.HasField("seed"):
+        raise WireFormatError(f"seed: {name} updates carry no seed")
+    scaled = name != "natural"
+    if msg.HasField("scale") != scaled:
+        raise WireFormatError(f"scale: {'required' if scaled else 'not allowed'} for {name}")
+    if (msg.levels != 0) != (name in LEVEL_COMPRESSORS):
+        raise WireFormatError(f"levels: {msg.levels} is not allowed for {name}")
+    raw = msg.packed
+    try:
+        scale = torch.tensor([[msg.scale]], dtype=torch.float32)
+        if scaled:
+            codes.check_scale(msg.scale)
+        if name in LEVEL_COMPRESSORS:
+            signed = torch.from_numpy(codes.unpack_levels(raw, dim, msg.levels))[None]
+            to_values = codes.qsgd_values if name == "qsgd" else codes.dithering_values
+            values = to_values(scale, signed, msg.levels)[0]
+        elif name == "sign":
+            negative = torch.from_numpy(codes.sign_unpack(raw, dim))[None]
+            values = codes.sign_values(scale, negative)[0]
+        else:
+            values = torch.from_numpy(codes.natural_unpack(raw, dim).copy())
+    except ValueError as exc:
+        raise WireFormatError(str(exc)) from None
+    _check_finite(values.numpy(), "values")
+    indices = torch.arange(dim, dtype=INDEX_DTYPE)
+    return SparseVector(indices, values, dim, None, msg.scale if scaled else None)
 
 
 def _decode_indices(raw: bytes, nnz: int, dim: int) -> np.ndarray:

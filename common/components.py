@@ -51,9 +51,15 @@ def build_run_compressor(config: RunConfig, task: Task) -> Compressor:
     params = {"k": c.k, "ratio": c.ratio}
     if c.name == "topk":
         params["scope"] = c.scope
-    params = {k: v for k, v in params.items() if v is not None}
+    params = {k: v for k, v in params.items() if v is not None} | c.params
     try:
-        return build_compressor(c.name, task.dim, layer_sizes=task.layer_sizes, **params)
+        return build_compressor(
+            c.name,
+            task.dim,
+            layer_sizes=task.layer_sizes,
+            num_workers=config.cluster.workers,
+            **params,
+        )
     except ValueError as exc:
         raise ConfigError(f"compressor: {exc}") from None
 

@@ -98,6 +98,9 @@ class CompressorSection:
     #: Top-k only: "global" selects over the flat vector, "layer" inside every parameter
     #: tensor (needs ratio).
     scope: str = "global"
+    #: Further parameters of the compressor by name (e.g. levels = 4 for qsgd, values =
+    #: "float16" for a sparsifier); `byzps components` lists them.
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -300,8 +303,8 @@ def validate(config: RunConfig) -> None:
     _require(c.k is None or c.k >= 1, "compressor.k", "must be at least 1")
     _require(c.ratio is None or 0 < c.ratio <= 1, "compressor.ratio", "must be in (0, 1]")
     _require(c.scope in ("global", "layer"), "compressor.scope", "must be 'global' or 'layer'")
-    if c.name == "identity":
-        _require(c.k is None and c.ratio is None, "compressor.k", "identity takes no k or ratio")
+    if c.name in ("identity", "permk", "qsgd", "natural", "natural-dithering", "sign"):
+        _require(c.k is None and c.ratio is None, "compressor.k", f"{c.name} takes no k or ratio")
     else:
         _require(
             (c.k is None) != (c.ratio is None),

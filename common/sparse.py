@@ -32,14 +32,17 @@ def _check_indices(indices: Tensor, dim: int) -> None:
 class SparseVector:
     """A vector of dimension `dim` holding `values` at the strictly increasing `indices`.
 
-    `seed` is set by seeded compressors (Rand-k): it lets the receiver regenerate and check the
-    coordinate selection.
+    `seed` is set by the compressors whose receiver checks the coordinate selection (Rand-k,
+    Perm-K): it lets the receiver regenerate it. `scale` is set by the quantizers whose code
+    stores one scale per message (QSGD's ‖z‖, scaled sign's ‖z‖₁/d): the values are that scale
+    times a code point, and the packed wire form sends the two apart.
     """
 
     indices: Tensor
     values: Tensor
     dim: int
     seed: int | None = None
+    scale: float | None = None
 
     @property
     def nnz(self) -> int:
@@ -80,6 +83,8 @@ class SparseBatch:
     values: Tensor
     dim: int
     seeds: tuple[int, ...] | None = None
+    #: One float32 scale per row, for the quantizers whose code has one (see SparseVector).
+    scales: Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -92,7 +97,8 @@ class SparseBatch:
 
     def row(self, i: int) -> SparseVector:
         seed = None if self.seeds is None else self.seeds[i]
-        return SparseVector(self.indices[i], self.values[i], self.dim, seed)
+        scale = None if self.scales is None else float(self.scales[i])
+        return SparseVector(self.indices[i], self.values[i], self.dim, seed, scale)
 
     def rows(self) -> list[SparseVector]:
         return [self.row(i) for i in range(self.num_rows)]
@@ -108,11 +114,15 @@ class SparseBatch:
         seeds = None
         if all(v.seed is not None for v in vectors):
             seeds = tuple(int(v.seed) for v in vectors)  # type: ignore[arg-type]
+        scales = None
+        if all(v.scale is not None for v in vectors):
+            scales = torch.tensor([v.scale for v in vectors], dtype=torch.float32)
         return SparseBatch(
             torch.stack([v.indices for v in vectors]),
             torch.stack([v.values for v in vectors]),
             dim,
             seeds,
+            scales,
         )
 
     def validate(self) -> None:

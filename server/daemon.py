@@ -30,6 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from byzps.common.components import build_run_compressor
 from byzps.common.config import RunConfig
 from byzps.common.tasks.base import Task
 from byzps.server.auth import Authenticator
@@ -153,7 +154,8 @@ def serve(
 ) -> int:
     """Run the server to the end of the run (or a signal); returns the process exit code."""
     stop = stop if stop is not None else threading.Event()
-    door = Door(task.dim, config.compressor.name, max_nnz, config.run.rounds)
+    spec = build_run_compressor(config, task)
+    door = Door(task.dim, config.compressor.name, max_nnz, config.run.rounds, spec)
     return asyncio.run(_serve(config, task, engine, door, options, ready, stop))
 
 

@@ -6,7 +6,10 @@ until proven well-formed and harmless:
 
 1. the wire (`validate_update`): size first (cheap, bounds all later work), then the header
    fields against the model (dim, nnz ≤ k_max, compressor), then the payload (lengths, index
-   order and range, finite values — byzps.common.codec), then the Rand-k seed;
+   order and range, finite values; for the packed quantizers the exact code length, zero
+   padding, level range and a finite non-negative scale — byzps.common.codec), then what the
+   run's compressor fixes: the Rand-k seed's indices, the Perm-K block of the sender, QSGD's
+   level count;
 2. the sender's own history (`check_round`, `SeqLedger`): a round the server has reached, later
    than the sender's last accepted one, the next sequence number;
 3. the state (`Door.admit`): applying the update must leave the sender's server-side state
@@ -36,8 +39,13 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
-from byzps.common.codec import WireFormatError, compressor_name, decode_sparse
-from byzps.common.compressors import randk_indices
+from byzps.common.codec import (
+    LEVEL_COMPRESSORS,
+    WireFormatError,
+    compressor_name,
+    decode_sparse,
+)
+from byzps.common.compressors import Compressor, PermK, Quantizer, permk_block, randk_indices
 from byzps.common.server_rules import ServerRule
 from byzps.common.sparse import SparseBatch, SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
@@ -104,13 +112,17 @@ def validate_update(
     k_max: int,
     compressor: str | None = None,
     max_bytes: int | None = None,
+    spec: Compressor | None = None,
+    row: int | None = None,
 ) -> SparseVector:
     """Check `update` against a model of dimension `dim`; return it decoded (values float32).
 
     `compressor` is the run's compressor name; when given, the update must declare it. An update
-    declaring Rand-k must carry a seed from which exactly its k_max indices regenerate.
-    `max_bytes` defaults to max_update_bytes(k_max). Raises Rejected: RESOURCE_EXHAUSTED for an
-    oversize message, INVALID_ARGUMENT for anything malformed.
+    declaring Rand-k must carry a seed from which exactly its k_max indices regenerate. `spec`,
+    the run's compressor, fixes what the name does not: QSGD's level count, and with the
+    sender's worker id `row` the Perm-K block its seed must regenerate (both required for
+    Perm-K). `max_bytes` defaults to max_update_bytes(k_max). Raises Rejected:
+    RESOURCE_EXHAUSTED for an oversize message, INVALID_ARGUMENT for anything malformed.
     """
     limit = max_update_bytes(k_max) if max_bytes is None else max_bytes
     size = update.ByteSize()  # counts unknown fields too, so padding cannot sneak past
@@ -129,7 +141,27 @@ def validate_update(
         _invalid(str(exc))
     if declared == "randk":
         _check_randk(vec, k_max)
+    elif declared == "permk":
+        if not isinstance(spec, PermK) or row is None:
+            _invalid("a Perm-K update needs the run's Perm-K compressor and the sender's row")
+        _check_permk(vec, spec, row)
+    elif (
+        declared in LEVEL_COMPRESSORS
+        and isinstance(spec, Quantizer)
+        and update.levels != spec.levels
+    ):
+        _invalid(f"levels {update.levels} but this run's {declared} uses s = {spec.levels}")
     return vec
+
+
+def _check_permk(vec: SparseVector, spec: PermK, row: int) -> None:
+    """Perm-K's worker `row` keeps block row mod n of its seed's permutation, exactly k entries."""
+    if vec.seed is None:
+        _invalid("Perm-K update without a seed")
+    if vec.nnz != spec.k:
+        _invalid(f"Perm-K update with nnz {vec.nnz}, expected k = {spec.k}")
+    if not torch.equal(vec.indices, permk_block(vec.dim, spec.num_workers, vec.seed, row)):
+        _invalid(f"indices are not worker {row}'s Perm-K block of seed {vec.seed}")
 
 
 def _check_randk(vec: SparseVector, k: int) -> None:
@@ -197,13 +229,27 @@ class Door:
 
     `k_max(round)` is the largest nnz a message computed at `round` may carry (MARINA/PAGE send
     dense rounds); `rounds` bounds the round used to ask it, so absurd claimed rounds cost nothing.
+    `spec` is the run's compressor object, needed for what its name does not fix (QSGD's levels;
+    Perm-K's n, without which a Perm-K door cannot be built).
     """
 
-    def __init__(self, dim: int, compressor: str, k_max: Callable[[int], int], rounds: int) -> None:
+    def __init__(
+        self,
+        dim: int,
+        compressor: str,
+        k_max: Callable[[int], int],
+        rounds: int,
+        spec: Compressor | None = None,
+    ) -> None:
+        if compressor == "permk" and not isinstance(spec, PermK):
+            raise ValueError("spec: a Perm-K door needs the run's PermK compressor (its n)")
+        if spec is not None and spec.name != compressor:
+            raise ValueError(f"spec: a {spec.name!r} compressor for a {compressor!r} door")
         self.dim = dim
         self.compressor = compressor
         self.k_max = k_max
         self.rounds = rounds
+        self.spec = spec
 
     @property
     def largest_k_max(self) -> int:
@@ -222,8 +268,13 @@ class Door:
     def receive(self, row: int, round: int, seq: int, update: pb.SparseUpdate) -> Update:
         """The wire checks of one update claimed for `round`; Rejected if any fails."""
         k_max = self.k_max(min(round, self.rounds))
-        vec = validate_update(update, dim=self.dim, k_max=k_max, compressor=self.compressor)
-        wire_bytes = message_bytes(vec.nnz, VALUE_BYTES[update.dtype])
+        vec = validate_update(
+            update, dim=self.dim, k_max=k_max, compressor=self.compressor, spec=self.spec, row=row
+        )
+        if update.packed:  # the codes and the float32 scale
+            wire_bytes = len(update.packed) + (4 if update.HasField("scale") else 0)
+        else:
+            wire_bytes = message_bytes(vec.nnz, VALUE_BYTES[update.dtype])
         return Update(row, round, seq, vec, wire_bytes, update.SerializeToString())
 
     def replayed(self, row: int, round: int, seq: int, encoded: bytes) -> Update:

@@ -11,7 +11,12 @@ import torch
 
 from byzps.common.attacks import build_attack
 from byzps.common.attacks.cohort import ByzantineCohort
-from byzps.common.components import build_run_compressor, build_run_estimator, build_run_task
+from byzps.common.components import (
+    build_run_aggregator,
+    build_run_compressor,
+    build_run_estimator,
+    build_run_task,
+)
 from byzps.common.config import ConfigError, RunConfig
 from byzps.common.tasks.base import Task
 from byzps.server.engine import build_engine
@@ -31,7 +36,9 @@ def build_simulation(config: RunConfig, task: Task | None = None) -> Simulation:
     # No downlink in one process: the change of ĝ would be computed for nobody.
     engine = build_engine(config, task, honest, sparse_downlink=False)
     honest_part = {
-        "door": Door(task.dim, config.compressor.name, honest.max_nnz, config.run.rounds),
+        "door": Door(
+            task.dim, config.compressor.name, honest.max_nnz, config.run.rounds, compressor
+        ),
         "honest": honest,
         "honest_oracle": task.oracle(honest_ids, seed),
         "honest_rows": torch.tensor(honest_ids, dtype=torch.long),
@@ -51,6 +58,7 @@ def build_simulation(config: RunConfig, task: Task | None = None) -> Simulation:
         dim=task.dim,
         seed=seed,
         knowledge=config.attack.knowledge,  # type: ignore[arg-type]
+        aggregator=build_run_aggregator(config),  # its own copy: searches never touch the engine's
     )
     return Simulation(
         engine=engine,

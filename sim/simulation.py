@@ -70,6 +70,8 @@ class Simulation:
     byzantine_rows: Tensor | None = None
     #: Payload bytes of every message the server absorbed, honest and Byzantine.
     bytes_total: int = 0
+    #: Byzantine messages the door refused (one per member and round).
+    refused: int = 0
 
     def __post_init__(self) -> None:
         if (self.cohort is None) != (self.cohort_oracle is None):
@@ -97,9 +99,14 @@ class Simulation:
         if self.cohort is not None:
             assert self.cohort_oracle is not None and self.byzantine_rows is not None
             honest_now = self.engine.rule.candidates[self.honest_rows]
-            byz_messages = self.cohort.messages(x, self.cohort_oracle, t, honest=honest_now)
+            searched = self.cohort.attack.uses_aggregator
+            state = self.engine.aggregator.state_dict() if searched else None
+            byz_messages = self.cohort.messages(
+                x, self.cohort_oracle, t, honest=honest_now, aggregator_state=state
+            )
             bad = self.door.refused_rows(self.engine.rule, self.byzantine_rows, byz_messages, t)
             rows, members, accepted = self.byzantine_rows, None, byz_messages
+            self.refused += int(bad.numel())
             if bad.numel():  # refused at the door, as the server does: those states stay stale
                 members, accepted = _admitted_part(byz_messages, bad)
                 rows = rows[members]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from byzps.common.codec import decode_model, encode_sparse
+from byzps.common.components import build_run_compressor
 from byzps.common.config import RunConfig
 from byzps.common.credentials import TOKEN_METADATA_KEY, token_for
 from byzps.common.sparse import SparseVector
@@ -195,7 +196,13 @@ def in_process(
     coordinator = Coordinator(
         config,
         engine,
-        Door(task.dim, config.compressor.name, max_nnz, config.run.rounds),
+        Door(
+            task.dim,
+            config.compressor.name,
+            max_nnz,
+            config.run.rounds,
+            build_run_compressor(config, task),
+        ),
         Settings(quorum, deadline, startup, checkpoint_every),
         store=store,
         clock=clock,

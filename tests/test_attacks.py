@@ -124,6 +124,9 @@ def test_registry_names_and_bad_params() -> None:
         "minmax",
         "scale",
         "overflow",
+        "inf",
+        "alie-opt",
+        "ipm-opt",
     }
     with pytest.raises(ValueError, match="epsilon2"):
         build_attack("ipm", epsilon2=1.0)

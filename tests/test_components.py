@@ -49,7 +49,7 @@ def test_parameters_follow_kwargs_up_the_mro_and_hide_supplied_ones() -> None:
     # ByzVRDM21 has no __init__ of its own; DASHA-PAGE's **common reaches BatchedEstimator.
     assert _names(ESTIMATORS, "byz-vr-dm21") == ["eta", "authors_init"]
     assert _names(ESTIMATORS, "byz-dasha-page") == ["a", "p"]
-    assert _names(AGGREGATORS, "krum") == []  # Krum's own __init__ hides multikrum's m
+    assert _names(AGGREGATORS, "krum") == ["neighbours"]  # Krum's own __init__ hides m
     (tau, iterations) = AGGREGATORS.parameters("cclip")
     assert (tau.name, tau.default, tau.annotation) == ("tau", 10.0, "float | str")
     assert iterations.describe() == "iterations: int = 3"

@@ -1,6 +1,10 @@
 """The deployment artefacts, validated offline by real tools and kept true to the CLI.
 
-- deploy/Dockerfile: hadolint, and a wheel built from exactly the files it copies.
+- deploy/Dockerfile: hadolint, and a wheel built from exactly the files it copies (the image
+  itself is built and run by deploy/smoke.sh, tests/test_deploy_smoke.py).
+- `byzps deploy podman` and `byzps deploy slurm`: valid bash, each container/step running the
+  Compose service's command (podman) or the right ranks (Slurm), credentials following the ids
+  (run for real by tests/test_deploy_smoke.py and tests/test_deploy_slurm.py).
 - deploy/compose and deploy/k8s are `byzps deploy`'s output for the README's main job; they must
   be current (regenerated here and compared byte for byte).
 - Compose projects: the Compose Specification's JSON schema (check-jsonschema's vendored copy).
@@ -315,8 +319,9 @@ def test_a_rerun_without_attack_removes_the_stale_cohort_job(tmp_path: Path) -> 
 
 
 def test_the_files_the_dockerfile_copies_build_the_package(tmp_path: Path) -> None:
-    """No Docker daemon here, so the image is not built; but its one fragile step is: `pip
-    install /src` from exactly the files the Dockerfile copies into /src."""
+    """The image is built for real by deploy/smoke.sh (slow, podman); its most fragile step is
+    checked here on every run: `pip install /src` from exactly the files the Dockerfile copies
+    into /src."""
     src = tmp_path / "src"
     src.mkdir()
     for line in (DEPLOY / "Dockerfile").read_text().splitlines():
@@ -360,3 +365,120 @@ def test_image_references_split_into_name_and_tag(image: str, expected: tuple[st
     from byzps.cli.deployment import split_image
 
     assert split_image(image) == expected
+
+
+# --------------------------------------------------------------------------- podman and Slurm
+
+
+def podman_runs(script: str) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The `podman run` commands of a generated pod.sh by role: (byzps argv, {host source:
+    container target} of its -v mounts)."""
+    import shlex
+
+    runs = {}
+    for command in script.replace("\\\n", " ").splitlines():
+        if not command.strip().startswith("podman run "):
+            continue
+        words = shlex.split(command)
+        assert "$HARDENING" in words
+        role = words[words.index("--name") + 1].removeprefix("$POD-")
+        mounts = dict(words[i + 1].rsplit(":", 1)[0].split(":", 1)
+                      for i, w in enumerate(words) if w == "-v")  # fmt: skip
+        runs[role] = (words[words.index("$IMAGE") + 1 :], mounts)
+    return runs
+
+
+def check_podman_script(directory: Path, config: RunConfig) -> None:
+    """pod.sh is valid bash; it runs the Compose services' own commands, each container mounting
+    the credentials of its own ids only, where its command reads them; all hardened."""
+    from byzps.cli.deployment import HARDENING
+
+    script = (directory / "pod.sh").read_text()
+    subprocess.run(["bash", "-n", str(directory / "pod.sh")], check=True, timeout=30)
+    assert (directory / "pod.sh").stat().st_mode & 0o111
+    for flag in ("--init", "--read-only", "--cap-drop=ALL", "--user 10001"):
+        assert flag in HARDENING
+    assert "--network none" in script and "--network host" not in script
+    runs = podman_runs(script)
+    project = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    if config.digest() == RunConfig.load(MAIN_JOB).digest():
+        assert {role: argv for role, (argv, _) in runs.items()} == {
+            name: service["command"] for name, service in project["services"].items()
+        }
+    mounted: dict[str, set[int | str]] = {}
+    for role, (argv, mounts) in runs.items():
+        credentials = {s: t for s, t in mounts.items() if "run.toml" not in s and s != "$DATA"}
+        mounted[role] = {token_id(s, "$HERE/credentials/worker-", ".token") for s in credentials}
+        values = check_command_line(argv)
+        if role == "server":
+            assert set(credentials.values()) == {values["secret_file"]}
+            assert mounts["$HERE/run.toml"] == values["config_path"]
+        elif role == "attack":
+            ids = range(values["first_id"], values["first_id"] + values["count"])
+            assert set(credentials.values()) == {f"{values['token_dir']}/worker-{i}.token"
+                                                 for i in ids}  # fmt: skip
+        else:
+            assert set(credentials.values()) == {values["token_file"]}
+    check_credentials(mounted, config)
+
+
+def check_slurm_script(directory: Path, config: RunConfig) -> None:
+    """byzps.sbatch is valid bash; h + 2 tasks (h + 1 without a cohort): the server step, one
+    worker step of h ranks (id = SLURM_PROCID, its own token), the cohort's ids h … n−1; every
+    step --overlap; the server --resume only on requeue, its arguments valid."""
+    from byzps.cli.deployment import server_argv_slurm
+
+    path = directory / "byzps.sbatch"
+    subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
+    script = path.read_text()
+    h, n = config.honest_workers, config.cluster.workers
+    assert f"#SBATCH --ntasks={h + 1 + (n > h)}\n" in script
+    assert "#SBATCH --requeue\n" in script
+    sruns = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert all("--overlap" in line for line in sruns) and len(sruns) == 2 + (n > h)
+    assert f"--ntasks={h} --job-name=workers" in script
+    assert '--id "$SLURM_PROCID"' in script
+    assert 'worker-$SLURM_PROCID.token' in script and "--checkpoint-dir" in script
+    assert ("--token-dir" in script) == (n > h)
+    if n > h:
+        assert f"--count {n - h} --first-id {h} &" in script
+    assert 'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then RESUME=(--resume); fi' in script
+    argv = server_argv_slurm()
+    assert "--resume" not in argv
+    server = check_command_line([a.strip('"').replace("$PORT", "50051") for a in argv])
+    assert server["secret_file"] == "$RUN_DIR/secret"
+    assert RunConfig.load(directory / "run.toml").digest() == config.digest()
+
+
+def test_the_podman_and_slurm_scripts_of_the_main_job(tmp_path: Path) -> None:
+    config = RunConfig.load(MAIN_JOB)
+    check_podman_script(deploy("podman", MAIN_JOB, tmp_path / "podman"), config)
+    check_slurm_script(deploy("slurm", MAIN_JOB, tmp_path / "slurm"), config)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"workers": 7, "byzantine": 2, "attack": "sf"},
+        {"workers": 3, "byzantine": 0, "attack": "na"},
+    ],
+)
+def test_the_podman_and_slurm_scripts_of_other_runs(
+    tmp_path: Path, overrides: dict[str, Any]
+) -> None:
+    path = write_config(tmp_path / "run.toml", **overrides)
+    config = RunConfig.load(path)
+    check_podman_script(deploy("podman", path, tmp_path / "podman"), config)
+    check_slurm_script(deploy("slurm", path, tmp_path / "slurm"), config)
+
+
+def test_a_leaked_credential_in_the_pod_script_is_caught(tmp_path: Path) -> None:
+    """Negative control: a worker container that also mounts another worker's token."""
+    out = deploy("podman", MAIN_JOB, tmp_path / "podman")
+    script = (out / "pod.sh").read_text()
+    leak = '-v "$HERE/credentials/worker-1.token:/run/secrets/worker-1.token:ro" \\\n'
+    marker = '--name "$POD-worker-0" $HARDENING \\\n        '
+    assert marker in script
+    (out / "pod.sh").write_text(script.replace(marker, marker + leak + "        "))
+    with pytest.raises(AssertionError):
+        check_podman_script(out, RunConfig.load(MAIN_JOB))

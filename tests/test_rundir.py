@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,8 +59,8 @@ def test_a_lock_is_exclusive_names_its_holder_and_tidies_up(tmp_path: Path) -> N
     lock = RunLock(out, "server")
     assert (out / "server.lock").read_text().strip() == str(os.getpid())
     holder = subprocess.run(
-        ["python", "-c", f"from byzps.cli.rundir import RunLock; RunLock(__import__('pathlib')"
-         f".Path({str(out)!r}), 'server')"],
+        [sys.executable, "-c", "from byzps.cli.rundir import RunLock; RunLock("
+         f"__import__('pathlib').Path({str(out)!r}), 'server')"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert holder.returncode != 0 and f"in use by another byzps process (PID {os.getpid()})" in (

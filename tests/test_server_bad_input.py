@@ -216,8 +216,15 @@ CASES: dict[str, tuple[Case, grpc.StatusCode]] = {
 def test_refused_with_code_and_nothing_changes(
     served: tuple[InProcess, Client, Path], name: str
 ) -> None:
-    srv, client, store = served
     call, expected = CASES[name]
+    assert_refused_and_unchanged(served, call, expected)
+
+
+def assert_refused_and_unchanged(
+    served: tuple[InProcess, Client, Path], call: Callable[[Client], Any], expected: Any
+) -> None:
+    """`call` fails with status `expected` and leaves the server bit-identical."""
+    srv, client, store = served
     before = snapshot(srv, client, store)
     assert code_of(lambda: call(client)) == expected
     assert_same(before, snapshot(srv, client, store))
@@ -276,3 +283,44 @@ def test_a_push_that_would_overflow_its_state_is_refused_and_the_run_goes_on() -
             assert torch.isfinite(srv.coordinator.engine.rule.candidates).all()
         finally:
             client.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed quantizer fields (issue 13) on this Top-k run: refused, nothing changes
+# ----------------------------------------------------------------------------------------------
+
+
+def quantized(name: str, **params: Any) -> pb.SparseUpdate:
+    """A well-formed packed update of compressor `name` for the tiny run's d = 123."""
+    from byzps.common.codec import encode_update
+    from byzps.common.compressors import build_compressor
+
+    comp = build_compressor(name, 123, num_workers=N, **params)
+    seeds = comp.row_seeds(3, [1], 0) if comp.seeded else None
+    return encode_update(comp.compress(torch.randn(1, 123), seeds, [1]).row(0), comp)
+
+
+PACKED_CASES: dict[str, tuple[Callable[[], pb.SparseUpdate], grpc.StatusCode]] = {
+    "packed codes on a Top-k update": (
+        lambda: update([1], [1.0], packed=b"\x01"),
+        C.INVALID_ARGUMENT,
+    ),
+    "a scale on a Top-k update": (lambda: update([1], [1.0], scale=2.0), C.INVALID_ARGUMENT),
+    "levels on a Top-k update": (lambda: update([1], [1.0], levels=3), C.INVALID_ARGUMENT),
+    "a QSGD update in a Top-k run": (lambda: quantized("qsgd", levels=2), C.INVALID_ARGUMENT),
+    "a scaled-sign update in a Top-k run": (lambda: quantized("sign"), C.INVALID_ARGUMENT),
+    # larger than 8·k_max + 64 bytes: refused on size, before it is parsed
+    "a natural-compression update in a Top-k run": (
+        lambda: quantized("natural"),
+        C.RESOURCE_EXHAUSTED,
+    ),
+    "a Perm-K update in a Top-k run": (lambda: quantized("permk"), C.RESOURCE_EXHAUSTED),
+}
+
+
+@pytest.mark.parametrize("name", list(PACKED_CASES))
+def test_packed_fields_are_refused_where_the_run_sends_pairs(
+    served: tuple[InProcess, Client, Path], name: str
+) -> None:
+    build, expected = PACKED_CASES[name]
+    assert_refused_and_unchanged(served, lambda c: c.push("1", 0, 1, build()), expected)

@@ -63,7 +63,7 @@ class HonestWorker:
             log.info("worker %s: final model of round %d received", self.worker_id, r)
             return False
         message = self.estimator.message(x, self.oracle, r)
-        update = encode_row(message.row(0), self.run_info.config)
+        update = encode_row(message.row(0), self.run_info.config, self.estimator.compressor)
         pending = ckpt.Pending(self.last_seq + 1, r, update)
         self._save(pending)
         self._deliver(pending, message)

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from byzps.common.codec import encode_sparse
+import torch
+
+from byzps.common.codec import encode_sparse, encode_update
+from byzps.common.compressors import VALUE_DTYPES, Compressor
 from byzps.common.config import RunConfig
 from byzps.common.sparse import SparseVector
 from byzps.common.tasks.base import Task
@@ -67,16 +70,22 @@ def build_run(reply: pb.RegisterReply) -> Run:
     return Run(config, task)
 
 
-def encode_row(vec: SparseVector, config: RunConfig) -> pb.SparseUpdate:
-    """One message row on the wire (float32 values: lossless for a float32 estimator).
+def encode_row(
+    vec: SparseVector, config: RunConfig, compressor: Compressor | None = None
+) -> pb.SparseUpdate:
+    """One message row on the wire, lossless: float32 values, or the value dtype `compressor`
+    rounded them to, or its packed code (QSGD, natural, sign).
 
-    A dense row (MARINA's full-gradient rounds) declares the identity compressor, since no
-    compressor chose its support.
+    A dense row of a sparsifier run (MARINA's full-gradient rounds) declares the identity
+    compressor, since no compressor chose its support.
     """
+    if compressor is not None and compressor.packed:
+        return encode_update(vec, compressor)
     name = config.compressor.name
     if vec.nnz == vec.dim and vec.seed is None:
         name = "identity"
-    return encode_sparse(vec, compressor=name)
+    dtype = torch.float32 if compressor is None else VALUE_DTYPES[compressor.values]
+    return encode_sparse(vec, compressor=name, dtype=dtype)
 
 
 def check_resumable(worker_id: str, server_last_seq: int, my_last_seq: int) -> None:

@@ -1,4 +1,5 @@
-"""Robust aggregators (mean, cm, cwtm, krum, multikrum, gm, cclip) and wrappers (nnm, bucketing).
+"""Robust aggregators (mean, cm, cwtm, meamed, krum, multikrum, gm, cclip, cge) and wrappers
+(nnm, bucketing, clip, arc).
 
 Build them from configuration with `build_aggregator`, e.g.
 ``build_aggregator("cm", f=2, pre=["nnm"])`` is nnm∘cm.
@@ -11,25 +12,49 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from byzps.common.aggregators.base import AGGREGATORS, Aggregator
-from byzps.common.aggregators.coordinatewise import CoordinateMedian, Mean, TrimmedMean
+from byzps.common.aggregators.bulyan import Bulyan
+from byzps.common.aggregators.clipping import AdaptiveRobustClipping, StaticClipping
+from byzps.common.aggregators.coordinatewise import (
+    CoordinateMedian,
+    Mean,
+    MeanAroundMedian,
+    TrimmedMean,
+)
 from byzps.common.aggregators.distance import CenteredClipping, GeometricMedian, Krum, MultiKrum
+from byzps.common.aggregators.norms import ComparativeGradientElimination
 from byzps.common.aggregators.ops import forced_backend
 from byzps.common.aggregators.rule import RowsAggregator
+from byzps.common.aggregators.spectral import CovarianceAgnosticFilter, DivideAndConquer
+from byzps.common.aggregators.subsets import (
+    MinimumDiameterAveraging,
+    MoNNA,
+    SmallestMaxEigenvalueAveraging,
+)
 from byzps.common.aggregators.wrappers import WRAPPERS, Bucketing, NearestNeighborMixing, Wrapper
 
 __all__ = [
     "AGGREGATORS",
     "WRAPPERS",
+    "AdaptiveRobustClipping",
     "Aggregator",
     "Bucketing",
+    "Bulyan",
     "CenteredClipping",
+    "ComparativeGradientElimination",
     "CoordinateMedian",
+    "CovarianceAgnosticFilter",
+    "DivideAndConquer",
     "GeometricMedian",
     "Krum",
     "Mean",
+    "MeanAroundMedian",
+    "MinimumDiameterAveraging",
+    "MoNNA",
     "MultiKrum",
     "NearestNeighborMixing",
     "RowsAggregator",
+    "SmallestMaxEigenvalueAveraging",
+    "StaticClipping",
     "TrimmedMean",
     "Wrapper",
     "build_aggregator",
@@ -54,7 +79,8 @@ def build_aggregator(
     pre=["bucketing", "nnm"] gives bucketing∘nnm∘name: the inputs are bucketed, the buckets mixed,
     then aggregated. `params` holds the base rule's parameters plus the wrappers' own (each key goes
     to the wrapper whose constructor names it, e.g. "bucket_size"); `seed` goes to the wrappers that
-    draw random numbers. Unknown names or parameters raise ValueError naming them.
+    draw random numbers, and to the rule itself when its constructor takes one (dnc). Unknown
+    names or parameters raise ValueError naming them.
     """
     base_params = dict(params or {})
     if _WIRED & base_params.keys():
@@ -68,6 +94,8 @@ def build_aggregator(
         if "seed" in accepted:
             own["seed"] = seed
         wrapper_params.append(own)
+    if "seed" in inspect.signature(AGGREGATORS.get(name)).parameters:
+        base_params["seed"] = seed
     aggregator = AGGREGATORS.build(name, f=f, **base_params)
     for wrapper, own in reversed(list(zip(pre, wrapper_params, strict=True))):
         aggregator = WRAPPERS.build(wrapper, base=aggregator, f=f, **own)

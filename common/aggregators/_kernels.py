@@ -3,8 +3,10 @@ small O(n²) iterations of the distance rules.
 
 * `band_mean` — per coordinate, the mean of order statistics a..b-1 of the (optionally mixed) rows,
   by a comparator network applied to blocks of B coordinates (see `_networks`), NaN ranking as +inf;
+  or of the window of b − a consecutive ranks nearest the median (meamed);
 * `centred_gram` — the Gram matrix of the rows centred on their mean or a given centre, in float64;
-* `combine` — one weighted sum of rows, the output of every Gram-based rule.
+* `combine` — one weighted sum of rows, the output of every Gram-based rule;
+* `sq_norms` — each row's squared norm about the origin, for the norm-based rules (cge, clip, arc).
 
 Those walk the coordinates in fixed chunks, one chunk per parallel task, and each chunk in blocks
 small enough that the working buffer stays in L1. The chunking depends only on (n, d, dtype), never
@@ -35,8 +37,16 @@ def block_size(rows: int, itemsize: int) -> int:
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def band_mean(x, idx, wts, network, a, b, block, out):  # pragma: no cover - compiled
-    """out[t] = mean of ranks a..b-1 of column t of the rows (mixed rows when idx is non-empty).
+def band_mean(x, idx, wts, network, a, b, slide, block, out):  # pragma: no cover - compiled
+    """out[t] = mean of ranks a..b-1 of column t of the rows (mixed rows when idx is non-empty);
+    with slide > 0, of ranks a+s..b+s-1 instead, s ∈ [0, slide] chosen per column so that the
+    window holds the b − a values nearest the column's median m (meamed):
+
+        s = Σ_{j<slide} [ (v_{b+j} − m) < (m − v_{a+j}) ],   m = (v_{⌊(n−1)/2⌋} + v_{⌊n/2⌋}) / 2,
+
+    in float64 (v the sorted column). Sliding one rank up pays exactly when the value entering
+    is nearer m than the one leaving; both sides are monotone in j, so counting the j where it
+    pays gives the optimal window without a branch. A tie keeps the lower value.
 
     Mixed row i is  sum_k wts[i, k] * x[idx[i, k]]  accumulated in float64 in order k = 0, 1, …
     (skipping zero weights, which pad the lists: 0 · inf would be NaN), then rounded to x's dtype.
@@ -58,6 +68,8 @@ def band_mean(x, idx, wts, network, a, b, block, out):  # pragma: no cover - com
         low = np.empty(block, dtype=x.dtype)
         high = np.empty(block, dtype=x.dtype)
         acc = np.empty(block, dtype=np.float64)
+        med = np.empty(block, dtype=np.float64)
+        shift = np.empty(block, dtype=np.int64)
         stop = min(d, (c + 1) * chunk)
         for s in range(c * chunk, stop, block):
             w = min(block, stop - s)
@@ -91,13 +103,42 @@ def band_mean(x, idx, wts, network, a, b, block, out):  # pragma: no cover - com
                 for t in range(w):
                     lo[t] = low[t]
                     hi[t] = high[t]
-            for t in range(w):
-                acc[t] = buf[a, t]
-            for r in range(a + 1, b):
+            if slide > 0:
+                _window_sum(buf, a, b, slide, w, med, shift, acc)
+            else:
                 for t in range(w):
-                    acc[t] += buf[r, t]
+                    acc[t] = buf[a, t]
+                for r in range(a + 1, b):
+                    for t in range(w):
+                        acc[t] += buf[r, t]
             for t in range(w):
                 out[s + t] = acc[t] * scale
+
+
+@njit(cache=True, fastmath=False)
+def _window_sum(buf, a, b, slide, w, med, shift, acc):  # pragma: no cover - compiled
+    """acc[t] = Σ of the sorted wires a+s_t..b+s_t-1 (band_mean's sliding window), in float64,
+    added in rank order over a..b+slide-1 (a rank outside the window adds 0.0). The slide may
+    exceed the window's width (Bulyan: 2f past a window of n − 4f). The torch fallback
+    (`ops._window_sum_torch`) adds in the same order."""
+    n = buf.shape[0]
+    lo_mid = buf[(n - 1) // 2]
+    hi_mid = buf[n // 2]
+    for t in range(w):
+        med[t] = 0.5 * (np.float64(lo_mid[t]) + np.float64(hi_mid[t]))
+        shift[t] = 0
+        acc[t] = 0.0
+    for j in range(slide):
+        left = buf[a + j]
+        right = buf[b + j]
+        for t in range(w):
+            if right[t] - med[t] < med[t] - left[t]:
+                shift[t] += 1
+    for r in range(a, b + slide):
+        row = buf[r]
+        for t in range(w):
+            inside = a + shift[t] <= r and r < b + shift[t]
+            acc[t] += row[t] if inside else 0.0
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
@@ -206,6 +247,29 @@ def combine(x, weights, extra, extra_weights, out):  # pragma: no cover - compil
                         acc[t] += weight * src[t]
             for t in range(w):
                 out[s + t] = acc[t]
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def sq_norms(x):  # pragma: no cover - compiled
+    """(n,) Σ_t x[i, t]² in float64, per fixed chunk of columns, the chunks then added in order
+    (bitwise reproducible whatever the thread count). Reassociation lets the squares vectorise;
+    in float64 the squares of float32 values are exact and the reordering is harmless. ±inf
+    gives +inf and NaN gives NaN, which the callers read as "no finite norm"."""
+    n, d = x.shape
+    nchunks = (d + CHUNK - 1) // CHUNK
+    parts = np.zeros((nchunks, n))
+    for c in prange(nchunks):
+        stop = min(d, (c + 1) * CHUNK)
+        for i in range(n):
+            acc = 0.0
+            for t in range(c * CHUNK, stop):
+                v = np.float64(x[i, t])
+                acc += v * v
+            parts[c, i] = acc
+    out = np.zeros(n)
+    for c in range(nchunks):
+        out += parts[c]
+    return out
 
 
 @njit(cache=True, fastmath=False)

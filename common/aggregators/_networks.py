@@ -41,17 +41,23 @@ def _batcher(wires: int) -> list[tuple[int, int]]:
 
 
 def _prune(
-    comparators: list[tuple[int, int]], n: int, pad_low: int, a: int, b: int
+    comparators: list[tuple[int, int]],
+    n: int,
+    pad_low: int,
+    a: int,
+    b: int,
+    exact: tuple[int, ...] = (),
 ) -> list[tuple[int, int]]:
-    """Keep the comparators on real wires that influence the sum of output wires a..b-1.
+    """Keep the comparators on real wires that influence the sum of output wires a..b-1 or the
+    value of an output wire in `exact`.
 
     Backward pass: `band` holds wires whose values only matter through their sum, `needed` holds
     wires whose individual values matter. A comparator inside the band (it only permutes the
     band) or entirely outside both sets is dropped; a kept one makes both its wires needed.
     """
     real = range(pad_low, pad_low + n)
-    band = set(range(pad_low + a, pad_low + b))
-    needed: set[int] = set()
+    needed = {pad_low + r for r in exact}
+    band = set(range(pad_low + a, pad_low + b)) - needed
     kept = []
     for i, j in reversed(comparators):
         if i not in real or j not in real:
@@ -66,17 +72,20 @@ def _prune(
 
 
 @lru_cache(maxsize=256)
-def band_network(n: int, a: int, b: int) -> np.ndarray:
-    """Comparators (k, 2) after which wires a..b-1 hold ranks a..b-1 of n inputs (as a set).
+def band_network(n: int, a: int, b: int, exact: tuple[int, ...] = ()) -> np.ndarray:
+    """Comparators (k, 2) after which wires a..b-1 hold ranks a..b-1 of n inputs (as a set), and
+    each wire r in `exact` holds rank r itself (meamed needs the ranks around its band one by one).
 
     Row (i, j) with i < j means: put the smaller value on wire i and the larger on wire j.
     """
     if not 0 <= a < b <= n:
         raise ValueError(f"need 0 <= a < b <= n, got a={a}, b={b}, n={n}")
+    if not all(0 <= r < n for r in exact):
+        raise ValueError(f"exact ranks must lie in [0, {n}), got {exact}")
     wires = 1 << max(0, (n - 1).bit_length())
     full = _batcher(wires)
     pads = np.unique(np.linspace(0, wires - n, num=min(wires - n + 1, _MAX_OFFSETS)).astype(int))
-    best = min((_prune(full, n, int(pad), a, b) for pad in pads), key=len)
+    best = min((_prune(full, n, int(pad), a, b, exact) for pad in pads), key=len)
     network = np.array(best, dtype=np.int64).reshape(-1, 2)
     network.setflags(write=False)
     return network

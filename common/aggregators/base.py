@@ -10,7 +10,7 @@ from torch import Tensor
 
 from byzps.common.registry import Registry
 
-AGGREGATORS: Registry[Aggregator] = Registry("aggregator", supplied=("f",))
+AGGREGATORS: Registry[Aggregator] = Registry("aggregator", supplied=("f", "seed"))
 
 
 class Aggregator(ABC):

@@ -1,4 +1,4 @@
-"""Coordinate-wise rules: mean, median (cm) and trimmed mean (cwtm).
+"""Coordinate-wise rules: mean, median (cm), trimmed mean (cwtm) and mean around median (meamed).
 
 cm and cwtm are both "the mean of the order statistics of rank a..b-1, per coordinate", so they
 share one implementation (`_RankBandMean`) that differs only in the band; the work is one pass of
@@ -17,7 +17,7 @@ from abc import abstractmethod
 from torch import Tensor
 
 from byzps.common.aggregators.rows import Rows
-from byzps.common.aggregators.rule import RowsAggregator, register, require
+from byzps.common.aggregators.rule import MajorityRule, RowsAggregator, register
 
 
 @register("mean")
@@ -35,7 +35,7 @@ class Mean(RowsAggregator):
         return rows.mean()
 
 
-class _RankBandMean(RowsAggregator):
+class _RankBandMean(MajorityRule):
     """x̂_t = mean of the values of rank a..b-1 (0-based, ascending, NaN as +inf) in coordinate t.
 
     Guarantee: when a ≥ f and b ≤ n − f, each x̂_t lies within [min, max] of the honest values in
@@ -62,9 +62,6 @@ class CoordinateMedian(_RankBandMean):
     x̂_t stays within the honest values' range (whatever the outliers hold, NaN as +inf).
     """
 
-    def check(self, n: int, f: int) -> None:
-        require(2 * f < n, "cm", "2f < n", f, n)
-
     def band(self, n: int, f: int) -> tuple[int, int]:
         self.check(n, f)
         return (n - 1) // 2, n // 2 + 1
@@ -78,9 +75,44 @@ class TrimmedMean(_RankBandMean):
     2f < n to keep any, and then x̂_t stays within the honest values' range.
     """
 
-    def check(self, n: int, f: int) -> None:
-        require(2 * f < n, "cwtm", "2f < n", f, n)
-
     def band(self, n: int, f: int) -> tuple[int, int]:
         self.check(n, f)
         return f, n - f
+
+
+@register("meamed")
+class MeanAroundMedian(MajorityRule):
+    """x̂_t = (1/(n−f)) Σ_{i ∈ S_t} x_{i,t},  S_t = the n − f values of coordinate t nearest its
+    median m_t (for even n, the mean of the two middle values).
+
+    Mean around median (Xie, Koyejo, Gupta 2018, "Generalized Byzantine-tolerant SGD"; ByzFL's
+    `Meamed`, and ByzPy's `MeanOfMedians`, which is the same rule under another name). The n − f
+    values nearest a point of the sorted column are consecutive, so S_t is the window of ranks
+    s..s+n−f−1 for the s ∈ [0, f] that makes it nearest m_t: one comparator network (the ranks
+    the window may gain or lose and the two middle ones sorted exactly, the rest as a set) and
+    a branch-free count per coordinate (`_kernels.band_mean` with slide = f). NaN ranks as +inf.
+
+    Ties: a value entering the window replaces the one leaving only when strictly nearer m_t,
+    so of two values equally far on either side the lower is kept. ByzFL picks among such ties
+    by `argpartition`/`topk` (unspecified order); ByzPy's chunked path uses the lower middle
+    value as m_t and accepts any f < n. Only exact ties (or, for ByzPy, even n) tell them apart.
+
+    Tolerates f < n/2. Guarantee: with [lo_t, hi_t] the honest values' range in coordinate t,
+
+        lo_t − f/(n−f) · (hi_t − lo_t)  ≤  x̂_t  ≤  hi_t + f/(n−f) · (hi_t − lo_t).
+
+    Proof: the two middle ranks lie between honest values (f < n/2), so m_t ∈ [lo_t, hi_t]. The
+    ≥ n − f honest values are within δ = max(m_t − lo_t, hi_t − m_t) ≤ hi_t − lo_t of m_t, so
+    every value in S_t is too: S_t ⊂ [lo_t − (hi_t − lo_t), hi_t + (hi_t − lo_t)]. S_t holds at
+    least n − 2f honest values and at most f others; averaging gives the bound. It is not the
+    honest range itself: honest {0, 0, 10} with two values at −1 (n = 5, f = 2) give
+    m = 0, S = {0, 0, −1}, x̂ = −1/3. Non-finite values are never in S_t (n − f finite values
+    are nearer), so the output is finite whatever f inputs hold.
+    """
+
+    coordinatewise = True
+
+    def aggregate(self, rows: Rows, f: int) -> Tensor:
+        n = rows.n
+        self.check(n, f)
+        return rows.band_mean(0, n - f, slide=f)

@@ -25,7 +25,7 @@ from torch import Tensor
 from byzps.common.aggregators import _kernels
 from byzps.common.aggregators.gram import densest, weiszfeld
 from byzps.common.aggregators.rows import RESOLUTION, Rows
-from byzps.common.aggregators.rule import RowsAggregator, register, require
+from byzps.common.aggregators.rule import MajorityRule, RowsAggregator, register, require
 
 
 def _copy(t: Tensor) -> Tensor:
@@ -45,6 +45,10 @@ def _non_negative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be non-negative, got {value}")
 
 
+#: Krum's neighbour-count conventions: the name, and how many fewer than n − f it counts.
+NEIGHBOURS = {"n-f-2": 2, "n-f-1": 1}
+
+
 @register("multikrum")
 class MultiKrum(RowsAggregator):
     """x̂ = (1/m) Σ_{j ∈ S} x_j, S = the m inputs with the smallest scores
@@ -54,20 +58,29 @@ class MultiKrum(RowsAggregator):
     Ties go to the lower index. m defaults to n − f. Needs n − f − 2 ≥ 1. Non-finite rows have
     score +inf and are never selected: S holds at most as many rows as are finite.
 
+    `neighbours` = "n-f-2" is Blanchard et al.'s count (NeurIPS 2017, "Machine learning with
+    adversaries: Byzantine tolerant gradient descent"); "n-f-1" is ByzFL's (its Krum and MultiKrum
+    score by the n − f − 1 nearest others), offered so a run can reproduce ByzFL's choices. The
+    guarantee below holds for either with n − f − k in place of n − f − 2 (k = 2 or 1).
+
     Guarantee (n > 2f + 2, m ≤ n − f): an honest row's n − f − 2 nearest others are within D_H,
     so n − f rows score at most (n − f − 2) D_H² and so does every selected row; a selected row's
     neighbourhood holds at least n − 2f − 2 ≥ 1 honest rows, each within √score of it. Every
     selected row, hence x̂, lies within √(n − f − 2) · D_H + r_H of μ_H.
     """
 
-    def __init__(self, f: int = 0, m: int | None = None) -> None:
+    def __init__(self, f: int = 0, m: int | None = None, neighbours: str = "n-f-2") -> None:
         super().__init__(f)
         if m is not None and m < 1:
             raise ValueError(f"m must be at least 1, got {m}")
+        if neighbours not in NEIGHBOURS:
+            raise ValueError(f"neighbours must be one of {sorted(NEIGHBOURS)}, got {neighbours!r}")
         self.m = m
+        self.neighbours = neighbours
+        self.spare = NEIGHBOURS[neighbours]
 
     def check(self, n: int, f: int) -> None:
-        require(n - f - 2 >= 1, self.name, "n − f − 2 ≥ 1", f, n)
+        require(n - f - self.spare >= 1, self.name, f"n − f − {self.spare} ≥ 1", f, n)
         m = n - f if self.m is None else self.m
         if m > n:
             raise ValueError(f"{self.name} cannot select m={m} of n={n} inputs")
@@ -78,7 +91,7 @@ class MultiKrum(RowsAggregator):
         m = n - f if self.m is None else self.m
         dists = rows.pairwise_sq_dists()
         np.fill_diagonal(dists, np.inf)
-        scores = np.sort(dists, axis=1)[:, : n - f - 2].sum(axis=1)
+        scores = np.sort(dists, axis=1)[:, : n - f - self.spare].sum(axis=1)
         eligible = np.flatnonzero(~rows.far())
         if eligible.size == 0:  # nothing finite to select: the output cannot be finite anyway
             eligible = np.arange(n)
@@ -95,12 +108,12 @@ class Krum(MultiKrum):
     Guarantee (n > 2f + 2): ‖x̂ − μ_H‖ ≤ √(n − f − 2) · D_H + r_H (see multikrum).
     """
 
-    def __init__(self, f: int = 0) -> None:
-        super().__init__(f, m=1)
+    def __init__(self, f: int = 0, neighbours: str = "n-f-2") -> None:
+        super().__init__(f, m=1, neighbours=neighbours)
 
 
 @register("gm")
-class GeometricMedian(RowsAggregator):
+class GeometricMedian(MajorityRule):
     """Smoothed Weiszfeld iterations towards the geometric median argmin_z Σ_i ‖x_i − z‖, from the
     densest input to a gradient tolerance:
 
@@ -155,9 +168,6 @@ class GeometricMedian(RowsAggregator):
         self.nu = nu
         self.tol = tol
 
-    def check(self, n: int, f: int) -> None:
-        require(2 * f < n, self.name, "2f < n", f, n)
-
     def aggregate(self, rows: Rows, f: int) -> Tensor:
         n = rows.n
         self.check(n, f)
@@ -172,7 +182,7 @@ class GeometricMedian(RowsAggregator):
 
 
 @register("cclip")
-class CenteredClipping(RowsAggregator):
+class CenteredClipping(MajorityRule):
     """L steps of clipping around the previous output v⁰ (zeros before the first call):
 
         vˡ⁺¹ = vˡ + (1/n) Σ_i clip_τ(x_i − vˡ),  clip_τ(u) = u · min(1, τ/‖u‖),   x̂ = v^L,
@@ -210,9 +220,6 @@ class CenteredClipping(RowsAggregator):
         self.tau = tau
         self.iterations = int(iterations)
         self.centre: Tensor | None = None
-
-    def check(self, n: int, f: int) -> None:
-        require(2 * f < n, self.name, "2f < n", f, n)
 
     def aggregate(self, rows: Rows, f: int) -> Tensor:
         n = rows.n

@@ -61,24 +61,49 @@ def _use_numba(x: Tensor) -> bool:
     return eligible and backend != "torch"
 
 
-def band_mean(x: Tensor, idx: np.ndarray, wts: np.ndarray, a: int, b: int) -> Tensor:
-    """Per coordinate, the mean of ranks a..b-1 among the rows  r_i = Σ_k wts[i,k] x[idx[i,k]].
+def band_mean(
+    x: Tensor, idx: np.ndarray, wts: np.ndarray, a: int, b: int, slide: int = 0
+) -> Tensor:
+    """Per coordinate, the mean of ranks a..b-1 among the rows  r_i = Σ_k wts[i,k] x[idx[i,k]];
+    with slide > 0, of the window a+s..b+s-1 (0 ≤ s ≤ slide) nearest the median
+    (`_kernels.band_mean`).
 
     An empty `idx` (shape (0, 0)) means the rows are x itself.
     """
     n = idx.shape[0] if idx.shape[0] > 0 else x.shape[0]
-    network = band_network(n, a, b)
+    network = window_network(n, a, b, slide)
     if _use_numba(x):
         out = np.empty(x.shape[1], dtype=x.numpy().dtype)
         block = _kernels.block_size(n, x.element_size())
         with _threads_for(x.shape[1]):
-            _kernels.band_mean(x.numpy(), idx, wts, network, a, b, block, out)
+            _kernels.band_mean(x.numpy(), idx, wts, network, a, b, slide, block, out)
         return torch.from_numpy(out)
-    return _band_mean_torch(x, idx, wts, network, a, b)
+    return _band_mean_torch(x, idx, wts, network, a, b, slide)
+
+
+def window_network(n: int, a: int, b: int, slide: int) -> np.ndarray:
+    """The comparators `band_mean` needs: the band a..b-1 as a set when slide = 0; else the
+    middle a+slide..b-1 as a set (when the slide is narrower than the window) and, one by one,
+    the ranks that may enter or leave the window and the two middle ranks the median is taken
+    from."""
+    if slide == 0:
+        return band_network(n, a, b)
+    if slide < 0 or b + slide > n:
+        raise ValueError(f"need 0 < slide and b + slide <= n, got {a=}, {b=}, {slide=}")
+    edges = {*range(a, a + slide), *range(b, b + slide), (n - 1) // 2, n // 2}
+    if a + slide >= b:  # no rank is inside every window: each one is an edge
+        return band_network(n, a, b + slide, tuple(sorted(edges | set(range(a, b + slide)))))
+    return band_network(n, a + slide, b, tuple(sorted(edges)))
 
 
 def _band_mean_torch(
-    x: Tensor, idx: np.ndarray, wts: np.ndarray, network: np.ndarray, a: int, b: int
+    x: Tensor,
+    idx: np.ndarray,
+    wts: np.ndarray,
+    network: np.ndarray,
+    a: int,
+    b: int,
+    slide: int = 0,
 ) -> Tensor:
     """The comparator network over whole rows, any device; bitwise what the numba kernel does.
 
@@ -98,10 +123,27 @@ def _band_mean_torch(
     for i, j in network.tolist():
         swap = rows[j] < rows[i]
         rows[i], rows[j] = torch.where(swap, rows[j], rows[i]), torch.where(swap, rows[i], rows[j])
-    acc = rows[a].double()
-    for r in range(a + 1, b):
-        acc = acc + rows[r].double()
+    if slide > 0:
+        acc = _window_sum_torch([row.double() for row in rows], a, b, slide)
+    else:
+        acc = rows[a].double()
+        for r in range(a + 1, b):
+            acc = acc + rows[r].double()
     return (acc * (1.0 / (b - a))).to(x.dtype)
+
+
+def _window_sum_torch(rows: list[Tensor], a: int, b: int, slide: int) -> Tensor:
+    """`_kernels._window_sum` on whole sorted rows (float64), adding in the kernel's order."""
+    n = len(rows)
+    med = 0.5 * (rows[(n - 1) // 2] + rows[n // 2])
+    shift = torch.zeros(med.shape, dtype=torch.int64, device=med.device)
+    for j in range(slide):
+        shift += (rows[b + j] - med < med - rows[a + j]).long()
+    acc = torch.zeros_like(med)
+    for r in range(a, b + slide):
+        inside = (a + shift <= r) & (r < b + shift)
+        acc = acc + torch.where(inside, rows[r], 0.0)
+    return acc
 
 
 def _nan_as_inf(row: Tensor) -> Tensor:
@@ -147,6 +189,15 @@ def coordinate_median(x: Tensor) -> Tensor:
         values[~np.isfinite(values)] = 0.0
         return median
     return torch.where(torch.isfinite(median), median, 0.0)
+
+
+def sq_norms(x: Tensor) -> np.ndarray:
+    """(n,) float64 ‖x_i‖², summed in float64 (+inf for a row holding ±inf; NaN for one holding
+    NaN): the one pass the norm-based rules (cge, clip, arc) make over unmixed rows."""
+    if _use_numba(x):
+        with _threads_for(x.shape[1]):
+            return _kernels.sq_norms(x.numpy())
+    return x.double().square().sum(dim=1).cpu().numpy()
 
 
 def combine(

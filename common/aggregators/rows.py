@@ -152,11 +152,16 @@ class _Inputs:
 class Rows:
     """n = M.shape[0] rows  M · x  over raw inputs x (n0, d); M = None means the identity."""
 
-    def __init__(self, x: Tensor | _Inputs, mix: np.ndarray | None = None) -> None:
+    def __init__(
+        self, x: Tensor | _Inputs, mix: np.ndarray | None = None, affine: bool = True
+    ) -> None:
         # Mixed views share their parent's `_Inputs`, so nnm∘gm makes a single pass for its Gram.
         self._inputs = x if isinstance(x, _Inputs) else _Inputs(x)
         self.x = self._inputs.x
         self.mix = mix
+        #: False when the rows of `mix` need not sum to one (clipping scales rows): the centred
+        #: Gram then does not mix, so a distance request computes the rows (`_resolve`).
+        self.affine = affine
         #: The mixed rows computed, when lazy mixing would lose their geometry (`_resolve`).
         self._concrete: Rows | None = None
         self._mixed_gram: np.ndarray | None = None
@@ -166,14 +171,17 @@ class Rows:
     def n(self) -> int:
         return self.x.shape[0] if self.mix is None else self.mix.shape[0]
 
-    def mixed(self, mix: np.ndarray) -> Rows:
-        """The rows  mix · self  (mix: (n', n), rows summing to one), without touching the data."""
+    def mixed(self, mix: np.ndarray, affine: bool = True) -> Rows:
+        """The rows  mix · self  (mix: (n', n), non-negative), without touching the data. Rows of
+        `mix` sum to one unless `affine` is False (a scaling): then the first distance request
+        computes the rows, since the centred Gram only mixes under affine combinations."""
         if mix.shape[1] != self.n:
             raise ValueError(f"mixing matrix of shape {mix.shape} cannot mix {self.n} rows")
         if self._concrete is not None:
-            return self._concrete.mixed(mix)
+            return self._concrete.mixed(mix, affine)
         total = mix if self.mix is None else mix @ self.mix
-        return Rows(self._inputs, np.ascontiguousarray(total, dtype=np.float64))
+        mix64 = np.ascontiguousarray(total, dtype=np.float64)
+        return Rows(self._inputs, mix64, affine and self.affine)
 
     def _resolve(self) -> Rows | None:
         """The computed mixed rows if lazy mixing cancels (module docstring), else None.
@@ -187,6 +195,9 @@ class Rows:
         if not self._resolved:
             self._resolved = True
             assert self.mix is not None
+            if not self.affine:
+                self._concrete = Rows(ops.mix_rows(self.x, self.mix))
+                return self._concrete
             raw, far = self._inputs.gram(), self._inputs.far()
             self._mixed_gram = self._mix_gram(raw)
             finite = ~(self.mix[:, far] != 0.0).any(axis=1)
@@ -228,6 +239,8 @@ class Rows:
         squared distance the rule needs resolved (cclip: τ²); else the mixed rows are computed.
         """
         point = point.to(self.x.device, self.x.dtype).contiguous()
+        if not self.affine:
+            self._resolve()
         if self._concrete is not None:
             return self._concrete.gram_around(point, resolution)
         n0, d = self.x.shape
@@ -279,13 +292,14 @@ class Rows:
     def mean(self) -> Tensor:
         return self.combine(np.full(self.n, 1.0 / self.n))
 
-    def band_mean(self, a: int, b: int) -> Tensor:
+    def band_mean(self, a: int, b: int, slide: int = 0) -> Tensor:
         """Per coordinate, the mean of the rows' order statistics of rank a..b-1 (0-based), NaN
-        ranking as +inf."""
+        ranking as +inf; with slide > 0, of the ranks a+s..b+s-1 nearest the median, s ≤ slide
+        (`ops.band_mean`)."""
         if self._concrete is not None:
-            return self._concrete.band_mean(a, b)
+            return self._concrete.band_mean(a, b, slide)
         idx, wts = self._sparse_mix()
-        return ops.band_mean(self.x, idx, wts, a, b)
+        return ops.band_mean(self.x, idx, wts, a, b, slide)
 
     def _sparse_mix(self) -> tuple[np.ndarray, np.ndarray]:
         """M as padded (index, weight) lists per row; nnm and bucketing mixes are sparse."""

@@ -39,6 +39,13 @@ class RowsAggregator(Aggregator):
         """Aggregate `rows` (n of them, at most f Byzantine) into one (d,) vector."""
 
 
+class MajorityRule(RowsAggregator):
+    """A rule whose guarantee needs an honest majority, 2f < n, and nothing more."""
+
+    def check(self, n: int, f: int) -> None:
+        require(2 * f < n, self.name, "2f < n", f, n)
+
+
 def require(holds: bool, rule: str, condition: str, f: int, n: int) -> None:
     """Raise the ValueError every rule uses when f is too large for n inputs."""
     if not holds:

@@ -8,6 +8,7 @@ format as an honest worker. Attacks differ only in how they choose t_j from what
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,6 +35,11 @@ class AttackView:
         under the "state" rule, whose messages the cohort scales back by 1/(ω + 1)). Attacks
         that aim at the message values themselves, not at the candidates (overflow), divide
         by it so the sent values come out as intended.
+    aggregate: the run's aggregator (with its pre-aggregators, built as the server builds it),
+        side-effect free: every call starts from the state the server's aggregator has this
+        round (the cohort's best knowledge of it), so a search may call it any number of times.
+        It takes (n, d) rows as the server sees them (`rows`). None when the cohort was built
+        without the run's aggregator (only attacks with `uses_aggregator` need it).
     """
 
     honest: Tensor
@@ -43,6 +49,21 @@ class AttackView:
     f: int
     generator: torch.Generator
     gain: float = 1.0
+    aggregate: Callable[[Tensor], Tensor] | None = None
+
+    def rows(self, byzantine: Tensor) -> Tensor:
+        """The (n, d) rows the server would aggregate if the members' candidates were
+        `byzantine` ((f, d)): the n − f honest rows first, then the Byzantine ones.
+
+        When the cohort stands in for the honest workers with its own m shadows (knowledge
+        "cohort"), `honest` has m rows, not n − f: they are repeated cyclically to n − f rows,
+        which keeps the honest spread and gives the aggregator as many inputs as the server's.
+        """
+        h = self.n - self.f
+        honest = self.honest
+        if honest.shape[0] != h:
+            honest = honest[torch.arange(h, device=honest.device) % honest.shape[0]]
+        return torch.cat([honest, byzantine.to(honest.dtype)])
 
 
 class Attack(ABC):
@@ -53,6 +74,8 @@ class Attack(ABC):
     flips_labels: ClassVar[bool] = False
     #: The attack needs honest statistics (omniscient or pooled shadow ones).
     uses_honest: ClassVar[bool] = False
+    #: The attack evaluates the run's aggregator (`AttackView.aggregate`): its cohort needs it.
+    uses_aggregator: ClassVar[bool] = False
 
     @abstractmethod
     def targets(self, view: AttackView) -> Tensor:

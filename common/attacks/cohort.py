@@ -9,16 +9,26 @@ honest candidates.
 Why mirrors: the cohort knows every message it sent, so it tracks its members' server-side bases
 b_j exactly with a copy of the server rule, and a target t_j becomes the message C(t_j − b_j) —
 through the same compressor and k_max as honest messages.
+
+Why an aggregator copy: the attacks that search against the run's aggregator (alie-opt, ipm-opt)
+evaluate it many times per round. They get the cohort's own instance, built as the server builds
+its own (`build_run_aggregator`), reset before every evaluation to the state it started the
+round with, so a stateful rule (cclip's centre, bucketing's call counter) is never advanced by
+the search — least of all the server's. Its round-start state is the server's own when the
+attack is omniscient and the simulator hands it over (`aggregator_state`); otherwise the cohort
+keeps its copy in step by applying it once per round to the rows it believes the server sees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from byzps.common.aggregators.base import Aggregator
 from byzps.common.attacks.base import Attack, AttackView
 from byzps.common.compressors import dense_batch
 from byzps.common.estimators.base import GradientOracle
@@ -47,9 +57,16 @@ class ByzantineCohort:
         dim: int,
         seed: int,
         knowledge: Knowledge = "omniscient",
+        aggregator: Aggregator | None = None,
     ) -> None:
         if knowledge not in ("omniscient", "cohort"):
             raise ValueError(f"knowledge must be 'omniscient' or 'cohort', got {knowledge!r}")
+        if attack.uses_aggregator and aggregator is None:
+            raise ValueError(
+                f"attack {attack.name!r} searches against the run's aggregator: pass aggregator="
+            )
+        #: The cohort's own copy of the run's aggregator (never the server's instance).
+        self.aggregator = aggregator
         self.attack = attack
         self.shadow = shadow
         self.worker_ids = tuple(worker_ids)
@@ -75,12 +92,19 @@ class ByzantineCohort:
         self._shadow_rule.absorb(self._rows, message, round)
 
     def messages(
-        self, x: Tensor, oracle: GradientOracle, round: int, honest: Tensor | None = None
+        self,
+        x: Tensor,
+        oracle: GradientOracle,
+        round: int,
+        honest: Tensor | None = None,
+        aggregator_state: dict[str, Any] | None = None,
     ) -> SparseBatch:
         """The members' messages for round `round`.
 
         `honest` (h, d) are the true honest candidates; required when knowledge is "omniscient"
-        and the attack uses honest statistics, ignored otherwise.
+        and the attack uses honest statistics, ignored otherwise. `aggregator_state` is the
+        server aggregator's `state_dict()` at this round (simulator only), used by attacks that
+        search against the aggregator when knowledge is "omniscient", ignored otherwise.
         """
         self._advance_shadows(x, oracle, round)
         shadow = self._shadow_rule.candidates
@@ -90,6 +114,7 @@ class ByzantineCohort:
         else:
             honest = shadow
         bases = self._sent.bases(self._rows)
+        start = self._aggregator_start(aggregator_state)
         view = AttackView(
             honest=honest,
             shadow=shadow,
@@ -98,8 +123,12 @@ class ByzantineCohort:
             f=self.size,
             generator=generator(self.seed, "attack", round),
             gain=self._gain(round),
+            aggregate=None if start is None else self._evaluator(start),
         )
-        delta = _deviation(self.attack.targets(view), bases)
+        targets = self.attack.targets(view)
+        if start is not None and (self.knowledge != "omniscient" or aggregator_state is None):
+            self._evaluator(start)(view.rows(targets))  # the copy steps once, as the server's
+        delta = _deviation(targets, bases)
         self._round = round
         message = self._compress(delta, round)
         if message.values.dtype != bases.dtype:  # float64 targets (overflow): state dtype
@@ -107,6 +136,26 @@ class ByzantineCohort:
                 message.indices, message.values.to(bases.dtype), message.dim, message.seeds
             )
         return message
+
+    def _aggregator_start(self, server_state: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The aggregator state this round's evaluations start from (None: the attack does not
+        evaluate the aggregator): the server's when omniscient and given, else the copy's own."""
+        if self.aggregator is None or not self.attack.uses_aggregator:
+            return None
+        if self.knowledge == "omniscient" and server_state is not None:
+            return copy.deepcopy(server_state)
+        return copy.deepcopy(self.aggregator.state_dict())
+
+    def _evaluator(self, start: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+        """The copy's aggregate of some rows, reset to `start` first (see the module doc)."""
+        aggregator = self.aggregator
+        assert aggregator is not None
+
+        def aggregate(rows: Tensor) -> Tensor:
+            aggregator.load_state_dict(start)
+            return aggregator(rows)
+
+        return aggregate
 
     def _gain(self, round: int) -> float:
         """The factor `_compress` applies to a kept coordinate of t − b (see AttackView.gain)."""
@@ -159,6 +208,7 @@ class ByzantineCohort:
             "sent": self._sent.state_dict(),
             "shadow_rule": self._shadow_rule.state_dict(),
             "round": self._round,
+            "aggregator": None if self.aggregator is None else self.aggregator.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -166,6 +216,8 @@ class ByzantineCohort:
         self._sent.load_state_dict(state["sent"])
         self._shadow_rule.load_state_dict(state["shadow_rule"])
         self._round = state["round"]
+        if self.aggregator is not None and state.get("aggregator") is not None:
+            self.aggregator.load_state_dict(state["aggregator"])
 
 
 def _deviation(targets: Tensor, bases: Tensor) -> Tensor:

@@ -1,9 +1,10 @@
 """The attacks of docs/algorithms.md#attacks, one small class each, built by name through ATTACKS.
 
 Each class chooses target candidates from an AttackView; the cohort (cohort.py) turns targets into
-k-sparse messages. The colluding attacks (alie, ipm, minmax, scale) give every member the same
-target. `scale` and `overflow` are not from the robust-learning literature: they test the server's
-numerics (large norms, the float32 range) rather than the robust aggregator's statistics.
+k-sparse messages. The colluding attacks (alie, ipm, minmax, scale; alie-opt and ipm-opt in
+optimal.py) give every member the same target. `scale` and `overflow` are not from the
+robust-learning literature: they test the server's numerics (large norms, the float32 range)
+rather than the robust aggregator's statistics.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def _honest_std(honest: Tensor) -> Tensor:
         return torch.zeros_like(honest[0])
     return honest.std(dim=0)
 
+
+#: ipm's default ε, also the fixed scale that ipm-opt evaluates beside its search.
+IPM_EPSILON = 0.1
 
 #: The largest finite float32, 3.4028235e38: the wire's and the server state's range.
 FLT_MAX = float(torch.finfo(torch.float32).max)
@@ -56,6 +60,19 @@ def alie_z(n: int, m: int) -> float:
     return NormalDist().inv_cdf(q)
 
 
+def alie_line(honest: Tensor) -> tuple[Tensor, Tensor]:
+    """ALIE's family of targets μ + z·(−σ), as (origin μ, direction −σ); alie picks z = alie_z,
+    alie-opt searches it."""
+    return honest.mean(dim=0), -_honest_std(honest)
+
+
+def ipm_line(honest: Tensor) -> tuple[Tensor, Tensor]:
+    """IPM's family of targets 0 + ε·(−μ), as (origin 0, direction −μ); ipm fixes ε, ipm-opt
+    searches it."""
+    mu = honest.mean(dim=0)
+    return torch.zeros_like(mu), -mu
+
+
 @ATTACKS.register("na")
 class NoAttack(Attack):
     """No attack: Byzantine workers are absent. Asking it for targets is a programming error."""
@@ -77,10 +94,9 @@ class ALittleIsEnough(Attack):
         self.z = z
 
     def targets(self, view: AttackView) -> Tensor:
-        m = view.bases.shape[0]
         z = self.z if self.z is not None else alie_z(view.n, view.f)
-        mu = view.honest.mean(dim=0)
-        return _repeat(mu - z * _honest_std(view.honest), m)
+        origin, direction = alie_line(view.honest)
+        return _repeat(origin + z * direction, view.bases.shape[0])
 
 
 @ATTACKS.register("ipm")
@@ -90,11 +106,12 @@ class InnerProductManipulation(Attack):
     name = "ipm"
     uses_honest = True
 
-    def __init__(self, epsilon: float = 0.1) -> None:
+    def __init__(self, epsilon: float = IPM_EPSILON) -> None:
         self.epsilon = epsilon
 
     def targets(self, view: AttackView) -> Tensor:
-        return _repeat(-self.epsilon * view.honest.mean(dim=0), view.bases.shape[0])
+        origin, direction = ipm_line(view.honest)
+        return _repeat(origin + self.epsilon * direction, view.bases.shape[0])
 
 
 @ATTACKS.register("sf")
@@ -260,3 +277,23 @@ class Overflow(Attack):
     def targets(self, view: AttackView) -> Tensor:
         step = self.sign * self.magnitude / view.gain
         return view.bases.double() + step
+
+
+@ATTACKS.register("inf")
+class Infinity(Attack):
+    """Inf (ByzFL's and ByzPy's `Inf`): every coordinate of every Byzantine vector is +inf.
+
+    Target t_j = +inf everywhere, so the cohort's message C(t_j − b_j) carries +inf on every
+    coordinate the compressor keeps — through the same compressor, k_max and wire path as every
+    attack. byzps's door refuses a message with a non-finite value (INVALID_ARGUMENT; the
+    simulator runs the same check), so every push is refused, the members' server-side states
+    keep their initial values, and the run goes on exactly as if the members were silent (the
+    simulator counts the refusals in `Simulation.refused`). It checks that the door, not the
+    aggregator, stops a non-finite vector; `overflow` is the finite relative that does reach the
+    aggregator (±FLT_MAX).
+    """
+
+    name = "inf"
+
+    def targets(self, view: AttackView) -> Tensor:
+        return torch.full_like(view.bases, math.inf)

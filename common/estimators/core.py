@@ -18,9 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from byzps.common.compressors import Compressor, Identity
+from byzps.common.compressors import COMPRESSORS, Compressor, Identity
 from byzps.common.estimators.base import Batch, Estimator, GradientOracle
-from byzps.common.seeding import derive_seed
 from byzps.common.server_rules import scatter_add_rows
 from byzps.common.sparse import SparseBatch
 
@@ -33,10 +32,12 @@ def check_unit_interval(name: str, value: float) -> float:
 
 
 def require_unbiased(name: str, compressor: Compressor) -> None:
-    """Baselines whose analysis needs E[Q(z)] = z (CSGD, DIANA, MARINA, DASHA) refuse Top-k."""
+    """Baselines whose analysis needs E[Q(z)] = z (CSGD, DIANA, MARINA, DASHA) refuse the
+    contractive compressors (Top-k, scaled sign)."""
     if not compressor.unbiased:
+        ok = [n for n in COMPRESSORS.names() if getattr(COMPRESSORS.get(n), "unbiased", False)]
         raise ValueError(
-            f"compressor: {name} needs an unbiased compressor (randk, identity), "
+            f"compressor: {name} needs an unbiased compressor ({', '.join(ok)}), "
             f"got {compressor.name!r}"
         )
 
@@ -118,12 +119,12 @@ class BatchedEstimator(Estimator):
         """True while computing the first message (the t = 0 initialisation)."""
         return self.steps == 0
 
-    def randk_seeds(self, round: int) -> tuple[int, ...]:
-        return tuple(derive_seed(self.seed, "randk", i, round) for i in self.worker_ids)
-
     def compress(self, z: Tensor, round: int) -> SparseBatch:
-        seeds = self.randk_seeds(round) if self.compressor.seeded else None
-        return self.compressor.compress(z, seeds)
+        """C(z) for every row; a seeded compressor gets its seeds for these workers and round
+        (Compressor.row_seeds: derive_seed(seed, name, id, round), or Perm-K's shared one)."""
+        c = self.compressor
+        seeds = c.row_seeds(self.seed, self.worker_ids, round) if c.seeded else None
+        return c.compress(z, seeds, self.worker_ids)
 
     def _cast(self, g: Tensor) -> Tensor:
         if g.shape != (self.num_workers, self.dim):
@@ -212,6 +213,13 @@ class ErrorFeedbackEstimator(MirroredEstimator):
     """EF21 form: δ = target − g, i.e. c = C(target − g), and g ← g + c at commit."""
 
     server_rule = "state"
+
+    def _message(self, x: Tensor, oracle: GradientOracle, round: int) -> SparseBatch:
+        """c = ef_factor · C(target − g): an unbiased C with ω ≥ 1 is scaled by 1/(ω + 1) so the
+        state contracts to its target (Compressor.ef_factor); contractive ones are unscaled."""
+        message = super()._message(x, oracle, round)
+        factor = self.compressor.ef_factor
+        return message if factor == 1.0 else self.compressor.scaled(message, factor)
 
     def _delta(self, x: Tensor, oracle: GradientOracle, round: int) -> Tensor:
         return self._target(x, oracle, round) - self.g

@@ -16,9 +16,13 @@ What a real deployment cannot do, and how this daemon handles it:
 
 * It cannot see honest states. The cohort runs with knowledge "cohort" (its own shadows stand in
   for the honest candidates). A config asking for an *omniscient* attack that uses honest
-  statistics (alie, ipm, sf, mimic, minmax) is refused unless `force_cohort` is set, because the
-  run would silently differ from the simulated one; attacks that use no honest statistics
-  (bf, lf, gauss, na) are unaffected by the knowledge setting and run as configured.
+  statistics (alie, ipm, sf, mimic, minmax, alie-opt, ipm-opt) is refused unless `force_cohort`
+  is set, because the run would silently differ from the simulated one; attacks that use no
+  honest statistics (bf, lf, gauss, na) are unaffected by the knowledge setting and run as
+  configured.
+* It cannot see the server's aggregator state. alie-opt and ipm-opt search against the cohort's
+  own copy of the run's aggregator (built from the run config), which the cohort steps once per
+  round on the rows it believes the server sees (its shadows and its targets).
 * It does not receive the aggregate ĝ^t, which only the MARINA server rule needs (close_round).
   It derives it from consecutive models, ĝ^t = (x_t − x_{t+1}) / γ — exact up to float32
   rounding. If rounds were skipped (the cohort fell behind), the derived vector is the mean
@@ -120,7 +124,8 @@ class ByzantineDaemon:
         if r >= self.run_info.rounds:
             return False
         messages = self.cohort.messages(x, self.oracle, r)  # type: ignore[arg-type]
-        updates = [encode_row(v, self.run_info.config) for v in messages.rows()]
+        compressor = self.cohort.shadow.compressor
+        updates = [encode_row(v, self.run_info.config, compressor) for v in messages.rows()]
         seqs = [s + 1 for s in self.last_seq]
         if self.before_push is not None:
             self.before_push(r, arrived)
@@ -194,7 +199,11 @@ def run_attack(
     The ids are the caller's to give: this process registers under no other id, not even to read
     the run config (see `_read_config`). `credential`: the members' own tokens (by id; `byzps
     attack --token-dir`), or the master secret (legacy), or None without auth."""
-    from byzps.common.components import build_run_compressor, build_run_estimator
+    from byzps.common.components import (
+        build_run_aggregator,
+        build_run_compressor,
+        build_run_estimator,
+    )
 
     if count < 1:
         raise WorkerError(f"--count must be at least 1, got {count}")
@@ -241,6 +250,7 @@ def run_attack(
             dim=run_info.task.dim,
             seed=config.run.seed,
             knowledge="cohort",
+            aggregator=build_run_aggregator(config),  # for the attacks that search against it
         )
         oracle = run_info.task.oracle(ids, config.run.seed, flip_labels=attack.flips_labels)
         daemon = ByzantineDaemon(clients, run_info, cohort, oracle, ledger=ledger)

@@ -23,6 +23,11 @@ class Compressor(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPRESSOR_TOPK: _ClassVar[Compressor]
     COMPRESSOR_RANDK: _ClassVar[Compressor]
     COMPRESSOR_IDENTITY: _ClassVar[Compressor]
+    COMPRESSOR_QSGD: _ClassVar[Compressor]
+    COMPRESSOR_NATURAL: _ClassVar[Compressor]
+    COMPRESSOR_SIGN: _ClassVar[Compressor]
+    COMPRESSOR_PERMK: _ClassVar[Compressor]
+    COMPRESSOR_NATURAL_DITHERING: _ClassVar[Compressor]
 
 class AckStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -38,13 +43,18 @@ COMPRESSOR_UNSPECIFIED: Compressor
 COMPRESSOR_TOPK: Compressor
 COMPRESSOR_RANDK: Compressor
 COMPRESSOR_IDENTITY: Compressor
+COMPRESSOR_QSGD: Compressor
+COMPRESSOR_NATURAL: Compressor
+COMPRESSOR_SIGN: Compressor
+COMPRESSOR_PERMK: Compressor
+COMPRESSOR_NATURAL_DITHERING: Compressor
 ACK_STATUS_UNSPECIFIED: AckStatus
 ACK_STATUS_ACCEPTED: AckStatus
 ACK_STATUS_DUPLICATE: AckStatus
 ACK_STATUS_REJECTED: AckStatus
 
 class SparseUpdate(_message.Message):
-    __slots__ = ("dim", "nnz", "indices", "values", "dtype", "compressor", "seed")
+    __slots__ = ("dim", "nnz", "indices", "values", "dtype", "compressor", "seed", "packed", "scale", "levels")
     DIM_FIELD_NUMBER: _ClassVar[int]
     NNZ_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +62,9 @@ class SparseUpdate(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
     dim: int
     nnz: int
     indices: bytes
@@ -59,7 +72,10 @@ class SparseUpdate(_message.Message):
     dtype: ValueDtype
     compressor: Compressor
     seed: int
-    def __init__(self, dim: _Optional[int] = ..., nnz: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dtype: _Optional[_Union[ValueDtype, str]] = ..., compressor: _Optional[_Union[Compressor, str]] = ..., seed: _Optional[int] = ...) -> None: ...
+    packed: bytes
+    scale: float
+    levels: int
+    def __init__(self, dim: _Optional[int] = ..., nnz: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dtype: _Optional[_Union[ValueDtype, str]] = ..., compressor: _Optional[_Union[Compressor, str]] = ..., seed: _Optional[int] = ..., packed: _Optional[bytes] = ..., scale: _Optional[float] = ..., levels: _Optional[int] = ...) -> None: ...
 
 class SparseModelDelta(_message.Message):
     __slots__ = ("round", "delta", "lr")

@@ -1,8 +1,4 @@
-"""Compressors: turn dense rows (w, d) into k-sparse rows (a SparseBatch).
-
-Contractive compressors (Top-k) satisfy E‖C(z) − z‖² ≤ (1 − α)‖z‖²; unbiased ones (Rand-k scaled by
-d/k) satisfy E[Q(z)] = z with variance factor ω = d/k − 1. Every row of one call gets the same nnz,
-so a whole cohort's messages are processed with batched ops.
+"""Sparsifiers: Top-k, Rand-k, Perm-K and identity keep some coordinates and send index/value pairs.
 
 Top-k selection is the hot path of every worker, so it has three interchangeable implementations
 that return identical indices (a test checks it): numpy (np.partition threshold, the fastest on CPU
@@ -13,100 +9,26 @@ selection a pure function of z — the simulator and a gRPC worker send the same
 
 from __future__ import annotations
 
-import math
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from byzps.common.registry import Registry
+from byzps.common.compressors.base import (
+    COMPRESSORS,
+    Compressor,
+    check_int,
+    check_layer_sizes,
+    resolve_k,
+    row_generator,
+)
+from byzps.common.seeding import derive_seed
 from byzps.common.sparse import INDEX_DTYPE, SparseBatch
-
-COMPRESSORS: Registry[Compressor] = Registry("compressor", supplied=("dim", "layer_sizes"))
 
 #: Below this many coordinates one stable sort over the whole (w, d) batch beats per-row partition.
 SMALL_DIM = 4096
 TOPK_METHODS = ("auto", "numpy", "sort", "torch")
-
-
-class Compressor(ABC):
-    """Maps (w, d) dense rows to a SparseBatch with `k` non-zeros per row.
-
-    `k` is also the k_max the server enforces on every message, honest or Byzantine.
-    """
-
-    name: ClassVar[str]
-    #: True for compressors with E[C(z)] = z (Rand-k, identity).
-    unbiased: ClassVar[bool]
-    #: True when `compress` needs one seed per row.
-    seeded: ClassVar[bool] = False
-
-    def __init__(self, dim: int) -> None:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        self.dim = dim
-
-    @property
-    @abstractmethod
-    def k(self) -> int:
-        """Non-zeros in every compressed row."""
-
-    @property
-    def alpha(self) -> float:
-        """Contraction factor α (k/d for Top-k and the scaled-down Rand-k; 1 for identity)."""
-        return self.k / self.dim
-
-    @property
-    def omega(self) -> float:
-        """Variance factor ω of an unbiased compressor (d/k − 1 for Rand-k, 0 for identity)."""
-        return self.dim / self.k - 1.0
-
-    @abstractmethod
-    def compress(self, z: Tensor, seeds: Sequence[int] | None = None) -> SparseBatch:
-        """Compress each row of `z` (shape (w, d)); `seeds` has one entry per row when seeded."""
-
-    def _check_rows(self, z: Tensor) -> None:
-        if z.dim() != 2 or z.shape[1] != self.dim:
-            raise ValueError(f"z must have shape (w, {self.dim}), got {tuple(z.shape)}")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(dim={self.dim}, k={self.k})"
-
-
-# ----------------------------------------------------------------------------------------------
-# Parameter checks shared by the constructors
-# ----------------------------------------------------------------------------------------------
-
-
-def resolve_k(dim: int, k: int | None, ratio: float | None) -> int:
-    """k from exactly one of a count `k` (1 ≤ k ≤ dim) or a `ratio` ∈ (0, 1]: max(1, ⌊ratio·d⌋)."""
-    if (k is None) == (ratio is None):
-        raise ValueError("give exactly one of k and ratio")
-    if k is not None:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise ValueError(f"k must be an int, got {k!r}")
-        if not 1 <= k <= dim:
-            raise ValueError(f"k must be in [1, dim={dim}], got {k}")
-        return int(k)
-    assert ratio is not None
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-    return max(1, math.floor(ratio * dim))
-
-
-def check_layer_sizes(dim: int, layer_sizes: Sequence[int] | None) -> tuple[int, ...] | None:
-    """Positive ints summing to dim, or None."""
-    if layer_sizes is None:
-        return None
-    sizes = tuple(int(s) for s in layer_sizes)
-    if not sizes or any(s < 1 for s in sizes):
-        raise ValueError(f"layer_sizes must be positive, got {sizes}")
-    if sum(sizes) != dim:
-        raise ValueError(f"layer_sizes sum to {sum(sizes)}, not dim={dim}")
-    return sizes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,8 +128,9 @@ class TopK(Compressor):
         scope: str = "global",
         layer_sizes: Sequence[int] | None = None,
         method: str = "auto",
+        values: str = "float32",
     ) -> None:
-        super().__init__(dim)
+        super().__init__(dim, values)
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
         if method not in TOPK_METHODS:
@@ -246,8 +169,10 @@ class TopK(Compressor):
             start += size
         return torch.cat(parts, dim=1)
 
-    def compress(self, z: Tensor, seeds: Sequence[int] | None = None) -> SparseBatch:
-        del seeds  # deterministic
+    def _compress(
+        self, z: Tensor, seeds: Sequence[int] | None, workers: Sequence[int] | None
+    ) -> SparseBatch:
+        del seeds, workers  # deterministic
         idx = self.indices(z)
         return SparseBatch(idx, _gather(z, idx), self.dim)
 
@@ -282,8 +207,9 @@ class RandK(Compressor):
         k: int | None = None,
         ratio: float | None = None,
         layer_sizes: Sequence[int] | None = None,
+        values: str = "float32",
     ) -> None:
-        super().__init__(dim)
+        super().__init__(dim, values)
         self.layer_sizes = check_layer_sizes(dim, layer_sizes)  # accepted for a uniform factory
         self._k = resolve_k(dim, k, ratio)
 
@@ -303,10 +229,11 @@ class RandK(Compressor):
             for i, s in enumerate(batch.seeds)
         )
 
-    def compress(self, z: Tensor, seeds: Sequence[int] | None = None) -> SparseBatch:
-        self._check_rows(z)
-        if seeds is None or len(seeds) != z.shape[0]:
-            raise ValueError(f"seeds: Rand-k needs one seed per row ({z.shape[0]})")
+    def _compress(
+        self, z: Tensor, seeds: Sequence[int] | None, workers: Sequence[int] | None
+    ) -> SparseBatch:
+        del workers
+        assert seeds is not None  # checked by compress
         seeds = tuple(int(s) for s in seeds)
         idx = torch.stack([self.indices_for(s, z.device) for s in seeds])
         values = _gather(z, idx) * (self.dim / self._k)
@@ -325,17 +252,24 @@ class Identity(Compressor):
     name = "identity"
     unbiased = True
 
-    def __init__(self, dim: int, *, layer_sizes: Sequence[int] | None = None) -> None:
-        super().__init__(dim)
+    def __init__(
+        self,
+        dim: int,
+        *,
+        layer_sizes: Sequence[int] | None = None,
+        values: str = "float32",
+    ) -> None:
+        super().__init__(dim, values)
         self.layer_sizes = check_layer_sizes(dim, layer_sizes)
 
     @property
     def k(self) -> int:
         return self.dim
 
-    def compress(self, z: Tensor, seeds: Sequence[int] | None = None) -> SparseBatch:
-        del seeds
-        self._check_rows(z)
+    def _compress(
+        self, z: Tensor, seeds: Sequence[int] | None, workers: Sequence[int] | None
+    ) -> SparseBatch:
+        del seeds, workers
         idx = torch.arange(self.dim, dtype=INDEX_DTYPE, device=z.device).expand(z.shape[0], -1)
         return SparseBatch(idx.clone(), z.detach().clone(), self.dim)
 
@@ -345,8 +279,82 @@ def dense_batch(z: Tensor) -> SparseBatch:
     return Identity(z.shape[1]).compress(z)
 
 
-def build_compressor(
-    name: str, dim: int, layer_sizes: Sequence[int] | None = None, **params: Any
-) -> Compressor:
-    """Construct compressor `name` from configuration; bad parameters raise ValueError."""
-    return COMPRESSORS.build(name, dim=dim, layer_sizes=layer_sizes, **params)
+# ----------------------------------------------------------------------------------------------
+# Perm-K
+# ----------------------------------------------------------------------------------------------
+
+
+def permk_block(dim: int, num_workers: int, seed: int, worker: int) -> Tensor:
+    """Worker `worker`'s coordinates (ascending, int32) under Perm-K's shared permutation of
+    `seed`: positions worker·k … worker·k + k − 1 of the permutation, read cyclically, with
+    k = ⌈d/n⌉ and the worker index taken mod n. A server regenerates them to check a message."""
+    k = -(-dim // num_workers)
+    perm = torch.randperm(dim, generator=row_generator(seed))
+    start = (int(worker) % num_workers) * k
+    pos = torch.arange(start, start + k) % dim
+    return torch.sort(perm[pos]).values.to(INDEX_DTYPE)
+
+
+@COMPRESSORS.register("permk")
+class PermK(Compressor):
+    r"""Perm-K (Szlendak, Tyurin, Richtárik, "Permutation compressors for provably faster
+    distributed nonconvex optimization", ICLR 2022): one random permutation π of the d
+    coordinates per round, shared by all n workers; worker i keeps its block
+    B_i = {π(ik), …, π(ik + k − 1)} (positions read cyclically), k = ⌈d/n⌉, scaled by d/k:
+
+    .. math::
+        Q_i(z) = \frac{d}{k} \sum_{j \in B_i} z_j e_j .
+
+    Unbiased: coordinate j lies in B_i with probability k/d, so E[Q_i(z)] = z and
+    E‖Q_i(z) − z‖² = Σ_j (k/d · (d/k)² − 1) z_j² = (d/k − 1)‖z‖², i.e. ω = d/k − 1 (= n − 1 when
+    n divides d). The blocks are disjoint when n divides d, and then the average of the n
+    messages of one common z is exactly z — the correlation that makes Perm-K beat Rand-k in
+    Szlendak et al. The server rules and estimators use only the individual ω (a worker's
+    message is judged on its own: the aggregator is robust, not an average), so DIANA's and
+    MARINA's defaults are the safe, uncorrelated ones.
+
+    The shared seed is derive_seed(run seed, "permk", round), the same for every row; it
+    travels in each message, and the server regenerates the block of the sender's worker id
+    (its row) and refuses a message whose indices differ.
+    """
+
+    name = "permk"
+    unbiased = True
+    seeded = True
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_workers: int = 1,
+        layer_sizes: Sequence[int] | None = None,
+        values: str = "float32",
+    ) -> None:
+        super().__init__(dim, values)
+        self.layer_sizes = check_layer_sizes(dim, layer_sizes)
+        self.num_workers = check_int("num_workers", num_workers, 1, 2**31 - 1)
+        self._k = -(-dim // self.num_workers)
+
+    @property
+    def k(self) -> int:
+        return self._k
+
+    def row_seeds(self, seed: int, worker_ids: Sequence[int], round: int) -> tuple[int, ...]:
+        """One permutation per round shared by every worker: the same seed in every row."""
+        return (derive_seed(seed, self.name, round),) * len(worker_ids)
+
+    def indices_for(self, seed: int, worker: int) -> Tensor:
+        return permk_block(self.dim, self.num_workers, seed, worker)
+
+    def _compress(
+        self, z: Tensor, seeds: Sequence[int] | None, workers: Sequence[int] | None
+    ) -> SparseBatch:
+        assert seeds is not None  # checked by compress
+        if workers is None or len(workers) != z.shape[0]:
+            raise ValueError(f"workers: Perm-K needs the worker id of each row ({z.shape[0]})")
+        seeds = tuple(int(s) for s in seeds)
+        idx = torch.stack(
+            [self.indices_for(s, w).to(z.device) for s, w in zip(seeds, workers, strict=True)]
+        )
+        values = _gather(z, idx) * (self.dim / self._k)
+        return SparseBatch(idx, values, self.dim, seeds)
