@@ -140,6 +140,13 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
     help="Under mutual TLS, let a client certificate call only as the worker it names (off: "
     "certificates from a PKI that names no byzps worker; the tokens still bind the ids).",
 )
+@click.option(
+    "--metrics",
+    "metrics_address",
+    type=Address(listen=True),
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md); off unless "
+    "given. Read-only; bind it where only your monitoring can reach it.",
+)
 @downlink_option
 def server(
     config_path: Path,
@@ -161,6 +168,7 @@ def server(
     tls_key: Path | None,
     tls_client_ca: Path | None,
     tls_bind_ids: bool,
+    metrics_address: str | None,
     downlink: str,
 ) -> None:
     """Serve one run to its last round: workers register, push updates and fetch the model."""
@@ -172,6 +180,8 @@ def server(
 
     setup_logging(log_level, "server")
     check_bindable(listen)
+    if metrics_address is not None:
+        _check_metrics_bindable(metrics_address)
     try:
         config = load_config(config_path, overrides)
     except click.ClickException as exc:
@@ -189,6 +199,7 @@ def server(
         fsync_wal=fsync_wal,
         tls=_tls(tls_cert, tls_key, tls_client_ca),
         bind_certificates=tls_bind_ids,
+        metrics=metrics_address,
     )
     try:
         task, engine, max_nnz = build_server_parts(config, sparse_downlink=downlink == "sparse")
@@ -217,6 +228,15 @@ def server(
         for lock in locks:
             lock.release(tidy=not started and not resume)
     sys.exit(code)
+
+
+def _check_metrics_bindable(address: str) -> None:
+    """`check_bindable` for --metrics: the same one-line error, naming --metrics."""
+    try:
+        check_bindable(address)
+    except click.BadParameter as exc:
+        exc.param_hint = "--metrics"
+        raise
 
 
 def _tls(

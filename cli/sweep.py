@@ -30,6 +30,16 @@ def _single_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _shown(path: Path) -> str:
+    """`path` as the regenerate command in grid.json and the report shows it: relative to the
+    working directory when inside it (so a committed report names no one's home), else absolute."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)
+
+
 def _run_all(cells: list[Cell], out: Path, jobs: int) -> Iterator[CellOutcome]:
     """Outcomes in completion order; in-process for one job (no spawn start-up cost)."""
     if jobs == 1:
@@ -83,7 +93,7 @@ def sweep(grid_path: Path, out: Path, jobs: int) -> None:
     except GridError as exc:
         raise click.ClickException(f"{grid_path}: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
-    command = ["byzps", "sweep", "--grid", str(grid_path.resolve()), "--out", str(out.resolve())]
+    command = ["byzps", "sweep", "--grid", _shown(grid_path), "--out", _shown(out)]
     if jobs > 1:
         command += ["--jobs", str(jobs)]
     (out / "grid.json").write_text(

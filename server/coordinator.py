@@ -38,6 +38,7 @@ from byzps.common.downlink import DenseModel, Downlink
 from byzps.common.sparse import SparseBatch
 from byzps.server.checkpoint import CheckpointStore, Recovered
 from byzps.server.engine import RoundEngine
+from byzps.server.metrics import ServerMetrics
 from byzps.server.results import MetricsRecorder, RoundLog, progress_line, uplink_per_worker
 from byzps.server.validation import (
     Door,
@@ -115,6 +116,7 @@ class Coordinator:
         rounds_log: RoundLog | None = None,
         store: CheckpointStore | None = None,
         clock: Callable[[], float] = time.monotonic,
+        observer: ServerMetrics | None = None,
     ) -> None:
         n = config.cluster.workers
         if not 1 <= settings.quorum <= n:
@@ -130,6 +132,8 @@ class Coordinator:
         self._rounds_log = rounds_log
         self._store = store
         self._clock = clock
+        # Live metrics (byzps.server.metrics): told of every round closed live.
+        self._observer = observer if observer is not None else ServerMetrics()
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
         self._ledger = SeqLedger()
@@ -308,6 +312,16 @@ class Coordinator:
             )
 
     @property
+    def num_registered(self) -> int:
+        """Worker ids registered so far (read without the lock, for the metrics endpoint)."""
+        return len(self._workers)
+
+    @property
+    def traffic(self) -> tuple[int, int]:
+        """(request bytes, reply bytes) counted by `account`, read without the lock."""
+        return self._bytes_in, self._bytes_out
+
+    @property
     def bytes_uplink(self) -> float:
         return uplink_per_worker(self._bytes_total, self.num_workers)
 
@@ -377,13 +391,17 @@ class Coordinator:
 
     def _close(self, *, replaying: bool = False) -> None:
         closing = self.engine.round
+        began = time.perf_counter()
         self.engine.close_round()
+        aggregation = time.perf_counter() - began
         self._snapshots.clear()
         if not replaying:
             self._log(CloseRecord(closing))
             if self._rounds_log is not None:
                 now = time.time()
                 self._rounds_log.record(closing, self._opened_wall, now, len(self._pushed))
+            opened = self._clock() - self._opened_at
+            self._observer.round_closed(opened, aggregation, self.engine.x)
         self._pushed.clear()
         self._opened_at = self._clock()
         self._opened_wall = time.time()
@@ -392,7 +410,12 @@ class Coordinator:
         else:
             self._record_metrics()
             every = self.settings.checkpoint_every
-            if not replaying and every > 0 and self.engine.round % every == 0:
+            if (
+                not replaying
+                and self._store is not None
+                and every > 0
+                and self.engine.round % every == 0
+            ):
                 self._checkpoint()
         self._notify()
 

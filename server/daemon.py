@@ -22,7 +22,8 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from byzps.server.checkpoint import CheckpointStore, Recovered
 from byzps.server.coordinator import Coordinator, Settings
 from byzps.server.engine import RoundEngine
 from byzps.server.limits import Limits
+from byzps.server.metrics import MetricsEndpoint, PrometheusMetrics, ServerMetrics
 from byzps.server.results import MetricsRecorder, RoundLog
 from byzps.server.service import SERVICE_NAME, ParameterServerServicer, add_to_server
 from byzps.server.validation import Door
@@ -74,6 +76,8 @@ class DaemonOptions:
     #: Under mutual TLS, a client certificate naming worker K may call as K only
     #: (byzps.server.auth); off for client certificates from a PKI that names no byzps worker.
     bind_certificates: bool = True
+    #: Serve Prometheus metrics at http://METRICS/metrics (byzps.server.metrics); None: off.
+    metrics: str | None = None
 
 
 def recover(options: DaemonOptions, store: CheckpointStore | None) -> Recovered | None:
@@ -142,6 +146,26 @@ def add_services(
     return health_servicer
 
 
+@contextmanager
+def metrics_served(options: DaemonOptions, num_workers: int) -> Iterator[ServerMetrics]:
+    """The server's metrics, served at --metrics until the block ends; bound at once, so a
+    taken port fails (StartupError naming --metrics) before anything is written. Metrics that
+    report nothing when the option is off."""
+    if options.metrics is None:
+        yield ServerMetrics()
+        return
+    metrics = PrometheusMetrics(num_workers)
+    try:
+        endpoint = MetricsEndpoint(options.metrics, metrics.registry)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"--metrics {options.metrics}: cannot bind ({exc})") from None
+    log.info("metrics on %s", endpoint.url)
+    try:
+        yield metrics
+    finally:
+        endpoint.close()
+
+
 def serve(
     config: RunConfig,
     task: Task,
@@ -160,7 +184,12 @@ def serve(
 
 
 def _start_coordinator(
-    config: RunConfig, task: Task, engine: RoundEngine, door: Door, options: DaemonOptions
+    config: RunConfig,
+    task: Task,
+    engine: RoundEngine,
+    door: Door,
+    options: DaemonOptions,
+    observer: ServerMetrics,
 ) -> Coordinator:
     """Recover (or start fresh) and open the run's files: the coordinator, started."""
     store = None
@@ -183,6 +212,7 @@ def _start_coordinator(
         metrics=metrics,
         rounds_log=RoundLog(options.out),
         store=store,
+        observer=observer,
     )
     try:
         coordinator.start(recovered)
@@ -203,27 +233,30 @@ async def _serve(
     stop: threading.Event,
 ) -> int:
     server, port = bind(door, options.listen, options.tls)
-    coordinator = _start_coordinator(config, task, engine, door, options)
-    auth = Authenticator(
-        options.secret, config.cluster.workers, bind_certificates=options.bind_certificates
-    )
-    servicer = ParameterServerServicer(coordinator, auth, config, task, limits=options.limits)
-    try:
-        health_servicer = add_services(server, servicer)
-        await server.start()
-        servicer.attach(asyncio.get_running_loop())
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        host = options.listen.rsplit(":", 1)[0]
-        ready(f"{host}:{port}")
-        code = await _run(coordinator, servicer, stop, options.linger)
-        await health_servicer.enter_graceful_shutdown()
-        coordinator.stop()
-        await server.stop(SHUTDOWN_GRACE_SECONDS)
-    finally:
-        servicer.close()
-    coordinator.close(checkpoint=code == 0)
-    return code
+    with metrics_served(options, config.cluster.workers) as metrics:
+        coordinator = _start_coordinator(config, task, engine, door, options, metrics)
+        auth = Authenticator(
+            options.secret, config.cluster.workers, bind_certificates=options.bind_certificates
+        )
+        servicer = ParameterServerServicer(
+            coordinator, auth, config, task, limits=options.limits, metrics=metrics
+        )
+        try:
+            health_servicer = add_services(server, servicer)
+            await server.start()
+            servicer.attach(asyncio.get_running_loop())
+            await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            host = options.listen.rsplit(":", 1)[0]
+            ready(f"{host}:{port}")
+            code = await _run(coordinator, servicer, stop, options.linger)
+            await health_servicer.enter_graceful_shutdown()
+            coordinator.stop()
+            await server.stop(SHUTDOWN_GRACE_SECONDS)
+        finally:
+            servicer.close()
+        coordinator.close(checkpoint=code == 0)
+        return code
 
 
 async def _run(

@@ -43,6 +43,7 @@ from byzps.server.auth import Authenticator
 from byzps.server.broadcast import EncodedAnswers, passthrough
 from byzps.server.coordinator import Coordinator
 from byzps.server.limits import Admission, Group, Limits
+from byzps.server.metrics import OK, ServerMetrics
 from byzps.server.validation import Refusal, Rejected, max_update_bytes
 
 log = logging.getLogger("byzps.server")
@@ -109,11 +110,14 @@ class ParameterServerServicer:
         *,
         limits: Limits | None = None,
         executor: Executor | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.auth = auth
         self.limits = limits if limits is not None else Limits()
         self.admission = Admission(self.limits, coordinator.num_workers)
+        self.metrics = metrics if metrics is not None else ServerMetrics()
+        self.metrics.watch(coordinator, self.admission)
         self.digest = config.digest()
         self._executor = executor or ThreadPoolExecutor(4, thread_name_prefix="coordinator")
         self._owns_executor = executor is None
@@ -160,6 +164,7 @@ class ParameterServerServicer:
                     f"{self.digest}",
                 )
             round, last_seq = await self.offload(self.coordinator.register, row)
+            self.metrics.registered(row)
             door = self.coordinator.door
             reply = pb.RegisterReply()
             reply.CopyFrom(self._static)
@@ -178,6 +183,7 @@ class ParameterServerServicer:
                 door.receive, row, request.round, request.seq, request.update
             )
             ack = await self.offload(self.coordinator.push, update)
+            self.metrics.update_acked(row, duplicate=ack.duplicate, wire_bytes=update.wire_bytes)
             status = pb.ACK_STATUS_DUPLICATE if ack.duplicate else pb.ACK_STATUS_ACCEPTED
             return self._sent(pb.Ack(status=status, round=ack.round, last_seq=ack.last_seq))
 
@@ -241,7 +247,10 @@ class ParameterServerServicer:
         the call with its status, anything else with INTERNAL.
 
         Yields the caller's row: the worker it authenticated as, or for `anonymous` calls the
-        row of any credential it presented (None: none)."""
+        row of any credential it presented (None: none). Every call is counted in `metrics`
+        by its method group, its status and (once authenticated) its worker."""
+        connection, code, row = context.peer(), OK, None
+        self.metrics.call_started(group.value, connection)
         try:
             if isinstance(request, Malformed):
                 raise Rejected(request.code, request.error)
@@ -255,15 +264,22 @@ class ParameterServerServicer:
             with self.admission.enter(row, group):
                 yield row
         except Rejected as exc:
+            code = exc.code.name
             if exc.retry_after is not None:
                 millis = str(max(1, round(exc.retry_after * 1000)))
                 context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, millis),))
             await context.abort(getattr(grpc.StatusCode, exc.code.name), exc.reason)
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED.name
+            raise
         except Exception:
+            code = grpc.StatusCode.INTERNAL.name
             log.exception("unexpected error in %s", group.value)
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+        finally:
+            self.metrics.call_ended(group.value, connection, code, row)
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on the coordinator's thread pool: it may wait for the coordinator's lock

@@ -11,7 +11,7 @@ from byzps.common.attacks.cohort import ByzantineCohort
 from byzps.common.estimators.base import Estimator, GradientOracle
 from byzps.common.sparse import SparseBatch
 from byzps.server.engine import RoundEngine
-from byzps.server.results import message_bytes, uplink_per_worker
+from byzps.server.results import uplink_per_worker
 from byzps.server.validation import Door
 
 
@@ -95,7 +95,7 @@ class Simulation:
         check_finite(honest_messages, self.honest_rows, t, refused)
         self.engine.absorb(self.honest_rows, honest_messages)
         self.honest.commit(honest_messages)
-        self.bytes_total += message_bytes(honest_messages.nnz) * honest_messages.num_rows
+        self.bytes_total += self.honest.compressor.payload_bytes(honest_messages)
         if self.cohort is not None:
             assert self.cohort_oracle is not None and self.byzantine_rows is not None
             honest_now = self.engine.rule.candidates[self.honest_rows]
@@ -113,7 +113,7 @@ class Simulation:
             if accepted is not None:
                 self.engine.absorb(rows, accepted)
                 self.cohort.commit(accepted, rows=None if members is None else members.tolist())
-                self.bytes_total += message_bytes(accepted.nnz) * accepted.num_rows
+                self.bytes_total += self.honest.compressor.payload_bytes(accepted)
         aggregate = self.engine.close_round()
         if self.cohort is not None:
             self.cohort.close_round(aggregate, t)

@@ -75,6 +75,22 @@ def test_all_pushed_closes_at_once_and_matches_a_direct_engine() -> None:
         client.close()
 
 
+def test_a_server_without_storage_passes_its_checkpoint_rounds() -> None:
+    """No --out and no --checkpoint-dir: the periodic checkpoint is skipped, not an error (it
+    used to fail the push that closed round checkpoint_every with INTERNAL)."""
+    gen = torch.Generator().manual_seed(1)
+    with in_process(tiny(), checkpoint_every=2) as srv:
+        client = Client(srv.address)
+        for w in range(N):
+            client.register(str(w))
+        for r in range(3):
+            for w in range(N):
+                ack = client.push(str(w), r, r + 1, random_update(gen))
+                assert ack.status == pb.ACK_STATUS_ACCEPTED
+        assert client.model(round=3)[0] == 3
+        client.close()
+
+
 def test_silent_worker_closes_only_after_deadline_and_with_quorum() -> None:
     config = tiny()
     with in_process(config, quorum=4, deadline=5.0) as srv:

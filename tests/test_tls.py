@@ -101,14 +101,16 @@ def test_a_run_over_mutual_tls_matches_the_simulator(tmp_path: Path, pki: Path) 
             return ["--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / f"{name}.pem"),
                     "--tls-key", str(pki / f"{name}.key")]  # fmt: skip
 
+        # Before the workers start: the server waits for them, so it is surely still up (a
+        # 12-round run can finish, and the server exit, before a loaded machine starts a CLI).
+        status = subprocess.run(byzps("status", "--server", address, *tls("operator")),
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert status.returncode == 0 and status.stdout.startswith("round "), status.stderr
         workers = [
             procs.start(byzps("worker", "--server", address, "--id", str(k), "--threads", "1",
                               *tls(f"worker-{k}")), log=tmp_path / f"worker-{k}.log")
             for k in range(3)
         ]  # fmt: skip
-        status = subprocess.run(byzps("status", "--server", address, *tls("operator")),
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
-        assert status.returncode == 0 and status.stdout.startswith("round "), status.stderr
         for k, proc in enumerate(workers):
             assert proc.wait(timeout=180) == 0, (tmp_path / f"worker-{k}.log").read_text()[-2000:]
         assert server.wait(timeout=60) == 0

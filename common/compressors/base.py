@@ -26,7 +26,7 @@ from torch import Tensor
 
 from byzps.common.registry import Registry
 from byzps.common.seeding import derive_seed
-from byzps.common.sparse import SparseBatch
+from byzps.common.sparse import INDEX_DTYPE, SparseBatch
 
 COMPRESSORS: Registry[Compressor] = Registry(
     "compressor", supplied=("dim", "layer_sizes", "num_workers")
@@ -68,6 +68,13 @@ class Compressor(ABC):
     @abstractmethod
     def k(self) -> int:
         """Non-zeros in every compressed row."""
+
+    def payload_bytes(self, batch: SparseBatch) -> int:
+        """Payload bytes of `batch`'s messages as the server counts them on arrival
+        (validation's `Update.wire_bytes`): an index and a value per entry. The simulator counts
+        with this, so its `bytes_uplink` equals the gRPC server's for every compressor."""
+        entry = INDEX_DTYPE.itemsize + VALUE_DTYPES[self.values].itemsize
+        return entry * batch.nnz * batch.num_rows
 
     @property
     def alpha(self) -> float:

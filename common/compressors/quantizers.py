@@ -65,6 +65,17 @@ class Quantizer(Compressor):
     def _pack(self, values: Tensor, scale: float | None) -> tuple[float | None, bytes]:
         raise NotImplementedError
 
+    def payload_bytes(self, batch: SparseBatch) -> int:
+        """The packed codes plus the float32 scale, per row: the same for every row of this
+        quantizer (d codes of a fixed width; a scale always or never), so measured on the first
+        row once and cached."""
+        if batch.num_rows == 0:
+            return 0
+        if not hasattr(self, "_row_bytes"):
+            scale, packed = self.pack(batch.row(0))
+            self._row_bytes = len(packed) + (0 if scale is None else 4)
+        return self._row_bytes * batch.num_rows
+
 
 def _row_uniforms(seeds: Sequence[int], dim: int, device: torch.device) -> Tensor:
     """(w, d) float64 uniforms in [0, 1), one seeded stream per row (drawn on the CPU)."""
