@@ -109,7 +109,9 @@ class Client:
         request = pb.PushUpdateRequest(worker_id=worker_id, round=round, seq=seq)
         if upd is not None:
             request.update.CopyFrom(upd)
-        return self.stub.PushUpdate(request, metadata=self.meta(worker_id, **kw), timeout=10)
+        # 60 s: the push that closes a round runs the aggregator, whose numba kernels compile on
+        # a fresh checkout's first call (seconds to tens of seconds on a loaded 2-core machine).
+        return self.stub.PushUpdate(request, metadata=self.meta(worker_id, **kw), timeout=60)
 
     def chunks(
         self,
