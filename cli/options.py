@@ -94,8 +94,8 @@ class Address(click.ParamType):
         return text
 
 
-def check_bindable(listen: str) -> None:
-    """Fail at once, naming --listen, when the address cannot be bound (in use, not local):
+def check_bindable(listen: str, option: str = "--listen") -> None:
+    """Fail at once, naming `option`, when the address cannot be bound (in use, not local):
     a plain socket tries it before any slow start-up work, so a taken port costs no data
     loading and leaves no files. Port 0 always binds. The server's own bind stays the real
     check; this only makes the common failure immediate."""
@@ -108,7 +108,7 @@ def check_bindable(listen: str) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise click.BadParameter(f"{host}: {exc.strerror}", param_hint="--listen") from None
+        raise click.BadParameter(f"{host}: {exc.strerror}", param_hint=option) from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -116,5 +116,5 @@ def check_bindable(listen: str) -> None:
             sock.bind(address)
         except OSError as exc:
             raise click.BadParameter(
-                f"cannot bind {listen}: {exc.strerror}", param_hint="--listen"
+                f"cannot bind {listen}: {exc.strerror}", param_hint=option
             ) from None

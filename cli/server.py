@@ -181,7 +181,7 @@ def server(
     setup_logging(log_level, "server")
     check_bindable(listen)
     if metrics_address is not None:
-        _check_metrics_bindable(metrics_address)
+        check_bindable(metrics_address, "--metrics")
     try:
         config = load_config(config_path, overrides)
     except click.ClickException as exc:
@@ -228,15 +228,6 @@ def server(
         for lock in locks:
             lock.release(tidy=not started and not resume)
     sys.exit(code)
-
-
-def _check_metrics_bindable(address: str) -> None:
-    """`check_bindable` for --metrics: the same one-line error, naming --metrics."""
-    try:
-        check_bindable(address)
-    except click.BadParameter as exc:
-        exc.param_hint = "--metrics"
-        raise
 
 
 def _tls(
