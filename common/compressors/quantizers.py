@@ -42,6 +42,8 @@ class Quantizer(Compressor):
     def __init__(self, dim: int, *, layer_sizes: Sequence[int] | None = None) -> None:
         super().__init__(dim)
         self.layer_sizes = check_layer_sizes(dim, layer_sizes)
+        #: Payload bytes of one message (`payload_bytes`), measured on the first one packed.
+        self._row_bytes: int | None = None
 
     @property
     def k(self) -> int:
@@ -71,7 +73,7 @@ class Quantizer(Compressor):
         row once and cached."""
         if batch.num_rows == 0:
             return 0
-        if not hasattr(self, "_row_bytes"):
+        if self._row_bytes is None:
             scale, packed = self.pack(batch.row(0))
             self._row_bytes = len(packed) + (0 if scale is None else 4)
         return self._row_bytes * batch.num_rows
