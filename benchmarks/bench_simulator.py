@@ -1,10 +1,14 @@
 """Simulator speed: rounds per second in the paper's a9a setting and on Fashion-MNIST.
 
-Prints, for each setting, the batched simulator's time per round next to a per-worker loop of the
-same code (every honest worker its own w = 1 estimator and oracle, as a worker daemon or the
-authors' released code runs them), measured in the same run, and their ratio.
+First, one a9a run (Byz-DM21, Top-1, NNM∘cm, ALIE; experiments/a9a/base.toml) against a
+vectorised numpy reference of the same recursion (benchmarks/numpy_reference.py), in blocks of
+rounds interleaved in this process, and their ratio (issue 11's goal: byzps within the
+reference's time, ≤ 0.25 ms a round on the project's machine). Then, for each setting, the
+batched simulator's time per round next to a per-worker loop of the same code (every honest
+worker its own w = 1 estimator and oracle, as a worker daemon or the authors' released code runs
+them), measured in the same run, and their ratio.
 
-    python benchmarks/bench_simulator.py [--rounds 2000] [--fmnist-rounds 20]
+    python benchmarks/bench_simulator.py [--rounds 2000] [--fmnist-rounds 20] [--reference-only]
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+from numpy_reference import NumpyA9aRun
 
+from byzps.common.attacks.strategies import alie_z
 from byzps.common.components import build_run_estimator, build_run_task
 from byzps.common.config import RunConfig
 from byzps.sim.build import build_simulation
@@ -55,6 +61,53 @@ def seconds_per_round(step, rounds: int) -> float:
     return (time.perf_counter() - started) / rounds
 
 
+def numpy_reference(config: RunConfig, task) -> NumpyA9aRun:
+    """The numpy reference on the run's own data, honest shards and parameters."""
+    h, f = config.honest_workers, config.cluster.byzantine
+    return NumpyA9aRun(
+        task.features.numpy(),
+        task.labels.numpy(),
+        [s.numpy() for s in task.worker_shards(range(h))],
+        byzantine=f,
+        lr=config.algorithm.lr,
+        eta=config.algorithm.eta,
+        lam=task.reg.lam,
+        z=alie_z(config.cluster.workers, f),
+        sampling=config.task.sampling,
+        seed=config.run.seed,
+    )
+
+
+def against_reference(rounds: int, blocks: int = 10) -> None:
+    """ms/round of one byzps a9a run and of the numpy reference, timed in `blocks` alternating
+    blocks of rounds/blocks rounds each (after a warm-up), so both see the same machine load."""
+    config = RunConfig.load(SETTINGS["a9a"], [])
+    task = build_run_task(config)
+    simulation = build_simulation(config, task)
+    reference = numpy_reference(config, task)
+    per_block = max(1, rounds // blocks)
+    seconds = {"byzps": 0.0, "numpy": 0.0}
+    steps = {"byzps": simulation.step, "numpy": reference.step}
+    for step in steps.values():
+        for _ in range(max(3, rounds // 20)):  # warm-up: numba compilation, caches
+            step()
+    for _ in range(blocks):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            for _ in range(per_block):
+                step()
+            seconds[name] += time.perf_counter() - started
+    ours, ref = (seconds[name] / (per_block * blocks) * 1e3 for name in ("byzps", "numpy"))
+    loss = task.evaluate(torch.from_numpy(reference.x))["train_loss"]
+    ours_loss = task.evaluate(simulation.x)["train_loss"]
+    print(
+        f"a9a single run (byz-dm21, top-1, nnm∘cm, alie), {per_block * blocks} rounds each:"
+        f" byzps {ours:.3f} ms/round, numpy reference {ref:.3f} ms/round,"
+        f" byzps / reference = {ours / ref:.2f}x"
+        f" (train loss: reference {loss:.4f}, byzps {ours_loss:.4f})"
+    )
+
+
 def measure(setting: str, algorithm: str, rounds: int) -> None:
     config = RunConfig.load(SETTINGS[setting], [f'algorithm.name="{algorithm}"'])
     task = build_run_task(config)
@@ -79,9 +132,15 @@ def main() -> None:
     parser.add_argument(
         "--fmnist-rounds", type=int, default=20, help="timed fmnist rounds (0: skip)"
     )
+    parser.add_argument(
+        "--reference-only", action="store_true", help="only the single run vs the reference"
+    )
     args = parser.parse_args()
     print("$ python " + shlex.join(sys.argv))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    against_reference(args.rounds)
+    if args.reference_only:
+        return
     print("setting  algorithm        ms/round   rounds/s  loop ms/round  speed-up")
     for algorithm in ("byz-dm21", "byz-vr-dm21", "byz-ef21-sgdm"):
         measure("a9a", algorithm, args.rounds)

@@ -39,6 +39,8 @@ def status_record(reply: Any) -> dict[str, Any]:
             }
             for w in reply.workers
         ],
+        # By worker id; empty unless the caller holds the operator's credential (or --no-auth).
+        "suspicion": [round(v, 6) for v in reply.suspicion],
     }
 
 
@@ -50,14 +52,22 @@ def status_table(record: dict[str, Any]) -> str:
         f"{record['registered']}/{record['num_workers']} registered  "
         f"bytes_in {record['bytes_in']:,}  bytes_out {record['bytes_out']:,}"
     ]
+    scores = record.get("suspicion") or []
+    if scores:
+        ranked = sorted(range(len(scores)), key=lambda row: (-scores[row], row))[:5]
+        top = ", ".join(f"{row} ({scores[row]:.3f})" for row in ranked)
+        lines.append(f"most discounted by the rule (suspicion): {top}")
     if record["workers"]:
-        lines.append(f"{'worker':>6}  {'last_seq':>8}  {'last_round':>10}  last_seen")
+        column = f"  {'suspicion':>9}" if scores else ""
+        lines.append(f"{'worker':>6}  {'last_seq':>8}  {'last_round':>10}{column}  last_seen")
         now = dt.datetime.now(dt.timezone.utc)
         for w in record["workers"]:
             seen = dt.datetime.fromisoformat(w["last_seen"])
             age = (now - seen).total_seconds()
+            row = int(w["worker_id"])
+            score = f"  {scores[row]:>9.3f}" if row < len(scores) else ""
             lines.append(
-                f"{w['worker_id']:>6}  {w['last_seq']:>8}  {w['last_round']:>10}  "
+                f"{w['worker_id']:>6}  {w['last_seq']:>8}  {w['last_round']:>10}{score}  "
                 f"{seen:%Y-%m-%d %H:%M:%S} ({age:.1f} s ago)"
             )
     elif record["registered"]:
@@ -95,7 +105,8 @@ def status(
     tls_key: Path | None,
     tls_server_name: str | None,
 ) -> None:
-    """Print the server's round, whether the run finished, its workers and bytes in/out."""
+    """Print the server's round, whether the run finished, its workers and bytes in/out, and (to
+    the operator) each worker's suspicion score."""
     import grpc
 
     from byzps.common.credentials import TOKEN_METADATA_KEY, read_token

@@ -19,6 +19,7 @@ from byzps.common.estimators import ESTIMATORS, build_estimator
 from byzps.common.estimators.base import Estimator
 from byzps.common.tasks import TASKS, build_task
 from byzps.common.tasks.base import Task
+from byzps.common.tasks.spec import DataSpec
 
 
 def _accepted(factory: Callable[..., Any], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -28,20 +29,30 @@ def _accepted(factory: Callable[..., Any], params: Mapping[str, Any]) -> dict[st
     return {k: v for k, v in params.items() if k in accepted and v is not None}
 
 
+def run_data_spec(config: RunConfig) -> DataSpec:
+    """The run's DataSpec: n, the seed, the task section's split and sampling keys, and the
+    honest ids 0 … h − 1 (`config.honest_workers`). Every process builds its task from this one
+    object, so the simulator, the worker daemons and the cohort map worker ids to the same
+    shards."""
+    t = config.task
+    return DataSpec(
+        num_workers=config.cluster.workers,
+        seed=config.run.seed,
+        batch_size=t.batch_size,
+        split=t.split,
+        alpha=t.alpha,
+        sampling=t.sampling,
+        split_over=t.split_over,
+        honest_workers=config.honest_workers,
+    )
+
+
 def build_run_task(config: RunConfig) -> Task:
     t = config.task
     extra = {"regularizer": t.regularizer, "lam": t.lam}
     try:
         task_params = _accepted(TASKS.get(t.name), extra) | t.params
-        return build_task(
-            t.name,
-            num_workers=config.cluster.workers,
-            seed=config.run.seed,
-            batch_size=t.batch_size,
-            split=t.split,
-            alpha=t.alpha,
-            **task_params,
-        )
+        return build_task(t.name, run_data_spec(config), **task_params)
     except ValueError as exc:
         raise ConfigError(f"task: {exc}") from None
 

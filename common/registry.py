@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+C = TypeVar("C", bound=Callable[..., Any])
 
 #: The default of a parameter that has none (it must be given).
 REQUIRED = inspect.Parameter.empty
@@ -90,11 +91,16 @@ class Registry(Generic[T]):
         self.supplied = frozenset(supplied)
         self._entries: dict[str, Callable[..., T]] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        def decorate(cls: Callable[..., T]) -> Callable[..., T]:
+    def register(self, name: str) -> Callable[[C], C]:
+        """Register a constructor under `name`; a class also gets it as its `name` attribute,
+        so a component's name is written once, in its decorator."""
+
+        def decorate(cls: C) -> C:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = cls
+            if isinstance(cls, type):
+                cls.name = name  # type: ignore[attr-defined]
             return cls
 
         return decorate

@@ -100,6 +100,8 @@ class StatusInfo:
     workers: list[WorkerStatus]
     bytes_in: int
     bytes_out: int
+    #: Per-worker suspicion scores by row, or None when the run keeps none.
+    suspicion: list[float] | None = None
 
 
 class Coordinator:
@@ -309,6 +311,7 @@ class Coordinator:
                 workers,
                 self._bytes_in,
                 self._bytes_out,
+                self.engine.suspicion.report(),
             )
 
     @property
@@ -423,12 +426,16 @@ class Coordinator:
         self._phase = Phase.FINISHED
         self._record_metrics()
         if self._metrics is not None:
-            self._metrics.finish(self.engine.round, self.engine.x, self.bytes_uplink)
+            self._metrics.finish(
+                self.engine.round, self.engine.x, self.bytes_uplink, self.engine.suspicion.report()
+            )
         log.info("run finished at round %d", self.engine.round)
 
     def _record_metrics(self) -> None:
         if self._metrics is not None:
-            self._metrics.record(self.engine.round, self.engine.x, self.bytes_uplink)
+            self._metrics.record(
+                self.engine.round, self.engine.x, self.bytes_uplink, self.engine.suspicion.report()
+            )
             if self._metrics.last is not None and self._metrics.last["round"] == self.round:
                 log.info("%s", progress_line(self._metrics.last, self.rounds))
 

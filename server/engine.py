@@ -46,6 +46,7 @@ from byzps.common.estimators.base import Estimator
 from byzps.common.server_rules import ServerRule, build_server_rule
 from byzps.common.sparse import INDEX_DTYPE, SparseBatch
 from byzps.common.tasks.base import Task
+from byzps.server.suspicion import SuspicionScores
 
 _SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -81,6 +82,7 @@ class RoundEngine:
         *,
         delta_limit: float = DELTA_LIMIT,
         incremental_limit: float = INCREMENTAL_LIMIT,
+        suspicion: SuspicionScores | None = None,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
@@ -91,6 +93,12 @@ class RoundEngine:
         self.aggregator = aggregator
         self.lr = lr
         self.round = 0
+        #: Per-worker suspicion scores, updated as each round closes (server/suspicion.py).
+        self.suspicion = (
+            suspicion
+            if suspicion is not None
+            else SuspicionScores(self.num_workers, halflife=0.0, columns=1)
+        )
         self.last_aggregate = torch.zeros_like(self.x)
         #: The change of ĝ in the last closed round; None when not recorded (too large, or off).
         self.last_delta: AggregateDelta | None = None
@@ -119,6 +127,7 @@ class RoundEngine:
             delta = self._changes(aggregate) if self.delta_limit >= 0 else None
         else:
             aggregate, delta = self._aggregate_columns(columns)
+        self.suspicion.observe(self.aggregator.last_verdict, self.rule.candidates, self.round)
         apply_step(self.x, aggregate, self.lr)
         self.rule.close_round(aggregate, self.round)
         self.last_aggregate = aggregate
@@ -182,6 +191,7 @@ class RoundEngine:
             "last_aggregate": self.last_aggregate.clone(),
             "rule": self.rule.state_dict(),
             "aggregator": self.aggregator.state_dict(),
+            "suspicion": self.suspicion.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -193,6 +203,8 @@ class RoundEngine:
         self._dirty = None  # the next aggregation re-establishes ĝ = ARAgg(candidates) in full
         self.rule.load_state_dict(state["rule"])
         self.aggregator.load_state_dict(state["aggregator"])
+        if "suspicion" in state:  # checkpoints written before the scores existed start them anew
+            self.suspicion.load_state_dict(state["suspicion"])
 
 
 def build_engine(
@@ -222,6 +234,12 @@ def build_engine(
         config.algorithm.lr,
         delta_limit=RoundEngine.DELTA_LIMIT if sparse_downlink else -1.0,
         incremental_limit=RoundEngine.INCREMENTAL_LIMIT if sparse_downlink else -1.0,
+        suspicion=SuspicionScores(
+            config.cluster.workers,
+            config.aggregator.suspicion_halflife,
+            config.aggregator.suspicion_columns,
+            config.run.seed,
+        ),
     )
 
 

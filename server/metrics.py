@@ -243,6 +243,17 @@ class _Live(Collector):
             yield CounterMetricFamily(
                 "byzps_sent_bytes", "Serialized reply bytes (model streams included).", value=sent
             )
+            scores = coordinator.engine.suspicion.report()
+            if scores is not None:
+                suspicion = GaugeMetricFamily(
+                    "byzps_worker_suspicion",
+                    "Exponentially weighted share of each worker's state the robust rule "
+                    "discounted (0: counted as an equal share, 1: ignored).",
+                    labels=["worker"],
+                )
+                for row, score in enumerate(scores):
+                    suspicion.add_metric([str(row)], score)
+                yield suspicion
         if self.admission is not None:
             throttled = CounterMetricFamily(
                 "byzps_calls_throttled",

@@ -48,12 +48,20 @@ def round_seconds(seconds: float) -> float:
 
 
 def evaluate(
-    task: Task, x: Tensor, round: int, bytes_uplink: float, started: float
+    task: Task,
+    x: Tensor,
+    round: int,
+    bytes_uplink: float,
+    started: float,
+    suspicion: list[float] | None = None,
 ) -> dict[str, Any]:
-    """One metrics record, in the field order of metrics.jsonl (`started`: perf_counter origin)."""
+    """One metrics record, in the field order of metrics.jsonl (`started`: perf_counter origin;
+    `suspicion`: the per-worker scores, by worker id, when the run keeps them)."""
     record: dict[str, Any] = {"round": round}
     record.update(task.evaluate(x))
     record["bytes_uplink"] = bytes_uplink
+    if suspicion is not None:
+        record["suspicion"] = suspicion
     record["wall_seconds"] = round_seconds(time.perf_counter() - started)
     return record
 
@@ -145,21 +153,25 @@ class MetricsRecorder:
         run = self.config.run
         return round == 0 or round % run.eval_every == 0 or round == run.rounds
 
-    def record(self, round: int, x: Tensor, bytes_uplink: float) -> None:
+    def record(
+        self, round: int, x: Tensor, bytes_uplink: float, suspicion: list[float] | None = None
+    ) -> None:
         """Evaluate and append the record of `round` if one is due and not yet written."""
         if self.out is None or not self.due(round) or round in self._rounds:
             return
-        self.last = evaluate(self.task, x, round, bytes_uplink, self.started)
+        self.last = evaluate(self.task, x, round, bytes_uplink, self.started, suspicion)
         emit(self.last, self._file)
         self._rounds.add(round)
 
-    def finish(self, round: int, x: Tensor, bytes_uplink: float) -> None:
+    def finish(
+        self, round: int, x: Tensor, bytes_uplink: float, suspicion: list[float] | None = None
+    ) -> None:
         """summary.json and params.npy of the finished run."""
         if self.out is None:
             return
         final = self.last
         if final is None or final["round"] != round:
-            final = evaluate(self.task, x, round, bytes_uplink, self.started)
+            final = evaluate(self.task, x, round, bytes_uplink, self.started, suspicion)
         result = RunResult(round, round_seconds(self.elapsed), final, params_array(x))
         write_results(self.out, self.config, result, bytes_uplink)
 

@@ -229,6 +229,8 @@ class ParameterServerServicer:
                     ws = reply.workers.add(worker_id=str(w.row), last_seq=w.last_seq)
                     ws.last_seen.FromNanoseconds(int(w.last_seen * 1e9))
                     ws.last_round = max(w.last_round, 0)
+                if row == info.num_workers and info.suspicion is not None:  # the operator only
+                    reply.suspicion.extend(info.suspicion)
             return self._sent(reply)
 
     # --- translation helpers --------------------------------------------------------------

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -292,7 +293,10 @@ class Door:
         whole door: its messages never cross a wire."""
         if messages.nnz > self.k_max(min(round, self.rounds)):
             return torch.arange(messages.num_rows)
-        return (~rule.admissible(rows, messages, round)).nonzero().flatten()
+        admissible = rule.admissible(rows, messages, round)
+        if admissible.device.type == "cpu":  # numpy: a fraction of nonzero()'s per-call cost
+            return torch.from_numpy(np.flatnonzero(~admissible.numpy()))
+        return (~admissible).nonzero().flatten()
 
     def admit(self, rule: ServerRule, update: Update) -> None:
         """Rejected (INVALID_ARGUMENT) when applying `update` would make its sender's state

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from byzps.sim import suspicion_report as suspicion
+
 SEED, LR, ATTACK = "run.seed", "algorithm.lr", "attack.name"
 METHOD, AGGREGATOR, PRE = "algorithm.name", "aggregator.name", "aggregator.pre"
 #: Keys with a column of their own (or none), so they never appear in the "setting" column.
@@ -341,5 +343,6 @@ def write_report(
     commands = [report_command] if made_by is None else [made_by, report_command]
     title = heading(sweep_dir, runs, made_by is not None)
     text = render(rows, objective, commands, plots, title)
+    text = "\n".join([text, *suspicion.section(rows, out)])
     (out / "report.md").write_text(text + "\n")
     return rows

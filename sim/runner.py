@@ -47,19 +47,25 @@ def run_simulation(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         metrics_file = (out / "metrics.jsonl").open("w")
-    record = evaluate(task, simulation.x, 0, simulation.bytes_uplink, started)
+    suspicion = simulation.engine.suspicion
+    record = evaluate(task, simulation.x, 0, simulation.bytes_uplink, started, suspicion.report())
     try:
         _emit(record, metrics_file, progress)
         for t in range(1, config.run.rounds + 1):
             try:
                 simulation.step()
             except NonFiniteMessage as exc:
-                record = evaluate(task, simulation.x, exc.round, simulation.bytes_uplink, started)
+                record = evaluate(
+                    task, simulation.x, exc.round, simulation.bytes_uplink, started,
+                    suspicion.report(),
+                )  # fmt: skip
                 record["diverged"] = str(exc)
                 _emit(record, metrics_file, progress)
                 break
             if t % config.run.eval_every == 0 or t == config.run.rounds:
-                record = evaluate(task, simulation.x, t, simulation.bytes_uplink, started)
+                record = evaluate(
+                    task, simulation.x, t, simulation.bytes_uplink, started, suspicion.report()
+                )
                 _emit(record, metrics_file, progress)
     finally:
         if metrics_file is not None:

@@ -552,6 +552,45 @@ def test_torch_fallback_equals_numba(rule, pre, dtype):
         assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "d"), [(1, 5), (3, 1), (8, 123), (20, 123), (13, 16000), (7, 40000)])
+def test_serial_twins_equal_the_parallel_kernels_bitwise(dtype, n, d):
+    """ops runs one-chunk inputs through the serial twins of band_mean and combine: bit for bit
+    the parallel kernels' output, NaN, ±inf, −0.0, mixed rows and meamed's slide included."""
+    from byzps.common.aggregators import _kernels
+    from byzps.common.aggregators.ops import window_network
+
+    rng = np.random.default_rng(n * d)
+    x = rng.standard_normal((n, d)).astype(dtype)
+    special = rng.random((n, d))
+    x[special < 0.02] = np.nan
+    x[(special >= 0.02) & (special < 0.04)] = np.inf
+    x[(special >= 0.04) & (special < 0.06)] = -0.0
+    width = max(1, n - 2)
+    mixes = [
+        (np.empty((0, 0), np.int64), np.empty((0, 0))),
+        (np.array([rng.permutation(n)[:width] for _ in range(n)]), np.full((n, width), 1 / width)),
+    ]
+    low = max(1, n - 2)
+    bands = {((n - 1) // 2, n // 2 + 1, 0), (0, n, 0), (0, low, min(2, n - low))}
+    block = _kernels.block_size(n, x.itemsize)
+    for idx, wts in mixes:
+        for a, b, slide in bands:
+            network = window_network(n, a, b, slide)
+            outs = [np.empty(d, dtype) for _ in range(2)]
+            kernels = (_kernels.band_mean, _kernels.band_mean_serial)
+            for kernel, out in zip(kernels, outs, strict=True):
+                kernel(x, idx, wts, network, a, b, slide, block, out)
+            assert outs[0].tobytes() == outs[1].tobytes(), (a, b, slide, idx.shape)
+    weights = rng.random(n)
+    weights[0] = 0.0
+    extra, extra_weights = x[: min(2, n)] * 3, np.array([0.25, -1.0])[: min(2, n)]
+    outs = [np.empty(d, dtype) for _ in range(2)]
+    for kernel, out in zip((_kernels.combine, _kernels.combine_serial), outs, strict=True):
+        kernel(x, weights, extra, extra_weights, out)
+    assert outs[0].tobytes() == outs[1].tobytes()
+
+
 def test_numba_backend_refuses_what_it_cannot_run():
     with forced_backend("numba"), pytest.raises(ValueError, match="numba backend"):
         build_aggregator("cm", 0)(torch.ones(3, 4, dtype=torch.float16))

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import configs
 import numpy as np
 import pytest
 from cluster_helpers import (
@@ -30,6 +31,8 @@ from cluster_helpers import (
     wait_listening,
     write_config,
 )
+
+from byzps.common.config import to_toml
 
 
 @pytest.fixture
@@ -50,14 +53,19 @@ def simulate(config: Path, out: Path) -> np.ndarray:
     return np.load(out / "params.npy")
 
 
+def launch(config: Path, out: Path, procs: Processes) -> np.ndarray:
+    """`byzps launch` the run into `out` (its log beside it) and return its params.npy."""
+    log = out.parent / "launch.log"
+    started = procs.start(byzps("launch", "--config", str(config), "--out", str(out)), log=log)
+    assert started.wait(timeout=180) == 0, log.read_text()[-3000:]
+    return np.load(out / "params.npy")
+
+
 def test_launch_reproduces_simulate(tmp_path: Path, procs: Processes) -> None:
     config = write_config(tmp_path / "run.toml", rounds=60)
     expected = simulate(config, tmp_path / "sim")
     out = tmp_path / "net"
-    launch = procs.start(byzps("launch", "--config", str(config), "--out", str(out)),
-                         log=tmp_path / "launch.log")  # fmt: skip
-    assert launch.wait(timeout=180) == 0, (tmp_path / "launch.log").read_text()[-3000:]
-    got = np.load(out / "params.npy")
+    got = launch(config, out, procs)
     rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)
     print(f"launch vs simulate: relative error {rel:.3e}")
     assert np.allclose(got, expected, rtol=1e-5, atol=1e-7), rel
@@ -65,10 +73,26 @@ def test_launch_reproduces_simulate(tmp_path: Path, procs: Processes) -> None:
     assert net_final["round"] == sim_final["round"] == 60
     assert net_final["train_loss"] == pytest.approx(sim_final["train_loss"], rel=1e-5)
     assert net_final["bytes_uplink"] == sim_final["bytes_uplink"]
+    # The same states, aggregated by the same rule: the same suspicion scores.
+    assert net_final["suspicion"] == pytest.approx(sim_final["suspicion"], abs=0.01)
     assert (out / "secret").stat().st_mode & 0o777 == 0o600
     assert {p.name for p in (out / "logs").iterdir()} >= {"server.log", "worker-0.log",
                                                           "attack.log"}  # fmt: skip
     assert leftovers(str(tmp_path)) == []
+
+
+def test_launch_reproduces_simulate_under_the_authors_protocol(
+    tmp_path: Path, procs: Processes
+) -> None:
+    """Shuffled batches that cross a pass (60 rounds × 200 rows > a shard of 8 140 rows) and the
+    data split over the 4 honest workers, under label flipping: the worker daemons and the
+    cohort map ids to shards and draw batches exactly as the simulator does."""
+    run = configs.small_config(seed=7, rounds=60, eval_every=60, k=2, attack="lf")
+    run["task"] |= {"batch_size": 200, "sampling": "shuffle", "split_over": "honest"}
+    config = tmp_path / "run.toml"
+    config.write_text(to_toml(run))
+    expected = simulate(config, tmp_path / "sim")
+    assert np.allclose(launch(config, tmp_path / "net", procs), expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow  # a run long enough to kill a worker in

@@ -88,8 +88,40 @@ def test_cohort_knowledge_uses_only_shadows() -> None:
     assert messages.num_rows == F
 
 
-def test_state_dict_round_trip_reproduces_messages() -> None:
-    a, b = make_cohort("gauss"), make_cohort("gauss")
+class ShadowsAlways(ByzantineCohort):
+    """A cohort that runs its shadows even where `runs_shadows` would skip them."""
+
+    runs_shadows = True  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("attack", ATTACK_NAMES)
+@pytest.mark.parametrize("knowledge", ["omniscient", "cohort"])
+def test_skipping_the_shadows_never_changes_a_message(attack: str, knowledge: str) -> None:
+    """Where the cohort skips its shadows (omniscient attacks that read neither them nor
+    anything derived from them), every message is bitwise what running them gives."""
+    fast = make_cohort(attack, knowledge=knowledge)
+    full = make_cohort(attack, knowledge=knowledge)
+    full.__class__ = ShadowsAlways
+    oracle = ReplayOracle(F, D, ROUNDS, seed=2)
+    gen = torch.Generator().manual_seed(9)
+    skipped = not fast.runs_shadows
+    reads_honest = attack not in ("lf", "bf", "gauss", "overflow")
+    assert skipped == (knowledge == "omniscient" and reads_honest)
+    for t in range(ROUNDS):
+        x, honest = torch.randn(D, generator=gen), torch.randn(N - F, D, generator=gen)
+        a = fast.messages(x, oracle, t, honest=honest)
+        b = full.messages(x, oracle, t, honest=honest)
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values), t
+        fast.commit(a)
+        full.commit(b)
+        aggregate = torch.randn(D, generator=gen)
+        fast.close_round(aggregate, t)
+        full.close_round(aggregate, t)
+
+
+@pytest.mark.parametrize("attack", ["gauss", "alie"])  # alie skips its shadows, gauss does not
+def test_state_dict_round_trip_reproduces_messages(attack: str) -> None:
+    a, b = make_cohort(attack), make_cohort(attack)
     oracle = ReplayOracle(F, D, 10, seed=3)
     honest = torch.randn(N - F, D)
     for t in range(3):

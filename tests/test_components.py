@@ -104,3 +104,35 @@ def test_components_refuses_unknown_names_and_mixed_options() -> None:
     assert "no component 'alei'" in result.output and "alie" in result.output
     result = CliRunner().invoke(main, ["components", "--markdown", "alie"])
     assert result.exit_code == 2
+
+
+def test_a_registration_writes_the_name_once_and_the_class_carries_it() -> None:
+    import ast
+    import inspect
+
+    from byzps.common.catalog import registries
+    from byzps.common.server_rules import SERVER_RULES
+    from byzps.worker.byzantine.protocol import PROTOCOL_ATTACKS
+
+    every = {**registries(), "server rules": SERVER_RULES, "protocol attacks": PROTOCOL_ATTACKS}
+    for kind, registry in every.items():
+        for name in registry.names():
+            cls = registry.get(name)
+            assert cls.name == name, (kind, name)
+            body = ast.parse(inspect.getsource(cls)).body[0]
+            assert isinstance(body, ast.ClassDef)
+            assigned = [
+                t.id
+                for node in body.body
+                if isinstance(node, ast.Assign | ast.AnnAssign)
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(t, ast.Name)
+            ]
+            assert "name" not in assigned, f"{kind} {name!r} writes its name again in its body"
+    registry: Registry[object] = Registry("thing")
+
+    @registry.register("widget")
+    class Widget:
+        pass
+
+    assert Widget.name == "widget" and registry.get("widget") is Widget  # type: ignore[attr-defined]

@@ -23,7 +23,7 @@ from byzps.common.compressors import (
 )
 from byzps.common.sparse import INDEX_DTYPE
 
-METHODS = ("numpy", "sort", "torch")
+METHODS = ("numpy", "select", "sort", "torch")
 
 
 def brute_topk(z: np.ndarray, k: int) -> np.ndarray:
@@ -78,6 +78,19 @@ def test_topk_paths_agree(w: int, d: int, data: st.DataObject) -> None:
     reference = brute_topk(z.numpy(), k)
     for method in METHODS:
         np.testing.assert_array_equal(topk_indices(z, k, method).numpy(), reference)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_topk_select_keeps_the_sorts_choice_on_non_finite_rows(k: int, bad: float) -> None:
+    """The batched select path ("auto" on CPU for small d) ranks NaN below every number and
+    ±inf above, exactly as the stable sort of −|z| does, also in float64 and bfloat16."""
+    z = torch.tensor([[1.0, bad, -3.0, 3.0, bad, 0.5], [2.0, -2.0, 0.0, 2.0, 1.0, -0.0]])
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        zz = z.to(dtype)
+        expected = topk_indices(zz, k, "sort")
+        assert torch.equal(topk_indices(zz, k, "select"), expected), dtype
+        assert torch.equal(topk_indices(zz, k), expected), dtype
 
 
 def test_topk_compress_values_unscaled_and_sorted() -> None:

@@ -54,6 +54,8 @@ def test_overrides_parse_toml_values(tmp_path: Path) -> None:
         ("algorithm.eta=1.5", "algorithm.eta"),
         ("compressor.ratio=0.5", "compressor.k"),
         ('task.split="weird"', "task.split"),
+        ('task.sampling="without"', "task.sampling"),
+        ('task.split_over="byzantine"', "task.split_over"),
         ("run.rounds=0", "run.rounds"),
         ("nosection.key=1", "nosection"),
         ('attack.knowledge="psychic"', "attack.knowledge"),

@@ -357,3 +357,9 @@ def _dashboard_exprs() -> list[str]:
 def _tail(log: object) -> str:
     log.seek(0)  # type: ignore[attr-defined]
     return log.read().decode()[-2000:]  # type: ignore[attr-defined]
+
+
+def test_suspicion_scores_are_one_gauge_per_configured_worker(run: Run) -> None:
+    scores = per_worker(run.after, "byzps_worker_suspicion")
+    assert set(scores) == {str(w) for w in range(N)}
+    assert all(0.0 <= v <= 1.0 for v in scores.values()), scores

@@ -9,14 +9,17 @@ import torch
 from byzps.common.catalog import check_components
 from byzps.common.components import build_run_task
 from byzps.common.config import ConfigError, RunConfig
-from byzps.common.tasks import build_task
+from byzps.common.tasks import DataSpec, build_task
 from byzps.common.tasks.quadratic import QuadraticTask
 from byzps.sim.build import build_simulation
+
+DATA_KEYS = ("num_workers", "seed", "batch_size", "split", "sampling", "split_over")
 
 
 def task(**params: object) -> QuadraticTask:
     settings = {"num_workers": 5, "seed": 1, "batch_size": 1, "dim": 300} | params
-    built = build_task("quadratic", **settings)  # type: ignore[arg-type]
+    data = DataSpec(**{k: settings.pop(k) for k in DATA_KEYS if k in settings})  # type: ignore[arg-type]
+    built = build_task("quadratic", data, **settings)
     assert isinstance(built, QuadraticTask)
     return built
 
@@ -80,6 +83,8 @@ def test_label_flip_negates_the_targets() -> None:
         ({"noise": -1.0}, "noise"),
         ({"mu": 2.0, "L": 1.0}, "mu"),
         ({"split": "dirichlet"}, "split"),
+        ({"sampling": "shuffle"}, "sampling"),
+        ({"split_over": "honest"}, "split_over"),
     ],
 )
 def test_bad_parameters_are_refused(params: dict, message: str) -> None:

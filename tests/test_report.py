@@ -35,7 +35,8 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def table_rows(markdown: str) -> dict[str, dict[str, str]]:
     """Markdown table rows keyed by method, each a column → cell mapping."""
-    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    main = markdown.split("## Suspicion scores")[0]
+    lines = [line for line in main.splitlines() if line.startswith("| ")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[1:]:
@@ -80,7 +81,12 @@ def test_report_table_holds_the_mean_over_seeds_and_valid_pngs(swept: Path) -> N
         assert float(row["bytes uplink"]) == np.mean([r["bytes_uplink"] for r in runs])
 
     embedded = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
-    assert sorted(embedded) == ["train_loss_vs_bits.png", "train_loss_vs_rounds.png"]
+    curves = ["train_loss_vs_bits.png", "train_loss_vs_rounds.png"]
+    per_run = sorted(f"suspicion/{path.parent.name}.png" for path in swept.glob("*/summary.json"))
+    assert sorted(embedded) == sorted(curves + per_run)  # and one suspicion plot per run
+    suspicion = text.split("## Suspicion scores")[1]
+    for method in ("byz-dm21", "br-csgd"):
+        assert f"| alie | {method} | nnm+cm |" in suspicion
     for name in embedded:
         png = report_dir / name
         assert png.read_bytes()[:8] == PNG_MAGIC

@@ -75,3 +75,41 @@ def test_bad_config_is_refused_naming_the_key(tmp_path: Path, override: str, key
     assert key in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "bad" / "params.npy").exists()
+
+
+A9A = Path(__file__).resolve().parents[1] / "experiments" / "a9a" / "base.toml"
+
+
+def test_single_run_speed_ups_keep_the_a9a_trajectory_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 11's speed-ups of a single run (Top-k's batched select, the omniscient cohort's
+    skipped shadows, the serial band_mean/combine kernels, numpy for the door's per-message
+    checks, index_put_ for small scatters) against the paths they bypass: the same x, bit for
+    bit, on the paper's a9a setting (Byz-DM21, Top-1, NNM∘cm, omniscient ALIE)."""
+    import torch
+
+    from byzps.common import server_rules
+    from byzps.common.aggregators import ops
+    from byzps.common.attacks.cohort import ByzantineCohort
+    from byzps.common.compressors import sparsifiers
+    from byzps.common.config import RunConfig
+    from byzps.sim.build import build_simulation
+
+    config = RunConfig.load(A9A, [])
+    rounds = 150
+
+    def trajectory() -> list[torch.Tensor]:
+        simulation = build_simulation(config)
+        return [simulation.step().clone() for _ in range(rounds)] + [simulation.x.clone()]
+
+    fast = trajectory()
+    with monkeypatch.context() as slow:
+        slow.setattr(ByzantineCohort, "runs_shadows", property(lambda self: True))
+        slow.setattr(ops, "_single_chunk", lambda x: False)
+        slow.setattr(server_rules, "_numpy_view", lambda t: False)
+        slow.setattr(server_rules, "SMALL_SCATTER", -1)
+        slow.setattr(sparsifiers, "_topk_select", sparsifiers._topk_sort)
+        reference = trajectory()
+    for t, (a, b) in enumerate(zip(fast, reference, strict=True)):
+        assert torch.equal(a, b), f"round {t}" if t < rounds else "final x"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from optional import need_fashion_mnist
 
-from byzps.common.tasks import TASKS, build_task
+from byzps.common.tasks import TASKS, DataSpec, build_task
 from byzps.common.tasks.a9a import A9aLogRegTask, load_a9a
 from byzps.common.tasks.digits import load_digits_split
 from byzps.common.tasks.fmnist import resolve_data_dir
@@ -95,13 +95,15 @@ def reference_loss(kind: str, lam: float, x: torch.Tensor, rows: torch.Tensor, y
 @pytest.fixture(scope="module", params=REGULARIZERS, ids=[r[0] for r in REGULARIZERS])
 def task64(request: pytest.FixtureRequest) -> A9aLogRegTask:
     kind, _ = request.param
-    return A9aLogRegTask(num_workers=8, seed=5, batch_size=4, regularizer=kind, dtype="float64")
+    return A9aLogRegTask(
+        data=DataSpec(num_workers=8, seed=5, batch_size=4), regularizer=kind, dtype="float64"
+    )
 
 
 def test_default_lambda_and_unknown_regularizer(task64: A9aLogRegTask) -> None:
     assert task64.reg.lam == dict(REGULARIZERS)[task64.reg.kind]
     with pytest.raises(ValueError, match="unknown regularizer 'l1'"):
-        A9aLogRegTask(num_workers=2, seed=0, regularizer="l1")
+        A9aLogRegTask(data=DataSpec(num_workers=2, seed=0), regularizer="l1")
 
 
 def random_point(seed: int = 0) -> torch.Tensor:
@@ -157,7 +159,7 @@ def test_a9a_batched_oracle_equals_single_worker_oracles(task64: A9aLogRegTask) 
 
 
 def test_a9a_sample_is_a_pure_function_of_seed_and_round() -> None:
-    task = A9aLogRegTask(num_workers=4, seed=0, batch_size=16)
+    task = A9aLogRegTask(data=DataSpec(num_workers=4, seed=0, batch_size=16))
     oracle = task.oracle(range(4), seed=1)
     first = oracle.sample(3)
     oracle.sample(4)
@@ -174,7 +176,7 @@ def test_a9a_sample_is_a_pure_function_of_seed_and_round() -> None:
 
 def test_a9a_batches_are_uniform_over_the_shard() -> None:
     """Counter-based draws: every shard position is hit about equally often (chi-square)."""
-    task = A9aLogRegTask(num_workers=20, seed=0, batch_size=4)
+    task = A9aLogRegTask(data=DataSpec(num_workers=20, seed=0, batch_size=4))
     oracle = task.oracle([3], seed=5)
     shard = task.shards[3]
     counts = torch.zeros(shard.numel())
@@ -218,7 +220,7 @@ def test_a9a_label_flip(task64: A9aLogRegTask) -> None:
 
 
 def test_a9a_evaluate_at_zero() -> None:
-    task = A9aLogRegTask(num_workers=20, seed=0)
+    task = A9aLogRegTask(data=DataSpec(num_workers=20, seed=0))
     x = task.init_params(0)
     assert torch.equal(x, torch.zeros(123)) and task.layer_sizes == (123,) and task.dim == 123
     metrics = task.evaluate(x)
@@ -231,7 +233,7 @@ def test_a9a_evaluate_at_zero() -> None:
 
 
 def test_a9a_oracle_rejects_bad_worker_ids() -> None:
-    task = A9aLogRegTask(num_workers=3, seed=0)
+    task = A9aLogRegTask(data=DataSpec(num_workers=3, seed=0))
     with pytest.raises(ValueError, match="worker id 3 outside"):
         task.oracle([0, 3], seed=0)
     with pytest.raises(ValueError, match="distinct"):
@@ -244,15 +246,19 @@ def test_a9a_oracle_rejects_bad_worker_ids() -> None:
 def test_registered_tasks_and_factory_errors() -> None:
     assert {"a9a-logreg", "fmnist-cnn", "digits-mlp"} <= set(TASKS.names())
     task = build_task(
-        "a9a-logreg", num_workers=4, seed=0, batch_size=2, split="dirichlet", alpha=0.3, lam=0.01
+        "a9a-logreg",
+        DataSpec(num_workers=4, seed=0, batch_size=2, split="dirichlet", alpha=0.3),
+        lam=0.01,
     )
-    assert isinstance(task, A9aLogRegTask) and task.reg.lam == 0.01 and task.split == "dirichlet"
+    assert (
+        isinstance(task, A9aLogRegTask) and task.reg.lam == 0.01 and task.data.split == "dirichlet"
+    )
     with pytest.raises(ValueError, match="no parameter 'momentum'"):
-        build_task("a9a-logreg", num_workers=4, seed=0, batch_size=1, momentum=0.9)
+        build_task("a9a-logreg", DataSpec(num_workers=4, seed=0, batch_size=1), momentum=0.9)
     with pytest.raises(ValueError, match="unknown task 'mnist'"):
-        build_task("mnist", num_workers=4, seed=0, batch_size=1)
+        build_task("mnist", DataSpec(num_workers=4, seed=0, batch_size=1))
     with pytest.raises(ValueError, match="unknown split"):
-        build_task("a9a-logreg", num_workers=4, seed=0, batch_size=1, split="random")
+        build_task("a9a-logreg", DataSpec(num_workers=4, seed=0, batch_size=1, split="random"))
 
 
 # ---------------------------------------------------------------- neural-network tasks
@@ -264,7 +270,7 @@ def nn_task(request: pytest.FixtureRequest):
         need_fashion_mnist()
     extra = {"max_train": 3000, "eval_size": 500} if request.param == "fmnist-cnn" else {}
     return build_task(
-        request.param, num_workers=5, seed=0, batch_size=8, split="sorted-mix", **extra
+        request.param, DataSpec(num_workers=5, seed=0, batch_size=8, split="sorted-mix"), **extra
     )
 
 
@@ -334,12 +340,12 @@ def test_fmnist_missing_directory_is_named(tmp_path, monkeypatch) -> None:
         resolve_data_dir(tmp_path)
     monkeypatch.setenv("BYZPS_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=r"nowhere.*dataset-fashion-mnist"):
-        build_task("fmnist-cnn", num_workers=2, seed=0, batch_size=4)
+        build_task("fmnist-cnn", DataSpec(num_workers=2, seed=0, batch_size=4))
 
 
 def test_fmnist_data() -> None:
     need_fashion_mnist()
-    task = build_task("fmnist-cnn", num_workers=2, seed=0, batch_size=4, max_train=100)
+    task = build_task("fmnist-cnn", DataSpec(num_workers=2, seed=0, batch_size=4), max_train=100)
     assert task.inputs.shape == (100, 1, 28, 28) and task.test_inputs.shape == (10000, 1, 28, 28)
     assert set(task.test_targets.unique().tolist()) == set(range(10))
 

@@ -15,12 +15,17 @@ on the thread count, so results are bitwise reproducible on any machine with the
 the sums must round exactly like the torch fallback. `centred_gram` allows reassociation so that
 its dot products vectorise; it works in float64, where the reordering is harmless.
 
+`band_mean_serial` and `combine_serial` are the same two kernels compiled without `parallel`, for
+inputs of one chunk (`_serial_twin`): bitwise their output, without a parallel region's cost.
+
 * `weiszfeld`, `clip_steps`, `kth_sq_dists` — gm's and cclip's iterations and the honest-scale
   distances, on the n × n Gram: plain loops, because at this size numpy's per-call overhead, not
   arithmetic, is the cost (a Weiszfeld step is a few hundred flops and would be ten numpy calls).
 """
 
 from __future__ import annotations
+
+import types
 
 import numpy as np
 from numba import njit, prange
@@ -247,6 +252,27 @@ def combine(x, weights, extra, extra_weights, out):  # pragma: no cover - compil
                         acc[t] += weight * src[t]
             for t in range(w):
                 out[s + t] = acc[t]
+
+
+def _serial_twin(kernel, name):
+    """`kernel`'s Python function compiled without `parallel`: its prange runs as a plain loop.
+
+    For inputs of one chunk, where there is nothing to share: entering a parallel region (and
+    `ops._threads_for`'s switch to one thread around it) costs more than a 20 × 123 pass itself.
+    Only for kernels compiled with fastmath off, whose chunks are independent: the twin then does
+    the same operations in the same order, and its output is bitwise the kernel's (a test checks
+    it). A kernel with reassociation (the Gram's) may vectorise differently when compiled serially,
+    so it has no twin. Its own name keeps numba's on-disk cache apart from the kernel's.
+    """
+    source = kernel.py_func
+    twin = types.FunctionType(source.__code__, source.__globals__, name, source.__defaults__)
+    twin.__qualname__ = name
+    twin.__doc__ = f"`{source.__name__}` without parallel threads (see `_serial_twin`)."
+    return njit(cache=True, fastmath=False)(twin)
+
+
+band_mean_serial = _serial_twin(band_mean, "band_mean_serial")
+combine_serial = _serial_twin(combine, "combine_serial")
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from byzps.common.aggregators.verdict import Verdict
 from byzps.common.registry import Registry
 
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator", supplied=("f", "seed"))
@@ -25,6 +26,9 @@ class Aggregator(ABC):
     #: wrapper, which mixes whole rows). Such a rule can be re-run on just the columns whose
     #: inputs changed (`aggregate_columns`), which is what the server's incremental round uses.
     coordinatewise: ClassVar[bool] = False
+    #: What the last call's output did to each input (`verdict.Verdict`), for suspicion scores;
+    #: None before the first call, or for a rule that does not say.
+    last_verdict: Verdict | None = None
 
     def __init__(self, f: int = 0) -> None:
         if f < 0:

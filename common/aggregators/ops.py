@@ -8,7 +8,7 @@ the only one on a GPU — is tested on CPU by forcing it with `forced_backend("t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Literal
 
@@ -53,6 +53,13 @@ def _threads_for(columns: int) -> Iterator[None]:
         numba.set_num_threads(previous)
 
 
+def _single_chunk(x: Tensor) -> bool:
+    """True when `_threads_for` would run x's pass on one thread: the serial twins of the
+    kernels without reassociation (`_kernels._serial_twin`) then do it, bitwise the same, without
+    entering a parallel region."""
+    return x.shape[1] <= _kernels.CHUNK
+
+
 def _use_numba(x: Tensor) -> bool:
     backend = _BACKEND.get()
     eligible = x.is_cpu and x.dtype in _NUMBA_DTYPES
@@ -75,8 +82,11 @@ def band_mean(
     if _use_numba(x):
         out = np.empty(x.shape[1], dtype=x.numpy().dtype)
         block = _kernels.block_size(n, x.element_size())
-        with _threads_for(x.shape[1]):
-            _kernels.band_mean(x.numpy(), idx, wts, network, a, b, slide, block, out)
+        if _single_chunk(x):
+            _kernels.band_mean_serial(x.numpy(), idx, wts, network, a, b, slide, block, out)
+        else:
+            with _threads_for(x.shape[1]):
+                _kernels.band_mean(x.numpy(), idx, wts, network, a, b, slide, block, out)
         return torch.from_numpy(out)
     return _band_mean_torch(x, idx, wts, network, a, b, slide)
 
@@ -218,8 +228,11 @@ def combine(
         data = x.numpy()
         out = np.empty(x.shape[1], dtype=data.dtype)
         extra_data = data[:0] if extra is None else extra.numpy()
-        with _threads_for(x.shape[1]):
-            _kernels.combine(data, weights, extra_data, extra_weights, out)
+        if _single_chunk(x):
+            _kernels.combine_serial(data, weights, extra_data, extra_weights, out)
+        else:
+            with _threads_for(x.shape[1]):
+                _kernels.combine(data, weights, extra_data, extra_weights, out)
         return torch.from_numpy(out)
     acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     terms = list(zip(weights.tolist(), x, strict=True))
@@ -238,9 +251,11 @@ def mix_rows(x: Tensor, mix: np.ndarray) -> Tensor:
         data = x.numpy()
         out = np.empty((mix.shape[0], x.shape[1]), dtype=data.dtype)
         none, no_weights = data[:0], np.zeros(0)
-        with _threads_for(x.shape[1]):
+        serial = _single_chunk(x)
+        kernel = _kernels.combine_serial if serial else _kernels.combine
+        with nullcontext() if serial else _threads_for(x.shape[1]):
             for i in range(mix.shape[0]):
                 weights = np.ascontiguousarray(mix[i], dtype=np.float64)
-                _kernels.combine(data, weights, none, no_weights, out[i])
+                kernel(data, weights, none, no_weights, out[i])
         return torch.from_numpy(out)
     return torch.stack([combine(x, weights) for weights in mix])

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from byzps.common.aggregators import ops
 from byzps.common.aggregators.gram import honest_scale, pairwise_sq_dists
+from byzps.common.aggregators.verdict import Banded, Verdict, Weighted
 
 #: Squared distances from the centre at or beyond this make a row far: non-finite values, or
 #: float64 values so large (‖x − centre‖ ≳ 1e150) that sums of squared distances would overflow.
@@ -115,11 +116,24 @@ class _Inputs:
     mixed views share it.
     """
 
-    def __init__(self, x: Tensor) -> None:
+    def __init__(self, x: Tensor, origin: tuple[_Inputs, np.ndarray] | None = None) -> None:
         self.x = x
+        #: (parent inputs, mix) when x was computed as mix · parent (`Rows._materialise`): a
+        #: verdict recorded here is passed on to the parent, over the parent's rows.
+        self.origin = origin
+        #: What the last reduction over these inputs did to each of them (`record`).
+        self.verdict: Verdict | None = None
         self._gram: np.ndarray | None = None
         self._far: np.ndarray | None = None
         self._scale: float | None = None
+
+    def record(self, verdict: Verdict) -> None:
+        """Keep `verdict` (the last reduction wins: it is the output) and pass it up the chain
+        of inputs these rows were computed from."""
+        self.verdict = verdict
+        if self.origin is not None:
+            parent, mix = self.origin
+            parent.record(verdict.through(mix))
 
     def gram(self) -> np.ndarray:
         """The sanitised Gram of the raw rows, centred on their mean or, when that is imprecise,
@@ -196,8 +210,7 @@ class Rows:
             self._resolved = True
             assert self.mix is not None
             if not self.affine:
-                self._concrete = Rows(ops.mix_rows(self.x, self.mix))
-                return self._concrete
+                return self._materialise()
             raw, far = self._inputs.gram(), self._inputs.far()
             self._mixed_gram = self._mix_gram(raw)
             finite = ~(self.mix[:, far] != 0.0).any(axis=1)
@@ -206,7 +219,16 @@ class Rows:
             mixed_far = ~finite
             scale = np.maximum(self._inputs.scale(), honest_scale(self._mixed_gram, mixed_far))
             if np.any((rounding > RESOLUTION * scale)[finite]):
-                self._concrete = Rows(ops.mix_rows(self.x, self.mix))
+                self._materialise()
+        return self._concrete
+
+    def _materialise(self) -> Rows:
+        """Compute the mixed rows once and use them from now on as plain inputs; their verdicts
+        are passed back to these rows' inputs through the mix."""
+        assert self.mix is not None
+        computed = _Inputs(ops.mix_rows(self.x, self.mix), origin=(self._inputs, self.mix))
+        self._concrete = Rows(computed)
+        self._resolved = True
         return self._concrete
 
     def _mix_gram(self, raw: np.ndarray, extra: int = 0) -> np.ndarray:
@@ -254,9 +276,7 @@ class Rows:
         parts = self.mix @ np.sqrt(np.diag(raw)[:n0])  # M ≥ 0: |M| = M
         needed = np.maximum(resolution, np.diag(mixed)[: self.n])
         if np.any((gram_rounding(d) * parts**2 > RESOLUTION * needed)[~mixed_far]):
-            self._concrete = Rows(ops.mix_rows(self.x, self.mix))
-            self._resolved = True
-            return self._concrete.gram_around(point, resolution)
+            return self._materialise().gram_around(point, resolution)
         return mixed, mixed_far
 
     def far(self) -> np.ndarray:
@@ -269,6 +289,11 @@ class Rows:
         if concrete is not None:
             return concrete.far()
         return (self.mix[:, raw] != 0.0).any(axis=1)
+
+    def verdict(self) -> Verdict | None:
+        """What the last reduction (`combine`, `band_mean`) over any view of these rows' raw
+        inputs did to each input (byzps.common.aggregators.verdict); None before one ran."""
+        return self._inputs.verdict
 
     def pairwise_sq_dists(self) -> np.ndarray:
         """(n, n) ‖row_i − row_j‖², +inf wherever a far row is involved (its diagonal included)."""
@@ -287,6 +312,7 @@ class Rows:
         if self._concrete is not None:
             return self._concrete.combine(weights, extra, extra_weights)
         coefficients = weights if self.mix is None else weights @ self.mix
+        self._inputs.record(Weighted(np.asarray(coefficients, np.float64)))
         return ops.combine(self.x, coefficients, extra, extra_weights)
 
     def mean(self) -> Tensor:
@@ -298,6 +324,7 @@ class Rows:
         (`ops.band_mean`)."""
         if self._concrete is not None:
             return self._concrete.band_mean(a, b, slide)
+        self._inputs.record(Banded(self.mix, a, b, slide))
         idx, wts = self._sparse_mix()
         return ops.band_mean(self.x, idx, wts, a, b, slide)
 

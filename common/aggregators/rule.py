@@ -24,7 +24,10 @@ class RowsAggregator(Aggregator):
     """An aggregator whose work is done by `aggregate(rows, f)`; `__call__` validates and wraps."""
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.aggregate(Rows(as_matrix(x)), self.f)
+        rows = Rows(as_matrix(x))
+        out = self.aggregate(rows, self.f)
+        self.last_verdict = rows.verdict()
+        return out
 
     def check(self, n: int, f: int) -> None:
         """ValueError, naming f and n, when f Byzantine inputs among n exceed what the rule
@@ -53,11 +56,6 @@ def require(holds: bool, rule: str, condition: str, f: int, n: int) -> None:
 
 
 def register(name: str, registry: Registry = AGGREGATORS) -> Callable[[A], A]:
-    """Register a class under `name` and record the name on it (`cls.name`)."""
-
-    def decorate(cls: A) -> A:
-        cls.name = name
-        registry.register(name)(cls)
-        return cls
-
-    return decorate
+    """Register a class under `name` in `registry` (aggregators by default, or the wrappers);
+    the registry records the name on it (`cls.name`)."""
+    return registry.register(name)

@@ -64,14 +64,19 @@ class NearestNeighborMixing(Wrapper):
         self.base.check(n, f)
 
     def mixing(self, rows: Rows, f: int) -> np.ndarray:
-        """The (n, n) row-stochastic M with y = M x: 1/(n − f) on each row's N_i."""
+        """The (n, n) row-stochastic M with y = M x: 1/(n − f) on each row's N_i.
+
+        One stable argsort of the whole distance matrix (its own copy) finds every N_i: x_i
+        first (its diagonal set to −inf), then its nearest, ties to the lower index; far rows'
+        +inf distances sort last.
+        """
         n = rows.n
         self.check(n, f)
         dists = rows.pairwise_sq_dists()
-        np.fill_diagonal(dists, -np.inf)
+        dists.flat[:: n + 1] = -np.inf  # the diagonal
         nearest = np.argsort(dists, axis=1, kind="stable")[:, : n - f]
         mix = np.zeros((n, n))
-        np.put_along_axis(mix, nearest, 1.0 / (n - f), axis=1)
+        mix[np.arange(n)[:, None], nearest] = 1.0 / (n - f)
         return mix
 
 

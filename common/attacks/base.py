@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from byzps.common.registry import Registry
+from byzps.common.seeding import generator
 
 ATTACKS: Registry[Attack] = Registry("attack")
 
@@ -26,10 +27,14 @@ class AttackView:
 
     honest: (h, d) honest candidates — the true honest rows when the attack is omniscient, or the
         cohort's own honest shadow candidates (computed on its members' data) otherwise.
-    shadow: (m, d) the honest candidates each Byzantine member would have had, from its own data.
+    shadow: (m, d) the honest candidates each Byzantine member would have had, from its own data;
+        (0, d) when the cohort does not run its shadows, which it skips only when nothing can
+        read them (an omniscient attack on the true honest rows, without `uses_shadow`).
     bases:  (m, d) each Byzantine member's current server-side base b_j (known exactly).
     n, f:   total number of workers and of Byzantine workers (m = f here).
-    generator: the cohort's random source for this round (keyed by run seed and round).
+    generator: the cohort's random source for this round (keyed by run seed and round). The
+        cohort passes None and its keys instead (`generator_keys`): seeding one costs ~50 µs,
+        a sixth of an a9a round, and most attacks draw nothing, so it is built on first access.
     gain:   what the cohort's compressor multiplies a kept coordinate of t − b by this round
         (d/k for Rand-k under a non-accumulating rule; 1 for Top-k, dense rounds, and Rand-k
         under the "state" rule, whose messages the cohort scales back by 1/(ω + 1)). Attacks
@@ -50,6 +55,23 @@ class AttackView:
     generator: torch.Generator
     gain: float = 1.0
     aggregate: Callable[[Tensor], Tensor] | None = None
+    #: (seed, *keys) of `generator` when it is None: `seeding.generator(*generator_keys)`.
+    generator_keys: tuple[int | str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.generator is None:
+            if self.generator_keys is None:
+                raise ValueError("an AttackView needs a generator or its generator_keys")
+            object.__delattr__(self, "generator")  # from now on `__getattr__` builds it
+
+    def __getattr__(self, name: str) -> torch.Generator:
+        """Reached only for a deferred `generator`: build it from its keys, keep it."""
+        keys = self.__dict__.get("generator_keys")
+        if name != "generator" or keys is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        drawn = generator(*keys)
+        object.__setattr__(self, "generator", drawn)
+        return drawn
 
     def rows(self, byzantine: Tensor) -> Tensor:
         """The (n, d) rows the server would aggregate if the members' candidates were
@@ -76,6 +98,9 @@ class Attack(ABC):
     uses_honest: ClassVar[bool] = False
     #: The attack evaluates the run's aggregator (`AttackView.aggregate`): its cohort needs it.
     uses_aggregator: ClassVar[bool] = False
+    #: The attack reads its members' own shadow candidates (`AttackView.shadow`), whatever its
+    #: knowledge: the cohort must run the shadow estimator even when it is omniscient.
+    uses_shadow: ClassVar[bool] = False
 
     @abstractmethod
     def targets(self, view: AttackView) -> Tensor:

@@ -158,8 +158,6 @@ class OptimalALittleIsEnough(OptimalScale):
     ByzFL's −τ (a negative `delta` searches the other side).
     """
 
-    name = "alie-opt"
-
     def line(self, honest: Tensor) -> tuple[Tensor, Tensor]:
         return alie_line(honest)
 
@@ -172,8 +170,6 @@ class OptimalInnerProductManipulation(OptimalScale):
     """Optimal IPM (ByzFL's Optimal_InnerProductManipulation; Allouah et al. 2023): t = −ε*·μ,
     with ε* = argmax_ε ‖F(h, t(ε)) − μ‖ over ByzFL's line search from ε = `start` (plus ipm's
     default ε = 0.1, Xie et al. 2020) against the run's aggregator F."""
-
-    name = "ipm-opt"
 
     def line(self, honest: Tensor) -> tuple[Tensor, Tensor]:
         return ipm_line(honest)

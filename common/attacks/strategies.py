@@ -77,8 +77,6 @@ def ipm_line(honest: Tensor) -> tuple[Tensor, Tensor]:
 class NoAttack(Attack):
     """No attack: Byzantine workers are absent. Asking it for targets is a programming error."""
 
-    name = "na"
-
     def targets(self, view: AttackView) -> Tensor:
         raise RuntimeError("attack 'na' has no Byzantine members to choose targets for")
 
@@ -87,7 +85,6 @@ class NoAttack(Attack):
 class ALittleIsEnough(Attack):
     """ALIE: t = μ − z·σ with μ, σ the coordinate-wise mean and std of the honest candidates."""
 
-    name = "alie"
     uses_honest = True
 
     def __init__(self, z: float | None = None) -> None:
@@ -103,7 +100,6 @@ class ALittleIsEnough(Attack):
 class InnerProductManipulation(Attack):
     """IPM (Xie et al. 2020): t = −ε·μ, turning the aggregate's inner product with μ negative."""
 
-    name = "ipm"
     uses_honest = True
 
     def __init__(self, epsilon: float = IPM_EPSILON) -> None:
@@ -118,7 +114,6 @@ class InnerProductManipulation(Attack):
 class SignFlip(Attack):
     """Sign flip: each member targets −a_r for an honest candidate a_r drawn at random."""
 
-    name = "sf"
     uses_honest = True
 
     def targets(self, view: AttackView) -> Tensor:
@@ -131,8 +126,8 @@ class SignFlip(Attack):
 class LabelFlip(Attack):
     """Label flip: run the honest estimator on labels y → (C − 1) − y; the target is that result."""
 
-    name = "lf"
     flips_labels = True
+    uses_shadow = True
 
     def targets(self, view: AttackView) -> Tensor:
         return view.shadow.clone()
@@ -142,7 +137,7 @@ class LabelFlip(Attack):
 class BitFlip(Attack):
     """Bit flip: t = −(the member's own honest candidate)."""
 
-    name = "bf"
+    uses_shadow = True
 
     def targets(self, view: AttackView) -> Tensor:
         return -view.shadow
@@ -151,8 +146,6 @@ class BitFlip(Attack):
 @ATTACKS.register("gauss")
 class GaussianNoise(Attack):
     """Gaussian noise: t ~ N(0, σ² I), drawn per member from the round's generator."""
-
-    name = "gauss"
 
     def __init__(self, sigma: float = 0.5) -> None:
         if sigma < 0:
@@ -169,7 +162,6 @@ class Mimic(Attack):
     """Mimic (Karimireddy et al. 2022): every member copies one fixed honest worker's candidate,
     over-weighting that worker's data in the aggregate (harmful under heterogeneity)."""
 
-    name = "mimic"
     uses_honest = True
 
     def __init__(self, target: int = 0) -> None:
@@ -191,7 +183,6 @@ class MinMax(Attack):
     is a convex combination of the a_i.
     """
 
-    name = "minmax"
     uses_honest = True
 
     def targets(self, view: AttackView) -> Tensor:
@@ -223,7 +214,6 @@ class LargeNorm(Attack):
     (|b| ≤ M once they reached t) are within range.
     """
 
-    name = "scale"
     uses_honest = True
 
     def __init__(self, magnitude: float = 1e6) -> None:
@@ -266,8 +256,6 @@ class Overflow(Attack):
     gets a zero message there (see cohort._deviation), so later messages stay finite.
     """
 
-    name = "overflow"
-
     def __init__(self, magnitude: float = FLT_MAX, sign: int = 1) -> None:
         self.magnitude = _check_magnitude("overflow", magnitude, FLT_MAX, "FLT_MAX")
         if sign not in (1, -1) or isinstance(sign, bool):
@@ -292,8 +280,6 @@ class Infinity(Attack):
     aggregator, stops a non-finite vector; `overflow` is the finite relative that does reach the
     aggregator (±FLT_MAX).
     """
-
-    name = "inf"
 
     def targets(self, view: AttackView) -> Tensor:
         return torch.full_like(view.bases, math.inf)

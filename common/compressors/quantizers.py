@@ -119,7 +119,6 @@ class QSGD(Quantizer):
     bytes; the seed does not travel (the server has nothing to check against it).
     """
 
-    name = "qsgd"
     unbiased = True
     seeded = True
 
@@ -194,7 +193,6 @@ class Natural(Quantizer):
     2^127 stays at 2^127 (saturation: 2^128 is inf, which the server refuses).
     """
 
-    name = "natural"
     unbiased = True
     seeded = True
 
@@ -236,7 +234,6 @@ class ScaledSign(Quantizer):
     coordinate.
     """
 
-    name = "sign"
     unbiased = False
 
     @property
@@ -278,7 +275,6 @@ class NaturalDithering(Quantizer):
     l ∈ [0, s], value ±‖z‖ 2^(l−s), 0 for l = 0) and the float32 norm; s ≤ 64.
     """
 
-    name = "natural-dithering"
     unbiased = True
     seeded = True
 

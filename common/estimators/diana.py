@@ -22,7 +22,6 @@ class BRDiana(MirroredEstimator):
     The server candidate is h_j + c_j (`DianaRule`), so the shift h is mirrored exactly.
     """
 
-    name = "br-diana"
     server_rule = "diana"
     _state_names = ("h",)
     _mirror = "h"

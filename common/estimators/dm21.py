@@ -28,7 +28,6 @@ class ByzDM21(ErrorFeedbackEstimator):
     η = 1 gives stochastic Byz-EF21; C = identity gives robust double-momentum SGD.
     """
 
-    name = "byz-dm21"
     _state_names = ("v", "u", "g")
 
     def __init__(
@@ -73,7 +72,6 @@ class ByzVRDM21(ByzDM21):
     Two gradient evaluations per round; x^{t−1} is kept (and checkpointed).
     """
 
-    name = "byz-vr-dm21"
     _keeps_prev_model = True
 
     def _first_momentum(self, x: Tensor, oracle: GradientOracle, batch: Batch, s: Tensor) -> None:

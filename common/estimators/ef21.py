@@ -22,7 +22,6 @@ class ByzEF21(ErrorFeedbackEstimator):
     `stochastic=True` uses s^t = ∇f_i(x^t; ξ^t) instead (Byz-DM21 with η = 1 reduces to it).
     """
 
-    name = "byz-ef21"
     _state_names = ("g",)
 
     def __init__(
@@ -46,7 +45,6 @@ class ByzEF21SGDM(ErrorFeedbackEstimator):
         c^t = C(v^t - g^t),\qquad g^{t+1} = g^t + c^t \text{ (commit)}.
     """
 
-    name = "byz-ef21-sgdm"
     _state_names = ("v", "g")
 
     def __init__(

@@ -60,7 +60,6 @@ class ByzVRMarina(_SharedCoin):
     x^{t−1} and sends Q(0), leaving its candidate at ĝ^{t−1}. p defaults to k/d.
     """
 
-    name = "byz-vr-marina"
     server_rule = "marina"
 
     def _message(self, x: Tensor, oracle: GradientOracle, round: int) -> SparseBatch:
@@ -92,7 +91,6 @@ class ByzDashaPage(_SharedCoin, MirroredEstimator):
     The coin is keyed "page" (the server does not need it).
     """
 
-    name = "byz-dasha-page"
     server_rule = "state"
     coin_key = "page"
     _state_names = ("h", "g")

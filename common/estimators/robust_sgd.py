@@ -26,7 +26,6 @@ class BRSGDm(BatchedEstimator):
         \qquad \text{send } m^t \text{ dense}.
     """
 
-    name = "br-sgdm"
     server_rule = "message"
     _state_names = ("m",)
 
@@ -46,7 +45,6 @@ class BRSGDm(BatchedEstimator):
 class BRCSGD(BatchedEstimator):
     r"""BR-CSGD: send Q(s^t), s^t = ∇f_i(x^t; ξ^t), with Q unbiased (Rand-k); no worker state."""
 
-    name = "br-csgd"
     server_rule = "message"
 
     def __init__(self, dim: int, compressor: Compressor, **common: Any) -> None:

@@ -9,10 +9,12 @@ from byzps.common.tasks import a9a, digits, fmnist, quadratic
 from byzps.common.tasks.base import TASKS, Task
 from byzps.common.tasks.factory import build_task
 from byzps.common.tasks.partition import PARTITIONERS, partition
+from byzps.common.tasks.spec import DataSpec
 
 __all__ = [
     "PARTITIONERS",
     "TASKS",
+    "DataSpec",
     "Task",
     "a9a",
     "build_task",

@@ -25,8 +25,9 @@ from torch import Tensor
 from byzps.common.tasks.base import TASKS
 from byzps.common.tasks.libsvm import parse_libsvm
 from byzps.common.tasks.regularizers import Regularizer
-from byzps.common.tasks.sampling import ShardBatches
+from byzps.common.tasks.sampling import Batches
 from byzps.common.tasks.sharded import ShardedTask
+from byzps.common.tasks.spec import DataSpec
 
 N_FEATURES = 123
 _FILES = {"train": "a9a", "test": "a9a.t"}
@@ -69,7 +70,7 @@ class LogisticOracle:
         features: Tensor,
         labels: Tensor,
         shards: Sequence[Tensor],
-        batches: ShardBatches,
+        batches: Batches,
         reg: Regularizer,
     ) -> None:
         self.num_workers = len(shards)
@@ -114,19 +115,14 @@ class LogisticOracle:
 
 @TASKS.register("a9a-logreg")
 class A9aLogRegTask(ShardedTask):
-    """Logistic regression on a9a, split among `num_workers` workers (see the module doc)."""
+    """Logistic regression on a9a, its rows split among the run's workers (see the module doc)."""
 
-    name = "a9a-logreg"
     num_classes = 2
 
     def __init__(
         self,
         *,
-        num_workers: int,
-        seed: int,
-        batch_size: int = 1,
-        split: str = "iid",
-        alpha: float = 0.5,
+        data: DataSpec,
         regularizer: str = "l2",
         lam: float | None = None,
         dtype: str = "float32",
@@ -144,14 +140,7 @@ class A9aLogRegTask(ShardedTask):
             test_features.to(self.dtype),
             test_labels.to(self.dtype),
         )
-        super().__init__(
-            labels,
-            num_workers=num_workers,
-            seed=seed,
-            batch_size=batch_size,
-            split=split,
-            alpha=alpha,
-        )
+        super().__init__(labels, data)
 
     @property
     def dim(self) -> int:

@@ -11,9 +11,8 @@ from torch import Tensor
 from byzps.common.estimators.base import GradientOracle
 from byzps.common.registry import Registry
 
-TASKS: Registry[Task] = Registry(
-    "task", supplied=("num_workers", "seed", "batch_size", "split", "alpha")
-)
+#: Every task constructor takes the run's DataSpec as `data` (byzps.common.tasks.spec).
+TASKS: Registry[Task] = Registry("task", supplied=("data",))
 
 
 class Task(ABC):

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from byzps.common.tasks.base import TASKS
 from byzps.common.tasks.functional import FunctionalModel, FunctionalModelTask
+from byzps.common.tasks.spec import DataSpec
 
 TEST_FRACTION = 0.2
 
@@ -50,17 +51,12 @@ def digits_mlp() -> nn.Module:
 class DigitsMlpTask(FunctionalModelTask):
     """The digits MLP; the global objective uses all 1 437 training rows."""
 
-    name = "digits-mlp"
     num_classes = 10
 
     def __init__(
         self,
         *,
-        num_workers: int,
-        seed: int,
-        batch_size: int = 32,
-        split: str = "iid",
-        alpha: float = 0.5,
+        data: DataSpec,
         vmap_chunk_size: int | None = None,
     ) -> None:
         train_x, train_y, test_x, test_y = load_digits_split()
@@ -70,9 +66,5 @@ class DigitsMlpTask(FunctionalModelTask):
             (test_x, test_y),
             vmap_chunk_size=vmap_chunk_size,
             eval_size=None,
-            num_workers=num_workers,
-            seed=seed,
-            batch_size=batch_size,
-            split=split,
-            alpha=alpha,
+            data=data,
         )

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from byzps.common.tasks.base import TASKS
 from byzps.common.tasks.functional import FunctionalModel, FunctionalModelTask
+from byzps.common.tasks.spec import DataSpec
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "BYZPS_FASHION_MNIST_DIR"
@@ -104,17 +105,12 @@ class FashionMnistCnnTask(FunctionalModelTask):
     ~90 ms in chunks of 4. Pass None on an accelerator.
     """
 
-    name = "fmnist-cnn"
     num_classes = 10
 
     def __init__(
         self,
         *,
-        num_workers: int,
-        seed: int,
-        batch_size: int = 64,
-        split: str = "iid",
-        alpha: float = 0.5,
+        data: DataSpec,
         vmap_chunk_size: int | None = 4,
         data_dir: str | None = None,
         max_train: int | None = None,
@@ -129,9 +125,5 @@ class FashionMnistCnnTask(FunctionalModelTask):
             (test_x, test_y),
             vmap_chunk_size=vmap_chunk_size,
             eval_size=eval_size,
-            num_workers=num_workers,
-            seed=seed,
-            batch_size=batch_size,
-            split=split,
-            alpha=alpha,
+            data=data,
         )

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from byzps.common.seeding import derive_seed, generator
-from byzps.common.tasks.sampling import ShardBatches
+from byzps.common.tasks.sampling import Batches
 from byzps.common.tasks.sharded import ShardedTask
+from byzps.common.tasks.spec import DataSpec
 
 #: Rows per forward pass in full-data losses and gradients (bounds activation memory).
 CHUNK = 2000
@@ -85,7 +86,7 @@ class FunctionalOracle:
         inputs: Tensor,
         targets: Tensor,
         shards: Sequence[Tensor],
-        batches: ShardBatches,
+        batches: Batches,
         chunk_size: int | None = None,
     ) -> None:
         self.num_workers = len(shards)
@@ -133,11 +134,7 @@ class FunctionalModelTask(ShardedTask):
         *,
         eval_size: int | None,
         vmap_chunk_size: int | None,
-        num_workers: int,
-        seed: int,
-        batch_size: int,
-        split: str,
-        alpha: float,
+        data: DataSpec,
     ) -> None:
         self.model = model
         self.vmap_chunk_size = vmap_chunk_size
@@ -149,14 +146,7 @@ class FunctionalModelTask(ShardedTask):
         else:
             perm = torch.randperm(n, generator=generator(0, self.name, "eval-rows"))
             self.eval_rows = perm[:eval_size].sort().values
-        super().__init__(
-            self.targets,
-            num_workers=num_workers,
-            seed=seed,
-            batch_size=batch_size,
-            split=split,
-            alpha=alpha,
-        )
+        super().__init__(self.targets, data)
 
     @property
     def dim(self) -> int:

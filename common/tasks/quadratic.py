@@ -32,6 +32,7 @@ from torch import Tensor
 
 from byzps.common.seeding import generator
 from byzps.common.tasks.base import TASKS, Task
+from byzps.common.tasks.spec import DataSpec
 
 
 @dataclass(frozen=True)
@@ -77,32 +78,31 @@ class QuadraticOracle:
 class QuadraticTask(Task):
     """Separable heterogeneous quadratics of dimension `dim` (see the module doc)."""
 
-    name = "quadratic"
     num_classes = 2
 
     def __init__(
         self,
         *,
-        num_workers: int,
-        seed: int,
-        batch_size: int = 1,
-        split: str = "iid",
-        alpha: float = 0.5,
+        data: DataSpec,
         dim: int = 100_000,
         heterogeneity: float = 1.0,
         noise: float = 1.0,
         mu: float = 0.1,
         L: float = 1.0,
     ) -> None:
-        """`split`/`alpha` describe how rows are dealt out in data tasks; here heterogeneity
-        plays that role, so only the default split is accepted."""
-        if split != "iid":
-            raise ValueError(
-                f"quadratic has no data rows to split; split must be 'iid', got {split!r}"
-            )
+        """`data.split`, `split_over` and `sampling` describe how rows are dealt out and drawn in
+        data tasks; here heterogeneity and the keyed noise play those roles, so only their
+        defaults are accepted (every worker id, Byzantine ones too, has its own target)."""
+        for key, value, default in (
+            ("split", data.split, "iid"),
+            ("split_over", data.split_over, "all"),
+            ("sampling", data.sampling, "replace"),
+        ):
+            if value != default:
+                raise ValueError(
+                    f"quadratic has no data rows; {key} must be {default!r}, got {value!r}"
+                )
         checks = (
-            (num_workers >= 1, f"num_workers must be >= 1, got {num_workers}"),
-            (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
             (dim >= 1, f"dim must be >= 1, got {dim}"),
             (heterogeneity >= 0, f"heterogeneity must be >= 0, got {heterogeneity}"),
             (noise >= 0, f"noise must be >= 0, got {noise}"),
@@ -111,9 +111,11 @@ class QuadraticTask(Task):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        num_workers, seed = data.num_workers, data.seed
+        self.data = data
         self.num_workers = num_workers
         self.seed = seed
-        self.batch_size = batch_size
+        self.batch_size = data.batch_size
         self._dim = dim
         self.heterogeneity = heterogeneity
         self.noise = noise

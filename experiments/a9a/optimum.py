@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
+from byzps.common.tasks import DataSpec
 from byzps.common.tasks.a9a import A9aLogRegTask
 
 
 def l2_optimum() -> float:
-    task = A9aLogRegTask(num_workers=1, seed=0, regularizer="l2", dtype="float64")
+    task = A9aLogRegTask(data=DataSpec(num_workers=1, seed=0), regularizer="l2", dtype="float64")
 
     def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
         xt = torch.from_numpy(x)

@@ -298,8 +298,6 @@ class LongPollFlood(ProtocolAttack):
     deadline in seconds (600).
     """
 
-    name = "longpoll-flood"
-
     def __init__(self, polls: int = 32, deadline: float = 600.0) -> None:
         super().__init__()
         self.polls = _count(self.name, "polls", polls, high=4096)
@@ -363,8 +361,6 @@ class PushStorm(_Storm):
     Parameters: `calls` — concurrent pushes per member and burst (16); `pause` — seconds between
     bursts (0.01); `timeout` — client deadline of each push (10).
     """
-
-    name = "push-storm"
 
     def bodies(self, ctx: ProtocolContext) -> list[Callable[[], None]]:
         plausible = forge.plausible_update(ctx.registration)
@@ -448,8 +444,6 @@ class SlowReader(ProtocolAttack):
     announces (65535).
     """
 
-    name = "slow-reader"
-
     def __init__(self, streams: int = 8, hold: float = 600.0, window: int = 65535) -> None:
         super().__init__()
         self.streams = _count(self.name, "streams", streams, high=4096)
@@ -509,8 +503,6 @@ class Slowloris(ProtocolAttack):
     trickles (2); `chunk` — bytes per trickle (4); `declared` — the announced message length
     (65536; below the server's message limit, so it is not refused outright).
     """
-
-    name = "slowloris"
 
     def __init__(
         self, connections: int = 8, interval: float = 2.0, chunk: int = 4, declared: int = 65536
@@ -596,8 +588,6 @@ class Padded(ProtocolAttack):
     (0.2); `timeout` — client deadline of each call (30).
     """
 
-    name = "padded"
-
     def __init__(
         self,
         calls: int = 2,
@@ -657,8 +647,6 @@ class RegisterStorm(_Storm):
     between bursts (0.01); `timeout` — client deadline of each call (10).
     """
 
-    name = "register-storm"
-
     def bodies(self, ctx: ProtocolContext) -> list[Callable[[], None]]:
         return [lambda i=i: self._storm(ctx, i) for i in range(len(ctx.members))]
 
@@ -693,8 +681,6 @@ class Deadline(ProtocolAttack):
     Parameters: `deadline` — the server's round deadline in seconds (10); `margin` — seconds
     before it to push (0.5).
     """
-
-    name = "deadline"
 
     def __init__(self, deadline: float = 10.0, margin: float = 0.5) -> None:
         super().__init__()

@@ -220,7 +220,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., last_round: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("round", "workers", "bytes_in", "bytes_out", "rounds", "finished", "phase", "num_workers", "registered")
+    __slots__ = ("round", "workers", "bytes_in", "bytes_out", "rounds", "finished", "phase", "num_workers", "registered", "suspicion")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +230,7 @@ class StatusReply(_message.Message):
     PHASE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    SUSPICION_FIELD_NUMBER: _ClassVar[int]
     round: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     bytes_in: int
@@ -239,4 +240,5 @@ class StatusReply(_message.Message):
     phase: str
     num_workers: int
     registered: int
-    def __init__(self, round: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., rounds: _Optional[int] = ..., finished: _Optional[bool] = ..., phase: _Optional[str] = ..., num_workers: _Optional[int] = ..., registered: _Optional[int] = ...) -> None: ...
+    suspicion: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, round: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., rounds: _Optional[int] = ..., finished: _Optional[bool] = ..., phase: _Optional[str] = ..., num_workers: _Optional[int] = ..., registered: _Optional[int] = ..., suspicion: _Optional[_Iterable[float]] = ...) -> None: ...

@@ -1,0 +1,95 @@
+"""What a rule did to each of its inputs: the weight its output gave them, and the discount.
+
+Every rule here ends in one of two reductions of its (possibly mixed) rows:
+
+* a weighted sum, `Rows.combine(w)` — mean, krum, multikrum, gm, cclip, cge, mda, smea, monna,
+  caf, dnc;
+* per coordinate, the mean of a band of order statistics, `Rows.band_mean(a, b, slide)` — cm,
+  cwtm, meamed, and Bulyan's last stage.
+
+Wrappers (nnm, bucketing, clip, arc) only change which rows those are, M · X; so in either case
+raw input i has an effective weight w_i in the output (per coordinate t for a band: w_ti). A rule
+that treated its n inputs alike would give each 1/n, so the *discount* of input i is
+
+    δ_i = 1 − min(1, n · w_i)              (bands: the mean over coordinates of 1 − min(1, n·w_ti))
+
+0 for an input weighted at least as an equal share, 1 for one the output ignores. It reads as the
+familiar per-rule notions: krum/multikrum — not selected; gm — one minus its Weiszfeld weight
+relative to the mean weight; cclip — how much it was clipped (1 − τ/‖x_i − v‖); cm, cwtm,
+meamed — the share of coordinates where its value fell outside the kept band; nnm — how often it is
+missing from the neighbourhoods the base rule kept; bucketing — its bucket's discount; clip/arc —
+how much it was scaled down, composed with the base rule's verdict.
+
+A verdict is recorded by `Rows` when the reduction runs and is expressed over the raw inputs of
+the call (`through` maps a verdict over computed mixed rows back to the rows they mix), so it
+costs nothing until a discount is asked for; a band's discount is then evaluated on a sample of
+coordinates (`discount(x, columns)`), which is what keeps suspicion scores cheap at d = 1e7.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor
+
+from byzps.common.aggregators._verdict_kernels import band_discount
+
+
+class Verdict(ABC):
+    """The effective weights a rule's output gave its raw inputs."""
+
+    @abstractmethod
+    def through(self, mix: np.ndarray) -> Verdict:
+        """The same verdict over the rows that `mix` (n_rows, n_parent) combined."""
+
+    @abstractmethod
+    def discount(self, x: Tensor, columns: np.ndarray | None) -> np.ndarray:
+        """(n,) float64 δ_i in [0, 1] for the raw inputs x (n, d); a band reads only `columns`
+        (None: all of them)."""
+
+
+def relative_discount(weights: np.ndarray, n: int) -> np.ndarray:
+    """1 − min(1, n · w), elementwise, with negative or non-finite weights counted as 0."""
+    share = np.where(np.isfinite(weights), weights, 0.0) * n
+    return 1.0 - np.clip(share, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Weighted(Verdict):
+    """The output was Σ_i weights[i] · x_i (plus, for cclip, a share of its old centre)."""
+
+    weights: np.ndarray
+
+    def through(self, mix: np.ndarray) -> Verdict:
+        return Weighted(self.weights @ mix)
+
+    def discount(self, x: Tensor, columns: np.ndarray | None) -> np.ndarray:
+        del columns
+        return relative_discount(np.asarray(self.weights, np.float64), x.shape[0])
+
+
+@dataclass(frozen=True)
+class Banded(Verdict):
+    """Per coordinate, the output was the mean of the order statistics a..b−1 of the rows
+    mix · x (mix None: x itself); with slide > 0, of the window a+s..b+s−1 nearest the median
+    (`ops.window_network`'s rule for s). NaN ranks as +inf, and tied values enter the band in
+    row order — the value is the same either way, only its attribution is a convention."""
+
+    mix: np.ndarray | None
+    a: int
+    b: int
+    slide: int = 0
+
+    def through(self, mix: np.ndarray) -> Verdict:
+        total = mix if self.mix is None else self.mix @ mix
+        return Banded(total, self.a, self.b, self.slide)
+
+    def discount(self, x: Tensor, columns: np.ndarray | None) -> np.ndarray:
+        raw = x.detach().cpu().numpy()
+        raw = raw if columns is None else raw[:, columns]
+        if raw.dtype not in (np.float32, np.float64):
+            raw = raw.astype(np.float64)
+        mix = np.empty((0, 0)) if self.mix is None else np.ascontiguousarray(self.mix)
+        return band_discount(np.ascontiguousarray(raw), mix, self.a, self.b, self.slide)
