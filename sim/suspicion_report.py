@@ -15,14 +15,16 @@ of the score.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-#: Per-run plots are drawn for at most this many runs (a 300-cell sweep gets its table only).
-MAX_PLOTS = 40
+#: Per-run plots are drawn for at most this many report rows (one run each, the lowest seed;
+#: evenly spaced over the rows when there are more), so a large sweep's report stays small.
+MAX_PLOTS = 12
 
 
 def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
@@ -126,7 +128,9 @@ def section(rows: Sequence[Any], out: Path) -> list[str]:
         "",
         text,
     ]
-    runs = [run for row in rows for run in row.runs][:MAX_PLOTS]
+    scored = [row for row in rows if any(detection(run) for run in row.runs)]
+    step = max(1, math.ceil(len(scored) / MAX_PLOTS))
+    runs = [row.runs[0] for row in scored[::step]]
     folder = out / "suspicion"
     drawn = []
     for run in runs:
@@ -134,6 +138,7 @@ def section(rows: Sequence[Any], out: Path) -> list[str]:
         if plot_run(run, folder / f"{run.name}.png"):
             drawn.append(run.name)
     if drawn:
-        lines += ["", "Per worker, over the rounds (Byzantine ids dashed):", ""]
+        lines += ["", "Per worker, over the rounds (Byzantine ids dashed; one run per row"
+                  f"{'' if step == 1 else f', every {step}th row'}):", ""]  # fmt: skip
         lines += [f"![suspicion: {name}](suspicion/{name}.png)" for name in drawn]
     return lines
