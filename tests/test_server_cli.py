@@ -98,10 +98,13 @@ def test_a_whole_run_writes_results_and_exits_0(tmp_path: Path) -> None:
         )
         assert status.returncode == 0, status.stderr
         assert status.stdout.startswith("round 2/3 (running)")
-        assert len(status.stdout.splitlines()) == 2 + N
+        # --no-auth: every caller is the operator, so the suspicion line and column are shown
+        assert status.stdout.splitlines()[1].startswith("most discounted by the rule (suspicion)")
+        assert len(status.stdout.splitlines()) == 3 + N
         record = json.loads(as_json.stdout)
         assert (record["round"], record["rounds"], record["finished"]) == (2, 3, False)
         assert [w["worker_id"] for w in record["workers"]] == [str(w) for w in range(N)]
+        assert len(record["suspicion"]) == N and all(0 <= v <= 1 for v in record["suspicion"])
         for w in range(N):
             client.push(str(w), 2, 3, random_update(gen))
         round, x = client.model(known_round=2, wait=True, timeout=10)
