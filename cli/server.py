@@ -115,7 +115,19 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
     "(`byzps credentials issue`).",
 )
 @click.option("--no-auth", is_flag=True, help="Accept calls without tokens (tests only).")
-@click.option("--fsync-wal", is_flag=True, help="fsync every log record (survives power loss).")
+@click.option(
+    "--wal-fsync",
+    type=click.Choice(["none", "round", "group"]),
+    default="group",
+    show_default=True,
+    envvar="BYZPS_WAL_FSYNC",
+    help="When the write-ahead log is fsynced. Every policy has an update in the kernel before "
+    "its Ack (nothing acknowledged is lost if the process dies); for a power loss: group (each "
+    "group commit, before its Acks) loses nothing acknowledged, round (each round close) loses "
+    "at most the open round's, none (checkpoints only) everything since the last checkpoint "
+    "(docs/durability.md).",
+)
+@click.option("--fsync-wal", is_flag=True, hidden=True, help="Old spelling of --wal-fsync group.")
 @click.option(
     "--tls-cert",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -163,6 +175,7 @@ def server(
     log_level: str,
     secret_file: Path | None,
     no_auth: bool,
+    wal_fsync: str,
     fsync_wal: bool,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -176,7 +189,7 @@ def server(
     from byzps.server.coordinator import Settings
     from byzps.server.daemon import DaemonOptions, StartupError, install_signal_handlers, serve
     from byzps.server.engine import build_server_parts
-    from byzps.server.wal import WalError
+    from byzps.server.wal import FsyncPolicy, WalError
 
     setup_logging(log_level, "server")
     check_bindable(listen)
@@ -196,7 +209,7 @@ def server(
         resume=resume,
         linger=linger,
         secret=_secret(secret_file, no_auth),
-        fsync_wal=fsync_wal,
+        wal_fsync=FsyncPolicy.GROUP if fsync_wal else FsyncPolicy(wal_fsync),
         tls=_tls(tls_cert, tls_key, tls_client_ca),
         bind_certificates=tls_bind_ids,
         metrics=metrics_address,

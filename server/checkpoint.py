@@ -2,11 +2,14 @@
 
 A directory holds numbered generations:  ckpt-000003.pt  +  wal-000003.log  is "the state at
 checkpoint 3, then everything accepted since". Generation 0 is written at a fresh start, so a
-crash before the first periodic checkpoint still recovers from the log. A checkpoint is written
-atomically (temp file, fsync, rename, fsync of the directory) and then a new log is started, so
-at every instant the newest readable checkpoint plus the logs from its generation on describe
-every acknowledged update exactly once. The two newest generations are kept; older ones are
-deleted after the new log exists.
+crash before the first periodic checkpoint still recovers from the log. A checkpoint of state S
+starts the next log exactly after the records S covers, and is written atomically (temp file,
+fsync, rename, fsync of the directory) — on a background thread for the periodic ones, from a
+snapshot — so at every instant the newest readable checkpoint plus the logs from its generation
+on describe every acknowledged update exactly once: until the new checkpoint is renamed into
+place, a resume starts from the previous one and replays the old log and the new one. The two
+newest written checkpoints are kept, with the logs from the older one on; older generations are
+deleted only after a newer checkpoint is on disk.
 
 Checkpoints are torch.save'd dicts of tensors and plain values, loaded with weights_only=True, so
 a tampered file can hold no code.
@@ -16,14 +19,24 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from byzps.server.wal import Record, WalError, WriteAheadLog, fsync_dir, read_wal
+from byzps.server.wal import (
+    FsyncPolicy,
+    LogWriter,
+    Record,
+    WalError,
+    WriteAheadLog,
+    fsync_dir,
+    read_wal,
+)
 
 FORMAT = 1
 _CKPT = re.compile(r"ckpt-(\d{6})\.pt")
@@ -71,14 +84,24 @@ class Recovered:
 
 
 class CheckpointStore:
-    """Generations of checkpoint + log in one directory, for one run config (`digest`)."""
+    """Generations of checkpoint + log in one directory, for one run config (`digest`).
 
-    def __init__(self, directory: Path, digest: str, *, fsync_wal: bool = False) -> None:
+    Records go to the log through a `LogWriter` (group commit, see byzps.server.wal): `append`
+    queues one and returns its ticket, `wait(ticket)` returns once it is on disk."""
+
+    def __init__(
+        self,
+        directory: Path,
+        digest: str,
+        *,
+        fsync: FsyncPolicy = FsyncPolicy.GROUP,
+    ) -> None:
         self.directory = directory
         self.digest = digest
-        self.fsync_wal = fsync_wal
+        self.fsync = fsync
         self.generation = -1
-        self.wal: WriteAheadLog | None = None
+        self._writer: LogWriter | None = None
+        self._background: threading.Thread | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
     def _generations(self, pattern: re.Pattern[str]) -> list[int]:
@@ -141,47 +164,115 @@ class CheckpointStore:
             valid = contents.valid_bytes
         if logs:
             self.generation = logs[-1]
-            self.wal = WriteAheadLog.reopen(
-                self.directory / _wal_name(logs[-1]), valid, fsync=self.fsync_wal
-            )
+            wal = WriteAheadLog.reopen(self.directory / _wal_name(logs[-1]), valid)
+            self._writer = LogWriter(wal, self.fsync)
         else:
             self.generation = generation
         return Recovered(generation, state, records)
 
     # --- running --------------------------------------------------------------------------
 
-    def append(self, record: Record) -> None:
-        """Log one record; OSError propagates (the caller must stop: state ran ahead of disk)."""
-        if self.wal is None:
+    def append(self, record: Record) -> int:
+        """Queue one record for the log; its ticket for `wait`. Raises the OSError that stopped
+        the writer (the caller must stop: state ran ahead of disk)."""
+        if self._writer is None:
             raise RuntimeError("no open write-ahead log; checkpoint first")
-        self.wal.append(record)
+        return self._writer.submit(record)
 
-    def checkpoint(self, state: dict[str, Any], round: int) -> Path:
-        """Write the next generation's checkpoint, start its log, drop old generations."""
+    @property
+    def last_ticket(self) -> int:
+        return 0 if self._writer is None else self._writer.last_ticket
+
+    def wait(self, ticket: int) -> None:
+        """Return once record `ticket` is on disk (per the fsync policy); OSError if it never
+        will be."""
+        if self._writer is not None and ticket > 0:
+            self._writer.wait(ticket)
+
+    def done(self, ticket: int) -> bool:
+        return self._writer is None or self._writer.done(ticket)
+
+    def _rotate(self, round: int) -> int:
+        """Start the next generation's log after every record queued so far; its number."""
         gen = self.generation + 1
+        path = self.directory / _wal_name(gen)
+
+        def open_next() -> WriteAheadLog:
+            return WriteAheadLog.create(path, round, self.digest)
+
+        if self._writer is None:
+            self._writer = LogWriter(open_next(), self.fsync)
+        else:
+            self._writer.rotate(open_next)
+        self.generation = gen
+        return gen
+
+    def _write_checkpoint(self, gen: int, state: dict[str, Any]) -> Path:
         path = self.directory / _ckpt_name(gen)
         save_atomic({"format": FORMAT, "config_digest": self.digest, **state}, path)
-        try:
-            new_wal = WriteAheadLog.create(
-                self.directory / _wal_name(gen), round, self.digest, fsync=self.fsync_wal
-            )
-        except OSError:
-            # Without its log the new checkpoint would hide records still going to the old log.
-            path.unlink(missing_ok=True)
-            raise
-        if self.wal is not None:
-            self.wal.close()
-        self.wal = new_wal
-        self.generation = gen
-        for old in self._generations(_CKPT):
-            if old <= gen - KEEP_GENERATIONS:
-                (self.directory / _ckpt_name(old)).unlink(missing_ok=True)
-        for old in self._generations(_WAL):
-            if old <= gen - KEEP_GENERATIONS:
-                (self.directory / _wal_name(old)).unlink(missing_ok=True)
+        self._drop_old()
         return path
 
+    def _drop_old(self) -> None:
+        """Delete the checkpoints older than the KEEP_GENERATIONS newest written ones, and the
+        logs older than the oldest checkpoint kept (a resume from it replays them all)."""
+        written = self._generations(_CKPT)
+        if len(written) <= KEEP_GENERATIONS:
+            return
+        oldest = written[-KEEP_GENERATIONS]
+        for old in written:
+            if old < oldest:
+                (self.directory / _ckpt_name(old)).unlink(missing_ok=True)
+        for old in self._generations(_WAL):
+            if old < oldest:
+                (self.directory / _wal_name(old)).unlink(missing_ok=True)
+
+    def checkpoint(self, state: dict[str, Any], round: int) -> Path:
+        """Write the next generation's checkpoint now and start its log (waits for a checkpoint
+        still being written in the background first)."""
+        self.wait_background()
+        gen = self._rotate(round)
+        assert self._writer is not None
+        self._writer.flush()  # the new log exists: records after `state` can only go there
+        return self._write_checkpoint(gen, state)
+
+    def checkpoint_in_background(
+        self,
+        state: dict[str, Any],
+        round: int,
+        done: Callable[[Path | None, BaseException | None], None],
+    ) -> bool:
+        """Start the next generation's log now and write `state` (a snapshot: nothing else may
+        hold its tensors) as its checkpoint on a thread; `done(path, error)` is called there.
+
+        False, and nothing happens, while the previous one is still being written: that round's
+        checkpoint is skipped rather than waited for, since waiting would stall the round, and
+        skipping loses nothing (the log goes on growing in the current generation, and the next
+        due checkpoint covers it). Until the new checkpoint is on disk a resume starts from the
+        previous one and replays both logs; the older generations are deleted only after it."""
+        if self._background is not None and self._background.is_alive():
+            return False
+        gen = self._rotate(round)
+
+        def write() -> None:
+            try:
+                path = self._write_checkpoint(gen, state)
+            except BaseException as exc:  # reported to `done`; the previous checkpoint stays
+                done(None, exc)
+            else:
+                done(path, None)
+
+        self._background = threading.Thread(target=write, name="byzps-checkpoint", daemon=True)
+        self._background.start()
+        return True
+
+    def wait_background(self) -> None:
+        if self._background is not None:
+            self._background.join()
+            self._background = None
+
     def close(self) -> None:
-        if self.wal is not None:
-            self.wal.close()
-            self.wal = None
+        self.wait_background()
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()

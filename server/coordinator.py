@@ -6,12 +6,17 @@ maps its refusals (Rejected) to status codes; nothing here knows gRPC or protobu
 unit-testable without sockets. All state mutation happens under one lock, in this order for a
 push:
 
-    seq check → round check → door.admit (the state stays finite) → engine.absorb → WAL append
-    → ledger.commit → maybe close the round → Ack
+    seq check → round check → door.admit (the state stays finite) → engine.absorb → ledger.commit
+    → WAL record queued → maybe close the round (its record queued too)
 
-so an update is on disk before it is acknowledged, and a refused update changes nothing. A
-round closes when every registered worker has pushed for it, or when at least `quorum` have and
-`round_deadline` seconds passed since it opened; workers that missed it keep their stale state.
+and then, outside the lock, the push waits for the log's writer to have written its record (group
+commit: byzps.server.wal.LogWriter) before it returns the Ack — so an update is on disk before it
+is acknowledged, pushes arriving meanwhile share the next write, and a refused update changes
+nothing. A duplicate's Ack waits the same way for the record of the original. A closed round's
+model is served only once its close record is on disk (`_published`): no worker ever computes
+on a model that a crash could take back. A round closes when every registered worker has pushed
+for it, or when at least `quorum` have and `round_deadline` seconds passed since it opened;
+workers that missed it keep their stale state.
 
 Nothing here blocks waiting for a round: `model` and `downlink` answer at once (None: not yet),
 and listeners registered with `on_change` hear of every closed round and of shutdown, so the
@@ -23,12 +28,14 @@ live traffic, which is why replay reproduces the engine state bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,6 +138,8 @@ class Coordinator:
         self.rounds = config.run.rounds
         self.settings = settings
         self._metrics = metrics
+        if metrics is not None:  # its records are evaluated and logged on its own thread
+            metrics.on_record = lambda record: log.info("%s", progress_line(record, self.rounds))
         self._rounds_log = rounds_log
         self._store = store
         self._clock = clock
@@ -152,6 +161,11 @@ class Coordinator:
         self.failure: BaseException | None = None
         # This round's dense answers (see _snapshot); emptied whenever x moves.
         self._snapshots: dict[tuple[int, bool], DenseModel] = {}
+        # Group commit: the newest round whose close record is on disk (the one served), the
+        # (log ticket, round) of a closed round still waiting for it, each row's newest ticket.
+        self._published = 0
+        self._unpublished: tuple[int, int] | None = None
+        self._row_ticket: dict[int, int] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -170,6 +184,7 @@ class Coordinator:
                 self._record_metrics()
             if self._store is not None:
                 self._checkpoint()  # the generation a later resume starts from
+            self._published = self.engine.round
             self._startup_deadline = self._clock() + self.settings.startup_timeout
             self._maybe_open()
 
@@ -208,6 +223,11 @@ class Coordinator:
             if self.failure is None and not self._stopping:
                 self._maybe_open()
                 self._maybe_close()
+            pending = self._unpublished
+        if pending is not None:
+            # A storage failure sets `failure`, and the daemon stops.
+            with contextlib.suppress(Rejected):
+                self._settle(pending[0])
 
     # --- RPC-facing operations ------------------------------------------------------------
 
@@ -241,14 +261,38 @@ class Coordinator:
             if known is not None:
                 known.last_seen = time.time()
             if self._ledger.check(update.row, update.seq) is SeqDecision.DUPLICATE:
-                return AckInfo(True, self.engine.round, self._ledger.last(update.row))
-            last_round = -1 if known is None else known.last_round
-            check_round(update.round, server_round=self.engine.round, last_round=last_round)
-            self._accept(update)
-            self._log(UpdateRecord(update.row, update.seq, update.round, update.encoded))
-            self._maybe_open()
-            self._maybe_close()
-            return AckInfo(False, self.engine.round, update.seq)
+                ack = AckInfo(True, self.engine.round, self._ledger.last(update.row))
+                ticket = self._row_ticket.get(update.row, 0)  # the original's record
+            else:
+                last_round = -1 if known is None else known.last_round
+                check_round(update.round, server_round=self.engine.round, last_round=last_round)
+                self._accept(update)
+                record = UpdateRecord(update.row, update.seq, update.round, update.encoded)
+                self._row_ticket[update.row] = self._log(record)
+                self._maybe_open()
+                self._maybe_close()
+                ack = AckInfo(False, self.engine.round, update.seq)
+                ticket = 0 if self._store is None else self._store.last_ticket
+        self._settle(ticket)  # on disk before the Ack (with a close this push caused)
+        return ack
+
+    def _settle(self, ticket: int) -> None:
+        """Wait, without the lock, until log record `ticket` is on disk; then serve a round
+        whose close record now is. Rejected (UNAVAILABLE) when the log failed."""
+        if self._store is None:
+            return
+        try:
+            self._store.wait(ticket)
+        except OSError as exc:
+            with self._lock:
+                self._fail(exc)
+            raise Rejected(Refusal.UNAVAILABLE, "the server's storage failed") from None
+        with self._lock:
+            pending = self._unpublished
+            if pending is not None and self._store.done(pending[0]):
+                self._published = max(self._published, pending[1])
+                self._unpublished = None
+                self._notify()
 
     def model(self, round: int, known_round: int | None) -> DenseModel | None:
         """x_r once r ≥ round and r > known_round (the final model once finished); None while
@@ -288,6 +332,8 @@ class Coordinator:
         """The round r to serve (see `model`), or None when it has not closed yet."""
         self._check_serving()
         r = self.engine.round
+        if r > self._published:
+            return None  # its close record is not on disk yet
         ready = r >= round and (known_round is None or r > known_round)
         return r if ready or self._phase is Phase.FINISHED else None
 
@@ -359,17 +405,22 @@ class Coordinator:
         self._pushed.add(update.row)
         self._bytes_total += update.wire_bytes
 
-    def _log(self, record: Record) -> None:
+    def _log(self, record: Record) -> int:
+        """Queue `record` for the log; its ticket (0 without storage)."""
         if self._store is None:
-            return
+            return 0
         try:
-            self._store.append(record)
+            return self._store.append(record)
         except OSError as exc:
-            # The engine ran ahead of the disk: acknowledging anything more would lose updates.
-            self.failure = exc
-            self._notify()
-            log.error("write-ahead log failed, stopping: %s", exc)
+            self._fail(exc)
             raise Rejected(Refusal.UNAVAILABLE, "the server's storage failed") from None
+
+    def _fail(self, exc: OSError) -> None:
+        # The engine ran ahead of the disk: acknowledging anything more would lose updates.
+        if self.failure is None:
+            self.failure = exc
+            log.error("write-ahead log failed, stopping: %s", exc)
+        self._notify()
 
     def _maybe_open(self) -> None:
         if self._phase is not Phase.STARTING:
@@ -398,8 +449,9 @@ class Coordinator:
         self.engine.close_round()
         aggregation = time.perf_counter() - began
         self._snapshots.clear()
+        ticket = 0
         if not replaying:
-            self._log(CloseRecord(closing))
+            ticket = self._log(CloseRecord(closing))
             if self._rounds_log is not None:
                 now = time.time()
                 self._rounds_log.record(closing, self._opened_wall, now, len(self._pushed))
@@ -411,7 +463,6 @@ class Coordinator:
         if self.engine.round >= self.rounds:
             self._finish()
         else:
-            self._record_metrics()
             every = self.settings.checkpoint_every
             if (
                 not replaying
@@ -419,8 +470,13 @@ class Coordinator:
                 and every > 0
                 and self.engine.round % every == 0
             ):
-                self._checkpoint()
-        self._notify()
+                self._checkpoint(background=True)
+            self._record_metrics()
+        if ticket and self._store is not None:
+            self._unpublished = (ticket, self.engine.round)  # served once `_settle` sees it
+        else:
+            self._published = self.engine.round
+            self._notify()
 
     def _finish(self) -> None:
         self._phase = Phase.FINISHED
@@ -436,8 +492,6 @@ class Coordinator:
             self._metrics.record(
                 self.engine.round, self.engine.x, self.bytes_uplink, self.engine.suspicion.report()
             )
-            if self._metrics.last is not None and self._metrics.last["round"] == self.round:
-                log.info("%s", progress_line(self._metrics.last, self.rounds))
 
     # --- persistence ----------------------------------------------------------------------
 
@@ -484,12 +538,31 @@ class Coordinator:
         self._bytes_out = int(state["bytes_out"])
         torch.set_rng_state(state["rng"]["torch"])
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, *, background: bool = False) -> None:
+        """Checkpoint the state now; `background`: from a snapshot (state_dict clones every
+        tensor) written by the store's thread while the rounds go on (skipped, with a log line,
+        while the previous one is still being written: see CheckpointStore)."""
         assert self._store is not None
+        round = self.engine.round
+        if self._metrics is not None:
+            # The records of the rounds this checkpoint covers are written (the evaluation
+            # thread is normally done with them long since): a resume from it re-evaluates only
+            # the rounds it replays, so metrics.jsonl stays complete even after a kill -9.
+            self._metrics.flush()
         try:
-            path = self._store.checkpoint(self._state_dict(), self.engine.round)
+            if not background:
+                path = self._store.checkpoint(self._state_dict(), round)
+                log.info("checkpoint %s at round %d", path.name, round)
+                return
+
+            def done(path: Path | None, error: BaseException | None) -> None:
+                if path is not None:
+                    log.info("checkpoint %s at round %d", path.name, round)
+                else:
+                    log.error("checkpoint failed (the previous one stays valid): %s", error)
+
+            if not self._store.checkpoint_in_background(self._state_dict(), round, done):
+                log.info("checkpoint at round %d skipped: the previous one is being written", round)
         except OSError as exc:
             # The old generation is intact and its log still grows: keep serving.
             log.error("checkpoint failed (the previous one stays valid): %s", exc)
-            return
-        log.info("checkpoint %s at round %d", path.name, self.engine.round)

@@ -43,6 +43,7 @@ from byzps.server.metrics import MetricsEndpoint, PrometheusMetrics, ServerMetri
 from byzps.server.results import MetricsRecorder, RoundLog
 from byzps.server.service import SERVICE_NAME, ParameterServerServicer, add_to_server
 from byzps.server.validation import Door
+from byzps.server.wal import FsyncPolicy
 
 log = logging.getLogger("byzps.server")
 
@@ -68,7 +69,8 @@ class DaemonOptions:
     resume: bool = False
     linger: float = 5.0
     secret: bytes | None = None
-    fsync_wal: bool = False
+    #: When the write-ahead log is fsynced (byzps.server.wal.FsyncPolicy, docs/durability.md).
+    wal_fsync: FsyncPolicy = FsyncPolicy.GROUP
     #: TLS for the port (byzps.common.credentials.server_tls); None: plaintext.
     tls: grpc.ServerCredentials | None = None
     #: Each worker's share of the server (byzps.server.limits).
@@ -194,9 +196,7 @@ def _start_coordinator(
     """Recover (or start fresh) and open the run's files: the coordinator, started."""
     store = None
     if options.checkpoint_dir is not None:
-        store = CheckpointStore(
-            options.checkpoint_dir, config.digest(), fsync_wal=options.fsync_wal
-        )
+        store = CheckpointStore(options.checkpoint_dir, config.digest(), fsync=options.wal_fsync)
     recovered = recover(options, store)
     elapsed = 0.0
     if recovered is not None and recovered.state is not None:

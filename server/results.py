@@ -9,7 +9,11 @@ same thing in both.
 from __future__ import annotations
 
 import json
+import logging
+import queue
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -20,6 +24,8 @@ from torch import Tensor
 from byzps.common.codec import INDEX_BYTES
 from byzps.common.config import RunConfig
 from byzps.common.tasks.base import Task
+
+log = logging.getLogger("byzps.server")
 
 
 @dataclass
@@ -112,6 +118,12 @@ class MetricsRecorder:
     """metrics.jsonl of a live server: one record at round 0, every eval_every rounds and at the
     end, plus summary.json / params.npy when the run finishes.
 
+    Evaluation runs beside the rounds, not in them: `record` takes a copy of x and hands it to
+    one background thread, which evaluates and appends the records one at a time in the order
+    they were handed over, so the file stays ordered; `on_record(record)`, if set, is called
+    there after each append. `flush` waits for every record handed over; `finish` (the last
+    round's record, then summary.json) and `close` do too, so the finished files are complete.
+
     On resume it keeps the records already written (a torn last line is dropped) and records a
     round only once, so replaying the write-ahead log never duplicates a line.
     """
@@ -124,8 +136,12 @@ class MetricsRecorder:
         self.task = task
         self.started = time.perf_counter() - elapsed
         self.last: dict[str, Any] | None = None
+        self.on_record: Callable[[dict[str, Any]], None] | None = None
         self._rounds: set[int] = set()
         self._file: IO[str] | None = None
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         if out is None:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +160,8 @@ class MetricsRecorder:
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(path)
         self._file = path.open("a" if resume else "w")
+        self._thread = threading.Thread(target=self._work, name="byzps-metrics", daemon=True)
+        self._thread.start()
 
     @property
     def elapsed(self) -> float:
@@ -156,19 +174,38 @@ class MetricsRecorder:
     def record(
         self, round: int, x: Tensor, bytes_uplink: float, suspicion: list[float] | None = None
     ) -> None:
-        """Evaluate and append the record of `round` if one is due and not yet written."""
+        """Queue the record of `round` (evaluated on a copy of `x`) if one is due and not yet
+        written; its wall_seconds is now's, not the evaluation's."""
         if self.out is None or not self.due(round) or round in self._rounds:
             return
-        self.last = evaluate(self.task, x, round, bytes_uplink, self.started, suspicion)
-        emit(self.last, self._file)
         self._rounds.add(round)
+        snapshot = x.detach().clone()
+        wall = round_seconds(self.elapsed)
+
+        def job() -> None:
+            record = evaluate(self.task, snapshot, round, bytes_uplink, self.started, suspicion)
+            record["wall_seconds"] = wall
+            emit(record, self._file)
+            self.last = record
+            if self.on_record is not None:
+                self.on_record(record)
+
+        self._jobs.put(job)
+
+    def flush(self) -> None:
+        """Wait until every record queued so far is written (re-raising an evaluation error)."""
+        if self._thread is not None:
+            self._jobs.join()
+        if self._error is not None:
+            raise self._error
 
     def finish(
         self, round: int, x: Tensor, bytes_uplink: float, suspicion: list[float] | None = None
     ) -> None:
-        """summary.json and params.npy of the finished run."""
+        """summary.json and params.npy of the finished run (after the records queued before)."""
         if self.out is None:
             return
+        self.flush()
         final = self.last
         if final is None or final["round"] != round:
             final = evaluate(self.task, x, round, bytes_uplink, self.started, suspicion)
@@ -176,9 +213,27 @@ class MetricsRecorder:
         write_results(self.out, self.config, result, bytes_uplink)
 
     def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    job()
+            except Exception as exc:  # kept for flush(): the run must not end without its records
+                log.exception("evaluation failed; no further metrics records are written")
+                self._error = exc
+            finally:
+                self._jobs.task_done()
 
 
 class RoundLog:
