@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from optional import unavailable
 
 from byzps.common.config import RunConfig
 
@@ -96,9 +97,7 @@ def test_configs_run_in_the_simulator(tmp_path):
 @pytest.mark.slow
 def test_end_to_end_with_flower(tmp_path):
     if not os.access(FLOWER_PYTHON, os.X_OK):
-        pytest.skip(
-            f"no Flower interpreter at {FLOWER_PYTHON} (see bench_vs_flower.py's docstring)"
-        )
+        unavailable(f"no Flower interpreter at {FLOWER_PYTHON} (bench_vs_flower.py docstring)")
     done = bench(
         "--flower-python",
         str(FLOWER_PYTHON),
