@@ -49,13 +49,12 @@ def detection(run: Any) -> tuple[float, float, float] | None:
     """(AUC, mean honest score, mean Byzantine score) of a run's final scores; None when the run
     kept no scores or has no Byzantine worker."""
     scores = run.final.get("suspicion")
-    byzantine = set(byzantine_ids(run.config))
+    byzantine = byzantine_ids(run.config)
     if not scores or not byzantine or len(byzantine) >= len(scores):
         return None
-    positive = [row in byzantine for row in range(len(scores))]
     values = np.asarray(scores, np.float64)
-    mask = np.asarray(positive)
-    return roc_auc(values, positive), float(values[~mask].mean()), float(values[mask].mean())
+    mask = np.isin(np.arange(values.size), byzantine)
+    return roc_auc(values, mask), float(values[~mask].mean()), float(values[mask].mean())
 
 
 def table(rows: Sequence[Any]) -> str | None:
