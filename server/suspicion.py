@@ -45,8 +45,6 @@ class SuspicionScores:
         self.seed = seed
         self._weighted = np.zeros(num_workers)  # Σ β^k δ(t − k)
         self._total = 0.0  # Σ β^k
-        #: The discounts of the last scored round.
-        self.last = np.zeros(num_workers)
 
     @property
     def scores(self) -> np.ndarray:
@@ -66,8 +64,8 @@ class SuspicionScores:
         a rule that recorded no verdict leaves the scores as they are."""
         if not self.enabled or verdict is None:
             return
-        discount = verdict.discount(candidates, self.sample(candidates.shape[1], round))
-        self.last = discount
+        columns = self.sample(candidates.shape[1], round) if verdict.reads_columns else None
+        discount = verdict.discount(candidates, columns)
         self._weighted = self.decay * self._weighted + discount
         self._total = self.decay * self._total + 1.0
 
@@ -86,10 +84,8 @@ class SuspicionScores:
         return {
             "weighted": torch.from_numpy(self._weighted.copy()),
             "total": self._total,
-            "last": torch.from_numpy(np.asarray(self.last, np.float64).copy()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._weighted = torch.as_tensor(state["weighted"], dtype=torch.float64).numpy().copy()
         self._total = float(state["total"])
-        self.last = torch.as_tensor(state["last"], dtype=torch.float64).numpy().copy()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from torch import Tensor
@@ -39,6 +40,10 @@ from byzps.common.aggregators._verdict_kernels import band_discount
 
 class Verdict(ABC):
     """The effective weights a rule's output gave its raw inputs."""
+
+    #: True when `discount` reads the data's columns (a band), so its caller need draw a sample
+    #: of columns only then; a weighted verdict's discount is n numbers it already has.
+    reads_columns: ClassVar[bool] = False
 
     @abstractmethod
     def through(self, mix: np.ndarray) -> Verdict:
@@ -77,6 +82,7 @@ class Banded(Verdict):
     (`ops.window_network`'s rule for s). NaN ranks as +inf, and tied values enter the band in
     row order — the value is the same either way, only its attribution is a convention."""
 
+    reads_columns: ClassVar[bool] = True
     mix: np.ndarray | None
     a: int
     b: int
