@@ -19,13 +19,16 @@ from typing import Any
 
 import numpy as np
 
+from byzps.sim import claims_report as claims
 from byzps.sim import suspicion_report as suspicion
 
 SEED, LR, ATTACK = "run.seed", "algorithm.lr", "attack.name"
 METHOD, AGGREGATOR, PRE = "algorithm.name", "aggregator.name", "aggregator.pre"
 #: Keys with a column of their own (or none), so they never appear in the "setting" column.
 _SHOWN = frozenset({SEED, LR, ATTACK, METHOD, AGGREGATOR, PRE})
-METRICS = ("train_loss", "test_accuracy")
+METRICS = ("train_loss", "test_accuracy", "loss_gap", "grad_norm_sq")
+#: Metrics where lower is better; they are also drawn on a log scale.
+LOWER_IS_BETTER = frozenset({"train_loss", "loss_gap", "grad_norm_sq"})
 SELECT_BY = ("final", "best")
 
 
@@ -67,7 +70,7 @@ class Objective:
 
     @property
     def lower_is_better(self) -> bool:
-        return "loss" in self.metric
+        return self.metric in LOWER_IS_BETTER
 
     def run_score(self, run: Run) -> float:
         """The run's value under this objective. A diverged run (non-finite final value) scores
@@ -219,14 +222,18 @@ def _pm(mean: float, std: float, spec: str) -> str:
 def table(rows: Sequence[Row]) -> str:
     """A Markdown table of final metrics, one row per method × aggregator at its chosen lr."""
     accuracy = all("test_accuracy" in run.final for row in rows for run in row.runs)
+    gap = all("loss_gap" in run.final for row in rows for run in row.runs)
     setting = any(row.setting for row in rows)
     head = ["method", "aggregator"] + (["setting"] if setting else []) + ["train_loss"]
-    head += (["test_accuracy"] if accuracy else []) + ["grad_norm_sq", "bytes uplink", "lr"]
+    head += (["loss_gap"] if gap else []) + (["test_accuracy"] if accuracy else [])
+    head += ["grad_norm_sq", "bytes uplink", "lr"]
     head += ["seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row.method, row.aggregator] + ([row.setting] if setting else [])
         cells.append(_pm(*row.stat("train_loss"), ".6g"))
+        if gap:
+            cells.append(_pm(*row.stat("loss_gap"), ".4g"))
         if accuracy:
             cells.append(_pm(*row.stat("test_accuracy"), ".4f"))
         cells.append(_pm(*row.stat("grad_norm_sq"), ".4g"))
@@ -250,7 +257,7 @@ def plot(rows: Sequence[Row], metric: str, x_axis: str, path: Path) -> None:
     figure = Figure(figsize=(5.0 * len(names), 4.0), layout="constrained")
     FigureCanvasAgg(figure)  # Agg, without touching pyplot's global backend
     axes = figure.subplots(1, len(names), squeeze=False)[0]
-    log_y = "loss" in metric
+    log_y = metric in LOWER_IS_BETTER
     for ax, attack in zip(axes, names, strict=True):
         for row in (r for r in rows if r.attack == attack):
             rounds, bits, mean, std = seed_band(row, metric)
@@ -343,6 +350,6 @@ def write_report(
     commands = [report_command] if made_by is None else [made_by, report_command]
     title = heading(sweep_dir, runs, made_by is not None)
     text = render(rows, objective, commands, plots, title)
-    text = "\n".join([text, *suspicion.section(rows, out)])
+    text = "\n".join([text, *claims.section(rows, out), *suspicion.section(rows, out)])
     (out / "report.md").write_text(text + "\n")
     return rows

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from optional import need_fashion_mnist
 
 from byzps.common.tasks import TASKS, DataSpec, build_task
-from byzps.common.tasks.a9a import A9aLogRegTask, load_a9a
+from byzps.common.tasks.a9a import A9aLogRegTask, l2_optimum, load_a9a
 from byzps.common.tasks.digits import load_digits_split
 from byzps.common.tasks.fmnist import resolve_data_dir
 from byzps.common.tasks.libsvm import LibsvmFormatError, parse_libsvm
@@ -230,6 +230,33 @@ def test_a9a_evaluate_at_zero() -> None:
     assert metrics["test_accuracy"] == pytest.approx(1 - float(test_labels.mean()))
     assert metrics["grad_norm_sq"] == pytest.approx(float(task.full_gradient(x).square().sum()))
     assert metrics["grad_norm_sq"] > 0
+
+
+def test_a9a_l2_optimum_agrees_with_lbfgs_and_gives_the_loss_gap() -> None:
+    """Newton's f* against scipy's L-BFGS on the same float64 objective, and loss_gap = f − f*:
+    non-negative, 0 at the minimiser, absent for the non-convex regulariser (f* unknown)."""
+    minimize = pytest.importorskip("scipy.optimize").minimize
+    task = A9aLogRegTask(data=DataSpec(num_workers=1, seed=0), dtype="float64")
+
+    def objective(x):
+        xt = torch.from_numpy(x)
+        return float(task.loss(xt)), task.full_gradient(xt).numpy()
+
+    found = minimize(objective, torch.zeros(123).double().numpy(), jac=True, method="L-BFGS-B",
+                     options={"gtol": 1e-12, "maxiter": 10_000})  # fmt: skip
+    assert found.success
+    f_star = l2_optimum(task.reg.lam)
+    assert found.fun - 1e-8 < f_star <= found.fun  # Newton converges further than L-BFGS
+    at_lbfgs = task.evaluate(torch.from_numpy(found.x))
+    assert at_lbfgs["loss_gap"] == pytest.approx(found.fun - f_star, abs=1e-12)
+    at_zero = task.evaluate(task.init_params(0))
+    assert at_zero["loss_gap"] == pytest.approx(at_zero["train_loss"] - f_star, rel=1e-6)
+    nonconvex = A9aLogRegTask(data=DataSpec(num_workers=1, seed=0), regularizer="nonconvex")
+    assert nonconvex.optimal_loss() is None and "loss_gap" not in nonconvex.evaluate(
+        nonconvex.init_params(0)
+    )
+    with pytest.raises(ValueError, match="lam > 0"):
+        l2_optimum(0.0)
 
 
 def test_a9a_oracle_rejects_bad_worker_ids() -> None:

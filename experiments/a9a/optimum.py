@@ -1,9 +1,10 @@
-"""The optimum of the a9a L2 objective, by L-BFGS on the full training data (float64).
+"""The optimum of the a9a L2 objective (Newton's method in float64, byzps.common.tasks.a9a).
 
     python experiments/a9a/optimum.py [--runs runs/a9a]
 
 Prints f* and, given a sweep directory, every run's final gap f(x_T) − f* (the distance to the
-optimum that docs/results.md reports).
+optimum that docs/results.md reports; runs made since evaluations record `loss_gap` carry it in
+every metrics record too).
 """
 
 from __future__ import annotations
@@ -12,38 +13,15 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
-from scipy.optimize import minimize
-
-from byzps.common.tasks import DataSpec
-from byzps.common.tasks.a9a import A9aLogRegTask
-
-
-def l2_optimum() -> float:
-    task = A9aLogRegTask(data=DataSpec(num_workers=1, seed=0), regularizer="l2", dtype="float64")
-
-    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
-        xt = torch.from_numpy(x)
-        return float(task.loss(xt)), task.full_gradient(xt).numpy()
-
-    result = minimize(
-        objective,
-        np.zeros(task.dim),
-        jac=True,
-        method="L-BFGS-B",
-        options={"gtol": 1e-12, "maxiter": 10_000},
-    )
-    if not result.success:
-        raise SystemExit(f"L-BFGS did not converge: {result.message}")
-    return float(result.fun)
+from byzps.common.tasks.a9a import l2_optimum
+from byzps.common.tasks.regularizers import DEFAULT_LAMBDA
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, help="a sweep directory to list final gaps for")
     args = parser.parse_args()
-    optimum = l2_optimum()
+    optimum = l2_optimum(DEFAULT_LAMBDA["l2"])
     print(f"f* = {optimum:.8f}")
     if args.runs is not None:
         for summary in sorted(args.runs.glob("*/summary.json")):
