@@ -9,6 +9,11 @@ worker its own w = 1 estimator and oracle, as a worker daemon or the authors' re
 them), measured in the same run, and their ratio.
 
     python benchmarks/bench_simulator.py [--rounds 2000] [--fmnist-rounds 20] [--reference-only]
+        [--runs 16] [--batch-rounds 500]
+
+Then R runs (seeds 0 … R−1) advanced as one batched simulation against the same R runs stepped
+separately, interleaved in one process: the throughput ratio (issue 11's goal: ≥ 10× at R = 16)
+and whether the final models agree bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from numpy_reference import NumpyA9aRun
 from byzps.common.attacks.strategies import alie_z
 from byzps.common.components import build_run_estimator, build_run_task
 from byzps.common.config import RunConfig
+from byzps.sim.batched import build_batched_simulation
 from byzps.sim.build import build_simulation
 from byzps.sim.simulation import Simulation
 
@@ -108,6 +114,42 @@ def against_reference(rounds: int, blocks: int = 10) -> None:
     )
 
 
+def batched_throughput(runs: int, rounds: int, blocks: int = 5) -> None:
+    """Rounds·runs per second of `runs` a9a runs (seeds 0 … R−1, the paper's setting) advanced
+    as one batch (sim/batched.py) and as `runs` separate simulations, interleaved in blocks in
+    this process; their ratio is the batch's throughput gain."""
+    configs = [RunConfig.load(SETTINGS["a9a"], [f"run.seed={seed}"]) for seed in range(runs)]
+    tasks = [build_run_task(config) for config in configs]
+    batch = build_batched_simulation(configs, tasks)
+    alone = [build_simulation(config, task) for config, task in zip(configs, tasks, strict=True)]
+
+    def separately() -> None:
+        for simulation in alone:
+            simulation.step()
+
+    steps = {"batch": batch.step, "separate": separately}
+    for step in steps.values():
+        for _ in range(max(3, rounds // 20)):
+            step()
+    per_block = max(1, rounds // blocks)
+    seconds = dict.fromkeys(steps, 0.0)
+    for _ in range(blocks):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            for _ in range(per_block):
+                step()
+            seconds[name] += time.perf_counter() - started
+    timed = per_block * blocks * runs
+    batch_rate, separate_rate = (timed / seconds[name] for name in ("batch", "separate"))
+    same = all(torch.equal(batch.x(r), simulation.x) for r, simulation in enumerate(alone))
+    print(
+        f"a9a, {runs} runs × {per_block * blocks} rounds: batched {batch_rate:.0f} run-rounds/s"
+        f" ({1e3 / batch_rate:.3f} ms per run-round), separate {separate_rate:.0f} run-rounds/s"
+        f" ({1e3 / separate_rate:.3f} ms), batched / separate = {batch_rate / separate_rate:.2f}x;"
+        f" final models bit-identical: {same}"
+    )
+
+
 def measure(setting: str, algorithm: str, rounds: int) -> None:
     config = RunConfig.load(SETTINGS[setting], [f'algorithm.name="{algorithm}"'])
     task = build_run_task(config)
@@ -135,12 +177,16 @@ def main() -> None:
     parser.add_argument(
         "--reference-only", action="store_true", help="only the single run vs the reference"
     )
+    parser.add_argument("--runs", type=int, default=16, help="runs in the batched comparison")
+    parser.add_argument("--batch-rounds", type=int, default=500, help="its timed rounds")
     args = parser.parse_args()
     print("$ python " + shlex.join(sys.argv))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     against_reference(args.rounds)
     if args.reference_only:
         return
+    if args.runs > 1:
+        batched_throughput(args.runs, args.batch_rounds)
     print("setting  algorithm        ms/round   rounds/s  loop ms/round  speed-up")
     for algorithm in ("byz-dm21", "byz-vr-dm21", "byz-ef21-sgdm"):
         measure("a9a", algorithm, args.rounds)

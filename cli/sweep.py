@@ -19,7 +19,8 @@ from byzps.sim.grid import (
     is_done,
     load_grid,
     manifest,
-    run_cell,
+    plan_batches,
+    run_batch_of_cells,
 )
 
 
@@ -40,20 +41,21 @@ def _shown(path: Path) -> str:
         return str(resolved)
 
 
-def _run_all(cells: list[Cell], out: Path, jobs: int) -> Iterator[CellOutcome]:
-    """Outcomes in completion order; in-process for one job (no spawn start-up cost)."""
+def _run_all(batches: list[list[Cell]], out: Path, jobs: int) -> Iterator[CellOutcome]:
+    """Outcomes in completion order, batch by batch; in-process for one job (no spawn cost)."""
     if jobs == 1:
-        for cell in cells:
-            yield run_cell(cell, out)
+        for batch in batches:
+            yield from run_batch_of_cells(batch, out)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_single_thread) as pool:
-        futures = {pool.submit(run_cell, cell, out): cell for cell in cells}
+        futures = {pool.submit(run_batch_of_cells, batch, out): batch for batch in batches}
         for future in as_completed(futures):
             try:
-                yield future.result()
+                yield from future.result()
             except Exception as exc:  # the worker process itself died
-                yield CellOutcome(futures[future].name, "failed", error=repr(exc))
+                for cell in futures[future]:
+                    yield CellOutcome(cell.name, "failed", error=repr(exc))
 
 
 def _line(outcome: CellOutcome) -> str:
@@ -61,7 +63,8 @@ def _line(outcome: CellOutcome) -> str:
         return f"failed  {outcome.name}: {outcome.error}"
     assert outcome.final is not None
     loss = outcome.final["train_loss"]
-    return f"run     {outcome.name}  train_loss {loss:.6g}  {outcome.seconds:.2f} s"
+    shared = f" (batch of {outcome.batch})" if outcome.batch > 1 else ""
+    return f"run     {outcome.name}  train_loss {loss:.6g}  {outcome.seconds:.2f} s{shared}"
 
 
 @click.command()
@@ -83,9 +86,18 @@ def _line(outcome: CellOutcome) -> str:
     default=1,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Cells run at once, each in its own process with one thread.",
+    help="Batches run at once, each in its own process with one thread.",
 )
-def sweep(grid_path: Path, out: Path, jobs: int) -> None:
+@click.option(
+    "--batch",
+    "batch_size",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most runs advanced together by one batched simulation (cells that differ only in "
+    "run.seed and algorithm.lr; bit-identical to running them alone); 1 runs every cell alone.",
+)
+def sweep(grid_path: Path, out: Path, jobs: int, batch_size: int) -> None:
     """Run every cell of a grid; cells already finished with the same config are skipped."""
     try:
         grid = load_grid(grid_path)
@@ -107,7 +119,7 @@ def sweep(grid_path: Path, out: Path, jobs: int) -> None:
         if cell.name not in pending:
             click.echo(f"skipped {cell.name}  (finished, same config)")
     failed = 0
-    for outcome in _run_all(todo, out, jobs):
+    for outcome in _run_all(plan_batches(todo, batch_size), out, jobs):
         failed += outcome.status == "failed"
         click.echo(_line(outcome), err=outcome.status == "failed")
     click.echo(f"sweep {out}: {len(todo) - failed} run, {skipped} skipped, {failed} failed")

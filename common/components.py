@@ -8,7 +8,7 @@ are ConfigErrors prefixed with the config section at fault.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from byzps.common.aggregators import build_aggregator
@@ -76,8 +76,14 @@ def build_run_compressor(config: RunConfig, task: Task) -> Compressor:
 
 
 def build_run_estimator(
-    config: RunConfig, task: Task, compressor: Compressor, worker_ids: list[int]
+    config: RunConfig,
+    task: Task,
+    compressor: Compressor,
+    worker_ids: list[int],
+    seeds: Sequence[int] | None = None,
 ) -> Estimator:
+    """The run's estimator over `worker_ids`; `seeds`, one per row, when the rows belong to
+    several runs (a batched simulation), else every row has the run seed."""
     a = config.algorithm
     params = dict(a.params)
     params.update(_accepted(ESTIMATORS.get(a.name), {"eta": a.eta}))
@@ -88,7 +94,7 @@ def build_run_estimator(
             compressor,
             num_workers=len(worker_ids),
             worker_ids=worker_ids,
-            seed=config.run.seed,
+            seed=config.run.seed if seeds is None else list(seeds),
             **params,
         )
     except ValueError as exc:

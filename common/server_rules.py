@@ -231,7 +231,7 @@ class StateRule(_BatchedRule):
         return self.g
 
     def bases(self, rows: Tensor) -> Tensor:
-        return self.g[_as_rows(rows, self._device)]
+        return self.g.index_select(0, _as_rows(rows, self._device))
 
     def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
         scatter_add_rows(self.g, self._prepare(rows, messages), messages)

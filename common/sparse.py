@@ -95,6 +95,17 @@ class SparseBatch:
         """Non-zeros per row."""
         return int(self.indices.shape[1])
 
+    def take(self, rows: Tensor) -> SparseBatch:
+        """The messages of `rows` (indices into this batch), in that order."""
+        picked = rows.tolist()
+        return SparseBatch(
+            self.indices[rows],
+            self.values[rows],
+            self.dim,
+            None if self.seeds is None else tuple(self.seeds[i] for i in picked),
+            None if self.scales is None else self.scales[rows],
+        )
+
     def row(self, i: int) -> SparseVector:
         seed = None if self.seeds is None else self.seeds[i]
         scale = None if self.scales is None else float(self.scales[i])

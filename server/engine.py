@@ -137,7 +137,11 @@ class RoundEngine:
         self.last_delta = (
             None if delta is None else AggregateDelta(self.round, self.x.numel(), *delta, self.lr)
         )
-        self._dirty = [] if self.aggregator.coordinatewise else None
+        # Dirty columns are tracked only when they can be used: with incremental aggregation off
+        # (a negative limit), or absorbs that bypass `absorb` (a batched simulation writes the
+        # states of all its runs at once), every round aggregates in full.
+        tracked = self.aggregator.coordinatewise and self.incremental_limit >= 0
+        self._dirty = [] if tracked else None
         return aggregate
 
     def _dirty_columns(self) -> Tensor | None:

@@ -81,6 +81,8 @@ class CellOutcome:
     seconds: float = 0.0
     final: dict[str, Any] | None = None
     error: str | None = None
+    #: How many runs shared the cell's batch (`run_batch_of_cells`); `seconds` is the batch's.
+    batch: int = 1
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -268,3 +270,48 @@ def run_cell(cell: Cell, out: Path) -> CellOutcome:
             cell.name, "failed", time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}"
         )
     return CellOutcome(cell.name, "run", time.perf_counter() - started, final=result.final)
+
+
+def plan_batches(cells: list[Cell], size: int) -> list[list[Cell]]:
+    """The cells grouped into batches of at most `size` runs that one batched simulation can
+    advance together (sim/batched.py: equal configs but for seed and lr); a cell that cannot
+    share a batch, or `size` 1, makes a batch of its own. Grid order is kept within a batch."""
+    from byzps.sim.batched import batch_key, batchable, seeds_may_differ
+
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        config = cell.config
+        if size < 2 or not batchable(config):
+            key = f"alone:{cell.name}"
+        else:
+            key = batch_key(config) + ("" if seeds_may_differ(config) else f"|{config.run.seed}")
+        groups.setdefault(key, []).append(cell)
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
+def run_batch_of_cells(cells: list[Cell], out: Path) -> list[CellOutcome]:
+    """Run `cells` as one batched simulation into out/<name>/ each (one cell: `run_cell`).
+    Never raises: a batch that cannot be built or fails falls back to its cells one by one, so
+    a batch costs no result that the cells alone would give."""
+    if len(cells) == 1:
+        return [run_cell(cells[0], out)]
+    from byzps.common.components import build_run_task
+    from byzps.sim.batched import build_batched_simulation
+    from byzps.sim.runner import run_batch
+
+    started = time.perf_counter()
+    try:
+        for cell in cells:
+            if (out / cell.name).exists():
+                shutil.rmtree(out / cell.name)
+        configs = [cell.config for cell in cells]
+        tasks = [build_run_task(config) for config in configs]
+        batch = build_batched_simulation(configs, tasks)
+        results = run_batch(configs, tasks, batch, [out / cell.name for cell in cells])
+    except Exception:
+        return [run_cell(cell, out) for cell in cells]
+    seconds = time.perf_counter() - started
+    return [
+        CellOutcome(cell.name, "run", seconds, final=result.final, batch=len(cells))
+        for cell, result in zip(cells, results, strict=True)
+    ]

@@ -1,15 +1,16 @@
 """Run a simulation to the end and write its results: metrics.jsonl, summary.json, params.npy.
 
 The same files are written by `byzps launch` (the gRPC cluster), so reports and comparisons never
-care which of the two produced a run.
+care which of the two produced a run. A batch of runs (sim/batched.py) writes each run's files
+exactly as the run alone would, but for the wall times.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from byzps.common.config import RunConfig
 from byzps.common.tasks.base import Task
@@ -21,11 +22,67 @@ from byzps.server.results import (
     round_seconds,
     write_results,
 )
+from byzps.server.suspicion import SuspicionScores
+from byzps.sim.batched import BatchedSimulation
 from byzps.sim.simulation import NonFiniteMessage, Simulation
 
-__all__ = ["RunResult", "evaluate", "round_seconds", "run_simulation", "write_results"]
+__all__ = ["RunResult", "evaluate", "round_seconds", "run_batch", "run_simulation", "write_results"]
 
 Progress = Callable[[int, dict[str, Any]], None]
+
+
+class RunRecorder:
+    """One run's evaluations: its metrics file, the schedule (every `eval_every` rounds and the
+    last), the record of a diverged run, and the final files.
+
+    A run that diverges (an honest message became non-finite) ends there: its final record is
+    the evaluation at the last model with `diverged` set to the reason, and the results are
+    written all the same — a diverged cell is a result of a sweep (the report ranks it worst),
+    not a crash.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        task: Task,
+        suspicion: SuspicionScores,
+        out: Path | None,
+        progress: Progress | None,
+        started: float,
+    ) -> None:
+        self.config, self.task, self.suspicion = config, task, suspicion
+        self.out, self.progress, self.started = out, progress, started
+        self.file: IO[str] | None = None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            self.file = (out / "metrics.jsonl").open("w")
+        self.record: dict[str, Any] = {}
+
+    def due(self, round: int) -> bool:
+        return round % self.config.run.eval_every == 0 or round == self.config.run.rounds
+
+    def evaluate(self, x: Any, round: int, bytes_uplink: float, diverged: str | None = None):
+        record = evaluate(self.task, x, round, bytes_uplink, self.started, self.suspicion.report())
+        if diverged is not None:
+            record["diverged"] = diverged
+        emit(record, self.file)
+        if self.progress is not None:
+            self.progress(record["round"], record)
+        self.record = record
+
+    def finish(self, x: Any, bytes_uplink: float) -> RunResult:
+        """Close the metrics file and write summary.json and params.npy."""
+        self.close()
+        wall = round_seconds(time.perf_counter() - self.started)
+        result = RunResult(int(self.record["round"]), wall, self.record, params_array(x))
+        if self.out is not None:
+            write_results(self.out, self.config, result, bytes_uplink)
+        return result
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def run_simulation(
@@ -35,50 +92,57 @@ def run_simulation(
     out: Path | None = None,
     progress: Progress | None = None,
 ) -> RunResult:
-    """Run `config.run.rounds` rounds, evaluating every `eval_every` rounds and at the end.
-
-    A run that diverges (an honest message became non-finite) ends there: its final record is
-    the evaluation at the last model with `diverged` set to the reason, and the results are
-    written all the same — a diverged cell is a result of a sweep (the report ranks it worst),
-    not a crash.
-    """
-    started = time.perf_counter()
-    metrics_file = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_file = (out / "metrics.jsonl").open("w")
-    suspicion = simulation.engine.suspicion
-    record = evaluate(task, simulation.x, 0, simulation.bytes_uplink, started, suspicion.report())
+    """Run `config.run.rounds` rounds, evaluating every `eval_every` rounds and at the end."""
+    recorder = RunRecorder(
+        config, task, simulation.engine.suspicion, out, progress, time.perf_counter()
+    )
     try:
-        _emit(record, metrics_file, progress)
+        recorder.evaluate(simulation.x, 0, simulation.bytes_uplink)
         for t in range(1, config.run.rounds + 1):
             try:
                 simulation.step()
             except NonFiniteMessage as exc:
-                record = evaluate(
-                    task, simulation.x, exc.round, simulation.bytes_uplink, started,
-                    suspicion.report(),
-                )  # fmt: skip
-                record["diverged"] = str(exc)
-                _emit(record, metrics_file, progress)
+                recorder.evaluate(simulation.x, exc.round, simulation.bytes_uplink, str(exc))
                 break
-            if t % config.run.eval_every == 0 or t == config.run.rounds:
-                record = evaluate(
-                    task, simulation.x, t, simulation.bytes_uplink, started, suspicion.report()
-                )
-                _emit(record, metrics_file, progress)
+            if recorder.due(t):
+                recorder.evaluate(simulation.x, t, simulation.bytes_uplink)
     finally:
-        if metrics_file is not None:
-            metrics_file.close()
-    wall = round_seconds(time.perf_counter() - started)
-    params = params_array(simulation.x)
-    result = RunResult(int(record["round"]), wall, record, params)
-    if out is not None:
-        write_results(out, config, result, simulation.bytes_uplink)
-    return result
+        recorder.close()
+    return recorder.finish(simulation.x, simulation.bytes_uplink)
 
 
-def _emit(record: dict[str, Any], metrics_file: Any, progress: Progress | None) -> None:
-    emit(record, metrics_file)
-    if progress is not None:
-        progress(record["round"], record)
+def run_batch(
+    configs: Sequence[RunConfig],
+    tasks: Sequence[Task],
+    batch: BatchedSimulation,
+    outs: Sequence[Path | None],
+) -> list[RunResult]:
+    """Run a batch to the end (sim/batched.py): every run's files as it would write them alone;
+    a run that diverges stops there while the others go on."""
+    started = time.perf_counter()
+    recorders = [
+        RunRecorder(c, t, e.suspicion, out, None, started)
+        for c, t, e, out in zip(configs, tasks, batch.engines, outs, strict=True)
+    ]
+    try:
+        for r, recorder in enumerate(recorders):
+            recorder.evaluate(batch.x(r), 0, batch.bytes_uplink(r))
+        for t in range(1, configs[0].run.rounds + 1):
+            if not batch.running:
+                break
+            was_running = [run.stopped is None for run in batch.runs]
+            batch.step()
+            for r, recorder in enumerate(recorders):
+                stopped = batch.runs[r].stopped
+                if not was_running[r]:
+                    continue
+                if stopped is not None:
+                    recorder.evaluate(
+                        batch.x(r), stopped.round, batch.bytes_uplink(r), str(stopped)
+                    )
+                elif recorder.due(t):
+                    recorder.evaluate(batch.x(r), t, batch.bytes_uplink(r))
+    finally:
+        for recorder in recorders:
+            recorder.close()
+    return [rec.finish(batch.x(r), batch.bytes_uplink(r)) for r, rec in enumerate(recorders)]

@@ -98,7 +98,7 @@ class Simulation:
         self.bytes_total += self.honest.compressor.payload_bytes(honest_messages)
         if self.cohort is not None:
             assert self.cohort_oracle is not None and self.byzantine_rows is not None
-            honest_now = self.engine.rule.candidates[self.honest_rows]
+            honest_now = self.engine.rule.candidates.index_select(0, self.honest_rows)
             searched = self.cohort.attack.uses_aggregator
             state = self.engine.aggregator.state_dict() if searched else None
             byz_messages = self.cohort.messages(
@@ -127,4 +127,4 @@ def _admitted_part(messages: SparseBatch, bad: Tensor) -> tuple[Tensor, SparseBa
     keep = every[~torch.isin(every, bad)]
     if not keep.numel():
         return keep, None
-    return keep, SparseBatch.stack([messages.row(int(i)) for i in keep])
+    return keep, messages.take(keep)

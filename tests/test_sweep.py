@@ -16,7 +16,7 @@ from configs import small_config, to_toml
 
 from byzps.cli.main import main
 from byzps.common.catalog import check_components
-from byzps.sim.grid import GridError, cell_name, expand, load_grid
+from byzps.sim.grid import GridError, cell_name, expand, load_grid, plan_batches
 
 
 def base_toml(**overrides: Any) -> str:
@@ -215,3 +215,51 @@ def test_a_failing_cell_is_reported_and_the_others_finish(tmp_path: Path) -> Non
     assert "1 run, 0 skipped, 1 failed" in output
     assert re.search(r"failed +k1000-\w+: .*compressor", output)
     assert len(summaries(tmp_path / "out")) == 1
+
+
+def test_batched_and_unbatched_sweeps_write_the_same_runs(swept: Path, tmp_path: Path) -> None:
+    """The fixture's sweep ran its 2 seeds per method as batches of 2 (the default --batch);
+    every cell alone (--batch 1) gives the same records and parameters, bit for bit."""
+    grid = swept / "grid.toml"
+    result = CliRunner().invoke(
+        main, ["sweep", "--grid", str(grid), "--out", str(tmp_path / "alone"), "--batch", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "(batch of" not in result.output
+    for cell in expand(load_grid(grid)):
+        for name in ("params.npy", "metrics.jsonl"):
+            batched = (swept / "out" / cell.name / name).read_bytes()
+            alone = (tmp_path / "alone" / cell.name / name).read_bytes()
+            if name == "metrics.jsonl":  # wall times differ
+                batched, alone = (
+                    re.sub(rb'"wall_seconds": [0-9.e-]+', b"", t) for t in (batched, alone)
+                )
+            assert batched == alone, (cell.name, name)
+
+
+def test_batches_group_cells_that_differ_only_in_seed_and_lr(tmp_path: Path) -> None:
+    grid = write_grid(
+        tmp_path,
+        """
+base = "base.toml"
+[axes]
+"algorithm.name" = [
+  "byz-dm21",
+  { "algorithm.name" = "byz-dasha-page", "compressor.name" = "randk" },
+  { "algorithm.name" = "byz-vr-marina", "compressor.name" = "randk" },
+]
+"algorithm.lr" = [0.5, 0.05]
+"run.seed" = [0, 1, 2]
+""",
+    )
+    cells = expand(load_grid(grid))
+    batches = plan_batches(cells, 4)
+    methods = [{c.config.algorithm.name for c in batch} for batch in batches]
+    assert all(len(m) == 1 for m in methods)  # never two methods in a batch
+    sizes = {name: sorted(len(b) for b, m in zip(batches, methods, strict=True) if m == {name})
+             for name in ("byz-dm21", "byz-dasha-page", "byz-vr-marina")}  # fmt: skip
+    assert sizes["byz-dm21"] == [2, 4]  # 6 cells, at most 4 a batch
+    assert sizes["byz-dasha-page"] == [2, 2, 2]  # a run-wide coin: one seed per batch
+    assert sizes["byz-vr-marina"] == [1] * 6  # its server rule reads the aggregate
+    assert sorted(c.name for b in batches for c in b) == sorted(c.name for c in cells)
+    assert all(len(b) == 1 for b in plan_batches(cells, 1))

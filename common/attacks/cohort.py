@@ -64,13 +64,23 @@ class ByzantineCohort:
         seed: int,
         knowledge: Knowledge = "omniscient",
         aggregator: Aggregator | None = None,
+        run_seeds: Sequence[int] | None = None,
     ) -> None:
+        """`run_seeds`: for a batched simulation, the seeds of the R runs whose cohorts this one
+        stacks — `worker_ids` and the shadow's rows then hold R groups of members, one per run,
+        each attacking its own run's honest rows with its own run's random source."""
         if knowledge not in ("omniscient", "cohort"):
             raise ValueError(f"knowledge must be 'omniscient' or 'cohort', got {knowledge!r}")
         if attack.uses_aggregator and aggregator is None:
             raise ValueError(
                 f"attack {attack.name!r} searches against the run's aggregator: pass aggregator="
             )
+        self.run_seeds = [int(seed)] if run_seeds is None else [int(s) for s in run_seeds]
+        if len(worker_ids) % len(self.run_seeds):
+            runs = len(self.run_seeds)
+            raise ValueError(f"{len(worker_ids)} members do not split over {runs} runs")
+        if len(self.run_seeds) > 1 and attack.uses_aggregator:
+            raise ValueError(f"attack {attack.name!r} searches one run's aggregator: not batched")
         #: The cohort's own copy of the run's aggregator (never the server's instance).
         self.aggregator = aggregator
         self.attack = attack
@@ -89,7 +99,8 @@ class ByzantineCohort:
 
     @property
     def size(self) -> int:
-        return len(self.worker_ids)
+        """f: the members of one run."""
+        return len(self.worker_ids) // len(self.run_seeds)
 
     @property
     def runs_shadows(self) -> bool:
@@ -131,20 +142,24 @@ class ByzantineCohort:
             honest = shadow
         bases = self._sent.bases(self._rows)
         start = self._aggregator_start(aggregator_state)
-        view = AttackView(
-            honest=honest,
-            shadow=shadow,
-            bases=bases,
-            n=self.num_workers,
-            f=self.size,
-            generator=None,  # seeded on first use (AttackView.generator_keys)
-            generator_keys=(self.seed, "attack", round),
-            gain=self._gain(round),
-            aggregate=None if start is None else self._evaluator(start),
-        )
-        targets = self.attack.targets(view)
+        views = [
+            AttackView(
+                honest=part(honest, r, len(self.run_seeds)),
+                shadow=part(shadow, r, len(self.run_seeds)),
+                bases=part(bases, r, len(self.run_seeds)),
+                n=self.num_workers,
+                f=self.size,
+                generator=None,  # seeded on first use (AttackView.generator_keys)
+                generator_keys=(seed, "attack", round),
+                gain=self._gain(round),
+                aggregate=None if start is None else self._evaluator(start),
+            )
+            for r, seed in enumerate(self.run_seeds)
+        ]
+        found = [self.attack.targets(view) for view in views]
+        targets = found[0] if len(found) == 1 else torch.cat(found)
         if start is not None and (self.knowledge != "omniscient" or aggregator_state is None):
-            self._evaluator(start)(view.rows(targets))  # the copy steps once, as the server's
+            self._evaluator(start)(views[0].rows(targets))  # the copy steps once, as the server's
         delta = _deviation(targets, bases)
         self._round = round
         message = self._compress(delta, round)
@@ -235,6 +250,14 @@ class ByzantineCohort:
         self._round = state["round"]
         if self.aggregator is not None and state.get("aggregator") is not None:
             self.aggregator.load_state_dict(state["aggregator"])
+
+
+def part(rows: Tensor, run: int, runs: int) -> Tensor:
+    """Run `run`'s block of `rows` (R equal blocks stacked, one per run); all of it for R = 1."""
+    if runs == 1:
+        return rows
+    size = rows.shape[0] // runs
+    return rows[run * size : (run + 1) * size]
 
 
 def _deviation(targets: Tensor, bases: Tensor) -> Tensor:

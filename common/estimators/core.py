@@ -55,6 +55,9 @@ class BatchedEstimator(Estimator):
     _state_names: ClassVar[tuple[str, ...]] = ()
     #: True for estimators that evaluate the previous model (VR-DM21, MARINA, DASHA-PAGE).
     _keeps_prev_model: ClassVar[bool] = False
+    #: True for estimators that draw one coin per round for the whole run (MARINA, DASHA-PAGE):
+    #: rows of different runs cannot share one instance.
+    _shared_coin: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -63,7 +66,7 @@ class BatchedEstimator(Estimator):
         *,
         num_workers: int | None = None,
         worker_ids: Sequence[int] | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -82,7 +85,15 @@ class BatchedEstimator(Estimator):
         self.compressor = compressor
         self.num_workers = num_workers
         self.worker_ids = worker_ids
-        self.seed = int(seed)
+        seeds = [int(seed)] * num_workers if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != num_workers:
+            raise ValueError(f"seed: {len(seeds)} seeds for {num_workers} rows")
+        if self._shared_coin and len(set(seeds)) > 1:
+            raise ValueError(f"{self.name} draws one coin per run: its rows must share a seed")
+        #: The run seed (of the first row; rows of a batched simulation's runs bring their own).
+        self.seed = seeds[0]
+        # Consecutive rows of one seed: the compressor keys each run's rows with its own seed.
+        self._seed_groups = [(seed, tuple(ids)) for seed, ids in _runs_of_equal(seeds, worker_ids)]
         self.dtype = dtype
         self.device = torch.device(device)
         self.steps = 0
@@ -123,7 +134,11 @@ class BatchedEstimator(Estimator):
         """C(z) for every row; a seeded compressor gets its seeds for these workers and round
         (Compressor.row_seeds: derive_seed(seed, name, id, round), or Perm-K's shared one)."""
         c = self.compressor
-        seeds = c.row_seeds(self.seed, self.worker_ids, round) if c.seeded else None
+        seeds = None
+        if c.seeded:
+            seeds = tuple(
+                s for seed, ids in self._seed_groups for s in c.row_seeds(seed, ids, round)
+            )
         return c.compress(z, seeds, self.worker_ids)
 
     def _cast(self, g: Tensor) -> Tensor:
@@ -176,6 +191,17 @@ class BatchedEstimator(Estimator):
             self.x_prev = (
                 None if xp is None else xp.detach().to(dtype=self.dtype, device=self.device).clone()
             )
+
+
+def _runs_of_equal(seeds: Sequence[int], worker_ids: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """[(seed, worker ids of its consecutive rows)]: the rows grouped by run, in order."""
+    groups: list[tuple[int, list[int]]] = []
+    for seed, worker in zip(seeds, worker_ids, strict=True):
+        if groups and groups[-1][0] == seed:
+            groups[-1][1].append(worker)
+        else:
+            groups.append((seed, [worker]))
+    return groups
 
 
 class MirroredEstimator(BatchedEstimator):

@@ -24,6 +24,7 @@ class _SharedCoin(BatchedEstimator):
     ∇f_i(x^t; ξ^t) − ∇f_i(x^{t−1}; ξ^t) on one mini-batch."""
 
     _keeps_prev_model = True
+    _shared_coin = True
     coin_key = "marina"
 
     def __init__(

@@ -88,6 +88,26 @@ def l2_optimum(lam: float) -> float:
     raise RuntimeError("Newton's method did not converge on the a9a L2 objective")
 
 
+#: Elements per iteration of torch's vectorised CPU loop, at most (2 × 16 floats, AVX-512).
+_VECTOR_BLOCK = 32
+
+
+def _row_sigmoid(z: Tensor) -> Tensor:
+    """σ(z) for a (w, b) z, each row's bits independent of w.
+
+    torch computes σ with a vectorised exp on whole blocks and a scalar one on the tail, and the
+    two differ in the last bit; which elements fall in the tail depends on the tensor's length,
+    so a worker's gradient would change with the number of rows computed beside it (a batched
+    simulation's runs). Padding every row to whole blocks puts every element in the vectorised
+    path, whatever w is.
+    """
+    w, b = z.shape
+    width = -(-b // _VECTOR_BLOCK) * _VECTOR_BLOCK
+    padded = z.new_zeros(w, width)
+    padded[:, :b] = z
+    return padded.sigmoid_()[:, :b]
+
+
 class LogisticOracle:
     """Stochastic and full shard gradients of the regularised BCE for w workers at once."""
 
@@ -106,16 +126,49 @@ class LogisticOracle:
         self._shards = list(shards)
         self._batches = batches
         self._reg = reg
+        #: The oracles this one stacks (`stack`), whose full gradients it computes part by part.
+        self._parts: list[LogisticOracle] = []
+
+    @classmethod
+    def stack(cls, oracles: Sequence[LogisticOracle]) -> LogisticOracle:
+        """One oracle over the rows of `oracles` (the workers of several runs on the same data,
+        labels and regulariser), each row drawing and computing exactly what it did alone."""
+        first = oracles[0]
+        if any(o._reg != first._reg or not torch.equal(o._labels, first._labels) for o in oracles):
+            raise ValueError("stacked oracles must share their labels and regulariser")
+        stacked = cls(
+            first._features,
+            first._labels,
+            [shard for o in oracles for shard in o._shards],
+            type(first._batches).stack([o._batches for o in oracles]),
+            first._reg,
+        )
+        stacked._parts = list(oracles)
+        return stacked
 
     def sample(self, round: int) -> Tensor:
         return self._batches.sample(round)
 
+    def _per_row(self, x: Tensor) -> Tensor:
+        """x as (w, d): a shared model (d,) is broadcast, a stacked oracle's rows each bring
+        their own run's. Both go through the same batched products below, so a row's gradient
+        has the same bits whether its run is simulated alone or with others."""
+        if x.dim() == 1:
+            return x.expand(self.num_workers, self.dim)
+        if x.shape != (self.num_workers, self.dim):
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected ({self.dim},) or "
+                             f"({self.num_workers}, {self.dim})")  # fmt: skip
+        return x
+
     def grad(self, x: Tensor, batch: Tensor) -> Tensor:
         """(w, d): mean over each worker's batch row of (σ(aᵀx) − y) a, plus ∇r(x)."""
-        rows = self._features[batch]  # (w, b, d)
-        residual = torch.sigmoid(rows @ x).sub_(self._labels[batch])  # (w, b)
+        xs = self._per_row(x)
+        flat = batch.reshape(-1)  # index_select: a fraction of advanced indexing's cost here
+        rows = self._features.index_select(0, flat).view(*batch.shape, self.dim)  # (w, b, d)
+        residual = _row_sigmoid(torch.bmm(rows, xs.unsqueeze(2)).squeeze(2))  # (w, b)
+        residual.sub_(self._labels.index_select(0, flat).view(batch.shape))
         grads = torch.bmm(residual.unsqueeze(1), rows).squeeze(1)  # (w, d)
-        return grads.mul_(1.0 / batch.shape[1]).add_(self._reg.grad(x))
+        return grads.mul_(1.0 / batch.shape[1]).add_(self._reg.grad(xs))
 
     @cached_property
     def _full(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -133,10 +186,20 @@ class LogisticOracle:
         return rows, labels, weights
 
     def full_grad(self, x: Tensor) -> Tensor:
+        xs = self._per_row(x)
+        if self._parts:
+            # Each part pads its shards to its own longest one, as alone: the products' inner
+            # length, and with it their rounding, must not depend on the other runs' shards.
+            bounds = torch.tensor([0, *(o.num_workers for o in self._parts)]).cumsum(0).tolist()
+            return torch.cat([
+                part.full_grad(xs[start:end])
+                for part, start, end in zip(self._parts, bounds, bounds[1:], strict=False)
+            ])  # fmt: skip
         rows, labels, weights = self._full
-        residual = (torch.sigmoid(rows @ x) - labels).mul_(weights)  # (w, m), 0 on padding
+        residual = torch.sigmoid(torch.bmm(rows, xs.unsqueeze(2)).squeeze(2))  # (w, m)
+        residual.sub_(labels).mul_(weights)  # 0 on padding
         grads = torch.bmm(residual.unsqueeze(1), rows).squeeze(1)
-        return grads.add_(self._reg.grad(x))
+        return grads.add_(self._reg.grad(xs))
 
 
 @TASKS.register("a9a-logreg")
@@ -144,6 +207,7 @@ class A9aLogRegTask(ShardedTask):
     """Logistic regression on a9a, its rows split among the run's workers (see the module doc)."""
 
     num_classes = 2
+    stacks_oracles = True
 
     def __init__(
         self,

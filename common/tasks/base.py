@@ -21,6 +21,9 @@ class Task(ABC):
     name: ClassVar[str]
     #: Number of label classes C (2 for binary tasks); the label-flip attack maps y → (C − 1) − y.
     num_classes: ClassVar[int]
+    #: True when the task's oracles stack (`Oracle.stack`: the rows of several runs, each with
+    #: its own model) — what a batched simulation of several runs needs (sim/batched.py).
+    stacks_oracles: ClassVar[bool] = False
 
     @property
     @abstractmethod

@@ -43,32 +43,68 @@ class NoiseDraw:
 
 
 class QuadraticOracle:
-    """Gradients of the f_i of the given worker rows (targets materialised for those rows only)."""
+    """Gradients of the f_i of the given worker rows (targets materialised for those rows only).
+
+    Rows may belong to several runs (`stack`): each row then carries its own run's seed and
+    curvature, and `grad` takes one model per row.
+    """
 
     def __init__(
-        self, task: QuadraticTask, workers: Sequence[int], seed: int, flip_targets: bool
+        self,
+        targets: Tensor,
+        curvature: Tensor,
+        workers: Sequence[int],
+        seeds: Sequence[int],
+        noise_scale: float,
     ) -> None:
-        self.num_workers = len(workers)
-        self.dim = task.dim
-        self.workers = list(workers)
-        self.seed = seed
-        self.curvature = task.curvature
+        self.num_workers, self.dim = targets.shape
+        self.workers = [int(w) for w in workers]
+        self.seeds = [int(s) for s in seeds]
+        self.curvature = curvature
+        self.targets = targets
+        self.noise_scale = noise_scale
+
+    @classmethod
+    def of_task(
+        cls, task: QuadraticTask, workers: Sequence[int], seed: int, flip_targets: bool
+    ) -> QuadraticOracle:
         sign = -1.0 if flip_targets else 1.0
-        self.targets = torch.stack([task.target(i) for i in workers]).mul_(sign)
-        self.noise_scale = task.noise / math.sqrt(task.batch_size)
+        targets = torch.stack([task.target(i) for i in workers]).mul_(sign)
+        noise_scale = task.noise / math.sqrt(task.batch_size)
+        return cls(targets, task.curvature, workers, [seed] * len(workers), noise_scale)
+
+    @classmethod
+    def stack(cls, oracles: Sequence[QuadraticOracle]) -> QuadraticOracle:
+        """One oracle over the rows of `oracles` (the workers of several runs), each row
+        computing exactly what it did alone; curvatures are kept per row when runs differ."""
+        if len({o.noise_scale for o in oracles}) != 1:
+            raise ValueError("stacked oracles must share their noise scale")
+        first = oracles[0].curvature
+        if all(torch.equal(o.curvature, first) for o in oracles):
+            curvature = first
+        else:
+            curvature = torch.cat([o.curvature.expand(o.num_workers, o.dim) for o in oracles])
+        return cls(
+            torch.cat([o.targets for o in oracles]),
+            curvature,
+            [w for o in oracles for w in o.workers],
+            [s for o in oracles for s in o.seeds],
+            oracles[0].noise_scale,
+        )
 
     def sample(self, round: int) -> NoiseDraw:
         return NoiseDraw(round)
 
     def full_grad(self, x: Tensor) -> Tensor:
+        """(w, d): h ⊙ (x − b_i); x is shared (d,) or one per row (w, d)."""
         return (x - self.targets).mul_(self.curvature)
 
     def grad(self, x: Tensor, batch: NoiseDraw) -> Tensor:
         grads = self.full_grad(x)
         if self.noise_scale > 0:
-            for row, worker in enumerate(self.workers):
+            for row, (worker, seed) in enumerate(zip(self.workers, self.seeds, strict=True)):
                 noise = torch.randn(
-                    self.dim, generator=generator(self.seed, "quadratic-noise", worker, batch.round)
+                    self.dim, generator=generator(seed, "quadratic-noise", worker, batch.round)
                 )
                 grads[row].add_(noise, alpha=self.noise_scale)
         return grads
@@ -79,6 +115,7 @@ class QuadraticTask(Task):
     """Separable heterogeneous quadratics of dimension `dim` (see the module doc)."""
 
     num_classes = 2
+    stacks_oracles = True
 
     def __init__(
         self,
@@ -151,7 +188,7 @@ class QuadraticTask(Task):
         ids = list(workers)
         if not ids or len(set(ids)) != len(ids):
             raise ValueError(f"need distinct worker ids, got {ids}")
-        return QuadraticOracle(self, ids, seed, flip_labels)
+        return QuadraticOracle.of_task(self, ids, seed, flip_labels)
 
     def optimum(self) -> tuple[Tensor, float]:
         """(x*, f*): the mean target and ½ Σ h · var_i(b_i), accumulated in float64 over the

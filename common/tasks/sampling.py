@@ -24,17 +24,41 @@ class Batches(ABC):
     """A sampler over the workers' shards: what both kinds share (shards, sizes, checks)."""
 
     def __init__(
-        self, shards: Sequence[Tensor], worker_ids: Sequence[int], seed: int, batch_size: int
+        self,
+        shards: Sequence[Tensor],
+        worker_ids: Sequence[int],
+        seed: int | Sequence[int],
+        batch_size: int,
     ) -> None:
+        """`seed`: the run seed, or one per row when the rows belong to several runs (a batched
+        simulation stacks the workers of R runs into one sampler; `stack`)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(shards) != len(worker_ids) or not shards:
             raise ValueError("need one non-empty list of shards, one per worker id")
+        seeds = [seed] * len(shards) if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != len(shards):
+            raise ValueError(f"seed: {len(seeds)} seeds for {len(shards)} rows")
         self.batch_size = batch_size
-        self.seed = seed
+        self.seeds = seeds
         self.worker_ids = [int(w) for w in worker_ids]
         self._shards = [s.to(torch.int64) for s in shards]
         self._sizes = np.array([int(s.numel()) for s in shards], dtype=np.int64)
+
+    @classmethod
+    def stack(cls, samplers: Sequence[Batches]) -> Batches:
+        """One sampler over the rows of `samplers` (same kind and batch size), in order: row i
+        draws exactly what it drew in its own sampler, since a draw is keyed by (seed, worker,
+        round) alone."""
+        kinds = {type(s) for s in samplers}
+        if len(kinds) != 1 or len({s.batch_size for s in samplers}) != 1:
+            raise ValueError("stacked samplers must share their kind and batch size")
+        return kinds.pop()(
+            [shard for s in samplers for shard in s._shards],
+            [w for s in samplers for w in s.worker_ids],
+            [seed for s in samplers for seed in s.seeds],
+            samplers[0].batch_size,
+        )
 
     @abstractmethod
     def sample(self, round: int) -> Tensor:
@@ -49,14 +73,19 @@ class ShardBatches(Batches):
     """
 
     def __init__(
-        self, shards: Sequence[Tensor], worker_ids: Sequence[int], seed: int, batch_size: int
+        self,
+        shards: Sequence[Tensor],
+        worker_ids: Sequence[int],
+        seed: int | Sequence[int],
+        batch_size: int,
     ) -> None:
         super().__init__(shards, worker_ids, seed, batch_size)
         self._flat = torch.cat(self._shards)
         starts = np.concatenate([[0], np.cumsum(self._sizes)[:-1]])
         self._starts = torch.from_numpy(starts).unsqueeze(1)
         self._keys = np.array(
-            [derive_seed(seed, "batch", w) for w in self.worker_ids], dtype=np.uint64
+            [derive_seed(s, "batch", w) for s, w in zip(self.seeds, self.worker_ids, strict=True)],
+            dtype=np.uint64,
         )
 
     def sample(self, round: int) -> Tensor:
@@ -77,7 +106,11 @@ class ShuffledShardBatches(Batches):
     """
 
     def __init__(
-        self, shards: Sequence[Tensor], worker_ids: Sequence[int], seed: int, batch_size: int
+        self,
+        shards: Sequence[Tensor],
+        worker_ids: Sequence[int],
+        seed: int | Sequence[int],
+        batch_size: int,
     ) -> None:
         super().__init__(shards, worker_ids, seed, batch_size)
         self._table = torch.zeros((len(self._shards), int(self._sizes.max())), dtype=torch.int64)
@@ -85,7 +118,7 @@ class ShuffledShardBatches(Batches):
 
     def epoch_rows(self, row: int, epoch: int) -> Tensor:
         """The global row indices of worker row `row`'s shard in epoch `epoch`'s order."""
-        key = derive_seed(self.seed, "shuffle", self.worker_ids[row], epoch)
+        key = derive_seed(self.seeds[row], "shuffle", self.worker_ids[row], epoch)
         order = np.random.default_rng(key).permutation(int(self._sizes[row]))
         return self._shards[row][torch.from_numpy(order)]
 
@@ -118,7 +151,7 @@ def shard_batches(
     sampling: str,
     shards: Sequence[Tensor],
     worker_ids: Sequence[int],
-    seed: int,
+    seed: int | Sequence[int],
     batch_size: int,
 ) -> Batches:
     """The sampler named `sampling` ("replace" or "shuffle") over the workers' shards."""

@@ -1,0 +1,323 @@
+"""R simulated runs advanced as one: the runs of a sweep that differ only in seed and γ.
+
+Why: on the paper's a9a task a round is a few hundred small tensor operations on 20 × 123 floats,
+so a run's time is almost all per-operation overhead. Runs that share a task and its shapes can
+share those operations: every per-worker (row-wise) part of a round — gradients, estimators,
+compression, the server's per-worker states, the door's checks, the cohort's shadows and
+messages — runs once over the R·n rows of all runs, stacked run after run. Only what mixes rows
+runs per run: the attack's choice of targets (from its own run's honest rows) and the server's
+aggregation, suspicion scores and step (one `RoundEngine` per run, whose rule is a view of that
+run's rows of the stacked states).
+
+Bit for bit: each run of a batch computes exactly what it computes alone (`tests/test_batched.py`
+checks every record and the final model). Row-wise operations give the same bits whatever the
+number of rows; the oracles evaluate a shared model through the same batched products as a
+model per row; and each run's draws are keyed by its own (seed, worker, round).
+
+What a batch may hold (`batch_key`): configs equal but for `run.seed` and `algorithm.lr`, on a
+task whose oracles stack (a9a, quadratic), an estimator whose server rule is row-wise ("state",
+"message"; MARINA's and DIANA's rules use the run's aggregate), runs of one seed when the
+estimator or compressor draws run-wide coins (DASHA-PAGE, Perm-K), and an attack that does not
+search the run's aggregator. Anything else runs alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from byzps.common.attacks import build_attack
+from byzps.common.attacks.cohort import ByzantineCohort
+from byzps.common.components import (
+    build_run_aggregator,
+    build_run_compressor,
+    build_run_estimator,
+)
+from byzps.common.config import ConfigError, RunConfig
+from byzps.common.server_rules import ServerRule, build_server_rule
+from byzps.common.sparse import SparseBatch
+from byzps.common.tasks.base import Task
+from byzps.server.engine import RoundEngine, build_engine
+from byzps.server.results import uplink_per_worker
+from byzps.server.validation import Door
+from byzps.sim.simulation import NonFiniteMessage, check_finite
+
+#: Server rules whose absorb and close read only a worker's own row.
+ROW_WISE_RULES = frozenset({"state", "message"})
+#: Keys a batch's runs may differ in.
+PER_RUN_KEYS = (("run", "seed"), ("algorithm", "lr"))
+
+
+def batch_key(config: RunConfig) -> str:
+    """The config without its per-run keys: runs with equal keys may share a batch."""
+    data = config.to_dict()
+    for section, key in PER_RUN_KEYS:
+        data[section].pop(key)
+    return json.dumps(data, sort_keys=True)
+
+
+def batchable(config: RunConfig) -> bool:
+    """Whether `config`'s run can share a batch at all (module doc): a task whose oracles stack,
+    a row-wise server rule, an attack that does not search the run's aggregator."""
+    from byzps.common.attacks import ATTACKS
+    from byzps.common.estimators import ESTIMATORS
+    from byzps.common.tasks import TASKS
+
+    return (
+        TASKS.get(config.task.name).stacks_oracles
+        and ESTIMATORS.get(config.algorithm.name).server_rule in ROW_WISE_RULES
+        and not ATTACKS.get(config.attack.name).uses_aggregator
+    )
+
+
+def seeds_may_differ(config: RunConfig) -> bool:
+    """False when the run's estimator or compressor draws one coin per round for the whole run
+    (DASHA-PAGE, MARINA, Perm-K): its batches then hold one seed, several γ."""
+    from byzps.common.compressors import COMPRESSORS
+    from byzps.common.estimators import ESTIMATORS
+
+    estimator = ESTIMATORS.get(config.algorithm.name)
+    compressor = COMPRESSORS.get(config.compressor.name)
+    shared = getattr(estimator, "_shared_coin", False) or compressor.name == "permk"
+    return not shared
+
+
+def _stacked(oracles: Sequence) -> object:
+    kind = type(oracles[0])
+    if not hasattr(kind, "stack"):
+        raise ConfigError(f"task: its oracle ({kind.__name__}) cannot be batched")
+    return kind.stack(oracles)
+
+
+def _rule_views(rule: ServerRule, runs: int) -> list[ServerRule]:
+    """R rules over n rows each whose state tensors are views of `rule`'s R·n rows: an engine
+    aggregates its run's view while the batch writes all runs' rows at once."""
+    n = rule.num_workers // runs
+    views = []
+    for r in range(runs):
+        view = copy.copy(rule)
+        view.num_workers = n
+        for name in rule._tensors:
+            setattr(view, name, getattr(rule, name)[r * n : (r + 1) * n])
+        views.append(view)
+    return views
+
+
+@dataclass
+class RunState:
+    """What a batch keeps per run besides its engine."""
+
+    #: Payload bytes of every message the server absorbed.
+    bytes_total: int = 0
+    #: Byzantine messages the door refused.
+    refused: int = 0
+    #: Why the run stopped (an honest message refused at the door), or None while it runs.
+    stopped: NonFiniteMessage | None = None
+
+
+@dataclass
+class BatchedSimulation:
+    """R runs of one shape, stepped together (module doc). Rows of the stacked states are run
+    after run: run r's worker i is row r·n + i; honest ids first in each run, as alone."""
+
+    engines: list[RoundEngine]
+    rule: ServerRule
+    door: Door
+    honest: object
+    honest_oracle: object
+    honest_rows: Tensor
+    cohort: ByzantineCohort | None = None
+    cohort_oracle: object | None = None
+    byzantine_rows: Tensor | None = None
+    runs: list[RunState] = field(default_factory=list)
+    #: The round the batch is in (a stopped run's engine stays at the round it stopped in).
+    round: int = 0
+
+    def __post_init__(self) -> None:
+        self.runs = [RunState() for _ in self.engines]
+
+    @property
+    def size(self) -> int:
+        return len(self.engines)
+
+    def x(self, run: int) -> Tensor:
+        return self.engines[run].x
+
+    def bytes_uplink(self, run: int) -> float:
+        return uplink_per_worker(self.runs[run].bytes_total, self.engines[run].num_workers)
+
+    def _models(self, per_run: int) -> Tensor:
+        """(R·per_run, d): each run's model repeated for its rows."""
+        return torch.stack([e.x for e in self.engines]).repeat_interleave(per_run, dim=0)
+
+    def _run_of(self, rows: Tensor, per_run: int) -> Tensor:
+        return torch.div(rows, per_run, rounding_mode="floor")
+
+    def step(self) -> None:
+        """One round of every run still running."""
+        t = self.round
+        h = self.honest_rows.numel() // self.size
+        messages = self.honest.message(self._models(h), self.honest_oracle, t)
+        refused = self.door.refused_rows(self.rule, self.honest_rows, messages, t)
+        live = self._stop_refused(messages, refused, h, t)
+        rows = torch.arange(messages.num_rows)
+        keep = rows[live[self._run_of(rows, h)]]
+        accepted = messages if keep.numel() == messages.num_rows else messages.take(keep)
+        self.rule.absorb(self.honest_rows[keep], accepted, t)
+        self.honest.commit(accepted, rows=None if keep.numel() == rows.numel() else keep.tolist())
+        self._count_bytes(messages, keep, h)
+        if self.cohort is not None:
+            self._byzantine_round(t)
+        aggregates = []
+        for run, engine in zip(self.runs, self.engines, strict=True):
+            if run.stopped is None:
+                aggregates.append(engine.close_round())
+        if self.cohort is not None and aggregates:
+            # Row-wise rules (ROW_WISE_RULES) close without reading the aggregate.
+            self.cohort.close_round(torch.stack(aggregates), t)
+        self.round += 1
+
+    @property
+    def running(self) -> bool:
+        return any(run.stopped is None for run in self.runs)
+
+    def _stop_refused(self, messages: SparseBatch, refused: Tensor, h: int, t: int) -> Tensor:
+        """(R,) bool: runs still running; a run whose honest message the door refused stops
+        there, with the error it raises alone (`check_finite` on its own rows)."""
+        for run in self._run_of(refused, h).unique().tolist():
+            if self.runs[run].stopped is not None:
+                continue
+            own = torch.arange(run * h, (run + 1) * h)
+            mine = refused[(refused >= run * h) & (refused < (run + 1) * h)] - run * h
+            try:
+                check_finite(
+                    messages.take(own),
+                    self.honest_rows[own] - run * self.engines[run].num_workers,
+                    t,
+                    mine,
+                )
+            except NonFiniteMessage as exc:
+                self.runs[run].stopped = exc
+        return torch.tensor([run.stopped is None for run in self.runs])
+
+    def _count_bytes(self, messages: SparseBatch, keep: Tensor, per_run: int) -> None:
+        if not messages.num_rows:
+            return
+        per_row = self.honest.compressor.payload_bytes(messages) // messages.num_rows
+        counts = torch.bincount(self._run_of(keep, per_run), minlength=self.size).tolist()
+        for run, count in zip(self.runs, counts, strict=True):
+            run.bytes_total += per_row * count
+
+    def _byzantine_round(self, t: int) -> None:
+        assert self.cohort is not None and self.byzantine_rows is not None
+        f = self.byzantine_rows.numel() // self.size
+        honest_now = self.rule.candidates.index_select(0, self.honest_rows)
+        messages = self.cohort.messages(self._models(f), self.cohort_oracle, t, honest=honest_now)
+        bad = self.door.refused_rows(self.rule, self.byzantine_rows, messages, t)
+        members = torch.arange(messages.num_rows)
+        live = torch.tensor([run.stopped is None for run in self.runs])
+        admitted = ~torch.isin(members, bad) & live[self._run_of(members, f)]
+        for run, count in zip(
+            self.runs,
+            torch.bincount(self._run_of(bad, f), minlength=self.size).tolist(),
+            strict=True,
+        ):
+            run.refused += count
+        keep = members[admitted]
+        if not keep.numel():
+            return
+        accepted = messages if keep.numel() == messages.num_rows else messages.take(keep)
+        self.rule.absorb(self.byzantine_rows[keep], accepted, t)
+        self.cohort.commit(
+            accepted, rows=None if keep.numel() == members.numel() else keep.tolist()
+        )
+        self._count_bytes(messages, keep, f)
+
+
+def check_batchable(configs: Sequence[RunConfig]) -> None:
+    """ConfigError naming what keeps `configs` from sharing a batch (module doc)."""
+    keys = {batch_key(c) for c in configs}
+    if len(keys) != 1:
+        raise ConfigError("a batch's runs may differ only in run.seed and algorithm.lr")
+    if not seeds_may_differ(configs[0]) and len({c.run.seed for c in configs}) > 1:
+        raise ConfigError(
+            f"algorithm/compressor: {configs[0].algorithm.name} with "
+            f"{configs[0].compressor.name} draws run-wide coins: one seed per batch"
+        )
+
+
+def build_batched_simulation(
+    configs: Sequence[RunConfig], tasks: Sequence[Task]
+) -> BatchedSimulation:
+    """The batch of `configs` (one task each, built from its config), wired as `build_simulation`
+    wires one run, with the row-wise parts stacked."""
+    check_batchable(configs)
+    config, task = configs[0], tasks[0]
+    n, h = config.cluster.workers, config.honest_workers
+    runs = len(configs)
+    seeds = [c.run.seed for c in configs]
+    compressor = build_run_compressor(config, task)
+    honest_ids = list(range(h))
+    honest = build_run_estimator(
+        config, task, compressor, honest_ids * runs, [s for s in seeds for _ in honest_ids]
+    )
+    if honest.server_rule not in ROW_WISE_RULES:
+        raise ConfigError(f"algorithm: {config.algorithm.name}'s server rule reads the aggregate")
+    engines = [
+        build_engine(c, t, honest, sparse_downlink=False)
+        for c, t in zip(configs, tasks, strict=True)
+    ]
+    rule = build_server_rule(honest.server_rule, runs * n, task.dim, **honest.server_rule_params())
+    for engine, view in zip(engines, _rule_views(rule, runs), strict=True):
+        engine.rule = view
+    offsets = torch.arange(runs).repeat_interleave(h) * n
+    parts: dict[str, object] = {
+        "engines": engines,
+        "rule": rule,
+        "door": Door(
+            task.dim, config.compressor.name, honest.max_nnz, config.run.rounds, compressor
+        ),
+        "honest": honest,
+        "honest_oracle": _stacked(
+            [t.oracle(honest_ids, s) for t, s in zip(tasks, seeds, strict=True)]
+        ),
+        "honest_rows": torch.tensor(honest_ids * runs) + offsets,
+    }
+    if h == n:
+        return BatchedSimulation(**parts)
+    byz_ids = list(range(h, n))
+    try:
+        attack = build_attack(config.attack.name, **config.attack.params)
+    except ValueError as exc:
+        raise ConfigError(f"attack: {exc}") from None
+    try:
+        cohort = ByzantineCohort(
+            attack,
+            build_run_estimator(
+                config, task, compressor, byz_ids * runs, [s for s in seeds for _ in byz_ids]
+            ),
+            worker_ids=byz_ids * runs,
+            num_workers=n,
+            dim=task.dim,
+            seed=seeds[0],
+            knowledge=config.attack.knowledge,  # type: ignore[arg-type]
+            aggregator=build_run_aggregator(config),
+            run_seeds=seeds,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"attack: {exc}") from None
+    flip = attack.flips_labels
+    return BatchedSimulation(
+        cohort=cohort,
+        cohort_oracle=_stacked(
+            [t.oracle(byz_ids, s, flip_labels=flip) for t, s in zip(tasks, seeds, strict=True)]
+        ),
+        byzantine_rows=torch.tensor(byz_ids * runs)
+        + torch.arange(runs).repeat_interleave(n - h) * n,
+        **parts,
+    )
