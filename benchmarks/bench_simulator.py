@@ -22,6 +22,7 @@ import argparse
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -84,6 +85,23 @@ def numpy_reference(config: RunConfig, task) -> NumpyA9aRun:
     )
 
 
+def interleaved(steps: dict[str, Callable[[], None]], rounds: int, blocks: int) -> dict[str, float]:
+    """Seconds each step took over `blocks` alternating blocks of rounds/blocks calls (after a
+    warm-up: numba compilation, caches), so all of them see the same machine load."""
+    for step in steps.values():
+        for _ in range(max(3, rounds // 20)):
+            step()
+    per_block = max(1, rounds // blocks)
+    seconds = dict.fromkeys(steps, 0.0)
+    for _ in range(blocks):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            for _ in range(per_block):
+                step()
+            seconds[name] += time.perf_counter() - started
+    return seconds
+
+
 def against_reference(rounds: int, blocks: int = 10) -> None:
     """ms/round of one byzps a9a run and of the numpy reference, timed in `blocks` alternating
     blocks of rounds/blocks rounds each (after a warm-up), so both see the same machine load."""
@@ -92,17 +110,7 @@ def against_reference(rounds: int, blocks: int = 10) -> None:
     simulation = build_simulation(config, task)
     reference = numpy_reference(config, task)
     per_block = max(1, rounds // blocks)
-    seconds = {"byzps": 0.0, "numpy": 0.0}
-    steps = {"byzps": simulation.step, "numpy": reference.step}
-    for step in steps.values():
-        for _ in range(max(3, rounds // 20)):  # warm-up: numba compilation, caches
-            step()
-    for _ in range(blocks):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            for _ in range(per_block):
-                step()
-            seconds[name] += time.perf_counter() - started
+    seconds = interleaved({"byzps": simulation.step, "numpy": reference.step}, rounds, blocks)
     ours, ref = (seconds[name] / (per_block * blocks) * 1e3 for name in ("byzps", "numpy"))
     loss = task.evaluate(torch.from_numpy(reference.x))["train_loss"]
     ours_loss = task.evaluate(simulation.x)["train_loss"]
@@ -127,23 +135,13 @@ def batched_throughput(runs: int, rounds: int, blocks: int = 5) -> None:
         for simulation in alone:
             simulation.step()
 
-    steps = {"batch": batch.step, "separate": separately}
-    for step in steps.values():
-        for _ in range(max(3, rounds // 20)):
-            step()
-    per_block = max(1, rounds // blocks)
-    seconds = dict.fromkeys(steps, 0.0)
-    for _ in range(blocks):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            for _ in range(per_block):
-                step()
-            seconds[name] += time.perf_counter() - started
-    timed = per_block * blocks * runs
+    seconds = interleaved({"batch": batch.step, "separate": separately}, rounds, blocks)
+    timed_rounds = max(1, rounds // blocks) * blocks
+    timed = timed_rounds * runs
     batch_rate, separate_rate = (timed / seconds[name] for name in ("batch", "separate"))
     same = all(torch.equal(batch.x(r), simulation.x) for r, simulation in enumerate(alone))
     print(
-        f"a9a, {runs} runs × {per_block * blocks} rounds: batched {batch_rate:.0f} run-rounds/s"
+        f"a9a, {runs} runs × {timed_rounds} rounds: batched {batch_rate:.0f} run-rounds/s"
         f" ({1e3 / batch_rate:.3f} ms per run-round), separate {separate_rate:.0f} run-rounds/s"
         f" ({1e3 / separate_rate:.3f} ms), batched / separate = {batch_rate / separate_rate:.2f}x;"
         f" final models bit-identical: {same}"

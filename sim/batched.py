@@ -17,7 +17,7 @@ model per row; and each run's draws are keyed by its own (seed, worker, round).
 What a batch may hold (`batch_key`): configs equal but for `run.seed` and `algorithm.lr`, on a
 task whose oracles stack (a9a, quadratic), an estimator whose server rule is row-wise ("state",
 "message"; MARINA's and DIANA's rules use the run's aggregate), runs of one seed when the
-estimator or compressor draws run-wide coins (DASHA-PAGE, Perm-K), and an attack that does not
+estimator draws a run-wide coin (DASHA-PAGE), and an attack that does not
 search the run's aggregator. Anything else runs alone.
 """
 
@@ -39,6 +39,7 @@ from byzps.common.components import (
     build_run_estimator,
 )
 from byzps.common.config import ConfigError, RunConfig
+from byzps.common.estimators.base import Estimator, GradientOracle
 from byzps.common.server_rules import ServerRule, build_server_rule
 from byzps.common.sparse import SparseBatch
 from byzps.common.tasks.base import Task
@@ -76,18 +77,16 @@ def batchable(config: RunConfig) -> bool:
 
 
 def seeds_may_differ(config: RunConfig) -> bool:
-    """False when the run's estimator or compressor draws one coin per round for the whole run
-    (DASHA-PAGE, MARINA, Perm-K): its batches then hold one seed, several γ."""
-    from byzps.common.compressors import COMPRESSORS
+    """False when the run's estimator draws one coin per round for the whole run (DASHA-PAGE,
+    MARINA): its batches then hold one seed, several γ. (Seeded compressors are keyed per run
+    already: each run's rows get their own run seed's streams, Perm-K's shared one included.)"""
     from byzps.common.estimators import ESTIMATORS
 
-    estimator = ESTIMATORS.get(config.algorithm.name)
-    compressor = COMPRESSORS.get(config.compressor.name)
-    shared = getattr(estimator, "_shared_coin", False) or compressor.name == "permk"
-    return not shared
+    return not ESTIMATORS.get(config.algorithm.name)._shared_coin
 
 
-def _stacked(oracles: Sequence) -> object:
+def _stacked(oracles: Sequence[GradientOracle]) -> GradientOracle:
+    """One oracle over the rows of `oracles` (the task's oracle class must define `stack`)."""
     kind = type(oracles[0])
     if not hasattr(kind, "stack"):
         raise ConfigError(f"task: its oracle ({kind.__name__}) cannot be batched")
@@ -128,11 +127,11 @@ class BatchedSimulation:
     engines: list[RoundEngine]
     rule: ServerRule
     door: Door
-    honest: object
-    honest_oracle: object
+    honest: Estimator
+    honest_oracle: GradientOracle
     honest_rows: Tensor
     cohort: ByzantineCohort | None = None
-    cohort_oracle: object | None = None
+    cohort_oracle: GradientOracle | None = None
     byzantine_rows: Tensor | None = None
     runs: list[RunState] = field(default_factory=list)
     #: The round the batch is in (a stopped run's engine stays at the round it stopped in).
