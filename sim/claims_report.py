@@ -143,6 +143,7 @@ def plot_plateaus(found: dict[tuple[str, str, int], tuple[float, float]], path: 
     figure = Figure(figsize=(5.0 * len(attacks), 4.0), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(attacks), squeeze=False)[0]
+    methods = sorted({key[1] for key in found})  # one colour per method in every panel
     for ax, attack in zip(axes, attacks, strict=True):
         for method in sorted({key[1] for key in found if key[0] == attack}):
             sizes = sorted(key[2] for key in found if key[:2] == (attack, method))
@@ -150,6 +151,7 @@ def plot_plateaus(found: dict[tuple[str, str, int], tuple[float, float]], path: 
             low = np.minimum(halves, means * 0.999)  # keep the bar inside the log axis
             ax.errorbar(
                 sizes, means, yerr=[low, halves], capsize=3, marker="o",
+                color=f"C{methods.index(method)}",
                 linestyle="--" if method == FLOOR else "-", label=method,
             )  # fmt: skip
         ax.set_xscale("log", base=2)

@@ -308,7 +308,9 @@ def run_batch_of_cells(cells: list[Cell], out: Path) -> list[CellOutcome]:
         tasks = [build_run_task(config) for config in configs]
         batch = build_batched_simulation(configs, tasks)
         results = run_batch(configs, tasks, batch, [out / cell.name for cell in cells])
-    except Exception:
+    except Exception as exc:
+        names = ", ".join(cell.name for cell in cells)
+        print(f"batch failed ({type(exc).__name__}: {exc}); alone: {names}", file=sys.stderr)
         return [run_cell(cell, out) for cell in cells]
     seconds = time.perf_counter() - started
     return [

@@ -16,7 +16,14 @@ from configs import small_config, to_toml
 
 from byzps.cli.main import main
 from byzps.common.catalog import check_components
-from byzps.sim.grid import GridError, cell_name, expand, load_grid, plan_batches
+from byzps.sim.grid import (
+    GridError,
+    cell_name,
+    expand,
+    load_grid,
+    plan_batches,
+    run_batch_of_cells,
+)
 
 
 def base_toml(**overrides: Any) -> str:
@@ -263,3 +270,18 @@ base = "base.toml"
     assert sizes["byz-vr-marina"] == [1] * 6  # its server rule reads the aggregate
     assert sorted(c.name for b in batches for c in b) == sorted(c.name for c in cells)
     assert all(len(b) == 1 for b in plan_batches(cells, 1))
+
+
+def test_a_batch_that_fails_falls_back_to_its_cells_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import byzps.sim.batched as batched
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(batched, "build_batched_simulation", broken)
+    cells = [c for c in expand(load_grid(write_grid(tmp_path))) if "dm21" in c.name]
+    outcomes = run_batch_of_cells(cells, tmp_path / "out")
+    assert [o.status for o in outcomes] == ["run", "run"] and {o.batch for o in outcomes} == {1}
+    assert "batch failed (RuntimeError: boom); alone:" in capsys.readouterr().err
