@@ -10,9 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from byzps.common.components import build_run_task
 from byzps.common.config import RunConfig
+from byzps.common.tasks.a9a import weighted_logistic
+from byzps.common.tasks.regularizers import Regularizer
 from byzps.sim import complexity as cx
 from byzps.sim.build import build_simulation
 
@@ -196,3 +199,131 @@ def test_hits_round_trip_through_json(tmp_path: Path) -> None:
     assert cx.load_hits(tmp_path / "hits.json") == (hits, "python run.py", 12.5)
     grid, table = cx.rounds_by_eps(hits)
     assert grid == [0.1, 0.05] and table == [[10.0, 11.0, 12.0], [math.inf]]
+
+
+# --- the a9a variant: σ from per-row gradients, L from a bound, batched seeds -------------------
+
+
+def test_the_gradient_variance_is_the_mean_over_shards_of_the_per_row_variance() -> None:
+    # Two shards of two unit rows at x = 0, where every residual is σ(0) − y = 1/2 − y.
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.6, 0.8]])
+    labels = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    shards = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+    x = torch.zeros(2)
+    # Shard 0: gradients (−½, 0) and (0, ½), mean (−¼, ¼), each ‖g − ḡ‖² = 1/8; shard 1: equal
+    # gradients, variance 0. Mean over the shards: 1/16.
+    assert cx.logistic_gradient_variance(features, labels, shards, x) == pytest.approx(1 / 16)
+    # Away from 0: the brute-force variance of (σ(aᵀx) − y)·a.
+    x = torch.tensor([0.3, -1.2])
+    grads = (torch.sigmoid(features @ x) - labels)[:, None] * features
+    brute = [float(grads[s].var(0, unbiased=False).sum()) for s in shards]
+    got = cx.logistic_gradient_variance(features, labels, shards, x)
+    assert got == pytest.approx(sum(brute) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="shard"):
+        cx.logistic_gradient_variance(features, labels, [], x)
+
+
+@pytest.mark.parametrize("regularizer", ["nonconvex", "l2"])
+def test_the_smoothness_bound_holds_and_is_attained_by_the_regulariser_at_zero(
+    regularizer: str,
+) -> None:
+    lam = 0.1
+    bound = cx.logistic_smoothness_bound(regularizer, lam)
+    assert bound == pytest.approx(0.25 + (2 * lam if regularizer == "nonconvex" else lam))
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 5, generator=gen, dtype=torch.float64)
+    features /= features.norm(dim=1, keepdim=True)
+    labels = (torch.rand(40, generator=gen, dtype=torch.float64) > 0.5).to(torch.float64)
+    reg = Regularizer(regularizer, lam)
+
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        return weighted_logistic(x, features, labels, 1.0 / 40, reg)[0]
+
+    points = [torch.zeros(5, dtype=torch.float64)]
+    points += [3 * torch.randn(5, generator=gen, dtype=torch.float64) for _ in range(5)]
+    for x in points:
+        hessian = torch.autograd.functional.hessian(objective, x)
+        assert float(torch.linalg.matrix_norm(hessian, ord=2)) <= bound
+    # The regulariser alone reaches its part of the bound at x = 0 (2λ, resp. λ).
+    curvature = torch.autograd.functional.hessian(
+        lambda x: reg.value(x), torch.zeros(5, dtype=torch.float64)
+    )
+    assert float(curvature.diagonal().max()) == pytest.approx(bound - 0.25)
+    with pytest.raises(ValueError, match="no smoothness bound"):
+        cx.logistic_smoothness_bound("huber", lam)
+
+
+def test_the_a9a_plan_loads_inside_the_regime_with_its_estimated_constants() -> None:
+    here = Path(__file__).resolve().parents[1] / "experiments/claims/complexity-a9a"
+    base = RunConfig.load(here / "base.toml")
+    assert (base.task.name, base.task.regularizer) == ("a9a-logreg", "nonconvex")
+    sigma, smoothness = cx.noise_and_smoothness(base, build_run_task(base))
+    assert smoothness == pytest.approx(0.45)  # 1/4 + 2λ, λ = 0.1
+    assert 0.3 < sigma < 0.7  # rows are unit-norm and residuals at x⁰ = 0 are ±1/2
+    plan = cx.load_plan(here / "sweep.toml", sigma, smoothness)
+    assert {m.schedule.method for m in plan.methods} == set(cx.CLAIMED_EXPONENT)
+    assert len(plan.seeds) >= 3 and plan.batch_seeds and plan.every > 1
+    with pytest.raises(ValueError, match="a9a-logreg"):
+        cx.a9a_noise_and_smoothness(tiny_config(), build_run_task(tiny_config()))
+
+
+def test_batched_seeds_hit_when_each_run_alone_does() -> None:
+    s, eps, seeds = tiny_schedule(), 0.3, [3, 4, 5]
+    alone = [cx.measure(tiny_config(), s, eps, seed, cap=400, every=5) for seed in seeds]
+    together = cx.measure_seeds(tiny_config(), s, eps, seeds, cap=400, every=5)
+    assert [(h.seed, h.rounds, h.status) for h in together] == [
+        (h.seed, h.rounds, h.status) for h in alone
+    ]
+    assert all(h.status == "hit" for h in together)
+    # Runs that cannot reach ε by the cap are censored at it, as alone.
+    configs = [cx.configure(tiny_config(), s, 1e-4, seed, cap=6) for seed in seeds[:2]]
+    found = cx.first_hits(configs, [build_run_task(c) for c in configs], 1e-4, every=4)
+    assert found == [(6, "censored"), (6, "censored")]
+
+
+def test_a_report_without_a_model_shows_the_time_scales(tmp_path: Path) -> None:
+    eps, rounds = synthetic(-2.0, noise=0.1, seeds=3)
+    s = schedule()
+    hits = [
+        cx.Hit("byz-dm21", e, seed, s.eta(e), s.gamma(e), round(r), "hit", 0.1)
+        for e, row in zip(eps, rounds, strict=True)
+        for seed, r in enumerate(row)
+    ]
+    plan = cx.Plan((cx.MethodPlan(s, tuple(eps)),), (0, 1, 2), cap=10**6, every=10)
+    here = Path(__file__).resolve().parents[1] / "experiments/claims/complexity-a9a"
+    base = RunConfig.load(here / "base.toml")
+    fits = {"byz-dm21": cx.fit_hits(hits)}
+    landscape = cx.Landscape(g0=0.18, x_max=0.3, grad_at_x=1e-11, mu=0.1, top=0.3, zeta_sq=1e-4)
+    notes = cx.a9a_notes(base, plan, landscape)
+    report = cx.render_report(base, plan, hits, fits, None, "python run.py", 1.0, notes)
+    assert report.startswith("# Iteration complexity on a9a (nonconvex regulariser)")
+    assert "| γ·T | η·T |" in report and "model: flow" not in report
+    assert f"η·T ∝ ε^{fits['byz-dm21'].slope + 2:.2f}" in report
+    assert "condition number 3.0" in report and "{" not in notes.limits
+    cx.plot_rounds(plan, hits, fits, None, tmp_path / "complexity.png")
+    assert (tmp_path / "complexity.png").stat().st_size > 0
+    assert cx.report_notes(tiny_config(), plan) is cx.QUADRATIC_NOTES
+
+
+def test_the_landscape_finds_the_stationary_point_and_its_curvature() -> None:
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(60, 4, generator=gen, dtype=torch.float64)
+    features /= features.norm(dim=1, keepdim=True)
+    labels = (torch.rand(60, generator=gen, dtype=torch.float64) > 0.5).to(torch.float64)
+    reg = Regularizer("nonconvex", 0.1)
+    same = [torch.arange(60), torch.arange(60)]
+    shape = cx.logistic_landscape(features, labels, reg, same, torch.zeros(4, dtype=torch.float64))
+    assert shape.grad_at_x <= 1e-10 and shape.zeta_sq == pytest.approx(0.0, abs=1e-20)
+    _, grad0 = weighted_logistic(torch.zeros(4, dtype=torch.float64), features, labels, 1 / 60, reg)
+    assert shape.g0 == pytest.approx(float(grad0.norm()))
+    x = torch.zeros(4, dtype=torch.float64)  # the stationary point, found again by plain descent
+    for _ in range(3000):
+        x -= 2.0 * weighted_logistic(x, features, labels, 1 / 60, reg)[1]
+    hessian = torch.autograd.functional.hessian(
+        lambda z: weighted_logistic(z, features, labels, 1 / 60, reg)[0], x
+    )
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    assert (shape.mu, shape.top) == pytest.approx((float(eigenvalues[0]), float(eigenvalues[-1])))
+    assert shape.x_max == pytest.approx(float(x.abs().max()), abs=1e-8)
+    halves = [torch.arange(30), torch.arange(30, 60)]
+    assert cx.logistic_landscape(features, labels, reg, halves, x).zeta_sq > 0

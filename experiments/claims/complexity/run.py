@@ -1,6 +1,11 @@
-"""Iteration complexity of Byz-DM21 and Byz-VR-DM21, measured on the quadratic (issue 14, item 2).
+"""Iteration complexity of Byz-DM21 and Byz-VR-DM21, measured (issue 14, item 2).
 
     python experiments/claims/complexity/run.py [--out docs/results/claims/complexity]
+    python experiments/claims/complexity/run.py --base experiments/claims/complexity-a9a/base.toml \
+        --plan experiments/claims/complexity-a9a/sweep.toml --out docs/results/claims/complexity-a9a
+
+The first is the quadratic (σ, L in closed form), the second a9a with the non-convex regulariser
+(σ estimated at x⁰, L a bound; sim/complexity.py, noise_and_smoothness).
 
 For every method and ε of sweep.toml, runs base.toml with the step sizes prescribed for ε until
 ‖∇f(x_t)‖² ≤ ε² (or the cap), over the seeds; fits log rounds against log ε and writes report.md,
@@ -53,7 +58,7 @@ def invocation() -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     base = RunConfig.load(args.base)
-    sigma, L = cx.quadratic_noise_and_smoothness(base, build_run_task(base))
+    sigma, L = cx.noise_and_smoothness(base, build_run_task(base))
     plan = cx.load_plan(args.plan, sigma, L)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_hits is not None:
@@ -68,9 +73,10 @@ def main(argv: list[str] | None = None) -> None:
         m.schedule.method: cx.fit_hits([h for h in hits if h.method == m.schedule.method])
         for m in plan.methods
     }
-    model = cx.quadratic_model(base, plan.seeds)
+    model = cx.quadratic_model(base, plan.seeds) if base.task.name == "quadratic" else None
     cx.plot_rounds(plan, hits, fits, model, args.out / "complexity.png")
-    report = cx.render_report(base, plan, hits, fits, model, command, wall)
+    notes = cx.report_notes(base, plan)
+    report = cx.render_report(base, plan, hits, fits, model, command, wall, notes)
     (args.out / "report.md").write_text(report)
     for method, fit in fits.items():
         print(cx.fit_summary(method, fit))
