@@ -3,9 +3,12 @@ torch.median(dim=0) and, when installed, ByzFL 0.0.11's implementation of the sa
 
     python benchmarks/bench_aggregators.py --n 20 --d 1000000 --f 8 --repeat 5 --device cpu
 
-Each rule is called once to warm up (numba compiles or loads its cache), then `--repeat` times;
-the table shows the median (and min) wall time, the bandwidth over the n·d·4 input bytes, the time
-relative to our mean, the speed-up over torch.median and over ByzFL.
+Each rule is called once to warm up (numba compiles or loads its cache), then `--repeat` times,
+each call right after a call of our plain mean on the same input (interleaved, so that a load that
+comes and goes on a shared machine weighs on both alike). The table shows the median (and min)
+wall time, the bandwidth over the n·d·4 input bytes, the time relative to the mean (the median of
+the per-pair ratios) and that as a share of the mean's bandwidth, the speed-up over torch.median
+and over ByzFL. `--rules` picks rows of the table by label (e.g. --rules "nnm∘cm" krum).
 """
 
 from __future__ import annotations
@@ -121,21 +124,34 @@ def cases(f: int, byzfl: types.ModuleType | None) -> list[Case]:
     ]
 
 
+def _once(fn: Fn, x: torch.Tensor) -> float:
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def timed(fn: Fn, x: torch.Tensor, repeat: int) -> tuple[float, float]:
     """(median, min) seconds of `repeat` calls after one warm-up call."""
-
-    def once() -> float:
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    once()
-    times = [once() for _ in range(repeat)]
+    _once(fn, x)
+    times = [_once(fn, x) for _ in range(repeat)]
     return statistics.median(times), min(times)
+
+
+def interleaved(
+    fn: Fn, mean: Fn, x: torch.Tensor, repeat: int
+) -> tuple[tuple[float, float], float]:
+    """((median, min) seconds of `repeat` calls of fn, median of fn's time over the mean's), each
+    call of fn timed right after one of `mean`, both warmed up first."""
+    _once(mean, x)
+    _once(fn, x)
+    pairs = [(_once(mean, x), _once(fn, x)) for _ in range(repeat)]
+    times = [t for _, t in pairs]
+    ratio = statistics.median(t / m for m, t in pairs)
+    return (statistics.median(times), min(times)), ratio
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rules", nargs="*", help="labels of the rules to time (default: all)")
     args = parser.parse_args(argv)
 
     print("$", shlex.join([Path(sys.executable).name, *sys.argv]))
@@ -160,28 +177,38 @@ def main(argv: list[str] | None = None) -> None:
     # All of ours first, then all of ByzFL's: torch's and numba's OpenMP pools are separate, and a
     # pool still spinning after its last parallel region slows the other one down for a moment.
     table = cases(args.f, byzfl)
-    ours = [timed(case.ours, x, args.repeat) for case in table]
+    mean_fn = table[0].ours
+    if args.rules:
+        unknown = set(args.rules) - {case.label for case in table}
+        if unknown:
+            parser.error(f"unknown rules {sorted(unknown)}; known: {[c.label for c in table]}")
+        table = [case for case in table if case.label in args.rules]
+    ours = [interleaved(case.ours, mean_fn, x, args.repeat) for case in table]
     theirs = [timed(c.theirs, x, args.repeat) if c.theirs else None for c in table]
-    rows = [(case.label, o, t) for case, o, t in zip(table, ours, theirs, strict=True)]
-    mean_s = rows[0][1][0]
-    naive_s = rows[-1][1][0]
+    naive = next(
+        (o[0][0] for c, o in zip(table, ours, strict=True) if c.label.startswith("torch")), None
+    )
 
     header = (
-        f"{'rule':<20} {'median s':>9} {'min s':>9} {'GB/s':>7} {'x mean':>7} "
+        f"{'rule':<20} {'median s':>9} {'min s':>9} {'GB/s':>7} {'x mean':>7} {'% mean':>7} "
         f"{'vs median':>9} {'ByzFL s':>9} {'ours/ByzFL':>10}"
     )
     print(header)
     print("-" * len(header))
-    for label, (med, low), theirs in rows:
-        byz = f"{theirs[0]:>9.4f} {theirs[0] / med:>9.1f}x" if theirs else f"{'-':>9} {'-':>10}"
+    for case, ((med, low), ratio), theirs_t in zip(table, ours, theirs, strict=True):
+        byz = (
+            f"{theirs_t[0]:>9.4f} {theirs_t[0] / med:>9.1f}x" if theirs_t else f"{'-':>9} {'-':>10}"
+        )
+        vs = f"{naive / med:>8.1f}x" if naive else f"{'-':>9}"
         print(
-            f"{label:<20} {med:>9.4f} {low:>9.4f} {gigabytes / med:>7.1f} {med / mean_s:>7.1f} "
-            f"{naive_s / med:>8.1f}x {byz}"
+            f"{case.label:<20} {med:>9.4f} {low:>9.4f} {gigabytes / med:>7.1f} {ratio:>7.2f} "
+            f"{100 / ratio:>6.0f}% {vs} {byz}"
         )
     if byzfl is None:
         print(f"ByzFL not available: {how}")
     print(
-        "x mean: time / our mean's time; vs median: torch.median(dim=0) time / time; "
+        "x mean: median over calls of time / the time of the mean call just before it; % mean: the "
+        "share of the mean's bandwidth (100 / x mean); vs median: torch.median(dim=0) time / time; "
         "ours/ByzFL: ByzFL time / our time (speed-up)."
     )
 

@@ -3,7 +3,8 @@ small O(n²) iterations of the distance rules.
 
 * `band_mean` — per coordinate, the mean of order statistics a..b-1 of the (optionally mixed) rows,
   by a comparator network applied to blocks of B coordinates (see `_networks`), NaN ranking as +inf;
-  or of the window of b − a consecutive ranks nearest the median (meamed);
+  or of the window of b − a consecutive ranks nearest the median (meamed); `band_mean_complement`
+  the same with nnm's rows mixed as w · (Σ all − Σ excluded) where `exact_sums` proves it exact;
 * `centred_gram` — the Gram matrix of the rows centred on their mean or a given centre, in float64;
 * `combine` — one weighted sum of rows, the output of every Gram-based rule;
 * `sq_norms` — each row's squared norm about the origin, for the norm-based rules (cge, clip, arc).
@@ -15,8 +16,12 @@ on the thread count, so results are bitwise reproducible on any machine with the
 the sums must round exactly like the torch fallback. `centred_gram` allows reassociation so that
 its dot products vectorise; it works in float64, where the reordering is harmless.
 
-`band_mean_serial` and `combine_serial` are the same two kernels compiled without `parallel`, for
-inputs of one chunk (`_serial_twin`): bitwise their output, without a parallel region's cost.
+`band_mean_serial` and `combine_serial` (and the complement kernels' twins) are the same kernels
+compiled without `parallel`, for inputs of one chunk (`_serial_twin`): bitwise their output,
+without a parallel region's cost. Inside a `parallel=True` kernel, work outside the prange is
+written as plain loops in serial helpers (`_sum_parts`): numba turns every array expression there
+into a parallel region of its own, and on a loaded machine each region's barrier waits for a
+thread the scheduler has parked.
 
 * `weiszfeld`, `clip_steps`, `kth_sq_dists` — gm's and cclip's iterations and the honest-scale
   distances, on the n × n Gram: plain loops, because at this size numpy's per-call overhead, not
@@ -39,6 +44,14 @@ _BUFFER_BYTES = 32 * 1024
 def block_size(rows: int, itemsize: int) -> int:
     """Coordinates per block: a multiple of 16 (whole vectors) whose buffer fits `_BUFFER_BYTES`."""
     return int(min(1024, max(16, (_BUFFER_BYTES // (rows * itemsize)) // 16 * 16)))
+
+
+def gram_block(rows: int) -> int:
+    """Columns per block of `centred_gram`: `block_size`'s L1-sized block, but at least 128 while
+    the rows' float64 buffer stays within 128 KiB (L2): longer dot products amortise each tile's
+    reductions (measured at n = 100: 128 columns 35 % faster than 32)."""
+    l2 = max(16, (4 * _BUFFER_BYTES // (rows * 8)) // 16 * 16)
+    return max(block_size(rows, 8), min(128, l2))
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -64,60 +77,237 @@ def band_mean(x, idx, wts, network, a, b, slide, block, out):  # pragma: no cove
     emits scalar or masked stores (measured 4x slower on AMD EPYC); out of place it is one vminps
     and one vmaxps per 8 lanes. The result is the same swap either way.
     """
-    n0, d = x.shape
-    n = idx.shape[0] if idx.shape[0] > 0 else n0
+    no_exc = np.empty((0, 0), dtype=np.int64)
+    no_rw = np.empty(0, dtype=np.float64)
     chunk = max(1, CHUNK // block) * block
+    for c in prange((x.shape[1] + chunk - 1) // chunk):
+        _band_chunk(x, idx, wts, no_exc, no_rw, network, a, b, slide, block, chunk, c, out)
+
+
+@njit(cache=True, fastmath=False)
+def _band_chunk(
+    x, idx, wts, exc, rw, network, a, b, slide, block, chunk, c, out
+):  # pragma: no cover
+    """`band_mean`'s (exc empty) or `band_mean_complement`'s work on chunk c of the columns."""
+    n = idx.shape[0] if idx.shape[0] > 0 else x.shape[0]
     scale = 1.0 / (b - a)
+    buf = np.empty((n, block), dtype=x.dtype)
+    low = np.empty(block, dtype=x.dtype)
+    high = np.empty(block, dtype=x.dtype)
+    acc = np.empty(block, dtype=np.float64)
+    med = np.empty(block, dtype=np.float64)
+    shift = np.empty(block, dtype=np.int64)
+    total = np.empty(block, dtype=np.float64)
+    big = np.empty(block, dtype=np.float64)
+    small = np.empty(block, dtype=np.float64)
+    exact = np.empty(block, dtype=np.bool_)
+    stop = min(x.shape[1], (c + 1) * chunk)
+    for s in range(c * chunk, stop, block):
+        w = min(block, stop - s)
+        if exc.shape[0] > 0:
+            every = exact_sums(x, s, w, total, big, small, exact)
+            for i in range(n):
+                _complement_row(x, exc, i, s, w, total, acc)
+                weight = rw[i]
+                for t in range(w):
+                    buf[i, t] = acc[t] * weight
+            if not every:
+                _mix_inexact(x, idx, wts, s, w, exact, acc, buf)
+        elif idx.shape[0] > 0:
+            for i in range(n):
+                _mixed_row(x, idx, wts, i, s, w, acc)
+                for t in range(w):
+                    v = acc[t]
+                    buf[i, t] = v if v < np.inf else np.inf
+        else:
+            for i in range(n):
+                src = x[i, s : s + w]
+                for t in range(w):
+                    v = src[t]
+                    buf[i, t] = v if v < np.inf else np.inf
+        _band_of_block(buf, network, a, b, slide, w, low, high, med, shift, acc)
+        for t in range(w):
+            out[s + t] = acc[t] * scale
+
+
+@njit(cache=True, fastmath=False)
+def _complement_row(x, exc, i, s, w, total, acc):  # pragma: no cover - compiled
+    """acc[:w] = total[:w] − Σ_e x[exc[i, e], s:s+w] in float64 (exc padded with −1)."""
+    for t in range(w):
+        acc[t] = total[t]
+    for e in range(exc.shape[1]):
+        k = exc[i, e]
+        if k >= 0:
+            src = x[k, s : s + w]
+            for t in range(w):
+                acc[t] -= src[t]
+
+
+@njit(cache=True, fastmath=False)
+def _mixed_row(x, idx, wts, i, s, w, acc):  # pragma: no cover - compiled
+    """acc[:w] = Σ_k wts[i, k] · x[idx[i, k], s:s+w], in float64, in order k = 0, 1, …, zero
+    weights skipped (padding: 0 · inf would be NaN)."""
+    acc[:w] = 0.0
+    for k in range(idx.shape[1]):
+        weight = wts[i, k]
+        if weight != 0.0:
+            src = x[idx[i, k], s : s + w]
+            for t in range(w):
+                acc[t] += weight * src[t]
+
+
+@njit(cache=True, fastmath=False)
+def _band_of_block(buf, network, a, b, slide, w, low, high, med, shift, acc):  # pragma: no cover
+    """Sort the wires of `buf` (n, ≥ w) by `network` (comparator (i, j) leaves the smaller value
+    on wire i; see `band_mean` for why out of place), then acc[:w] = the sum of the band a..b-1
+    (with slide > 0, of the window `_window_sum` picks), in float64, in rank order."""
+    for q in range(network.shape[0]):
+        lo = buf[network[q, 0]]
+        hi = buf[network[q, 1]]
+        for t in range(w):
+            u = lo[t]
+            v = hi[t]
+            swap = v < u
+            low[t] = v if swap else u
+            high[t] = u if swap else v
+        for t in range(w):
+            lo[t] = low[t]
+            hi[t] = high[t]
+    if slide > 0:
+        _window_sum(buf, a, b, slide, w, med, shift, acc)
+    else:
+        for t in range(w):
+            acc[t] = buf[a, t]
+        for r in range(a + 1, b):
+            for t in range(w):
+                acc[t] += buf[r, t]
+
+
+@njit(cache=True, fastmath=False)
+def _mix_inexact(x, idx, wts, s, w, exact, acc, buf):  # pragma: no cover - compiled
+    """buf[i, t] = `_mixed_row`'s value (NaN as +inf) in the columns t < w not `exact`: column
+    by column when few are (a Byzantine row that is large in some coordinates), else whole rows
+    at once, keeping the exact columns' values. The same operations in the same order either
+    way, so the same bits."""
+    bad = 0
+    for t in range(w):
+        bad += 0 if exact[t] else 1
+    if 8 * bad <= w:
+        for t in range(w):
+            if not exact[t]:
+                for i in range(buf.shape[0]):
+                    v = 0.0
+                    for k in range(idx.shape[1]):
+                        weight = wts[i, k]
+                        if weight != 0.0:
+                            v += weight * x[idx[i, k], s + t]
+                    buf[i, t] = v if v < np.inf else np.inf
+        return
+    for i in range(buf.shape[0]):
+        _mixed_row(x, idx, wts, i, s, w, acc)
+        for t in range(w):
+            if not exact[t]:
+                v = acc[t]
+                buf[i, t] = v if v < np.inf else np.inf
+
+
+#: Exact subset sums: float32 values x_1..x_n0 whose nonzero magnitudes satisfy
+#: n0 · max|x_k| ≤ EXACT_SPAN · min|x_k| have every subset sum exact in float64 (`exact_sums`).
+EXACT_SPAN = 2.0**29
+
+
+@njit(cache=True, fastmath=False)
+def exact_sums(x, s, w, total, big, small, exact):  # pragma: no cover - compiled
+    """For the columns s..s+w-1 of float32 x (n0, d): total[t] = Σ_k x[k, s+t] in float64 and
+    exact[t] = whether *every* subset sum of that column is exact in float64; returns whether
+    all w columns are.
+
+    Why: every nonzero float32 v with |v| ≥ m is a multiple of q = ulp(m) > m · 2⁻²⁴ (an ulp is
+    a power of two that only grows with |v|; subnormals are multiples of 2⁻¹⁴⁹ = q), so a sum of
+    any subset is a multiple of q of magnitude ≤ n0 · max|v|, exact in float64 (53 bits) when
+    n0 · max|v| < 2⁵³ q — which n0 · max|v| ≤ 2²⁹ m guarantees. Then Σ all − Σ some (each
+    partial result a subset sum) is exact too, in any order. ±inf or NaN make `total`
+    non-finite, hence not exact; zeros constrain nothing. Honest rows of comparable size pass
+    unless a column holds a value ~10⁻⁷ times its largest; a Byzantine 3e38 next to honest
+    values of 1 fails, as does any column with a non-finite value.
+    """
+    n0 = x.shape[0]
+    for t in range(w):
+        total[t] = 0.0
+        big[t] = 0.0
+        small[t] = np.inf
+    for k in range(n0):
+        src = x[k, s : s + w]
+        for t in range(w):
+            v = np.float64(src[t])
+            total[t] += v
+            m = abs(v)
+            big[t] = max(big[t], m)
+            small[t] = min(small[t], m if m > 0.0 else np.inf)
+    every = True
+    for t in range(w):
+        ok = total[t] - total[t] == 0.0 and big[t] * n0 <= EXACT_SPAN * small[t]
+        exact[t] = ok
+        every = every and ok
+    return every
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def band_mean_complement(  # pragma: no cover - compiled
+    x, idx, wts, exc, rw, network, a, b, slide, block, out
+):
+    """`band_mean` of the mixed rows  r_i = rw[i] · Σ_{k ∉ exc[i]} x_k  (float32 x; each row of
+    the mix puts one weight rw[i] on all its members, as nnm's 1/(n − f) does), mixing by
+    complement: per block, the column sums over all n0 inputs once, then each row's sum as that
+    total minus its few excluded inputs (exc: ascending, padded with −1) — O(n0 + Σ_i |exc_i|)
+    per coordinate instead of O(Σ_i |members_i|).
+
+    Only where the subtraction is exact: per column, `exact_sums` proves every subset sum exact
+    in float64, so total − Σ excluded is exactly Σ members, and r_i = fl(rw[i] · Σ members) —
+    one rounding, at least as accurate as the member-by-member sum Σ fl(w · x_k) (`band_mean`).
+    In any other column (a value ±inf or NaN, or a magnitude spread such as 3e38 next to 1,
+    where Σ all − Σ excluded would cancel the members away) the row is mixed as `band_mean`
+    mixes it, from `idx`/`wts` (the same mix as lists of members), bit for bit. Either way a
+    column's output depends on that column alone, and `ops._band_mean_torch` computes the same
+    values. The verdict (`verdict.Banded`) is the same band over the same mix; its discount
+    still mixes member by member, so where the two roundings differ (float32's last place) only
+    the attribution of rows that tie to within it can differ — a convention there anyway.
+    """
+    chunk = max(1, CHUNK // block) * block
+    for c in prange((x.shape[1] + chunk - 1) // chunk):
+        _band_chunk(x, idx, wts, exc, rw, network, a, b, slide, block, chunk, c, out)
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def mix_rows_complement(x, idx, wts, exc, rw, out):  # pragma: no cover - compiled
+    """out[i] = the mixed row i of `band_mean_complement` (same exactness rule, same values),
+    NaN left as it is: in exact columns rw[i] · (total − Σ excluded), elsewhere Σ_k wts[i, k] ·
+    x[idx[i, k]] member by member — `combine`'s sum for that row, bit for bit."""
+    d = x.shape[1]
+    n = idx.shape[0]
+    block = 1024
+    chunk = max(1, CHUNK // block) * block
     for c in prange((d + chunk - 1) // chunk):
-        buf = np.empty((n, block), dtype=x.dtype)
-        low = np.empty(block, dtype=x.dtype)
-        high = np.empty(block, dtype=x.dtype)
         acc = np.empty(block, dtype=np.float64)
-        med = np.empty(block, dtype=np.float64)
-        shift = np.empty(block, dtype=np.int64)
+        total = np.empty(block, dtype=np.float64)
+        big = np.empty(block, dtype=np.float64)
+        small = np.empty(block, dtype=np.float64)
+        exact = np.empty(block, dtype=np.bool_)
         stop = min(d, (c + 1) * chunk)
         for s in range(c * chunk, stop, block):
             w = min(block, stop - s)
-            if idx.shape[0] > 0:
-                for i in range(n):
-                    acc[:w] = 0.0
-                    for k in range(idx.shape[1]):
-                        weight = wts[i, k]
-                        if weight != 0.0:  # padding: 0 · inf would be NaN
-                            src = x[idx[i, k], s : s + w]
-                            for t in range(w):
-                                acc[t] += weight * src[t]
-                    for t in range(w):
-                        v = acc[t]
-                        buf[i, t] = v if v < np.inf else np.inf
-            else:
-                for i in range(n):
-                    src = x[i, s : s + w]
-                    for t in range(w):
-                        v = src[t]
-                        buf[i, t] = v if v < np.inf else np.inf
-            for q in range(network.shape[0]):
-                lo = buf[network[q, 0]]
-                hi = buf[network[q, 1]]
+            every = exact_sums(x, s, w, total, big, small, exact)
+            for i in range(n):
+                _complement_row(x, exc, i, s, w, total, acc)
+                weight = rw[i]
+                dst = out[i, s : s + w]
                 for t in range(w):
-                    u = lo[t]
-                    v = hi[t]
-                    swap = v < u
-                    low[t] = v if swap else u
-                    high[t] = u if swap else v
-                for t in range(w):
-                    lo[t] = low[t]
-                    hi[t] = high[t]
-            if slide > 0:
-                _window_sum(buf, a, b, slide, w, med, shift, acc)
-            else:
-                for t in range(w):
-                    acc[t] = buf[a, t]
-                for r in range(a + 1, b):
+                    dst[t] = acc[t] * weight
+                if not every:
+                    _mixed_row(x, idx, wts, i, s, w, acc)
                     for t in range(w):
-                        acc[t] += buf[r, t]
-            for t in range(w):
-                out[s + t] = acc[t] * scale
+                        if not exact[t]:
+                            dst[t] = acc[t]
 
 
 @njit(cache=True, fastmath=False)
@@ -158,20 +348,24 @@ def centred_gram(x, extra, centre, block):  # pragma: no cover - compiled
     rows would lose their mutual distances entirely. A row 10³⁰× larger shifts the mean so far
     that even float64 loses them; the caller then passes a robust `centre` (`rows._Inputs`).
     A non-finite value makes its row's entries (and, through the mean, everyone's) non-finite;
-    the caller detects that on the diagonal. Dot products run in 2×2 register tiles, one load per
-    FMA.
+    the caller detects that on the diagonal. Dot products run in 4×2 register tiles (8
+    accumulators, 6 loads per 8 FMAs; 2×2 tiles, one load per FMA, were 25 % slower), over
+    blocks of `gram_block` columns; a tile's entries j < i are computed and never read.
     """
     n, d = x.shape
     m = n + extra.shape[0]
-    mp = m + (m & 1)
+    mp = (m + 3) // 4 * 4  # rows padded with zeros to whole 4 × 2 tiles
     chunk = max(1, CHUNK // block) * block
     nchunks = (d + chunk - 1) // chunk
-    parts = np.zeros((nchunks, mp, mp))
+    parts = np.empty((nchunks, mp, mp))
     inv_n = 1.0 / n
     for c in prange(nchunks):
         y = np.zeros((mp, block))
         mu = np.empty(block)
         g = parts[c]
+        for i in range(mp):
+            for j in range(mp):
+                g[i, j] = 0.0
         stop = min(d, (c + 1) * chunk)
         for s in range(c * chunk, stop, block):
             w = min(block, stop - s)
@@ -196,9 +390,11 @@ def centred_gram(x, extra, centre, block):  # pragma: no cover - compiled
                 dst = y[n + i]
                 for t in range(w):
                     dst[t] = src[t] - mu[t]
-            for i in range(0, mp, 2):
+            for i in range(0, mp, 4):
                 y0 = y[i]
                 y1 = y[i + 1]
+                y2 = y[i + 2]
+                y3 = y[i + 3]
                 for j in range(i, mp, 2):
                     z0 = y[j]
                     z1 = y[j + 1]
@@ -206,25 +402,52 @@ def centred_gram(x, extra, centre, block):  # pragma: no cover - compiled
                     a01 = 0.0
                     a10 = 0.0
                     a11 = 0.0
+                    a20 = 0.0
+                    a21 = 0.0
+                    a30 = 0.0
+                    a31 = 0.0
                     for t in range(w):
-                        p = y0[t]
-                        q = y1[t]
                         u = z0[t]
                         v = z1[t]
+                        p = y0[t]
+                        q = y1[t]
+                        r = y2[t]
+                        o = y3[t]
                         a00 += p * u
                         a01 += p * v
                         a10 += q * u
                         a11 += q * v
+                        a20 += r * u
+                        a21 += r * v
+                        a30 += o * u
+                        a31 += o * v
                     g[i, j] += a00
                     g[i, j + 1] += a01
                     g[i + 1, j] += a10
                     g[i + 1, j + 1] += a11
-    gram = np.zeros((m, m))
-    for c in range(nchunks):
-        gram += parts[c, :m, :m]
+                    g[i + 2, j] += a20
+                    g[i + 2, j + 1] += a21
+                    g[i + 3, j] += a30
+                    g[i + 3, j + 1] += a31
+    return _sum_parts(parts, m)
+
+
+@njit(cache=True, fastmath=False)
+def _sum_parts(parts, m):  # pragma: no cover - compiled
+    """The upper triangles of the per-chunk Grams parts[c, :m, :m] added in chunk order, mirrored.
+
+    A serial function of its own, in plain loops: in a `parallel=True` kernel every array
+    expression (`np.zeros`, `gram += parts[c]`) becomes a parallel region of its own, and one per
+    chunk made the Gram 15-20x slower with 2 threads on a loaded machine (each region's barrier
+    waits for a thread the scheduler has parked)."""
+    gram = np.empty((m, m))
     for i in range(m):
-        for j in range(i):
-            gram[i, j] = gram[j, i]
+        for j in range(i, m):
+            acc = 0.0
+            for c in range(parts.shape[0]):
+                acc += parts[c, i, j]
+            gram[i, j] = acc
+            gram[j, i] = acc
     return gram
 
 
@@ -272,6 +495,8 @@ def _serial_twin(kernel, name):
 
 
 band_mean_serial = _serial_twin(band_mean, "band_mean_serial")
+band_mean_complement_serial = _serial_twin(band_mean_complement, "band_mean_complement_serial")
+mix_rows_complement_serial = _serial_twin(mix_rows_complement, "mix_rows_complement_serial")
 combine_serial = _serial_twin(combine, "combine_serial")
 
 
@@ -283,7 +508,7 @@ def sq_norms(x):  # pragma: no cover - compiled
     gives +inf and NaN gives NaN, which the callers read as "no finite norm"."""
     n, d = x.shape
     nchunks = (d + CHUNK - 1) // CHUNK
-    parts = np.zeros((nchunks, n))
+    parts = np.empty((nchunks, n))
     for c in prange(nchunks):
         stop = min(d, (c + 1) * CHUNK)
         for i in range(n):
@@ -292,9 +517,16 @@ def sq_norms(x):  # pragma: no cover - compiled
                 v = np.float64(x[i, t])
                 acc += v * v
             parts[c, i] = acc
-    out = np.zeros(n)
-    for c in range(nchunks):
-        out += parts[c]
+    return _sum_chunks(parts)
+
+
+@njit(cache=True, fastmath=False)
+def _sum_chunks(parts):  # pragma: no cover - compiled
+    """parts (nchunks, n) added over the chunks in order, in plain loops (see `_sum_parts`)."""
+    out = np.zeros(parts.shape[1])
+    for c in range(parts.shape[0]):
+        for i in range(parts.shape[1]):
+            out[i] += parts[c, i]
     return out
 
 

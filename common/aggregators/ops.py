@@ -79,16 +79,69 @@ def band_mean(
     """
     n = idx.shape[0] if idx.shape[0] > 0 else x.shape[0]
     network = window_network(n, a, b, slide)
+    exc, rw = complement(x, idx, wts)
     if _use_numba(x):
         out = np.empty(x.shape[1], dtype=x.numpy().dtype)
         block = _kernels.block_size(n, x.element_size())
-        if _single_chunk(x):
-            _kernels.band_mean_serial(x.numpy(), idx, wts, network, a, b, slide, block, out)
+        serial = _single_chunk(x)
+        if exc.shape[0] > 0:
+            kernel = _kernels.band_mean_complement
+            kernel = _kernels.band_mean_complement_serial if serial else kernel
+            args = (x.numpy(), idx, wts, exc, rw, network, a, b, slide, block, out)
         else:
-            with _threads_for(x.shape[1]):
-                _kernels.band_mean(x.numpy(), idx, wts, network, a, b, slide, block, out)
+            kernel = _kernels.band_mean_serial if serial else _kernels.band_mean
+            args = (x.numpy(), idx, wts, network, a, b, slide, block, out)
+        with nullcontext() if serial else _threads_for(x.shape[1]):
+            kernel(*args)
         return torch.from_numpy(out)
-    return _band_mean_torch(x, idx, wts, network, a, b, slide)
+    return _band_mean_torch(x, idx, wts, network, a, b, slide, rw if exc.shape[0] > 0 else None)
+
+
+def complement(x: Tensor, idx: np.ndarray, wts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(exc, rw) when `band_mean` mixes the rows (idx, wts) by complement, else two empty arrays.
+
+    By complement (`_kernels.band_mean_complement`): row i is rw[i] times the sum of all n0
+    inputs but exc[i] (ascending, padded with −1). Taken for float32 inputs (the exactness proof,
+    `_kernels.exact_sums`, is float32's) when every row weighs its members alike (nnm: 1/(n − f))
+    and it saves work — per coordinate, the total over n0 inputs, its check (≈ 2 n0 more), and
+    Σ_i |exc_i| subtractions, against Σ_i |members_i| additions for the lists.
+    """
+    none = np.empty((0, 0), np.int64), np.empty(0)
+    n0 = x.shape[0]
+    if idx.shape[0] == 0 or x.dtype != torch.float32:
+        return none
+    nonzero = wts != 0.0
+    members = nonzero.sum(axis=1)
+    rw = wts[:, 0]  # the first member's weight: lists are never empty, members come first
+    if not np.all(np.where(nonzero, wts == rw[:, None], True)):
+        return none
+    excluded = n0 - members
+    if 3 * n0 + excluded.sum() >= members.sum():
+        return none
+    inside = np.zeros((idx.shape[0], n0), np.bool_)
+    rows = np.broadcast_to(np.arange(idx.shape[0])[:, None], idx.shape)
+    inside[rows[nonzero], idx[nonzero]] = True
+    width = max(1, int(excluded.max()))
+    exc = np.argsort(inside, axis=1, kind="stable")[:, :width]  # the excluded first, ascending
+    exc[np.arange(width)[None, :] >= excluded[:, None]] = -1
+    return np.ascontiguousarray(exc, np.int64), np.ascontiguousarray(rw, np.float64)
+
+
+def sparse_mix(mix: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A mix (n, n0) as padded (index, weight) lists per row, indices ascending, padding
+    (0, 0.0): what `band_mean` takes (None: two empty arrays, the rows themselves). nnm and
+    bucketing mixes are sparse. One stable argsort instead of a Python loop over rows: at a9a's
+    size the loop was a visible share of a simulated round."""
+    if mix is None:
+        return np.empty((0, 0), np.int64), np.empty((0, 0), np.float64)
+    nonzero = mix != 0.0
+    width = int(nonzero.sum(axis=1).max())
+    idx = np.argsort(~nonzero, axis=1, kind="stable")[:, :width]
+    wts = np.take_along_axis(mix, idx, axis=1)
+    padding = ~np.take_along_axis(nonzero, idx, axis=1)
+    idx[padding] = 0
+    wts[padding] = 0.0
+    return idx.astype(np.int64), np.ascontiguousarray(wts, np.float64)
 
 
 def window_network(n: int, a: int, b: int, slide: int) -> np.ndarray:
@@ -114,19 +167,28 @@ def _band_mean_torch(
     a: int,
     b: int,
     slide: int = 0,
+    rw: np.ndarray | None = None,
 ) -> Tensor:
     """The comparator network over whole rows, any device; bitwise what the numba kernel does.
 
     NaN becomes +inf first, and a comparator swaps exactly when  hi < lo  — not min/max, which
-    would propagate NaN and order −0.0 before +0.0 where the kernel keeps them in place.
+    would propagate NaN and order −0.0 before +0.0 where the kernel keeps them in place. With
+    `rw` (a mix by complement, `complement`), a row in a column whose subset sums are exact
+    (`exact_columns`) is rw[i] · Σ members, the kernel's value there (any order of an exact sum
+    gives it); elsewhere it is mixed member by member, in the kernel's order.
     """
     if idx.shape[0] > 0:
+        exact = None if rw is None else exact_columns(x)
         rows = []
         for i in range(idx.shape[0]):
             acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            members = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
             for k in range(idx.shape[1]):
                 if wts[i, k] != 0.0:
                     acc = acc + float(wts[i, k]) * x[int(idx[i, k])].double()
+                    members = members + x[int(idx[i, k])].double()
+            if exact is not None and rw is not None:
+                acc = torch.where(exact, members * float(rw[i]), acc)
             rows.append(_nan_as_inf(acc.to(x.dtype)))
     else:
         rows = [_nan_as_inf(row) for row in x.unbind(0)]
@@ -140,6 +202,16 @@ def _band_mean_torch(
         for r in range(a + 1, b):
             acc = acc + rows[r].double()
     return (acc * (1.0 / (b - a))).to(x.dtype)
+
+
+def exact_columns(x: Tensor) -> Tensor:
+    """(d,) bool: the columns of float32 x whose every subset sum is exact in float64
+    (`_kernels.exact_sums`: all finite, n0 · max|x| ≤ 2²⁹ · min nonzero |x|)."""
+    values = x.double()
+    size = values.abs()
+    small = torch.where(size > 0, size, torch.inf).amin(0)
+    finite = torch.isfinite(values.sum(0))
+    return finite & (size.amax(0) * x.shape[0] <= _kernels.EXACT_SPAN * small)
 
 
 def _window_sum_torch(rows: list[Tensor], a: int, b: int, slide: int) -> Tensor:
@@ -170,7 +242,7 @@ def centred_gram(
         data = x.numpy()
         extra_data = data[:0] if extra is None else extra.numpy()
         origin = data[0, :0] if centre is None else centre.numpy()
-        block = _kernels.block_size(x.shape[0] + extra_data.shape[0], 8)
+        block = _kernels.gram_block(x.shape[0] + extra_data.shape[0])
         with _threads_for(x.shape[1]):
             return _kernels.centred_gram(data, extra_data, origin, block)
     if extra is None:
@@ -246,16 +318,31 @@ def combine(
 
 def mix_rows(x: Tensor, mix: np.ndarray) -> Tensor:
     """The rows  mix · x  (mix: (n', n), zeros skipped), each summed in float64 like `combine`,
-    in x's dtype. For the rare mixes that cannot stay lazy (`rows.Rows`)."""
+    in x's dtype. For the rare mixes that cannot stay lazy (`rows.Rows`). A mix `band_mean`
+    would take by complement (`complement`) is computed the same way here: in a column whose
+    subset sums are exact, w · (total − Σ excluded); elsewhere `combine`'s sum, bit for bit."""
+    idx, wts = sparse_mix(mix)
+    exc, rw = complement(x, idx, wts)
     if _use_numba(x):
         data = x.numpy()
         out = np.empty((mix.shape[0], x.shape[1]), dtype=data.dtype)
-        none, no_weights = data[:0], np.zeros(0)
         serial = _single_chunk(x)
-        kernel = _kernels.combine_serial if serial else _kernels.combine
         with nullcontext() if serial else _threads_for(x.shape[1]):
+            if exc.shape[0] > 0:
+                kernel = _kernels.mix_rows_complement
+                kernel = _kernels.mix_rows_complement_serial if serial else kernel
+                kernel(data, idx, wts, exc, rw, out)
+                return torch.from_numpy(out)
+            none, no_weights = data[:0], np.zeros(0)
+            kernel = _kernels.combine_serial if serial else _kernels.combine
             for i in range(mix.shape[0]):
                 weights = np.ascontiguousarray(mix[i], dtype=np.float64)
                 kernel(data, weights, none, no_weights, out[i])
         return torch.from_numpy(out)
-    return torch.stack([combine(x, weights) for weights in mix])
+    rows = torch.stack([combine(x, weights) for weights in mix])
+    if exc.shape[0] == 0:
+        return rows
+    exact = exact_columns(x)
+    members = torch.from_numpy((mix != 0.0).astype(np.float64)).to(x.device) @ x.double()
+    fast = (members * torch.from_numpy(rw).to(x.device)[:, None]).to(x.dtype)
+    return torch.where(exact, fast, rows)

@@ -8,7 +8,9 @@ instead every rule asks `Rows` for what it needs, and each request costs at most
 * `gram_around(p)` the same for [M · X; p], centred on the point p a rule iterates from (cclip);
 * `far()`          which rows are non-finite, i.e. infinitely far from everything;
 * `combine(w)`     (wᵀ M) · X, a single vector–matrix product;
-* `band_mean(a,b)` the coordinate-wise order statistics of M · X, mixing block by block in cache.
+* `band_mean(a,b)` the coordinate-wise order statistics of M · X, mixing block by block in cache
+                   — nnm's rows by complement, w · (Σ all − Σ excluded), in the columns where
+                   that is exact (`ops.complement`), member by member elsewhere.
 
 Because every row of M sums to one, mixed rows are affine combinations of the inputs, so distances
 computed from the centred Gram are exact whatever centre was used — up to rounding, which grows
@@ -325,20 +327,4 @@ class Rows:
         if self._concrete is not None:
             return self._concrete.band_mean(a, b, slide)
         self._inputs.record(Banded(self.mix, a, b, slide))
-        idx, wts = self._sparse_mix()
-        return ops.band_mean(self.x, idx, wts, a, b, slide)
-
-    def _sparse_mix(self) -> tuple[np.ndarray, np.ndarray]:
-        """M as padded (index, weight) lists per row, indices ascending, padding (0, 0.0); nnm
-        and bucketing mixes are sparse. One stable argsort instead of a Python loop over rows:
-        at a9a's size the loop was a visible share of a simulated round."""
-        if self.mix is None:
-            return np.empty((0, 0), np.int64), np.empty((0, 0), np.float64)
-        nonzero = self.mix != 0.0
-        width = int(nonzero.sum(axis=1).max())
-        idx = np.argsort(~nonzero, axis=1, kind="stable")[:, :width]
-        wts = np.take_along_axis(self.mix, idx, axis=1)
-        padding = ~np.take_along_axis(nonzero, idx, axis=1)
-        idx[padding] = 0
-        wts[padding] = 0.0
-        return idx.astype(np.int64), np.ascontiguousarray(wts, np.float64)
+        return ops.band_mean(self.x, *ops.sparse_mix(self.mix), a, b, slide)
