@@ -148,11 +148,16 @@ def plot_plateaus(found: dict[tuple[str, str, int], tuple[float, float]], path: 
         for method in sorted({key[1] for key in found if key[0] == attack}):
             sizes = sorted(key[2] for key in found if key[:2] == (attack, method))
             means, halves = np.array([found[(attack, method, b)] for b in sizes]).T
+            color = f"C{methods.index(method)}"
+            if method == FLOOR and len(sizes) == 1:  # no mini-batches: a level for every b
+                ax.axhline(means[0], color=color, linestyle="--", label=f"{method} (any b)")
+                if math.isfinite(halves[0]):
+                    ax.axhspan(means[0] - halves[0], means[0] + halves[0], color=color, alpha=0.15)
+                continue
             low = np.minimum(halves, means * 0.999)  # keep the bar inside the log axis
             ax.errorbar(
                 sizes, means, yerr=[low, halves], capsize=3, marker="o",
-                color=f"C{methods.index(method)}",
-                linestyle="--" if method == FLOOR else "-", label=method,
+                color=color, linestyle="--" if method == FLOOR else "-", label=method,
             )  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

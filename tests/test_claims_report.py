@@ -102,3 +102,12 @@ def test_report_of_a_batch_sweep_has_both_claim_sections(batch_sweep: Path, tmp_
     assert found[(row.attack, row.method, 1 if "1" in row.setting else 4)][0] == pytest.approx(
         expected
     )
+
+
+def test_the_full_gradient_floor_is_drawn_as_a_level(tmp_path: Path) -> None:
+    """Byz-EF21 draws no mini-batch: run at one b, it is a horizontal level in every panel."""
+    found = found_for(1.0, 0.5, 0.6, 0.5)
+    del found[("alie", "byz-ef21", 64)]
+    claims.plot_plateaus(found, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+    assert not any("byz-ef21 " in line for line in claims.verdicts(found))  # one b: no spread
