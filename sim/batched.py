@@ -245,8 +245,7 @@ def check_batchable(configs: Sequence[RunConfig]) -> None:
         raise ConfigError("a batch's runs may differ only in run.seed and algorithm.lr")
     if not seeds_may_differ(configs[0]) and len({c.run.seed for c in configs}) > 1:
         raise ConfigError(
-            f"algorithm/compressor: {configs[0].algorithm.name} with "
-            f"{configs[0].compressor.name} draws run-wide coins: one seed per batch"
+            f"algorithm: {configs[0].algorithm.name} draws run-wide coins: one seed per batch"
         )
 
 
