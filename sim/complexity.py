@@ -42,12 +42,11 @@ from torch import Tensor
 
 from byzps.common.components import build_run_task
 from byzps.common.config import RunConfig
+from byzps.common.tasks.a9a import logistic_hessian, weighted_logistic
 from byzps.common.tasks.base import Task
 from byzps.common.tasks.regularizers import Regularizer
 from byzps.sim.batched import build_batched_simulation
-from byzps.sim.build import build_simulation
 from byzps.sim.claims_report import t975
-from byzps.sim.simulation import NonFiniteMessage
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -195,7 +194,8 @@ class Landscape:
 
 
 def _logistic_gradient(rows: Tensor, labels: Tensor, reg: Regularizer, x: Tensor) -> Tensor:
-    return rows.T @ ((torch.sigmoid(rows @ x) - labels) / len(labels)) + reg.grad(x)
+    """∇ of the mean BCE over `rows` plus `reg` (the task's own `weighted_logistic`)."""
+    return weighted_logistic(x, rows, labels, 1.0 / len(labels), reg)[1]
 
 
 def logistic_landscape(
@@ -220,15 +220,7 @@ def logistic_landscape(
         if float(grad.norm()) <= tol:
             break
         x -= step * grad
-    p = torch.sigmoid(rows @ x)
-    hessian = rows.T @ (rows * (p * (1 - p) / len(y))[:, None])
-    sq = x.square()
-    curvature = (
-        reg.lam * torch.ones_like(x)
-        if reg.kind == "l2"
-        else (2 * reg.lam * (1 - 3 * sq) / (1 + sq) ** 3)
-    )
-    eigenvalues = torch.linalg.eigvalsh(hessian + torch.diag(curvature))
+    eigenvalues = torch.linalg.eigvalsh(logistic_hessian(x, rows, 1.0 / len(y), reg))
     grads = torch.stack([_logistic_gradient(rows[s], y[s], reg, x) for s in shards])
     zeta_sq = float((grads - grads.mean(0)).square().sum(1).mean())
     return Landscape(
@@ -316,35 +308,22 @@ def grad_norm_sq(task: Task, x: Any) -> float:
 
 
 def first_hit(config: RunConfig, task: Task, eps: float, *, every: int = 1) -> tuple[int, Status]:
-    """Run `config` round by round and return (t, "hit") for the first evaluated t with
-    ‖∇f(x_t)‖² ≤ ε² (x_0 counts), or (cap, "censored") when config.run.rounds pass without one,
-    or (t, "diverged") if an honest message became non-finite in round t. `every` > 1 checks only
-    every that many rounds (for tasks whose exact gradient is costly); the time found is then
-    rounded up to a multiple of it."""
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
-    target = eps * eps
-    simulation = build_simulation(config, task)
-    if grad_norm_sq(task, simulation.x) <= target:
-        return 0, "hit"
-    cap = config.run.rounds
-    for t in range(1, cap + 1):
-        try:
-            simulation.step()
-        except NonFiniteMessage as exc:
-            return exc.round, "diverged"
-        if (t % every == 0 or t == cap) and grad_norm_sq(task, simulation.x) <= target:
-            return t, "hit"
-    return cap, "censored"
+    """(t, "hit") for the first evaluated round t with ‖∇f(x_t)‖² ≤ ε² (x_0 counts), or
+    (cap, "censored") when config.run.rounds pass without one, or (t, "diverged") if an honest
+    message became non-finite in round t: `first_hits` of the run alone (a batch of one computes
+    exactly what `Simulation` does, sim/batched.py)."""
+    return first_hits([config], [task], eps, every=every)[0]
 
 
 def first_hits(
     configs: Sequence[RunConfig], tasks: Sequence[Task], eps: float, *, every: int = 1
 ) -> list[tuple[int, Status]]:
     """`first_hit` of several runs that differ only in their seed, advanced as one batched
-    simulation (sim/batched.py: each run computes exactly what it computes alone, so the times
-    equal first_hit's). The batch runs until every run has hit, diverged or reached the cap; a
-    run that has hit keeps being stepped (its rows cannot leave the batch) but is not checked."""
+    simulation (sim/batched.py: each run computes exactly what it computes alone). The batch
+    runs until every run has hit, diverged or reached the cap; a run that has hit keeps being
+    stepped (its rows cannot leave the batch) but is not checked. `every` > 1 checks only every
+    that many rounds (for tasks whose exact gradient is costly); the time found is then rounded
+    up to a multiple of it."""
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
     target = eps * eps
@@ -394,16 +373,8 @@ def measure_seeds(
 def measure(
     base: RunConfig, schedule: StepSchedule, eps: float, seed: int, cap: int, *, every: int = 1
 ) -> Hit:
-    """One (ε, seed) cell: configure the run, build its task (the seed draws the instance) and
-    time its first hit."""
-    config = configure(base, schedule, eps, seed, cap)
-    task = build_run_task(config)
-    started = time.perf_counter()
-    rounds, status = first_hit(config, task, eps, every=every)
-    seconds = time.perf_counter() - started
-    return Hit(
-        schedule.method, eps, seed, schedule.eta(eps), schedule.gamma(eps), rounds, status, seconds
-    )
+    """One (ε, seed) cell alone: `measure_seeds` with one seed."""
+    return measure_seeds(base, schedule, eps, [seed], cap, every=every)[0]
 
 
 # --- a plan: constants, grid, seeds, cap --------------------------------------------------------
@@ -465,15 +436,14 @@ def run_plan(
     hits = []
     for method in plan.methods:
         for eps in sorted(method.eps, reverse=True):
-            if plan.batch_seeds:
-                cells = measure_seeds(
-                    base, method.schedule, eps, plan.seeds, plan.cap, every=plan.every
+            groups = [plan.seeds] if plan.batch_seeds else [[seed] for seed in plan.seeds]
+            cells = [
+                hit
+                for seeds in groups
+                for hit in measure_seeds(
+                    base, method.schedule, eps, seeds, plan.cap, every=plan.every
                 )
-            else:
-                cells = [
-                    measure(base, method.schedule, eps, seed, plan.cap, every=plan.every)
-                    for seed in plan.seeds
-                ]
+            ]
             for hit in cells:
                 hits.append(hit)
                 if progress is not None:

@@ -62,6 +62,14 @@ def weighted_logistic(
     return loss, grad
 
 
+def logistic_hessian(x: Tensor, features: Tensor, weight: float, reg: Regularizer) -> Tensor:
+    """∇² of `weighted_logistic` with every row weighted `weight`: Aᵀ diag(w p(1 − p)) A plus
+    the regulariser's (diagonal) curvature."""
+    p = torch.sigmoid(features @ x)
+    hessian = features.T @ (features * (weight * p * (1.0 - p))[:, None])
+    return hessian + torch.diag(reg.curvature(x))
+
+
 @functools.cache
 def l2_optimum(lam: float) -> float:
     """f* of the L2-regularised objective over all training rows (λ = `lam` > 0), in float64.
@@ -76,15 +84,12 @@ def l2_optimum(lam: float) -> float:
     features, labels = (t.to(torch.float64) for t in load_a9a("train"))
     weight = 1.0 / len(labels)
     x = torch.zeros(N_FEATURES, dtype=torch.float64)
-    eye = torch.eye(N_FEATURES, dtype=torch.float64)
     reg = Regularizer("l2", lam)
     for _ in range(50):
         loss, grad = weighted_logistic(x, features, labels, weight, reg)
         if float(grad.norm()) <= 1e-13:
             return float(loss)
-        p = torch.sigmoid(features @ x)
-        hessian = features.T @ (features * (weight * p * (1.0 - p))[:, None]) + lam * eye
-        x = x - torch.linalg.solve(hessian, grad)
+        x = x - torch.linalg.solve(logistic_hessian(x, features, weight, reg), grad)
     raise RuntimeError("Newton's method did not converge on the a9a L2 objective")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 #: Default λ of each regulariser (the paper's settings).
@@ -41,3 +42,10 @@ class Regularizer:
         if self.kind == "l2":
             return self.lam * x
         return (2 * self.lam) * x / (1 + x.square()).square()
+
+    def curvature(self, x: Tensor) -> Tensor:
+        """The Hessian's diagonal (it is diagonal for both): λ, or 2λ(1 − 3x²)/(1 + x²)³."""
+        if self.kind == "l2":
+            return torch.full_like(x, self.lam)
+        sq = x.square()
+        return 2 * self.lam * (1 - 3 * sq) / (1 + sq) ** 3
