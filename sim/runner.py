@@ -61,7 +61,9 @@ class RunRecorder:
     def due(self, round: int) -> bool:
         return round % self.config.run.eval_every == 0 or round == self.config.run.rounds
 
-    def evaluate(self, x: Any, round: int, bytes_uplink: float, diverged: str | None = None):
+    def evaluate(
+        self, x: Any, round: int, bytes_uplink: float, diverged: str | None = None
+    ) -> None:
         record = evaluate(self.task, x, round, bytes_uplink, self.started, self.suspicion.report())
         if diverged is not None:
             record["diverged"] = diverged

@@ -93,7 +93,7 @@ class BatchedEstimator(Estimator):
         #: The run seed (of the first row; rows of a batched simulation's runs bring their own).
         self.seed = seeds[0]
         # Consecutive rows of one seed: the compressor keys each run's rows with its own seed.
-        self._seed_groups = [(seed, tuple(ids)) for seed, ids in _runs_of_equal(seeds, worker_ids)]
+        self._seed_groups = _runs_of_equal(seeds, worker_ids)
         self.dtype = dtype
         self.device = torch.device(device)
         self.steps = 0
