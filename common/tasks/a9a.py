@@ -62,6 +62,14 @@ def weighted_logistic(
     return loss, grad
 
 
+@functools.cache
+def train_float64() -> tuple[Tensor, Tensor]:
+    """The training data in float64, once per process (32 MB, shared by every task and f*):
+    `loss_gap`s of 1e-6 are below the rounding of a float32 sum over 32 561 rows."""
+    features, labels = load_a9a("train")
+    return features.to(torch.float64), labels.to(torch.float64)
+
+
 def logistic_hessian(x: Tensor, features: Tensor, weight: float, reg: Regularizer) -> Tensor:
     """∇² of `weighted_logistic` with every row weighted `weight`: Aᵀ diag(w p(1 − p)) A plus
     the regulariser's (diagonal) curvature."""
@@ -81,7 +89,7 @@ def l2_optimum(lam: float) -> float:
     """
     if lam <= 0:
         raise ValueError(f"the L2 objective is strongly convex only for lam > 0, got {lam}")
-    features, labels = (t.to(torch.float64) for t in load_a9a("train"))
+    features, labels = train_float64()
     weight = 1.0 / len(labels)
     x = torch.zeros(N_FEATURES, dtype=torch.float64)
     reg = Regularizer("l2", lam)
@@ -281,12 +289,6 @@ class A9aLogRegTask(ShardedTask):
         regulariser's global minimum is not computable, so None."""
         return l2_optimum(self.reg.lam) if self.reg.kind == "l2" and self.reg.lam > 0 else None
 
-    @cached_property
-    def _train64(self) -> tuple[Tensor, Tensor]:
-        """The training data in float64, for `loss_gap`: gaps of 1e-6 are below the rounding
-        of a float32 sum over 32 561 rows."""
-        return self.features.to(torch.float64), self.labels.to(torch.float64)
-
     def evaluate(self, x: Tensor) -> dict[str, float]:
         """train_loss and grad_norm_sq of the full regularised objective; test_loss (BCE only,
         without the regulariser) and test_accuracy (σ(aᵀx) > 1/2) on a9a.t; and, where f* is
@@ -303,7 +305,7 @@ class A9aLogRegTask(ShardedTask):
         }
         f_star = self.optimal_loss()
         if f_star is not None:
-            features, labels = self._train64
+            features, labels = train_float64()
             loss64, _ = weighted_logistic(
                 x.to(torch.float64), features, labels, 1.0 / len(labels), self.reg
             )
