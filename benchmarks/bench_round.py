@@ -2,6 +2,7 @@
 
 Usage:  python benchmarks/bench_round.py [--sizes 1000000 10000000] [--workers 20]
             [--density 0.01] [--aggregators mean cm nnm+cm] [--rounds 4 2] [--warmup 40]
+            [--device cuda]
 
 The workload is a real run, not synthetic messages: n workers run Byz-DM21 (η = 0.1) with
 Top-k (k = density · d) on the `quadratic` task of dimension d (heterogeneous targets, gradient
@@ -140,7 +141,7 @@ def run_config(dim: int, aggregator: str, args: argparse.Namespace) -> RunConfig
     base, *pre = reversed(aggregator.split("+"))
     return RunConfig.from_dict(
         {
-            "run": {"seed": 0, "rounds": 10_000},
+            "run": {"seed": 0, "rounds": 10_000, "device": args.device},
             "task": {"name": "quadratic", "params": {"dim": dim}},
             "cluster": {"workers": args.workers, "byzantine": args.f},
             "algorithm": {"name": "byz-dm21", "lr": 0.1, "eta": 0.1},
@@ -177,8 +178,12 @@ class Workers:
 
 
 def timed(fn: Callable[[], object]) -> tuple[object, float]:
+    """(fn's result, its wall time in ms), the GPU's queued work included (--device cuda)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else lambda: None
+    sync()
     start = time.perf_counter()
     out = fn()
+    sync()
     return out, 1e3 * (time.perf_counter() - start)
 
 
@@ -235,7 +240,8 @@ class PathResult:
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+    """Bitwise equality, across devices too (a CPU worker's mirror of a GPU server's x)."""
+    return torch.equal(a.cpu().view(torch.int32), b.cpu().view(torch.int32))
 
 
 @dataclass
@@ -301,13 +307,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--density", type=float, default=0.01, help="k / d")
     parser.add_argument("--aggregators", nargs="+", default=["mean", "cm", "nnm+cm"])
     parser.add_argument("--warmup", type=int, default=40, help="untimed rounds after round 0")
+    parser.add_argument("--device", default="cpu", help="the server's run.device (workers: CPU)")
     args = parser.parse_args(argv)
 
     print("$ python " + shlex.join(["benchmarks/bench_round.py", *sys.argv[1:]]))
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, n = {args.workers}, f = {args.f}, "
-        f"Byz-DM21 + Top-k density {args.density} on quadratic, loopback gRPC"
+        f"Byz-DM21 + Top-k density {args.density} on quadratic, loopback gRPC, "
+        f"server on {args.device}"
     )
     lb = Loopback()
     try:

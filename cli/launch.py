@@ -37,7 +37,7 @@ from typing import Any
 import click
 
 from byzps.cli.cluster import LISTENING, Child, Cluster, byzps_command
-from byzps.cli.options import config_options, downlink_option, load_config
+from byzps.cli.options import config_options, device_option, downlink_option, load_config
 from byzps.cli.rundir import RunLock, claim
 from byzps.common.config import RunConfig
 from byzps.common.credentials import issue_tokens, read_secret, token_file_name, write_secret
@@ -117,6 +117,7 @@ class MetricsTail:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoints.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out (its files are deleted).")
 @downlink_option
+@device_option
 def launch(
     config_path: Path,
     overrides: tuple[str, ...],
@@ -128,9 +129,10 @@ def launch(
     resume: bool,
     overwrite: bool,
     downlink: str,
+    device: str | None,
 ) -> None:
     """Run server, workers and attackers of CONFIG as local processes until the run ends."""
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides, device)
     lock = RunLock(out, "launch")
     claim(out, resume=resume, overwrite=overwrite, can_resume=True)
     secret = out / "secret"
@@ -153,6 +155,7 @@ def launch(
             "--listen", "127.0.0.1:0", "--out", str(out),
             "--checkpoint-dir", str(out / "checkpoints"), "--secret-file", str(secret),
             "--downlink", downlink, *(["--resume"] if resume else ["--overwrite"]),
+            *(["--device", device] if device is not None else []),
             *(["--round-deadline", str(round_deadline)] if round_deadline is not None else []),
         )  # fmt: skip
         server = cluster.start("server", server_argv, pipe_stdout=True)

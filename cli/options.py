@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -43,10 +44,25 @@ def downlink_option(command: F) -> F:
     )(command)
 
 
-def load_config(path: Path, overrides: tuple[str, ...]) -> RunConfig:
-    """Load, validate and check a config, turning every problem into a one-line CLI error."""
+def device_option(command: F) -> F:
+    """`--device cpu|cuda|cuda:N` (→ device): `run.device` for the process that computes (the
+    server, the simulator), without editing the config the workers read too."""
+    return click.option(
+        "--device",
+        default=None,
+        metavar="DEVICE",
+        help="Keep the model, the per-worker states and the aggregation on DEVICE: cpu, cuda or "
+        "cuda:N (sets run.device; default: the config's, cpu).",
+    )(command)
+
+
+def load_config(path: Path, overrides: tuple[str, ...], device: str | None = None) -> RunConfig:
+    """Load, validate and check a config, turning every problem into a one-line CLI error;
+    `device` (the --device option), when given, overrides `run.device`."""
     from byzps.common.catalog import check_components
 
+    if device is not None:
+        overrides = (*overrides, f"run.device={json.dumps(device)}")
     try:
         config = RunConfig.load(path, overrides)
         check_components(config)

@@ -14,6 +14,7 @@ from byzps.cli.options import (
     Address,
     check_bindable,
     config_options,
+    device_option,
     downlink_option,
     load_config,
 )
@@ -160,6 +161,7 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
     "given. Read-only; bind it where only your monitoring can reach it.",
 )
 @downlink_option
+@device_option
 def server(
     config_path: Path,
     overrides: tuple[str, ...],
@@ -183,6 +185,7 @@ def server(
     tls_bind_ids: bool,
     metrics_address: str | None,
     downlink: str,
+    device: str | None,
 ) -> None:
     """Serve one run to its last round: workers register, push updates and fetch the model."""
     from byzps.server.checkpoint import CheckpointError
@@ -196,7 +199,7 @@ def server(
     if metrics_address is not None:
         check_bindable(metrics_address, "--metrics")
     try:
-        config = load_config(config_path, overrides)
+        config = load_config(config_path, overrides, device)
     except click.ClickException as exc:
         raise ServerUsageError(exc.message) from None
     if checkpoint_dir is None and out is not None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from byzps.cli.options import config_options, load_config
+from byzps.cli.options import config_options, device_option, load_config
 from byzps.cli.rundir import RESULT_FILES, RunLock, claim
 from byzps.common.config import ConfigError
 
@@ -43,13 +43,20 @@ class ProgressLine:
 @click.option(
     "--overwrite", is_flag=True, help="Replace the results already in --out (else refused)."
 )
-def simulate(config_path: Path, overrides: tuple[str, ...], out: Path, overwrite: bool) -> None:
+@device_option
+def simulate(
+    config_path: Path,
+    overrides: tuple[str, ...],
+    out: Path,
+    overwrite: bool,
+    device: str | None,
+) -> None:
     """Run the whole cluster in one process and write metrics.jsonl, summary.json, params.npy."""
     from byzps.common.components import build_run_task
     from byzps.sim.build import build_simulation
     from byzps.sim.runner import run_simulation
 
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides, device)
     if not overwrite:  # refuse at once, before the task's data is loaded
         claim(out, can_resume=False, owned=RESULT_FILES)
     try:

@@ -95,6 +95,7 @@ def build_run_estimator(
             num_workers=len(worker_ids),
             worker_ids=worker_ids,
             seed=config.run.seed if seeds is None else list(seeds),
+            device=task.device,
             **params,
         )
     except ValueError as exc:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -38,6 +39,10 @@ class RunSection:
     rounds: int = 1000
     #: Evaluate the model (a metrics.jsonl record) every this many rounds, plus rounds 0 and T.
     eval_every: int = 100
+    #: Where this process keeps the model, the per-worker states and the aggregation: "cpu",
+    #: "cuda" or "cuda:N" (`byzps server --device`, `byzps simulate --device`). A placement, not
+    #: part of the experiment: the config digest leaves it out, so a GPU server takes CPU workers.
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -185,8 +190,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """A stable hash of the resolved config (servers and workers compare it at registration)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """A stable hash of the resolved config (servers and workers compare it at registration).
+
+        `run.device` is left out: where one process computes is not part of the run (a server on
+        a GPU and its workers on CPUs agree on the digest), and digests of configs written before
+        the key existed stay the same."""
+        data = self.to_dict()
+        del data["run"]["device"]
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property
@@ -304,6 +315,11 @@ def validate(config: RunConfig) -> None:
     _require(config.run.rounds >= 1, "run.rounds", "must be at least 1")
     _require(config.run.eval_every >= 1, "run.eval_every", "must be at least 1")
     _require(config.run.seed >= 0, "run.seed", "must be non-negative")
+    _require(
+        re.fullmatch(r"cpu|cuda(:\d+)?", config.run.device) is not None,
+        "run.device",
+        f'unknown device {config.run.device!r} ("cpu", "cuda" or "cuda:N")',
+    )
     _require(n >= 1, "cluster.workers", "must be at least 1")
     _require(f >= 0, "cluster.byzantine", "must be non-negative")
     _require(2 * f < n, "cluster.byzantine", f"f = {f} must be below n/2 = {n / 2}")

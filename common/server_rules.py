@@ -185,10 +185,14 @@ class _BatchedRule(ServerRule):
     def _device(self) -> torch.device:
         return getattr(self, self._tensors[0]).device
 
-    def _prepare(self, rows: Tensor | Sequence[int], messages: SparseBatch) -> Tensor:
+    def _prepare(
+        self, rows: Tensor | Sequence[int], messages: SparseBatch
+    ) -> tuple[Tensor, SparseBatch]:
+        """The rows and the messages on the states' device (a GPU server receives them on the
+        CPU), after checking that they fit."""
         r = _as_rows(rows, self._device)
         _check_messages(r, messages, self.dim)
-        return r
+        return r, messages.to(self._device)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {name: getattr(self, name).clone() for name in self._tensors}
@@ -234,12 +238,12 @@ class StateRule(_BatchedRule):
         return self.g.index_select(0, _as_rows(rows, self._device))
 
     def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
-        scatter_add_rows(self.g, self._prepare(rows, messages), messages)
+        scatter_add_rows(self.g, *self._prepare(rows, messages))
 
     def admissible(self, rows: Tensor, messages: SparseBatch, round: int) -> Tensor:
         """g_j + c_j finite on c_j's support (two finite pushes of 3e38 overflow float32)."""
         del round
-        r = self._prepare(rows, messages)
+        r, messages = self._prepare(rows, messages)
         return _finite_rows(_at_support(self.g, r, messages) + messages.values.to(self.g.dtype))
 
     def touched(self, rows: Tensor, messages: SparseBatch) -> Tensor | None:
@@ -289,7 +293,7 @@ class MessageRule(_CandidateRule):
         return self.candidate.new_zeros(len(r), self.dim)
 
     def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
-        r = self._prepare(rows, messages)
+        r, messages = self._prepare(rows, messages)
         self._write(r, self.bases(r), messages)
         for i, row in enumerate(r.tolist()):
             self._support[row] = messages.indices[i]
@@ -340,14 +344,14 @@ class DianaRule(_CandidateRule):
         return self.h[_as_rows(rows, self._device)]
 
     def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
-        r = self._prepare(rows, messages)
+        r, messages = self._prepare(rows, messages)
         self._write(r, self.h[r], messages)
         scatter_add_rows(self.h, r, messages, alpha=self.a)
 
     def admissible(self, rows: Tensor, messages: SparseBatch, round: int) -> Tensor:
         """Both the candidate h_j + c_j and the new shift h_j + a·c_j finite."""
         del round
-        r = self._prepare(rows, messages)
+        r, messages = self._prepare(rows, messages)
         h = _at_support(self.h, r, messages)
         c = messages.values.to(self.h.dtype)
         return _finite_rows(h + c) & _finite_rows(h + self.a * c)
@@ -399,13 +403,15 @@ class MarinaRule(_CandidateRule):
         return self._base(len(_as_rows(rows, self._device)), self.round)
 
     def absorb(self, rows: Tensor, messages: SparseBatch, round: int) -> None:
-        r = self._prepare(rows, messages)
+        r, messages = self._prepare(rows, messages)
         self._write(r, self._base(len(r), round), messages)
 
     def admissible(self, rows: Tensor, messages: SparseBatch, round: int) -> Tensor:
         """The candidate base + c_j finite, with the base `absorb` would use for `round`."""
-        r = self._prepare(rows, messages)
-        base = _at_support(self._base(len(r), round), torch.arange(len(r)), messages)
+        r, messages = self._prepare(rows, messages)
+        base = _at_support(
+            self._base(len(r), round), torch.arange(len(r), device=r.device), messages
+        )
         return _finite_rows(base + messages.values.to(base.dtype))
 
     def close_round(self, aggregate: Tensor, round: int) -> None:

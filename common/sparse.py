@@ -95,6 +95,18 @@ class SparseBatch:
         """Non-zeros per row."""
         return int(self.indices.shape[1])
 
+    def to(self, device: torch.device) -> SparseBatch:
+        """The same messages on `device` (this batch itself when already there)."""
+        if self.indices.device == device and self.values.device == device:
+            return self
+        return SparseBatch(
+            self.indices.to(device),
+            self.values.to(device),
+            self.dim,
+            self.seeds,
+            None if self.scales is None else self.scales.to(device),
+        )
+
     def take(self, rows: Tensor) -> SparseBatch:
         """The messages of `rows` (indices into this batch), in that order."""
         picked = rows.tolist()

@@ -41,6 +41,7 @@ from byzps.common.components import (
     build_server_estimator,
 )
 from byzps.common.config import RunConfig
+from byzps.common.devices import resolve_device
 from byzps.common.downlink import AggregateDelta, apply_step
 from byzps.common.estimators.base import Estimator
 from byzps.common.server_rules import ServerRule, build_server_rule
@@ -104,6 +105,12 @@ class RoundEngine:
         self.last_delta: AggregateDelta | None = None
         # Coordinates touched since the last aggregation; None: unknown, aggregate in full.
         self._dirty: list[Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where x, the states and the aggregation live (`run.device`); messages arriving on the
+        CPU are moved here by the rule that absorbs them."""
+        return self.x.device
 
     @property
     def num_workers(self) -> int:
@@ -199,10 +206,11 @@ class RoundEngine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.x = state["x"].clone()
+        # Checkpoints are read onto the CPU (map_location), whatever device wrote them.
+        self.x = state["x"].to(self.device, copy=True)
         self.round = int(state["round"])
         self.lr = float(state["lr"])
-        self.last_aggregate = state["last_aggregate"].clone()
+        self.last_aggregate = state["last_aggregate"].to(self.device, copy=True)
         self.last_delta = None
         self._dirty = None  # the next aggregation re-establishes ĝ = ARAgg(candidates) in full
         self.rule.load_state_dict(state["rule"])
@@ -218,21 +226,24 @@ def build_engine(
     *,
     sparse_downlink: bool = True,
 ) -> RoundEngine:
-    """The server's round engine at x⁰: the rule `estimator` needs, the run's aggregator and lr.
+    """The server's round engine at x⁰ on `run.device`: the rule `estimator` needs, the run's
+    aggregator and lr.
 
     Shared by the simulator and the gRPC server, so both aggregate and step identically.
     `sparse_downlink=False` records no change of ĝ and aggregates every column every round (the
     dense baseline of the benchmarks; the results are bit-identical either way).
     """
     estimator = estimator if estimator is not None else build_server_estimator(config, task)
+    device = resolve_device(config.run.device)
     rule = build_server_rule(
         estimator.server_rule,
         config.cluster.workers,
         task.dim,
+        device=device,
         **estimator.server_rule_params(),
     )
     return RoundEngine(
-        task.init_params(config.run.seed),
+        task.init_params(config.run.seed).to(device),
         rule,
         build_run_aggregator(config),
         config.algorithm.lr,

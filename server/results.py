@@ -64,7 +64,7 @@ def evaluate(
     """One metrics record, in the field order of metrics.jsonl (`started`: perf_counter origin;
     `suspicion`: the per-worker scores, by worker id, when the run keeps them)."""
     record: dict[str, Any] = {"round": round}
-    record.update(task.evaluate(x))
+    record.update(task.evaluate(x.to(task.device)))
     record["bytes_uplink"] = bytes_uplink
     if suspicion is not None:
         record["suspicion"] = suspicion

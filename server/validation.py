@@ -296,7 +296,7 @@ class Door:
         admissible = rule.admissible(rows, messages, round)
         if admissible.device.type == "cpu":  # numpy: a fraction of nonzero()'s per-call cost
             return torch.from_numpy(np.flatnonzero(~admissible.numpy()))
-        return (~admissible).nonzero().flatten()
+        return (~admissible).nonzero().flatten().cpu()  # positions, beside the CPU's batches
 
     def admit(self, rule: ServerRule, update: Update) -> None:
         """Rejected (INVALID_ARGUMENT) when applying `update` would make its sender's state

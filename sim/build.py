@@ -18,6 +18,7 @@ from byzps.common.components import (
     build_run_task,
 )
 from byzps.common.config import ConfigError, RunConfig
+from byzps.common.devices import resolve_device
 from byzps.common.tasks.base import Task
 from byzps.server.engine import build_engine
 from byzps.server.validation import Door
@@ -25,8 +26,14 @@ from byzps.sim.simulation import Simulation
 
 
 def build_simulation(config: RunConfig, task: Task | None = None) -> Simulation:
-    """Everything a simulated run needs, wired as the distributed system would be."""
+    """Everything a simulated run needs, wired as the distributed system would be; on
+    `run.device`, where the task (moved there, in place), the estimators, the cohort and the
+    engine all compute."""
     task = task if task is not None else build_run_task(config)
+    try:
+        task.to(resolve_device(config.run.device))
+    except ValueError as exc:
+        raise ConfigError(f"run.device: {exc}") from None
     n = config.cluster.workers
     h = config.honest_workers
     seed = config.run.seed

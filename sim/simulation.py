@@ -98,7 +98,8 @@ class Simulation:
         self.bytes_total += self.honest.compressor.payload_bytes(honest_messages)
         if self.cohort is not None:
             assert self.cohort_oracle is not None and self.byzantine_rows is not None
-            honest_now = self.engine.rule.candidates.index_select(0, self.honest_rows)
+            candidates = self.engine.rule.candidates
+            honest_now = candidates.index_select(0, self.honest_rows.to(candidates.device))
             searched = self.cohort.attack.uses_aggregator
             state = self.engine.aggregator.state_dict() if searched else None
             byz_messages = self.cohort.messages(

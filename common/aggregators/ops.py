@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from byzps.common.aggregators import _kernels
+from byzps.common.aggregators import _kernels, _triton
 from byzps.common.aggregators._networks import band_network
 
 Backend = Literal["auto", "numba", "torch"]
@@ -25,6 +25,9 @@ _BACKEND: ContextVar[Backend] = ContextVar("byzps_aggregator_backend", default="
 _NUMBA_DTYPES = (torch.float32, torch.float64)
 #: Columns per step of the torch Gram, bounding its float64 temporaries to ~n · 2^18 · 8 bytes.
 _TORCH_GRAM_COLUMNS = 1 << 18
+#: Columns per step of the Gram and the mix on a GPU: ~n · 2^22 · 8 bytes of temporaries (0.7 GB
+#: at n = 20), few enough steps that their launch overhead stays small at d = 1e8.
+_GPU_COLUMNS = 1 << 22
 
 
 @contextmanager
@@ -94,7 +97,12 @@ def band_mean(
         with nullcontext() if serial else _threads_for(x.shape[1]):
             kernel(*args)
         return torch.from_numpy(out)
-    return _band_mean_torch(x, idx, wts, network, a, b, slide, rw if exc.shape[0] > 0 else None)
+    rw_or_none = rw if exc.shape[0] > 0 else None
+    gpu_kernel = slide == 0 and _triton.supports(n, x.dtype) and _BACKEND.get() != "torch"
+    if x.is_cuda and gpu_kernel and _triton.available():
+        rows = x if idx.shape[0] == 0 else _mixed_rows_gpu(x, idx, wts, rw_or_none)
+        return _triton.band_mean(rows, network, a, b)
+    return _band_mean_torch(x, idx, wts, network, a, b, slide, rw_or_none)
 
 
 def complement(x: Tensor, idx: np.ndarray, wts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,18 +186,7 @@ def _band_mean_torch(
     gives it); elsewhere it is mixed member by member, in the kernel's order.
     """
     if idx.shape[0] > 0:
-        exact = None if rw is None else exact_columns(x)
-        rows = []
-        for i in range(idx.shape[0]):
-            acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-            members = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-            for k in range(idx.shape[1]):
-                if wts[i, k] != 0.0:
-                    acc = acc + float(wts[i, k]) * x[int(idx[i, k])].double()
-                    members = members + x[int(idx[i, k])].double()
-            if exact is not None and rw is not None:
-                acc = torch.where(exact, members * float(rw[i]), acc)
-            rows.append(_nan_as_inf(acc.to(x.dtype)))
+        rows = [_nan_as_inf(row) for row in _mixed_rows_torch(x, idx, wts, rw)]
     else:
         rows = [_nan_as_inf(row) for row in x.unbind(0)]
     for i, j in network.tolist():
@@ -204,14 +201,69 @@ def _band_mean_torch(
     return (acc * (1.0 / (b - a))).to(x.dtype)
 
 
+def band_mean_sorted(rows: Tensor, a: int, b: int) -> Tensor:
+    """Per column, the mean of ranks a..b-1 of `rows` (NaN as +inf) by torch.sort along the
+    rows: the other torch formulation of `band_mean` (any device), measured against the
+    comparator network in benchmarks/bench_aggregators.py. Equal to the kernel's up to the sign
+    of a zero and the float64 summation order of the band."""
+    ranked = torch.sort(_nan_as_inf(rows), dim=0).values[a:b]
+    return (ranked.double().sum(0) * (1.0 / (b - a))).to(rows.dtype)
+
+
+def _mixed_rows_torch(
+    x: Tensor, idx: np.ndarray, wts: np.ndarray, rw: np.ndarray | None
+) -> list[Tensor]:
+    """The rows Σ_k wts[i,k] x[idx[i,k]] in x's dtype, summed member by member in float64 in
+    the kernels' order; with `rw` (a mix by complement) rw[i] · Σ members in the columns whose
+    subset sums are exact (the kernels' value there)."""
+    exact = None if rw is None else exact_columns(x)
+    rows = []
+    for i in range(idx.shape[0]):
+        acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        members = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        for k in range(idx.shape[1]):
+            if wts[i, k] != 0.0:
+                acc = acc + float(wts[i, k]) * x[int(idx[i, k])].double()
+                members = members + x[int(idx[i, k])].double()
+        if exact is not None and rw is not None:
+            acc = torch.where(exact, members * float(rw[i]), acc)
+        rows.append(acc.to(x.dtype))
+    return rows
+
+
+def _mixed_rows_gpu(x: Tensor, idx: np.ndarray, wts: np.ndarray, rw: np.ndarray | None) -> Tensor:
+    """`_mixed_rows_torch` stacked, bit for bit, with the exact columns of a mix by complement
+    done as one float64 matrix product of the 0/1 membership matrix (an exact sum in any order,
+    so the tensor cores' order is as good as the kernels'); the other columns, and mixes that
+    are not by complement, member by member. Non-finite values are zeroed before the product
+    (0 · inf would be NaN in rows that do not hold them); their columns are never exact."""
+    if rw is None:
+        return torch.stack(_mixed_rows_torch(x, idx, wts, None))
+    membership = np.zeros((idx.shape[0], x.shape[0]))
+    rows = np.broadcast_to(np.arange(idx.shape[0])[:, None], idx.shape)
+    membership[rows[wts != 0.0], idx[wts != 0.0]] = 1.0
+    members = torch.from_numpy(membership).to(x.device)
+    scale = torch.from_numpy(np.asarray(rw, np.float64)).to(x.device)[:, None]
+    out = torch.empty((idx.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
+    for s in range(0, x.shape[1], _GPU_COLUMNS):
+        part = x[:, s : s + _GPU_COLUMNS]
+        finite = torch.where(torch.isfinite(part), part, 0.0).double()
+        mixed = ((members @ finite) * scale).to(x.dtype)
+        inexact = (~exact_columns(part)).nonzero().flatten()
+        if inexact.numel():
+            slow = _mixed_rows_torch(part.index_select(1, inexact), idx, wts, rw)
+            mixed[:, inexact] = torch.stack(slow)
+        out[:, s : s + _GPU_COLUMNS] = mixed
+    return out
+
+
 def exact_columns(x: Tensor) -> Tensor:
     """(d,) bool: the columns of float32 x whose every subset sum is exact in float64
     (`_kernels.exact_sums`: all finite, n0 · max|x| ≤ 2²⁹ · min nonzero |x|)."""
-    values = x.double()
-    size = values.abs()
-    small = torch.where(size > 0, size, torch.inf).amin(0)
-    finite = torch.isfinite(values.sum(0))
-    return finite & (size.amax(0) * x.shape[0] <= _kernels.EXACT_SPAN * small)
+    size = x.abs()  # exact in float32; only the (d,) extremes are compared in float64
+    small = torch.where(size > 0, size, torch.inf).amin(0).double()
+    finite = torch.isfinite(x).all(0)
+    return finite & (size.amax(0).double() * x.shape[0] <= _kernels.EXACT_SPAN * small)
 
 
 def _window_sum_torch(rows: list[Tensor], a: int, b: int, slide: int) -> Tensor:
@@ -248,8 +300,9 @@ def centred_gram(
     if extra is None:
         extra = x[:0]
     gram = torch.zeros((x.shape[0] + extra.shape[0],) * 2, dtype=torch.float64, device=x.device)
-    for s in range(0, x.shape[1], _TORCH_GRAM_COLUMNS):
-        cols = slice(s, s + _TORCH_GRAM_COLUMNS)
+    step = _TORCH_GRAM_COLUMNS if x.is_cpu else _GPU_COLUMNS
+    for s in range(0, x.shape[1], step):
+        cols = slice(s, s + step)
         xs = x[:, cols].double()
         origin = xs.mean(0) if centre is None else centre[cols].double()
         y = torch.cat([xs, extra[:, cols].double()]) - origin

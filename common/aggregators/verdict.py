@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from byzps.common.aggregators._verdict_kernels import band_discount
@@ -93,6 +94,9 @@ class Banded(Verdict):
         return Banded(total, self.a, self.b, self.slide)
 
     def discount(self, x: Tensor, columns: np.ndarray | None) -> np.ndarray:
+        if columns is not None and not x.is_cpu:  # copy only the sampled columns off the GPU
+            x = x.index_select(1, torch.from_numpy(columns).to(x.device))
+            columns = None
         raw = x.detach().cpu().numpy()
         raw = raw if columns is None else raw[:, columns]
         if raw.dtype not in (np.float32, np.float64):

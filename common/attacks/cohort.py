@@ -92,9 +92,14 @@ class ByzantineCohort:
         self.knowledge = knowledge
         m = len(self.worker_ids)
         rule_params = shadow.server_rule_params()
-        self._sent: ServerRule = build_server_rule(shadow.server_rule, m, dim, **rule_params)
-        self._shadow_rule: ServerRule = build_server_rule(shadow.server_rule, m, dim, **rule_params)
-        self._rows = torch.arange(m)
+        device = shadow.device
+        self._sent: ServerRule = build_server_rule(
+            shadow.server_rule, m, dim, device=device, **rule_params
+        )
+        self._shadow_rule: ServerRule = build_server_rule(
+            shadow.server_rule, m, dim, device=device, **rule_params
+        )
+        self._rows = torch.arange(m, device=device)
         self._round: int | None = None
 
     @property

@@ -176,7 +176,9 @@ class LogisticOracle:
     def grad(self, x: Tensor, batch: Tensor) -> Tensor:
         """(w, d): mean over each worker's batch row of (σ(aᵀx) − y) a, plus ∇r(x)."""
         xs = self._per_row(x)
-        flat = batch.reshape(-1)  # index_select: a fraction of advanced indexing's cost here
+        # index_select: a fraction of advanced indexing's cost here; it needs the index on the
+        # data's device (batches are drawn on the CPU).
+        flat = batch.reshape(-1).to(self._features.device)
         rows = self._features.index_select(0, flat).view(*batch.shape, self.dim)  # (w, b, d)
         residual = _row_sigmoid(torch.bmm(rows, xs.unsqueeze(2)).squeeze(2))  # (w, b)
         residual.sub_(self._labels.index_select(0, flat).view(batch.shape))
@@ -273,7 +275,7 @@ class A9aLogRegTask(ShardedTask):
         index = torch.cat(shards)
         weights = torch.cat([torch.full((len(s),), 1.0 / (len(s) * len(shards))) for s in shards])
         return weighted_logistic(
-            x, self.features[index], self.labels[index], weights.to(self.dtype), self.reg
+            x, self.features[index], self.labels[index], weights.to(x.device, self.dtype), self.reg
         )
 
     def loss(self, x: Tensor, workers: Sequence[int] | None = None) -> float:
@@ -306,8 +308,8 @@ class A9aLogRegTask(ShardedTask):
         f_star = self.optimal_loss()
         if f_star is not None:
             features, labels = train_float64()
-            loss64, _ = weighted_logistic(
-                x.to(torch.float64), features, labels, 1.0 / len(labels), self.reg
+            loss64, _ = weighted_logistic(  # on the CPU, where the float64 copy is kept
+                x.to("cpu", torch.float64), features, labels, 1.0 / len(labels), self.reg
             )
             record["loss_gap"] = float(loss64) - f_star
         return record

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from byzps.common.estimators.base import GradientOracle
@@ -24,6 +25,27 @@ class Task(ABC):
     #: True when the task's oracles stack (`Oracle.stack`: the rows of several runs, each with
     #: its own model) — what a batched simulation of several runs needs (sim/batched.py).
     stacks_oracles: ClassVar[bool] = False
+    #: Where the task's data lives and its oracles compute (`to`); the estimators built for it
+    #: keep their states there too (`components.build_run_estimator`).
+    device: torch.device = torch.device("cpu")
+    #: False for tasks whose data or noise is drawn on the CPU per call (their oracles would mix
+    #: devices): `to` refuses to move them.
+    movable: ClassVar[bool] = True
+
+    def to(self, device: torch.device) -> Task:
+        """Move the task's tensors to `device`, in place (the simulator on a GPU), and return
+        it. Every tensor attribute moves (data, labels, evaluation rows); the workers' shards,
+        kept in a list, stay on the CPU, where the samplers draw their batches so every device
+        draws alike (indexing a GPU tensor with a CPU index is allowed)."""
+        if device == self.device:
+            return self
+        if not self.movable:
+            raise ValueError(f"task {self.name!r} runs on the CPU only")
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(self, name, value.to(device))
+        self.device = device
+        return self
 
     @property
     @abstractmethod

@@ -56,7 +56,7 @@ class FunctionalModel:
     def loss_and_grad(self, x: Tensor, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Mean cross-entropy over all rows and its gradient, in chunks of CHUNK rows."""
         x = x.detach().requires_grad_(True)
-        total = torch.zeros((), dtype=x.dtype)
+        total = torch.zeros((), dtype=x.dtype, device=x.device)
         gradient = torch.zeros_like(x)
         for start in range(0, len(targets), CHUNK):
             part = slice(start, start + CHUNK)

@@ -114,6 +114,9 @@ class QuadraticOracle:
 class QuadraticTask(Task):
     """Separable heterogeneous quadratics of dimension `dim` (see the module doc)."""
 
+    #: Its oracle draws the gradient noise on the CPU generator of each call.
+    movable = False
+
     num_classes = 2
     stacks_oracles = True
 
