@@ -20,12 +20,15 @@ Per round the server (state rule g_j += c_j) goes through
   apply      engine.absorb of the n messages
   aggregate  ĝ = ARAgg(candidates): every column (dense) or only the dirty ones (incremental)
   step       x ← x − γ ĝ (dense either way)
-  broadcast  n GetModelUpdate-style fetches over loopback gRPC, answered as the server does:
-             the answer serialized once (byzps.server.broadcast), sent n times, decoded by the
-             client each time — the dense x (dense path) or the change of ĝ (sparse path)
+  serve      n GetModelUpdate-style fetches over loopback gRPC, answered as the server does:
+             the answer serialized once (byzps.server.broadcast), sent n times, received as
+             bytes — the dense x (dense path) or the change of ĝ (sparse path)
+  wkr decode one worker's parse and decode of its answer (every worker does it, in parallel
+             with the others, so it counts once)
 
 and `worker apply` is what one worker then spends to turn a delta into x (ModelMirror.apply; done
-in parallel by the workers, so not part of the server round). `|U|/d` is the union of the
+in parallel by the workers, so not part of the server round). `rnd/raw` is the round (all the
+parts: everything but the workers' estimator steps) over `raw gRPC`. `|U|/d` is the union of the
 round's supports and `|Δ|/d` the entries of ĝ that changed (what the sparse downlink sends).
 `raw gRPC` is a bytes stream of the same sizes through an identity-serialized handler on the same
 server, i.e. the transport's floor for the broadcast, measured in the same run. Wire bytes per
@@ -69,7 +72,7 @@ from byzps.server.broadcast import EncodedAnswers, passthrough
 from byzps.server.engine import RoundEngine, build_engine
 from byzps.worker.session import encode_row
 
-PARTS = ("decode", "apply", "aggregate", "step", "broadcast")
+PARTS = ("decode", "apply", "aggregate", "step", "serve", "wkr decode")
 _OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES + 1024)]
 
 
@@ -103,22 +106,25 @@ class Loopback:
         self.server.start()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=_OPTIONS)
         self.fetch = self.channel.unary_stream(
-            "/b/Fetch", request_serializer=bytes, response_deserializer=pb.ModelUpdate.FromString
+            "/b/Fetch", request_serializer=bytes, response_deserializer=bytes
         )
         self.raw = self.channel.unary_stream(
             "/b/Raw", request_serializer=bytes, response_deserializer=bytes
         )
 
-    def broadcast(self, downlink: Downlink, n: int, dim: int) -> tuple[Downlink, int]:
-        """n fetches of `downlink`; returns the last decoded answer and the bytes of one."""
+    def serve(self, downlink: Downlink, n: int) -> list[bytes]:
+        """n fetches of `downlink`, received as bytes (the server's side and the transport);
+        returns the last answer's messages."""
         self.downlink = downlink
-        got, size = None, 0
+        stream: list[bytes] = []
         for _ in range(n):
             stream = list(self.fetch(b""))
-            size = sum(m.ByteSize() for m in stream)
-            got = decode_downlink(stream, dim=dim)
-        assert got is not None
-        return got, size
+        return stream
+
+    @staticmethod
+    def decode(stream: list[bytes], dim: int) -> Downlink:
+        """What each worker then does with its answer, in parallel with the others."""
+        return decode_downlink([pb.ModelUpdate.FromString(m) for m in stream], dim=dim)
 
     def raw_round_trip(self, total_bytes: int, n: int) -> None:
         """n streams of `total_bytes` in chunks as large as the model stream's."""
@@ -226,12 +232,14 @@ class PathResult:
         else:  # dense; ĝ rides along once deltas are being produced
             agg = engine.last_aggregate.clone() if self.sparse and delta is not None else None
             downlink = DenseModel(engine.round, engine.x.clone(), agg)
-        (got, size), t_bcast = timed(lambda: lb.broadcast(downlink, n, dim))
+        stream, t_serve = timed(lambda: lb.serve(downlink, n))
+        got, t_wdecode = timed(lambda: lb.decode(stream, dim))  # type: ignore[arg-type]
+        size = sum(len(m) for m in stream)  # type: ignore[union-attr]
         _, t_worker = timed(lambda: self.mirror.apply(got))
         if not timed_round:
             return
         for part, t in zip(
-            PARTS, (t_decode, t_apply, t_close - t_step, t_step, t_bcast), strict=True
+            PARTS, (t_decode, t_apply, t_close - t_step, t_step, t_serve, t_wdecode), strict=True
         ):
             self.parts[part].append(t)
         self.worker_apply.append(t_worker)
@@ -330,7 +338,9 @@ def report_size(dim: int, rounds: int, args: argparse.Namespace, lb: Loopback) -
     k = max(1, round(args.density * dim))
     print(f"\nd = {dim:,}  k = {k:,}")
     head = f"{'aggregator':>10} {'path':>7} {'round ms':>9} " + " ".join(f"{p:>9}" for p in PARTS)
-    print(head + f" {'wkr apply':>9} {'down B/wkr':>11} {'deltas':>6} {'raw gRPC':>9}")
+    print(
+        head + f" {'wkr apply':>9} {'down B/wkr':>11} {'deltas':>6} {'raw gRPC':>9} {'rnd/raw':>9}"
+    )
     for aggregator in args.aggregators:
         dense, sparse, shares = run_pair(dim, aggregator, args, rounds, lb)
         for path in (dense, sparse):
@@ -340,7 +350,7 @@ def report_size(dim: int, rounds: int, args: argparse.Namespace, lb: Loopback) -
             print(
                 f"{aggregator:>10} {'sparse' if path.sparse else 'dense':>7} "
                 f"{path.round_ms:9.1f} {parts} {statistics.median(path.worker_apply):9.2f} "
-                f"{down:11,} {path.deltas:>3}/{rounds:<2} {raw:9.1f}"
+                f"{down:11,} {path.deltas:>3}/{rounds:<2} {raw:9.1f} {path.round_ms / raw:8.2f}x"
             )
         changed = f"{statistics.median(shares.changed):.3f}" if shares.changed else "- (dense)"
         print(

@@ -324,6 +324,8 @@ def test_kill_9_mid_push_loses_no_acknowledged_update_and_applies_none_twice(
 class _SlowTask:
     """A task whose evaluation takes a while and records the thread it ran on."""
 
+    device = torch.device("cpu")  # where `evaluate` wants x (Task.device)
+
     def __init__(self) -> None:
         self.threads: set[str] = set()
 
