@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from byzps.common.aggregators import _kernels, _triton
+from byzps.common.aggregators import _kernels, _triton, collective
 from byzps.common.aggregators._networks import band_network
 
 Backend = Literal["auto", "numba", "torch"]
@@ -289,7 +289,15 @@ def centred_gram(
     x: Tensor, extra: Tensor | None = None, centre: Tensor | None = None
 ) -> np.ndarray:
     """float64 Gram of [x; extra] after subtracting `centre` (x's column mean when None), as numpy
-    (m, m). `centre` is a (d,) tensor of x's dtype and device."""
+    (m, m). `centre` is a (d,) tensor of x's dtype and device. On a shard (`collective`), the
+    Gram over every shard's columns: the local one summed over the shards."""
+    return collective.all_sum(_local_gram(x, extra, centre))
+
+
+def _local_gram(x: Tensor, extra: Tensor | None, centre: Tensor | None) -> np.ndarray:
+    if x.shape[1] == 0:  # a shard may hold none of a column sample (dnc)
+        m = x.shape[0] + (0 if extra is None else extra.shape[0])
+        return np.zeros((m, m))
     if _use_numba(x):
         data = x.numpy()
         extra_data = data[:0] if extra is None else extra.numpy()
@@ -328,11 +336,12 @@ def coordinate_median(x: Tensor) -> Tensor:
 
 def sq_norms(x: Tensor) -> np.ndarray:
     """(n,) float64 ‖x_i‖², summed in float64 (+inf for a row holding ±inf; NaN for one holding
-    NaN): the one pass the norm-based rules (cge, clip, arc) make over unmixed rows."""
-    if _use_numba(x):
+    NaN): the one pass the norm-based rules (cge, clip, arc) make over unmixed rows; on a
+    shard, over every shard's columns."""
+    if _use_numba(x) and x.shape[1] > 0:
         with _threads_for(x.shape[1]):
-            return _kernels.sq_norms(x.numpy())
-    return x.double().square().sum(dim=1).cpu().numpy()
+            return collective.all_sum(_kernels.sq_norms(x.numpy()))
+    return collective.all_sum(x.double().square().sum(dim=1).cpu().numpy())
 
 
 def combine(

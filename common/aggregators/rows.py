@@ -49,7 +49,7 @@ import math
 import numpy as np
 from torch import Tensor
 
-from byzps.common.aggregators import ops
+from byzps.common.aggregators import collective, ops
 from byzps.common.aggregators.gram import honest_scale, pairwise_sq_dists
 from byzps.common.aggregators.verdict import Banded, Verdict, Weighted
 
@@ -141,7 +141,7 @@ class _Inputs:
         """The sanitised Gram of the raw rows, centred on their mean or, when that is imprecise,
         on their coordinate-wise median."""
         if self._gram is None:
-            n0, d = self.x.shape
+            n0, d = self.x.shape[0], collective.total_columns(self.x.shape[1])
             gram = ops.centred_gram(self.x)
             if imprecise(gram, d):
                 gram = ops.centred_gram(self.x, centre=ops.coordinate_median(self.x))
@@ -217,7 +217,7 @@ class Rows:
             self._mixed_gram = self._mix_gram(raw)
             finite = ~(self.mix[:, far] != 0.0).any(axis=1)
             parts = self.mix @ np.sqrt(np.diag(raw))  # M ≥ 0: |M| = M
-            rounding = gram_rounding(self.x.shape[1]) * parts**2
+            rounding = gram_rounding(collective.total_columns(self.x.shape[1])) * parts**2
             mixed_far = ~finite
             scale = np.maximum(self._inputs.scale(), honest_scale(self._mixed_gram, mixed_far))
             if np.any((rounding > RESOLUTION * scale)[finite]):
@@ -267,7 +267,7 @@ class Rows:
             self._resolve()
         if self._concrete is not None:
             return self._concrete.gram_around(point, resolution)
-        n0, d = self.x.shape
+        n0, d = self.x.shape[0], collective.total_columns(self.x.shape[1])
         raw = ops.centred_gram(self.x, point[None], point)
         far = far_rows(raw, n0)
         raw = sanitise(raw, far)

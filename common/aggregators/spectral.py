@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from byzps.common.aggregators import collective
 from byzps.common.aggregators.rows import Rows
 from byzps.common.aggregators.rule import MajorityRule, RowsAggregator, register, require
 from byzps.common.seeding import derive_seed
@@ -169,7 +170,10 @@ class DivideAndConquer(RowsAggregator):
         far = rows.far()
         kept = np.zeros(n, np.int64)
         for round_ in range(self.niters):
-            sub = self._subsampled(rows, self.columns(rows.x.shape[1], round_))
+            d = rows.x.shape[1]  # on a shard: its own columns of the global sample
+            sampled = self.columns(collective.total_columns(d), round_)
+            mine = None if sampled is None else collective.local_columns(sampled, d)
+            sub = self._subsampled(rows, mine)
             gram, sub_far = sub.gram(), sub.far() | far
             usable = (~sub_far).astype(np.float64)
             if not usable.any():
