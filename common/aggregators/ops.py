@@ -1,8 +1,11 @@
-"""The data passes, dispatched to numba (CPU float32/float64) or to plain torch (anything else).
+"""The data passes, dispatched to numba (CPU float32/float64), to Triton (`band_mean` on a CUDA
+GPU, `_triton`) or to plain torch (anything else).
 
-Both backends do the same floating-point operations in the same order where that is practical
-(`band_mean` and `combine` agree bitwise; the Gram differs in rounding only), so the torch path —
-the only one on a GPU — is tested on CPU by forcing it with `forced_backend("torch")`.
+The backends do the same floating-point operations in the same order where that is practical
+(`band_mean` and `combine` agree bitwise; the Gram differs in rounding only), so the torch path is
+tested on CPU by forcing it with `forced_backend("torch")`, and the GPU against the CPU by
+tests/test_gpu.py. The reductions over columns (`centred_gram`, `sq_norms`) are summed over the
+shards when the caller is one (`collective`).
 """
 
 from __future__ import annotations
