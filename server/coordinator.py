@@ -227,7 +227,7 @@ class Coordinator:
         if pending is not None:
             # A storage failure sets `failure`, and the daemon stops.
             with contextlib.suppress(Rejected):
-                self._settle(pending[0])
+                self.settle(pending[0])
 
     # --- RPC-facing operations ------------------------------------------------------------
 
@@ -252,7 +252,23 @@ class Coordinator:
 
     def push(self, update: Update) -> AckInfo:
         """Apply one update exactly once; Rejected (nothing changed) otherwise. A push after
-        the run finished is refused with OUT_OF_RANGE: workers take it as "stop", not a fault."""
+        the run finished is refused with OUT_OF_RANGE: workers take it as "stop", not a fault.
+        Returns once the update's log record is on disk: `apply` then `settle`."""
+        ack, ticket = self.apply(update)
+        self.settle(ticket)  # on disk before the Ack (with a close this push caused)
+        return ack
+
+    def apply(self, update: Update) -> tuple[AckInfo, int]:
+        """`push` without the wait for the disk: the Ack, and the log ticket that must be on disk
+        before the Ack may be sent (`settle`, or `durable` to ask; 0 without storage).
+
+        Why split: the wait holds no lock and needs no CPU, but a thread blocked in it is a
+        thread the coordinator's pool lacks. With the pool's four threads each parked on a group
+        commit, at most four pushes shared one fsync: at n = 1,000 a round was ~250 fsyncs and
+        half the pool's samples sat in that wait (py-spy; 0.28 rounds/s, 0.39 after). The
+        servicer applies on the pool and leaves the wait to one thread for all pushes
+        (`DurableAcks`), so a group commit holds every push that arrived during the previous
+        one."""
         with self._lock:
             self._check_serving()
             if self._phase is Phase.FINISHED:
@@ -273,10 +289,13 @@ class Coordinator:
                 self._maybe_close()
                 ack = AckInfo(False, self.engine.round, update.seq)
                 ticket = 0 if self._store is None else self._store.last_ticket
-        self._settle(ticket)  # on disk before the Ack (with a close this push caused)
-        return ack
+        return ack, ticket
 
-    def _settle(self, ticket: int) -> None:
+    def durable(self, ticket: int) -> bool:
+        """Whether log record `ticket` is on disk (lock-free; always, without storage)."""
+        return self._store is None or self._store.done(ticket)
+
+    def settle(self, ticket: int) -> None:
         """Wait, without the lock, until log record `ticket` is on disk; then serve a round
         whose close record now is. Rejected (UNAVAILABLE) when the log failed."""
         if self._store is None:
@@ -435,7 +454,9 @@ class Coordinator:
     def _maybe_close(self) -> None:
         if self._phase is not Phase.RUNNING or not self._pushed:
             return
-        everyone = self._pushed.issuperset(self._workers)
+        # Every pusher is registered (`_accept` registers it), so equal sizes mean everyone has
+        # pushed: O(1) per push where a subset test cost O(n), O(n²) a round.
+        everyone = len(self._pushed) >= len(self._workers)
         quorum = (
             len(self._pushed) >= self.settings.quorum
             and self._clock() - self._opened_at >= self.settings.round_deadline
@@ -473,7 +494,7 @@ class Coordinator:
                 self._checkpoint(background=True)
             self._record_metrics()
         if ticket and self._store is not None:
-            self._unpublished = (ticket, self.engine.round)  # served once `_settle` sees it
+            self._unpublished = (ticket, self.engine.round)  # served once `settle` sees it
         else:
             self._published = self.engine.round
             self._notify()

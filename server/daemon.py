@@ -56,6 +56,46 @@ BASE_RECEIVE_BYTES = 64 * 1024
 MAX_STREAMS_PER_CONNECTION = 32
 
 
+#: File descriptors a server needs besides its workers' connections: the write-ahead log and
+#: checkpoints, result files, the metrics socket, gRPC's epoll and wakeup pipes, the listening
+#: sockets, with room for reconnects (a reconnecting worker briefly holds two).
+BASE_DESCRIPTORS = 256
+
+
+def raise_descriptor_limit(num_workers: int) -> int:
+    """Raise this process's soft limit on open files to what n workers need, as far as the hard
+    limit allows; returns the soft limit now in force.
+
+    Why: every worker holds a connection, one descriptor each, and many systems start processes
+    with a soft limit of 1,024 (the hard one is usually far higher). Past it, the gRPC core
+    fails to accept and the workers beyond it only see UNAVAILABLE until their retry budget
+    runs out; at n = 1,000 that is most of the run's margin gone. Raising the soft limit up to
+    the hard one is what the hard limit is for; a hard limit too low is logged once, naming the
+    fix, rather than failing later one connection at a time."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX: nothing to raise
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * num_workers + BASE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open-file limit %d is below the %d that %d workers need; raise it (ulimit -n) "
+            "or workers past it will not be able to connect",
+            soft,
+            needed,
+            num_workers,
+        )
+    return soft
+
+
 class StartupError(Exception):
     """The server cannot start as asked (bad address, unusable checkpoint directory)."""
 
@@ -232,6 +272,7 @@ async def _serve(
     ready: Callable[[str], None],
     stop: threading.Event,
 ) -> int:
+    raise_descriptor_limit(config.cluster.workers)
     server, port = bind(door, options.listen, options.tls)
     with metrics_served(options, config.cluster.workers) as metrics:
         coordinator = _start_coordinator(config, task, engine, door, options, metrics)

@@ -16,14 +16,15 @@ Byzantine safety, the three rules this module keeps:
   counters (one short, uncontended lock inside prometheus-client per increment; no lock is held
   across an await), and the one O(d) figure, ‖x‖₂, is computed once per closed round;
   everything the coordinator already counts is read at scrape time, lock-free.
-* a flood of requests cannot slow rounds: the endpoint is prometheus-client's WSGI app served
-  by a single thread that answers one HTTP/1.0 request at a time, at most
-  MAX_REQUESTS_PER_SECOND of them, with a 5 s socket timeout; further connections wait in the
-  kernel's small accept backlog. A flood thus costs the server at most 20 answers a second (and
-  may deny scrapes), where the library's own server starts a thread per request, each taking
-  the GIL from the rounds. Measured on 2 busy cores, 5 workers, 16 threads flooding /metrics
-  from another process: 18.3 ms per round (p50) against 18.5 ms without the flood. It only
-  answers GET (and OPTIONS) and binds only where the operator says; it is off by default.
+* a flood of requests cannot slow rounds: the endpoint is prometheus-client's WSGI app served by a
+  single thread that answers one HTTP/1.0 request at a time, at most MAX_REQUESTS_PER_SECOND of
+  them, with a 5 s socket timeout; further connections wait in the kernel's small accept backlog,
+  and never more than MAX_BUSY_SHARE (5 %) of the time rendering answers, whose cost grows with n
+  (136 ms at n = 1,000). A flood thus costs the server at most 20 answers a second and 5 % of its
+  time (and may deny scrapes), where the library's own server starts a thread per request, each
+  taking the GIL from the rounds. Measured on 2 busy cores, 5 workers, 16 threads flooding
+  /metrics from another process: 18.3 ms per round (p50) against 18.5 ms without the flood. It
+  only answers GET (and OPTIONS) and binds only where the operator says; it is off by default.
 
 `ServerMetrics` is the interface the server calls, and reports nothing; `PrometheusMetrics`
 records into a private registry (one per server, so servers in one process never mix series).
@@ -65,6 +66,12 @@ SOCKET_TIMEOUT_SECONDS = 5.0
 #: Requests the endpoint answers per second at most: ample for any number of Prometheus servers
 #: (one scrape every few seconds each), and a flood's cost is capped at this many answers.
 MAX_REQUESTS_PER_SECOND = 20.0
+#: The largest share of the server's time the endpoint may take: after an answer that took t
+#: seconds to render, the next waits at least t / MAX_BUSY_SHARE. Why: an answer holds the GIL
+#: for its whole rendering, which grows with n (a series per worker and family): 136 ms at
+#: n = 1,000 (measured), so 20 answers a second would have been 2.7 s of work a second, and a
+#: flood of scrapes would have stopped the rounds. A scrape every few seconds is unaffected.
+MAX_BUSY_SHARE = 0.05
 #: The status code of a call that ended normally.
 OK = "OK"
 PUSH = "PushUpdate"
@@ -284,13 +291,21 @@ class _Quiet(WSGIRequestHandler):
         del format, args
 
 
+class _Rendering:
+    """Seconds the last answer took to render (set by `_only_metrics`, read by `_Server`)."""
+
+    seconds = 0.0
+
+
 class _Server(WSGIServer):
-    """A single-threaded WSGI server that answers at most MAX_REQUESTS_PER_SECOND requests: it
-    sleeps (holding no lock, not the GIL) until the next one is due, while further connections
-    wait in the kernel's backlog. It also skips the reverse DNS lookup of its own address
-    (HTTPServer.server_bind calls socket.getfqdn, which can stall without a resolver)."""
+    """A single-threaded WSGI server that answers at most MAX_REQUESTS_PER_SECOND requests, and
+    spends at most MAX_BUSY_SHARE of the time rendering them: it sleeps (holding no lock, not the
+    GIL) until the next one is due, while further connections wait in the kernel's backlog. It
+    also skips the reverse DNS lookup of its own address (HTTPServer.server_bind calls
+    socket.getfqdn, which can stall without a resolver)."""
 
     _due = 0.0
+    rendering = _Rendering()
 
     def server_bind(self) -> None:
         TCPServer.server_bind(self)
@@ -303,18 +318,31 @@ class _Server(WSGIServer):
         wait = self._due - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        self._due = time.monotonic() + 1.0 / MAX_REQUESTS_PER_SECOND
-        super().process_request(request, client_address)
+        began = time.monotonic()
+        self.rendering.seconds = 0.0
+        try:
+            super().process_request(request, client_address)
+        finally:
+            spent = self.rendering.seconds  # rendering only: a slow reader costs no GIL
+            self._due = began + max(1.0 / MAX_REQUESTS_PER_SECOND, spent / MAX_BUSY_SHARE)
 
 
-def _only_metrics(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
-    """`app` at /metrics, 404 elsewhere: the endpoint offers nothing else."""
+def _only_metrics(
+    app: Callable[..., Iterable[bytes]], rendering: _Rendering | None = None
+) -> Callable[..., Iterable[bytes]]:
+    """`app` at /metrics, 404 elsewhere: the endpoint offers nothing else. The time `app` takes
+    to render its answer goes to `rendering`."""
 
     def routed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != "/metrics":
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"metrics are at /metrics\n"]
-        return app(environ, start_response)
+        began = time.monotonic()
+        try:
+            return app(environ, start_response)  # prometheus-client renders it all here
+        finally:
+            if rendering is not None:
+                rendering.seconds = time.monotonic() - began
 
     return routed
 
@@ -335,8 +363,10 @@ class MetricsEndpoint:
         )
         family, _, _, _, sockaddr = infos[0]
         server_class = type("_BoundServer", (_Server,), {"address_family": family})
-        app = _only_metrics(make_wsgi_app(registry, disable_compression=True))
+        rendering = _Rendering()
+        app = _only_metrics(make_wsgi_app(registry, disable_compression=True), rendering)
         self._httpd = server_class(sockaddr[:2], _Quiet)
+        self._httpd.rendering = rendering
         self._httpd.set_app(app)
         self.host = host
         self.port = int(self._httpd.server_address[1])

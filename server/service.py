@@ -23,9 +23,13 @@ request gets RESOURCE_EXHAUSTED, before anything else is done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import heapq
+import itertools
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -41,10 +45,10 @@ from byzps.common.tasks.base import Task
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.auth import Authenticator
 from byzps.server.broadcast import EncodedAnswers, passthrough
-from byzps.server.coordinator import Coordinator
+from byzps.server.coordinator import AckInfo, Coordinator
 from byzps.server.limits import Admission, Group, Limits
 from byzps.server.metrics import OK, ServerMetrics
-from byzps.server.validation import Refusal, Rejected, max_update_bytes
+from byzps.server.validation import Refusal, Rejected, Update, max_update_bytes
 
 log = logging.getLogger("byzps.server")
 
@@ -122,6 +126,7 @@ class ParameterServerServicer:
         self._executor = executor or ThreadPoolExecutor(4, thread_name_prefix="coordinator")
         self._owns_executor = executor is None
         self._changed: asyncio.Event | None = None
+        self._acks: DurableAcks | None = None  # set by `attach`
         # Each round's answers, serialized once for all workers (one cache per reply type).
         self._chunks = EncodedAnswers()
         self._updates = EncodedAnswers()
@@ -148,8 +153,11 @@ class ParameterServerServicer:
                 loop.call_soon_threadsafe(wake)
 
         self.coordinator.on_change(schedule)
+        self._acks = DurableAcks(self.coordinator, loop)
 
     def close(self) -> None:
+        if self._acks is not None:
+            self._acks.close()
         if self._owns_executor:
             self._executor.shutdown(wait=True)
 
@@ -178,11 +186,18 @@ class ParameterServerServicer:
         async with self._serving(request, context, Group.PUSH) as row:
             if not request.HasField("update"):
                 raise Rejected(Refusal.INVALID_ARGUMENT, "update: missing")
-            door = self.coordinator.door
-            update = await self.offload(
-                door.receive, row, request.round, request.seq, request.update
-            )
-            ack = await self.offload(self.coordinator.push, update)
+
+            def receive() -> tuple[Update, AckInfo, int]:  # wire checks, then apply: one hop
+                update = self.coordinator.door.receive(
+                    row, request.round, request.seq, request.update
+                )
+                return (update, *self.coordinator.apply(update))
+
+            update, ack, ticket = await self.offload(receive)
+            if self._acks is None:  # not attached to a loop: wait on the pool
+                await self.offload(self.coordinator.settle, ticket)
+            else:
+                await self._acks.wait(ticket)
             self.metrics.update_acked(row, duplicate=ack.duplicate, wire_bytes=update.wire_bytes)
             status = pb.ACK_STATUS_DUPLICATE if ack.duplicate else pb.ACK_STATUS_ACCEPTED
             return self._sent(pb.Ack(status=status, round=ack.round, last_seq=ack.last_seq))
@@ -212,7 +227,8 @@ class ParameterServerServicer:
             await self._stream(messages, context)
 
     async def Status(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StatusReply:
-        async with self._serving(request, context, Group.STATUS, anonymous=True) as row:
+        cost = self.limits.status_cost(self.coordinator.num_workers)  # its per-worker table
+        async with self._serving(request, context, Group.STATUS, anonymous=True, cost=cost) as row:
             info = await self.offload(self.coordinator.status)
             reply = pb.StatusReply(
                 round=info.round,
@@ -244,13 +260,15 @@ class ParameterServerServicer:
         token: bytes = b"",
         *,
         anonymous: bool = False,
+        cost: float = 1.0,
     ) -> AsyncIterator[int | None]:
         """Check and admit one call, then run its body; a Rejected (from here or the body) ends
         the call with its status, anything else with INTERNAL.
 
         Yields the caller's row: the worker it authenticated as, or for `anonymous` calls the
         row of any credential it presented (None: none). Every call is counted in `metrics`
-        by its method group, its status and (once authenticated) its worker."""
+        by its method group, its status and (once authenticated) its worker. `cost`: the
+        tokens an authenticated caller's call takes from its budget (byzps.server.limits)."""
         connection, code, row = context.peer(), OK, None
         self.metrics.call_started(group.value, connection)
         try:
@@ -263,7 +281,7 @@ class ParameterServerServicer:
                 row = self.auth.holder(metadata, peer)
             else:
                 row = self.auth.check(metadata, request.worker_id, token, peer)
-            with self.admission.enter(row, group):
+            with self.admission.enter(row, group, cost):
                 yield row
         except Rejected as exc:
             code = exc.code.name
@@ -339,6 +357,95 @@ class ParameterServerServicer:
     def _sent(self, reply: Message) -> Any:
         self.coordinator.account(bytes_out=reply.ByteSize())
         return reply
+
+
+class DurableAcks:
+    """Pushes waiting for their log record to reach the disk before their Ack goes out, all
+    waited for by one thread (`Coordinator.apply` says why not by the pool's threads).
+
+    `wait(ticket)` (on the event loop) parks the call on a future; the thread waits for the
+    smallest ticket pending (`Coordinator.settle`, which also publishes a round whose close
+    record is now on disk), settles the largest one already on disk too, and resolves every
+    future up to it: a group commit acknowledges everything it held at once. The futures are at
+    most the pushes in flight, which the admission bounds per worker (byzps.server.limits).
+    When the log fails, every waiting push ends UNAVAILABLE, as `settle` says."""
+
+    def __init__(self, coordinator: Coordinator, loop: asyncio.AbstractEventLoop) -> None:
+        self._coordinator = coordinator
+        self._loop = loop
+        self._cond = threading.Condition()
+        self._pending: list[tuple[int, int, asyncio.Future[None]]] = []  # heap by ticket
+        self._count = itertools.count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="durable-acks", daemon=True)
+        self._thread.start()
+
+    def wait(self, ticket: int) -> asyncio.Future[None]:
+        """A future that completes once log record `ticket` is on disk (at once for 0)."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        if ticket <= 0:
+            future.set_result(None)
+            return future
+        with self._cond:
+            if self._closed:
+                future.set_exception(Rejected(Refusal.UNAVAILABLE, "the server is shutting down"))
+                return future
+            heapq.heappush(self._pending, (ticket, next(self._count), future))
+            self._cond.notify()
+        return future
+
+    def close(self) -> None:
+        """Stop the thread; pushes still waiting end UNAVAILABLE."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    left = [f for _, _, f in self._pending]
+                    self._pending.clear()
+                    self._resolve(left, Rejected(Refusal.UNAVAILABLE, "the server stopped"))
+                    return
+                first = self._pending[0][0]
+            error: Rejected | None = None
+            try:
+                self._coordinator.settle(first)
+            except Rejected as exc:
+                error = exc
+            except Exception:  # never leave a push waiting on a thread that died
+                log.exception("waiting for the write-ahead log failed")
+                error = Rejected(Refusal.UNAVAILABLE, "the server could not confirm the write")
+            with self._cond:
+                done = []
+                while self._pending and (
+                    error is not None or self._coordinator.durable(self._pending[0][0])
+                ):
+                    done.append(heapq.heappop(self._pending))
+            if done and error is None and done[-1][0] > first:
+                # Records on disk since: publish a round their group closed before acking them.
+                try:
+                    self._coordinator.settle(done[-1][0])
+                except Rejected as exc:
+                    error = exc
+            self._resolve([f for _, _, f in done], error)
+
+    def _resolve(self, futures: list[asyncio.Future[None]], error: Rejected | None) -> None:
+        def complete() -> None:
+            for future in futures:
+                if not future.done():  # a cancelled call no longer waits
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+
+        if futures and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(complete)
 
 
 def _model_chunks(model: DenseModel) -> Iterable[pb.ModelChunk]:

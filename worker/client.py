@@ -90,12 +90,21 @@ def open_channel(
     address: str,
     credentials: grpc.ChannelCredentials | None = None,
     tls_server_name: str | None = None,
+    *,
+    own_connection: bool = False,
 ) -> grpc.Channel:
     """A channel to the server: TLS with `credentials` (and the certificate name to expect, when
-    it differs from the address's host), plaintext without."""
-    if credentials is None:
-        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    it differs from the address's host), plaintext without.
+
+    gRPC shares one connection among all channels of a process that have the same target and
+    arguments; `own_connection` gives this channel a connection of its own (a local subchannel
+    pool), so that a process holding many identities can spread their calls over a few
+    connections and stay under the server's streams-per-connection bound."""
     options = list(_CHANNEL_OPTIONS)
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
     if tls_server_name:
         options.append(("grpc.ssl_target_name_override", tls_server_name))
     return grpc.secure_channel(address, credentials, options=options)
@@ -158,7 +167,9 @@ class ParameterServerClient:
 
     Methods block until they have an answer, retrying transient failures per `retry`.
     `call_timeout` bounds each unary call, `poll_timeout` each GetModel long-poll, and `max_wait`
-    the total time spent waiting for a new model.
+    the total time spent waiting for a new model. `channel`: a channel shared with other
+    identities of the same process (`open_channel`), which `close` leaves open; the token still
+    goes with every call, so sharing a connection shares nothing else.
     """
 
     def __init__(
@@ -179,6 +190,7 @@ class ParameterServerClient:
         on_register: Callable[[pb.RegisterReply], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        channel: grpc.Channel | None = None,
     ) -> None:
         self.address = address
         self.worker_id = worker_id
@@ -195,7 +207,10 @@ class ParameterServerClient:
             raise ValueError("give the worker's token or the master secret, not both")
         self._token = token if secret is None else token_for(secret, worker_id)
         self._metadata = () if self._token is None else ((TOKEN_METADATA_KEY, self._token),)
-        self._channel = open_channel(address, credentials, tls_server_name)
+        # A channel given by the caller is shared with other identities and stays the caller's
+        # to close (byzps.worker.fleet multiplexes many identities over a few connections).
+        self._owns_channel = channel is None
+        self._channel = channel or open_channel(address, credentials, tls_server_name)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         self.registration: pb.RegisterReply | None = None
         self._reregister = False
@@ -211,7 +226,8 @@ class ParameterServerClient:
         return self._metadata
 
     def close(self) -> None:
-        self._channel.close()
+        if self._owns_channel:
+            self._channel.close()
 
     def __enter__(self) -> ParameterServerClient:
         return self
