@@ -8,7 +8,6 @@ with byzps's pins, so it cannot live in this one): BYZPS_FLOWER_PYTHON, else
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_support import load_benchmark
 from optional import unavailable
 
 from byzps.common.config import RunConfig
@@ -26,11 +26,7 @@ FLOWER_PYTHON = Path(os.environ.get("BYZPS_FLOWER_PYTHON", "/tmp/flwr-venv/bin/p
 
 
 def load_bench():
-    """The benchmark as a module (benchmarks/ is not a package; scripts run from there)."""
-    spec = importlib.util.spec_from_file_location("bench_vs_flower", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_vs_flower")
 
 
 def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

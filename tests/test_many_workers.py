@@ -13,7 +13,6 @@ The fair-share and file-descriptor tests pin what keeps n = 1,000 safe and possi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,26 +21,14 @@ import time
 from pathlib import Path
 
 import pytest
+from bench_support import load_benchmark
 
 from byzps.server.limits import Admission, Group, Limits
 from byzps.server.validation import Rejected
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks" / "bench_many_workers.py"
-
 
 def load_bench():
-    """The benchmark as a module (benchmarks/ is not a package; it imports its sibling
-    `timing`)."""
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_many_workers", BENCH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH.parent))
-    return module
+    return load_benchmark("bench_many_workers")
 
 
 def run(tmp_path: Path, n: int, rounds: int, processes: int, timeout: float):
