@@ -134,6 +134,14 @@ def _kernel_module(source: str) -> ModuleType:
     return module
 
 
+@lru_cache(maxsize=64)
+def _network_kernel(n: int, network: bytes, a: int, b: int) -> object:
+    """The compiled-on-first-launch kernel of one network, looked up without regenerating its
+    source on every call (the network's bytes key the cache)."""
+    comparators = np.frombuffer(network, dtype=np.int64).reshape(-1, 2)
+    return _kernel_module(_source(n, comparators, a, b)).band_mean
+
+
 def supports(n: int, dtype: torch.dtype) -> bool:
     """Whether `band_mean` has a kernel for n rows of `dtype` (the sort kernel is float32's)."""
     return dtype in (torch.float32, torch.float64) and (n <= NETWORK_ROWS or dtype == torch.float32)
@@ -158,7 +166,7 @@ def band_mean(
     out = torch.empty(d, dtype=rows.dtype, device=rows.device)
     inv = torch.tensor([1.0 / (b - a)], dtype=torch.float64, device=rows.device)
     if n <= NETWORK_ROWS:
-        kernel = _kernel_module(_source(n, network, a, b)).band_mean
+        kernel = _network_kernel(n, network.tobytes(), a, b)
         block, warps = block or _NETWORK_BLOCK, warps or _NETWORK_WARPS
         grid = (triton.cdiv(d, block),)
         kernel[grid](rows, out, inv, d, rows.stride(0), BLOCK=block, num_warps=warps)
