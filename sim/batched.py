@@ -64,13 +64,15 @@ def batch_key(config: RunConfig) -> str:
 
 def batchable(config: RunConfig) -> bool:
     """Whether `config`'s run can share a batch at all (module doc): a task whose oracles stack,
-    a row-wise server rule, an attack that does not search the run's aggregator."""
+    a row-wise server rule, an attack that does not search the run's aggregator, on the CPU (a
+    GPU run is simulated alone: the batch's stacked oracles and rows are built on the CPU)."""
     from byzps.common.attacks import ATTACKS
     from byzps.common.estimators import ESTIMATORS
     from byzps.common.tasks import TASKS
 
     return (
-        TASKS.get(config.task.name).stacks_oracles
+        config.run.device == "cpu"
+        and TASKS.get(config.task.name).stacks_oracles
         and ESTIMATORS.get(config.algorithm.name).server_rule in ROW_WISE_RULES
         and not ATTACKS.get(config.attack.name).uses_aggregator
     )

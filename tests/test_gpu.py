@@ -220,6 +220,15 @@ def test_asking_for_a_gpu_where_there_is_none_is_refused_naming_the_key(tmp_path
     assert bad.returncode != 0 and "run.device" in bad.stderr, bad.stderr
 
 
+def test_a_gpu_run_is_simulated_alone_not_in_a_cpu_batch() -> None:
+    from byzps.common.config import RunConfig
+    from byzps.sim.batched import batchable
+
+    base = {"compressor": {"name": "topk", "k": 1}}
+    assert batchable(RunConfig.from_dict(base))
+    assert not batchable(RunConfig.from_dict({**base, "run": {"device": "cuda"}}))
+
+
 def test_the_config_digest_leaves_the_device_out() -> None:
     from byzps.common.config import RunConfig
 
