@@ -43,9 +43,15 @@ from torch import Tensor
 
 from byzps.common.credentials import ClientCredential, token_of
 from byzps.common.estimators.base import Estimator, GradientOracle
-from byzps.common.sparse import SparseBatch
 from byzps.worker.client import ParameterServerClient, Pushed, open_channel
-from byzps.worker.session import AckLedger, Run, WorkerError, build_run, encode_row
+from byzps.worker.session import (
+    AckLedger,
+    Run,
+    WorkerError,
+    build_run,
+    commit_applied,
+    encode_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +128,9 @@ class HonestFleet:
             return outcome
 
         outcomes = list(self._pool.map(push, range(len(self.clients))))
-        applied = [i for i, done in enumerate(outcomes) if done.applied]
-        if len(applied) == len(self.clients):
-            self.estimator.commit(message)
-        elif applied:
-            self.estimator.commit(SparseBatch.stack([message.row(i) for i in applied]), applied)
-        for i in applied:
-            self.last_seq[i] = seqs[i]
-            if self.ledger is not None:
-                self.ledger.record(self.ids[i], seqs[i], r, outcomes[i].value)
+        commit_applied(
+            outcomes, message, self.estimator.commit, seqs, self.last_seq, self.ids, r, self.ledger
+        )
         self.next_round = r + 1
         return True
 

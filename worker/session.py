@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from byzps.common.codec import encode_sparse, encode_update
 from byzps.common.compressors import VALUE_DTYPES, Compressor
 from byzps.common.config import RunConfig
-from byzps.common.sparse import SparseVector
+from byzps.common.sparse import SparseBatch, SparseVector
 from byzps.common.tasks.base import Task
 from byzps.proto.v1 import parameter_server_pb2 as pb
+
+if TYPE_CHECKING:
+    from byzps.worker.client import Pushed
 
 log = logging.getLogger(__name__)
 
@@ -148,3 +152,28 @@ class AckLedger:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def commit_applied(
+    outcomes: Sequence[Pushed | None],
+    message: SparseBatch,
+    commit: Callable[..., None],
+    seqs: Sequence[int],
+    last_seq: list[int],
+    ids: Sequence[str],
+    round: int,
+    ledger: AckLedger | None,
+) -> None:
+    """Settle one round of several identities' pushes (the rows of `message`, pushed with
+    `seqs`): commit the rows the server applied — all in one call when all were — advance
+    their `last_seq` and record them in `ledger`. A row not applied (refused: None, or the run
+    finished first) keeps its state and its seq, exactly as if it had not been pushed."""
+    applied = [i for i, done in enumerate(outcomes) if done is not None and done.applied]
+    if len(applied) == len(outcomes):
+        commit(message)
+    elif applied:
+        commit(SparseBatch.stack([message.row(i) for i in applied]), applied)
+    for i in applied:
+        last_seq[i] = seqs[i]
+        if ledger is not None:
+            ledger.record(ids[i], seqs[i], round, outcomes[i].value)  # type: ignore[union-attr]

@@ -48,11 +48,17 @@ from byzps.common.attacks.cohort import ByzantineCohort
 from byzps.common.config import RunConfig
 from byzps.common.credentials import ClientCredential, token_of
 from byzps.common.estimators.core import BatchedEstimator
-from byzps.common.sparse import SparseBatch
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.worker.byzantine.protocol import Priority, ProtocolAttack, campaign_for
 from byzps.worker.client import ParameterServerClient, Pushed, ServerError
-from byzps.worker.session import AckLedger, Run, WorkerError, build_run, encode_row
+from byzps.worker.session import (
+    AckLedger,
+    Run,
+    WorkerError,
+    build_run,
+    commit_applied,
+    encode_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +140,9 @@ class ByzantineDaemon:
                 lambda i: self._push(i, r, seqs[i], updates[i]), range(len(self.clients))
             )
         )
-        applied = [i for i, done in enumerate(outcomes) if done is not None and done.applied]
-        if len(applied) == len(self.clients):
-            self.cohort.commit(messages)
-        elif applied:
-            self.cohort.commit(SparseBatch.stack([messages.row(i) for i in applied]), applied)
-        for i in applied:
-            self.last_seq[i] = seqs[i]
-            if self.ledger is not None:
-                self.ledger.record(self.ids[i], seqs[i], r, outcomes[i].value)
+        commit_applied(
+            outcomes, messages, self.cohort.commit, seqs, self.last_seq, self.ids, r, self.ledger
+        )
         self.next_round = r + 1
         return True
 
