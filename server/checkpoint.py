@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
+from byzps.common.fileio import fsync_dir
 from byzps.server.wal import (
     FsyncPolicy,
     LogWriter,
     Record,
     WalError,
     WriteAheadLog,
-    fsync_dir,
     read_wal,
 )
 

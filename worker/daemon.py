@@ -17,7 +17,7 @@ w = h rows runs here with w = 1 — so the network adds transport, not a differe
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class HonestWorker:
     ledger: AckLedger | None = None
     last_seq: int = 0
     next_round: int = 0
+    _store: ckpt.CheckpointStore | None = field(default=None, init=False, repr=False)
 
     # --- one round ---------------------------------------------------------------------------
 
@@ -89,15 +90,17 @@ class HonestWorker:
     def _save(self, pending: ckpt.Pending | None) -> None:
         if self.checkpoint_dir is None:
             return
+        if self._store is None:
+            self._store = ckpt.CheckpointStore(self.checkpoint_dir)
         state = ckpt.WorkerCheckpoint(
             worker_id=self.worker_id,
             config_digest=self.digest,
-            estimator=self.estimator.state_dict(),
+            estimator=self.estimator.state_dict(copy=False),  # written out before it moves
             last_seq=self.last_seq,
             next_round=self.next_round,
             pending=pending,
         )
-        ckpt.save(self.checkpoint_dir, state)
+        self._store.save(state)
 
     def resume(self, saved: ckpt.WorkerCheckpoint, server_last_seq: int) -> None:
         """Restore `saved` and settle its pending update against the server's last_seq."""

@@ -78,7 +78,9 @@ class Estimator(ABC):
         raise NotImplementedError
 
     @abstractmethod
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self, *, copy: bool = True) -> dict[str, Any]:
+        """The state to checkpoint. `copy=False` returns the live tensors, for a caller that
+        writes them out before the estimator moves again (the worker's per-round checkpoint)."""
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -165,11 +165,14 @@ class BatchedEstimator(Estimator):
 
     # --- serialisation -------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {name: getattr(self, name).clone() for name in self._state_names}
+    def state_dict(self, *, copy: bool = True) -> dict[str, Any]:
+        def out(t: Tensor) -> Tensor:
+            return t.clone() if copy else t
+
+        state: dict[str, Any] = {name: out(getattr(self, name)) for name in self._state_names}
         state["steps"] = self.steps
         if self._keeps_prev_model:
-            state["x_prev"] = None if self.x_prev is None else self.x_prev.clone()
+            state["x_prev"] = None if self.x_prev is None else out(self.x_prev)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
