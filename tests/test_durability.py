@@ -105,13 +105,12 @@ def test_rotation_puts_records_on_either_side_of_it_in_their_own_file(tmp_path: 
 def test_a_failed_write_fails_every_waiter_and_every_later_submit(tmp_path: Path) -> None:
     wal = WriteAheadLog.create(tmp_path / "wal.log", 0, DIGEST)
     writer = LogWriter(wal, FsyncPolicy.NONE)
-    os.close(wal._fd)  # the disk goes away under the writer
+    os.close(wal._appender.fd)  # type: ignore[union-attr]  # the disk goes away under the writer
     ticket = writer.submit(CloseRecord(0))
     with pytest.raises(OSError):
         writer.wait(ticket)
     with pytest.raises(OSError):
         writer.submit(CloseRecord(1))
-    wal._fd = -1
     with pytest.raises(OSError):
         writer.close()
 
