@@ -66,14 +66,17 @@ class Malformed:
         self.code = code
         self.error = error
 
-    def ByteSize(self) -> int:  # mirrors the protobuf method it stands in for
-        return 0
 
-
-def _parser(cls: type[Message], limit: int) -> Callable[[bytes], Message | Malformed]:
+def _parser(
+    cls: type[Message], limit: int, received: Callable[[int], None]
+) -> Callable[[bytes], Message | Malformed]:
+    """The request deserializer of one method: counts the bytes as they arrived (`received`;
+    a parsed message's ByteSize() would serialize it again: 4 MB per dense push at d = 1e6),
+    refuses more than `limit` of them, and turns bytes that do not parse into a Malformed."""
     name = cls.DESCRIPTOR.name
 
     def parse(data: bytes) -> Message | Malformed:
+        received(len(data))
         if len(data) > limit:
             return Malformed(
                 Refusal.RESOURCE_EXHAUSTED, f"{name} is {len(data)} bytes, limit {limit}"
@@ -274,7 +277,6 @@ class ParameterServerServicer:
         try:
             if isinstance(request, Malformed):
                 raise Rejected(request.code, request.error)
-            self.coordinator.account(bytes_in=request.ByteSize())
             metadata = context.invocation_metadata() or ()
             peer = context.auth_context()
             if anonymous:
@@ -456,30 +458,34 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.aio.Server) ->
     """Register the servicer like the generated helper, but with size-limited, forgiving request
     parsers and pass-through serializers for the pre-serialized model streams."""
     limits = servicer.coordinator.door.request_limits()
+
+    def received(size: int) -> None:
+        servicer.coordinator.account(bytes_in=size)
+
     handlers = {
         "Register": grpc.unary_unary_rpc_method_handler(
             servicer.Register,
-            request_deserializer=_parser(pb.RegisterRequest, limits["Register"]),
+            request_deserializer=_parser(pb.RegisterRequest, limits["Register"], received),
             response_serializer=pb.RegisterReply.SerializeToString,
         ),
         "GetModel": grpc.unary_stream_rpc_method_handler(
             servicer.GetModel,
-            request_deserializer=_parser(pb.GetModelRequest, limits["GetModel"]),
+            request_deserializer=_parser(pb.GetModelRequest, limits["GetModel"], received),
             response_serializer=passthrough(pb.ModelChunk.SerializeToString),
         ),
         "GetModelUpdate": grpc.unary_stream_rpc_method_handler(
             servicer.GetModelUpdate,
-            request_deserializer=_parser(pb.GetModelRequest, limits["GetModelUpdate"]),
+            request_deserializer=_parser(pb.GetModelRequest, limits["GetModelUpdate"], received),
             response_serializer=passthrough(pb.ModelUpdate.SerializeToString),
         ),
         "PushUpdate": grpc.unary_unary_rpc_method_handler(
             servicer.PushUpdate,
-            request_deserializer=_parser(pb.PushUpdateRequest, limits["PushUpdate"]),
+            request_deserializer=_parser(pb.PushUpdateRequest, limits["PushUpdate"], received),
             response_serializer=pb.Ack.SerializeToString,
         ),
         "Status": grpc.unary_unary_rpc_method_handler(
             servicer.Status,
-            request_deserializer=_parser(pb.StatusRequest, limits["Status"]),
+            request_deserializer=_parser(pb.StatusRequest, limits["Status"], received),
             response_serializer=pb.StatusReply.SerializeToString,
         ),
     }

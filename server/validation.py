@@ -115,6 +115,7 @@ def validate_update(
     max_bytes: int | None = None,
     spec: Compressor | None = None,
     row: int | None = None,
+    size: int | None = None,
 ) -> SparseVector:
     """Check `update` against a model of dimension `dim`; return it decoded (values float32).
 
@@ -122,11 +123,13 @@ def validate_update(
     declaring Rand-k must carry a seed from which exactly its k_max indices regenerate. `spec`,
     the run's compressor, fixes what the name does not: QSGD's level count, and with the
     sender's worker id `row` the Perm-K block its seed must regenerate (both required for
-    Perm-K). `max_bytes` defaults to max_update_bytes(k_max). Raises Rejected:
+    Perm-K). `max_bytes` defaults to max_update_bytes(k_max); `size` is the update's serialized
+    length where the caller has it (default: update.ByteSize()). Raises Rejected:
     RESOURCE_EXHAUSTED for an oversize message, INVALID_ARGUMENT for anything malformed.
     """
     limit = max_update_bytes(k_max) if max_bytes is None else max_bytes
-    size = update.ByteSize()  # counts unknown fields too, so padding cannot sneak past
+    if size is None:  # the caller may know it: ByteSize() serializes the message again
+        size = update.ByteSize()  # counts unknown fields too, so padding cannot sneak past
     if size > limit:
         raise Rejected(Refusal.RESOURCE_EXHAUSTED, f"update is {size} bytes, limit {limit}")
     if update.dim != dim:
@@ -269,14 +272,21 @@ class Door:
     def receive(self, row: int, round: int, seq: int, update: pb.SparseUpdate) -> Update:
         """The wire checks of one update claimed for `round`; Rejected if any fails."""
         k_max = self.k_max(min(round, self.rounds))
+        encoded = update.SerializeToString()  # what the log keeps; its length is the size
         vec = validate_update(
-            update, dim=self.dim, k_max=k_max, compressor=self.compressor, spec=self.spec, row=row
+            update,
+            dim=self.dim,
+            k_max=k_max,
+            compressor=self.compressor,
+            spec=self.spec,
+            row=row,
+            size=len(encoded),
         )
         if update.packed:  # the codes and the float32 scale
             wire_bytes = len(update.packed) + (4 if update.HasField("scale") else 0)
         else:
             wire_bytes = message_bytes(vec.nnz, VALUE_BYTES[update.dtype])
-        return Update(row, round, seq, vec, wire_bytes, update.SerializeToString())
+        return Update(row, round, seq, vec, wire_bytes, encoded)
 
     def replayed(self, row: int, round: int, seq: int, encoded: bytes) -> Update:
         """An update read back from the write-ahead log, through the same wire checks as when

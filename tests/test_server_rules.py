@@ -179,6 +179,34 @@ def test_scatter_add_rows_duplicates_and_dense() -> None:
     torch.testing.assert_close(target[0], full.values.sum(0))
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.37])
+def test_dense_rows_take_a_path_of_their_own_with_the_flat_scatters_bits(alpha: float) -> None:
+    """Dense messages (nnz = d) skip the m·d flat index; the sums keep the same bits, repeated
+    rows added in batch order, alpha multiplied first (as the flat index_add_ does)."""
+    start = torch.randn(3, D, generator=torch.Generator().manual_seed(5))
+    full = random_messages(4, 2, nnz=D)
+    full = SparseBatch(full.indices, full.values.float(), D)
+    rows = torch.tensor([2, 0, 2, 1])
+    target = start.clone()
+    scatter_add_rows(target, rows, full, alpha=alpha)
+    reference = start.clone()
+    flat = (rows[:, None] * D + full.indices.long()).reshape(-1)
+    reference.view(-1).index_add_(0, flat, full.values.reshape(-1), alpha=alpha)
+    assert torch.equal(target, reference)
+
+
+@pytest.mark.parametrize("rows", [[3], [1, 3, 1]])
+def test_the_door_checks_dense_messages_on_the_whole_row(rows: list[int]) -> None:
+    """A dense push whose sum with its sender's state overflows is refused, one row or many."""
+    rule = make_rule("state")
+    big = torch.full((len(rows), D), 1e308, dtype=torch.float64)
+    full = SparseBatch(torch.arange(D, dtype=INDEX_DTYPE).repeat(len(rows), 1), big, D)
+    assert bool(rule.admissible(torch.tensor(rows), full, 0).all())  # g = 0: finite
+    rule.absorb(torch.tensor([3]), SparseBatch(full.indices[:1], big[:1], D), 0)
+    admissible = rule.admissible(torch.tensor(rows), full, 0)
+    assert admissible.tolist() == [r != 3 for r in rows]  # row 3 would reach 2e308 = inf
+
+
 @pytest.mark.parametrize(
     ("name", "params", "word"),
     [("diana", {"a": 0.0}, "a must"), ("marina", {"p": 1.5}, "p must"), ("diana", {}, "'a'")],
