@@ -38,6 +38,35 @@ def quiet_idle_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+#: glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20  # the most glibc accepts (half its 64 MiB heap size)
+_TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc serve blocks up to 32 MiB from its heap and keep up to 1 GiB freed there,
+    instead of mapping fresh zeroed pages for every large block and unmapping them on free.
+
+    Why: a round allocates and frees many d-sized buffers (received messages, parsed protobufs,
+    encoded replies, checkpoint data). By default glibc maps blocks this large anew each time,
+    and the kernel zero-fills every 4 KiB page at first touch: at d = 1e6, 20 dense workers and a
+    server on 2 cores spent about a third of their CPU on it (0.95 → 0.57 s per round measured
+    with these settings). The price is that a daemon's resident memory stays at its peak.
+    Returns False where the C library has no mallopt (musl, macOS): nothing changes there.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+    return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
+
+
 def set_threads(ctx: click.Context, param: click.Parameter, threads: int | None) -> None:
     """Cap this process's compute threads (torch's and numba's pools).
 

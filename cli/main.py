@@ -7,7 +7,7 @@ import click
 from byzps.cli.attack import attack
 from byzps.cli.cluster import follow_parent
 from byzps.cli.credentials import credentials
-from byzps.cli.daemon_common import quiet_idle_threads
+from byzps.cli.daemon_common import keep_freed_memory, quiet_idle_threads
 from byzps.cli.deploy import deploy
 from byzps.cli.launch import launch
 from byzps.cli.report import report
@@ -69,6 +69,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     del debug  # read by Main.invoke
     if ctx.invoked_subcommand in DAEMONS:
         quiet_idle_threads()  # before any option callback or command imports torch
+        keep_freed_memory()
         follow_parent()  # a child of `byzps launch` ends with it
 
 

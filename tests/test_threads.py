@@ -50,3 +50,15 @@ def test_daemon_commands_start_with_idle_threads_sleeping() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env
     )
     assert out.stdout.split() == ["PASSIVE"], out.stderr
+
+
+def test_daemons_keep_freed_memory_where_the_c_library_allows_it() -> None:
+    """glibc takes both mallopt settings (in a child: they last for the process); another C
+    library is left alone without an error."""
+    import platform
+
+    probe = "from byzps.cli.daemon_common import keep_freed_memory\nprint(keep_freed_memory())\n"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == str(platform.libc_ver()[0] == "glibc")
