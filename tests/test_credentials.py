@@ -264,6 +264,9 @@ class Attempts:
 
     codes: list[grpc.StatusCode] = field(default_factory=list)
     rounds: set[int] = field(default_factory=set)
+    #: The code that ended the attempts when the server went away mid-call (UNAVAILABLE, or
+    #: CANCELLED for a call in flight at its shutdown), with the round last seen before it.
+    ended_by: tuple[grpc.StatusCode, int] | None = None
 
 
 def impersonate(address: str, cohort_tokens: list[str], honest: list[str],
@@ -272,22 +275,31 @@ def impersonate(address: str, cohort_tokens: list[str], honest: list[str],
     none), Register, PushUpdate and a long-polling GetModel; records the codes and the rounds
     seen meanwhile."""
     client = Client(address, secret=None)
+    last_round = -1
     try:
         for seq in itertools.count(1):
             if stop.is_set():
                 break
             for wid, token in itertools.product(honest, [*cohort_tokens, ""]):
                 codes = try_as(client, wid, token, seq)
-                if grpc.StatusCode.UNAVAILABLE in codes:
-                    return  # the run ended and the server with it
+                ending = [c for c in codes if c in SHUTDOWN_CODES]
+                if ending:  # the run ended and the server with it
+                    attempts.codes.extend(codes[: codes.index(ending[0])])
+                    attempts.ended_by = (ending[0], last_round)
+                    return
                 attempts.codes.extend(codes)
             try:
-                attempts.rounds.add(client.status().round)
+                last_round = client.status().round
+                attempts.rounds.add(last_round)
             except grpc.RpcError:
                 break  # the server is gone
             time.sleep(0.02)
     finally:
         client.close()
+
+
+#: What a call gets from a server that is shutting down: refused, or cancelled in flight.
+SHUTDOWN_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def try_as(client: Client, wid: str, token: str, seq: int) -> list[grpc.StatusCode]:
@@ -371,6 +383,9 @@ def test_the_cohorts_tokens_cannot_act_as_an_honest_worker(
     assert attempts.codes, "no attempt was made"
     assert set(attempts.codes) == {grpc.StatusCode.UNAUTHENTICATED}
     assert len(attempts.rounds) >= 2, f"the attempts saw rounds {sorted(attempts.rounds)} only"
+    if attempts.ended_by is not None:  # only the server's own end may stop them early
+        code, last_round = attempts.ended_by
+        assert last_round == 12, f"{code} at round {last_round}, before the run's end"
 
 
 # --------------------------------------------------------------------------- byzps launch

@@ -438,7 +438,7 @@ def check_slurm_script(directory: Path, config: RunConfig) -> None:
     assert all("--overlap" in line for line in sruns) and len(sruns) == 2 + (n > h)
     assert f"--ntasks={h} --job-name=workers" in script
     assert '--id "$SLURM_PROCID"' in script
-    assert 'worker-$SLURM_PROCID.token' in script and "--checkpoint-dir" in script
+    assert "worker-$SLURM_PROCID.token" in script and "--checkpoint-dir" in script
     assert ("--token-dir" in script) == (n > h)
     if n > h:
         assert f"--count {n - h} --first-id {h} &" in script
