@@ -28,7 +28,7 @@ from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from torch import Tensor
 
 from byzps.common.compressors import VALUE_DTYPES, Compressor, Quantizer, codes
-from byzps.common.sparse import INDEX_DTYPE, SparseVector
+from byzps.common.sparse import INDEX_DTYPE, SparseVector, dense_indices
 from byzps.proto.v1 import parameter_server_pb2 as pb
 
 #: Trailing metadata of a refusal the caller may retry (over its share of the server): the
@@ -137,10 +137,39 @@ def _enum_label(enum: EnumTypeWrapper, number: int) -> str:
         return f"unknown value {number}"
 
 
-def _le_bytes(t: Tensor, bits: torch.dtype) -> bytes:
-    """The little-endian bytes of a 1-D CPU tensor, reinterpreted through a same-width int dtype."""
+def _le_view(t: Tensor, bits: torch.dtype) -> np.ndarray:
+    """The little-endian bytes of a 1-D CPU tensor, reinterpreted through a same-width int dtype:
+    a view of the tensor on a little-endian host (a byte-swapped copy elsewhere)."""
     arr = t.contiguous().view(bits).numpy()
-    return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+
+
+def _le_bytes(t: Tensor, bits: torch.dtype) -> bytes:
+    return _le_view(t, bits).tobytes()
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative int."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def field_prefix(number: int, length: int) -> bytes:
+    """The tag and length that precede a length-delimited field (bytes, message) on the wire."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _field_number(message: type, name: str) -> int:
+    return int(message.DESCRIPTOR.fields_by_name[name].number)
+
+
+_INDICES_FIELD = _field_number(pb.SparseUpdate, "indices")
+_VALUES_FIELD = _field_number(pb.SparseUpdate, "values")
+_UPDATE_FIELD = _field_number(pb.PushUpdateRequest, "update")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,27 +192,62 @@ def encode_sparse(
     valid vector — the receiver checks everything anyway. Values beyond float16's range become
     inf and are refused by the receiver; use bfloat16 for range.
     """
+    msg, indices, values = _sparse_parts(vec, compressor, dtype, omit_dense_indices)
+    msg.indices = indices.tobytes()
+    msg.values = values.tobytes()
+    return msg
+
+
+def encode_sparse_wire(
+    vec: SparseVector, *, compressor: str | None, dtype: torch.dtype = torch.float32
+) -> bytes:
+    """The wire bytes of encode_sparse(vec, …), with one copy of the indices and values.
+
+    Building the message and serializing it copies the bulk data three times (tensor → bytes →
+    message → wire); here it goes from the tensors into the result directly. A parser takes a
+    field wherever it appears, so the small fields come first and the two bulk ones after them,
+    and the bytes parse to exactly the message encode_sparse builds.
+    """
+    msg, indices, values = _sparse_parts(vec, compressor, dtype, True)
+    parts: list[bytes | np.ndarray] = [msg.SerializeToString()]
+    for number, data in ((_INDICES_FIELD, indices), (_VALUES_FIELD, values)):
+        if data.nbytes:
+            parts += [field_prefix(number, data.nbytes), data]
+    return b"".join(parts)
+
+
+def encode_push_request(worker_id: str, round: int, seq: int, update: bytes) -> bytes:
+    """The wire bytes of PushUpdateRequest(worker_id, round, seq, update) for an update already
+    in wire form (encode_sparse_wire), without parsing or copying it again."""
+    head = pb.PushUpdateRequest(worker_id=worker_id, round=round, seq=seq).SerializeToString()
+    return b"".join([head, field_prefix(_UPDATE_FIELD, len(update)), update])
+
+
+def _sparse_parts(
+    vec: SparseVector, compressor: str | None, dtype: torch.dtype, omit_dense_indices: bool
+) -> tuple[pb.SparseUpdate, np.ndarray, np.ndarray]:
+    """The SparseUpdate without its indices and values, and those two as little-endian arrays
+    (views of `vec`'s tensors where they already are in wire form; empty indices when dense)."""
     if vec.indices.dim() != 1 or vec.indices.shape != vec.values.shape:
         raise ValueError("indices and values must be 1-D and of equal length")
     if dtype not in VALUE_DTYPE_IDS:
         raise ValueError(f"dtype must be one of {list(VALUE_DTYPE_IDS)}, got {dtype}")
     fmt = _VALUE_FORMATS[VALUE_DTYPE_IDS[dtype]]
     nnz = vec.nnz
-    dense = omit_dense_indices and nnz == vec.dim
-    values = vec.values.detach().to(device="cpu", dtype=dtype)
+    values = _le_view(vec.values.detach().to(device="cpu", dtype=dtype), fmt.torch_bits)
+    if omit_dense_indices and nnz == vec.dim:
+        indices = np.empty(0, np.uint8)
+    else:
+        indices = _le_view(vec.indices.detach().cpu().to(INDEX_DTYPE), INDEX_DTYPE)
     msg = pb.SparseUpdate(
         dim=vec.dim,
         nnz=nnz,
-        indices=b""
-        if dense
-        else _le_bytes(vec.indices.detach().cpu().to(INDEX_DTYPE), INDEX_DTYPE),
-        values=_le_bytes(values, fmt.torch_bits),
         dtype=VALUE_DTYPE_IDS[dtype],
         compressor=pb.COMPRESSOR_UNSPECIFIED if compressor is None else COMPRESSOR_IDS[compressor],
     )
     if vec.seed is not None:
         msg.seed = vec.seed
-    return msg
+    return msg, indices, values
 
 
 def encode_update(vec: SparseVector, compressor: Compressor) -> pb.SparseUpdate:
@@ -232,7 +296,7 @@ def decode_sparse(msg: pb.SparseUpdate) -> SparseVector:
             f"values: {len(raw_values)} bytes, expected {fmt.itemsize}·nnz = {fmt.itemsize * nnz}"
         )
     if nnz == dim and not raw_indices:
-        indices = torch.arange(dim, dtype=INDEX_DTYPE)  # the dense convention
+        indices = dense_indices(1, dim)[0]  # the dense convention
     else:
         indices = torch.from_numpy(_decode_indices(raw_indices, nnz, dim))
     values = fmt.to_float32(np.frombuffer(raw_values, dtype=fmt.le_bits))
@@ -274,7 +338,7 @@ def _decode_packed(msg: pb.SparseUpdate, name: str) -> SparseVector:
     except ValueError as exc:
         raise WireFormatError(str(exc)) from None
     _check_finite(values.numpy(), "values")
-    indices = torch.arange(dim, dtype=INDEX_DTYPE)
+    indices = dense_indices(1, dim)[0]
     return SparseVector(indices, values, dim, None, msg.scale if scaled else None)
 
 

@@ -9,11 +9,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
 INDEX_DTYPE = torch.int32
+
+
+@lru_cache(maxsize=4)
+def _arange(dim: int, device: torch.device) -> Tensor:
+    return torch.arange(dim, dtype=INDEX_DTYPE, device=device)
+
+
+def dense_indices(rows: int, dim: int, device: torch.device | str = "cpu") -> Tensor:
+    """(rows, dim) indices of dense rows: arange(dim) in every row.
+
+    One row is a shared, cached tensor (decoding a dense update, the server's hottest path, would
+    otherwise build a fresh arange of d for every push: ~0.6 ms at d = 1e6). Sharing is safe
+    because nothing in byzps writes indices in place; several rows get their own copy.
+    """
+    row = _arange(dim, torch.device(device))
+    return row[None] if rows == 1 else row.expand(rows, dim).clone()
 
 
 def _check_indices(indices: Tensor, dim: int) -> None:

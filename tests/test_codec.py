@@ -18,7 +18,9 @@ from byzps.common.codec import (
     decode_sparse,
     encode_delta,
     encode_model,
+    encode_push_request,
     encode_sparse,
+    encode_sparse_wire,
 )
 from byzps.common.sparse import INDEX_DTYPE, SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
@@ -267,3 +269,52 @@ def test_encode_refuses_bad_arguments() -> None:
         list(encode_model(torch.ones(3), round=0, max_chunk_bytes=64))
     with pytest.raises(ValueError, match="dtype"):
         encode_sparse(random_vector(10, 2), compressor="topk", dtype=torch.float64)
+
+
+# --- wire bytes without intermediate copies ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dense", [True, False])
+def test_wire_bytes_parse_to_the_message_encode_sparse_builds(
+    dtype: torch.dtype, dense: bool
+) -> None:
+    """encode_sparse_wire puts the bulk fields last, straight from the tensors; a parser must
+    see exactly encode_sparse's message, seed included, and so must the push request around it."""
+    dim = 9 if dense else 40
+    indices = (
+        torch.arange(dim, dtype=torch.int32)
+        if dense
+        else torch.tensor([2, 7, 31], dtype=torch.int32)
+    )
+    vec = SparseVector(indices, torch.randn(indices.numel()), dim, None if dense else 12345)
+    name = "identity" if dense else "randk"
+    expected = encode_sparse(vec, compressor=name, dtype=dtype)
+    wire = encode_sparse_wire(vec, compressor=name, dtype=dtype)
+    assert pb.SparseUpdate.FromString(wire) == expected
+    assert decode_sparse(pb.SparseUpdate.FromString(wire)).values.tolist() == (
+        decode_sparse(expected).values.tolist()
+    )
+    request = pb.PushUpdateRequest.FromString(encode_push_request("7", 3, 11, wire))
+    assert request == pb.PushUpdateRequest(worker_id="7", round=3, seq=11, update=expected)
+
+
+def test_dense_rows_share_their_indices_and_nothing_writes_them() -> None:
+    """Decoded dense updates share one cached arange; after they went through the server's
+    state update and an estimator's commit, it must still be arange."""
+    from byzps.common.server_rules import scatter_add_rows
+    from byzps.common.sparse import SparseBatch, dense_indices
+
+    dim = 16
+    wire = encode_sparse_wire(
+        SparseVector(torch.arange(dim, dtype=torch.int32), torch.ones(dim), dim),
+        compressor="identity",
+    )
+    a, b = (decode_sparse(pb.SparseUpdate.FromString(wire)) for _ in range(2))
+    assert a.indices.data_ptr() == b.indices.data_ptr() == dense_indices(1, dim).data_ptr()
+    state = torch.zeros(2, dim)
+    scatter_add_rows(state, torch.tensor([0, 1]), SparseBatch.stack([a, b]), alpha=0.5)
+    assert torch.equal(state, torch.full((2, dim), 0.5))
+    assert torch.equal(dense_indices(1, dim)[0], torch.arange(dim, dtype=torch.int32))
+    two = dense_indices(2, dim)
+    assert two.data_ptr() != a.indices.data_ptr()  # several rows get their own copy

@@ -161,7 +161,8 @@ def test_damaged_or_forged_files_are_refused(tmp_path: Path, damage, match: str)
 
 
 def worker_checkpoint(step: int) -> ckpt.WorkerCheckpoint:
-    update = pb.SparseUpdate(dim=4, nnz=4, values=struct.pack("<4f", step, 0, 0, 1))
+    values = struct.pack("<4f", step, 0, 0, 1)
+    update = pb.SparseUpdate(dim=4, nnz=4, values=values).SerializeToString()
     return ckpt.WorkerCheckpoint(
         worker_id="3",
         config_digest="d" * 64,

@@ -197,8 +197,12 @@ def test_every_compressor_has_a_wire_id_and_workers_send_its_form() -> None:
     assert set(COMPRESSOR_IDS) == set(COMPRESSORS.names())
     config = RunConfig.from_dict(small_config())
     qsgd = compressor("qsgd", 123, levels=2)
-    msg = encode_row(messages(qsgd, torch.randn(1, 123)).row(0), config, qsgd)
+    msg = pb.SparseUpdate.FromString(
+        encode_row(messages(qsgd, torch.randn(1, 123)).row(0), config, qsgd)
+    )
     assert msg.compressor == pb.COMPRESSOR_QSGD and msg.packed and msg.levels == 2
     half = compressor("topk", 123, k=3, values="float16")
-    msg = encode_row(messages(half, torch.randn(1, 123)).row(0), config, half)
+    msg = pb.SparseUpdate.FromString(
+        encode_row(messages(half, torch.randn(1, 123)).row(0), config, half)
+    )
     assert msg.dtype == pb.VALUE_DTYPE_FLOAT16 and len(msg.values) == 6

@@ -48,7 +48,7 @@ class EngineClient:
     def get_model(self, round: int, known_round: int | None = None):
         return self.engine.round, self.engine.x.clone()
 
-    def push(self, round: int, seq: int, update: pb.SparseUpdate) -> Pushed:
+    def push(self, round: int, seq: int, update: bytes) -> Pushed:
         if self.crash_before_push:
             self.crash_before_push = False
             raise ConnectionError("crash before the update left the worker")
@@ -56,7 +56,7 @@ class EngineClient:
             return Pushed.DUPLICATE
         if seq != self.last_seq + 1:  # as the real server: a gap ends the call with a status
             raise ServerError("PushUpdate", grpc.StatusCode.FAILED_PRECONDITION, "seq gap")
-        batch = SparseBatch.stack([decode_sparse(update)])
+        batch = SparseBatch.stack([decode_sparse(pb.SparseUpdate.FromString(update))])
         self.engine.absorb(torch.tensor([0]), batch)
         self.engine.close_round()
         self.last_seq = seq

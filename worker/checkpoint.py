@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from byzps.common import tensorfile
-from byzps.proto.v1 import parameter_server_pb2 as pb
 
 #: The two slots a worker alternates between, and the one-file checkpoint of earlier versions.
 SLOT_NAMES = ("worker-a.ckpt", "worker-b.ckpt")
@@ -38,7 +37,7 @@ class Pending:
 
     seq: int
     round: int
-    update: pb.SparseUpdate
+    update: bytes  # the SparseUpdate's wire bytes, as sent (session.encode_row)
 
 
 @dataclass
@@ -59,7 +58,7 @@ class WorkerCheckpoint:
             pending = {
                 "seq": self.pending.seq,
                 "round": self.pending.round,
-                "update": self.pending.update.SerializeToString(),
+                "update": self.pending.update,
             }
         return {
             "worker_id": self.worker_id,
@@ -74,7 +73,7 @@ class WorkerCheckpoint:
     def from_dict(cls, data: dict[str, Any]) -> WorkerCheckpoint:
         pending = None
         if data["pending"] is not None:
-            update = pb.SparseUpdate.FromString(data["pending"]["update"])
+            update = bytes(data["pending"]["update"])
             pending = Pending(int(data["pending"]["seq"]), int(data["pending"]["round"]), update)
         return cls(
             worker_id=data["worker_id"],

@@ -44,7 +44,7 @@ from typing import TypeVar
 import grpc
 from torch import Tensor
 
-from byzps.common.codec import RETRY_AFTER_METADATA_KEY, decode_model
+from byzps.common.codec import RETRY_AFTER_METADATA_KEY, decode_model, encode_push_request
 from byzps.common.credentials import TOKEN_METADATA_KEY, token_for
 from byzps.common.downlink import ModelMirror, decode_downlink
 from byzps.proto.v1 import parameter_server_pb2 as pb
@@ -158,6 +158,12 @@ class RetryPolicy:
             delay = min(self.max_backoff, delay * self.multiplier)
 
 
+def _method_path(name: str) -> str:
+    """The gRPC path of one of the ParameterServer service's methods, from the descriptor."""
+    service = pb.DESCRIPTOR.services_by_name["ParameterServer"]
+    return f"/{service.full_name}/{service.methods_by_name[name].name}"
+
+
 class ParameterServerClient:
     """One worker identity talking to one server address.
 
@@ -212,6 +218,13 @@ class ParameterServerClient:
         self._owns_channel = channel is None
         self._channel = channel or open_channel(address, credentials, tls_server_name)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
+        # PushUpdate with the request already in wire form (encode_push_request): the stub's
+        # own serializer would parse nothing but copy every update's bytes once more.
+        self._push_wire = self._channel.unary_unary(
+            _method_path("PushUpdate"),
+            request_serializer=None,
+            response_deserializer=pb.Ack.FromString,
+        )
         self.registration: pb.RegisterReply | None = None
         self._reregister = False
         #: (round, x, ĝ) as last received; None: dense GetModel only.
@@ -290,22 +303,21 @@ class ParameterServerClient:
         assert mirror.round is not None and mirror.x is not None
         return mirror.round, mirror.x.clone()  # the mirror must stay the server's exact copy
 
-    def push(self, round: int, seq: int, update: pb.SparseUpdate) -> Pushed:
-        """Send one update and say what became of it; a retry resends the identical request
-        (same seq), so it is applied at most once.
+    def push(self, round: int, seq: int, update: pb.SparseUpdate | bytes) -> Pushed:
+        """Send one update (a message, or its wire bytes: encode_sparse_wire) and say what became
+        of it; a retry resends the identical request (same seq), so it is applied at most once.
 
         The server refuses by ending the call with a status. One refusal is part of a normal
         run's end — OUT_OF_RANGE, the run finished before this update arrived (a round closed
         by quorum without it) — and is its own outcome, Pushed.RUN_FINISHED; any other refusal
         raises ServerError.
         """
-        request = pb.PushUpdateRequest(
-            worker_id=self.worker_id, round=round, seq=seq, update=update
-        )
+        wire = update if isinstance(update, bytes) else update.SerializeToString()
+        request = encode_push_request(self.worker_id, round, seq, wire)
         try:
             ack = self._retrying(
                 "PushUpdate",
-                lambda: self._stub.PushUpdate(
+                lambda: self._push_wire(
                     request, timeout=self.call_timeout, metadata=self._metadata
                 ),
             )

@@ -25,6 +25,7 @@ from byzps.common.codec import decode_sparse
 from byzps.common.credentials import ClientCredential, token_of
 from byzps.common.estimators.base import Estimator, GradientOracle
 from byzps.common.sparse import SparseBatch
+from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.worker import checkpoint as ckpt
 from byzps.worker.client import ParameterServerClient, Pushed
 from byzps.worker.session import (
@@ -114,7 +115,7 @@ class HonestWorker:
         self.next_round = saved.next_round
         pending = saved.pending
         if pending is not None:
-            batch = SparseBatch.stack([decode_sparse(pending.update)])
+            batch = SparseBatch.stack([decode_sparse(pb.SparseUpdate.FromString(pending.update))])
             if server_last_seq == pending.seq:
                 log.info(
                     "worker %s: pending seq %d was applied; committing", self.worker_id, pending.seq

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from byzps.common.codec import encode_sparse, encode_update
+from byzps.common.codec import encode_sparse_wire, encode_update
 from byzps.common.compressors import VALUE_DTYPES, Compressor
 from byzps.common.config import RunConfig
 from byzps.common.sparse import SparseBatch, SparseVector
@@ -74,22 +74,21 @@ def build_run(reply: pb.RegisterReply) -> Run:
     return Run(config, task)
 
 
-def encode_row(
-    vec: SparseVector, config: RunConfig, compressor: Compressor | None = None
-) -> pb.SparseUpdate:
-    """One message row on the wire, lossless: float32 values, or the value dtype `compressor`
-    rounded them to, or its packed code (QSGD, natural, sign).
+def encode_row(vec: SparseVector, config: RunConfig, compressor: Compressor | None = None) -> bytes:
+    """One message row's SparseUpdate in wire form, lossless: float32 values, or the value dtype
+    `compressor` rounded them to, or its packed code (QSGD, natural, sign). Wire bytes, because
+    they are what the worker both checkpoints and sends (byzps.common.codec.encode_sparse_wire).
 
     A dense row of a sparsifier run (MARINA's full-gradient rounds) declares the identity
     compressor, since no compressor chose its support.
     """
     if compressor is not None and compressor.packed:
-        return encode_update(vec, compressor)
+        return encode_update(vec, compressor).SerializeToString()
     name = config.compressor.name
     if vec.nnz == vec.dim and vec.seed is None:
         name = "identity"
     dtype = torch.float32 if compressor is None else VALUE_DTYPES[compressor.values]
-    return encode_sparse(vec, compressor=name, dtype=dtype)
+    return encode_sparse_wire(vec, compressor=name, dtype=dtype)
 
 
 def check_resumable(worker_id: str, server_last_seq: int, my_last_seq: int) -> None:

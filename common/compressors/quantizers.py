@@ -24,7 +24,7 @@ from byzps.common.compressors.base import (
     check_layer_sizes,
     row_generator,
 )
-from byzps.common.sparse import INDEX_DTYPE, SparseBatch, SparseVector
+from byzps.common.sparse import SparseBatch, SparseVector, dense_indices
 
 #: The largest finite float32.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -55,8 +55,8 @@ class Quantizer(Compressor):
         return 0
 
     def _batch(self, z: Tensor, values: Tensor, scales: Tensor | None = None) -> SparseBatch:
-        idx = torch.arange(self.dim, dtype=INDEX_DTYPE, device=z.device).expand(z.shape[0], -1)
-        return SparseBatch(idx.clone(), values.to(z.dtype), self.dim, None, scales)
+        idx = dense_indices(z.shape[0], self.dim, z.device)
+        return SparseBatch(idx, values.to(z.dtype), self.dim, None, scales)
 
     def pack(self, vec: SparseVector) -> tuple[float | None, bytes]:
         """(scale or None, packed codes) of one dense row."""

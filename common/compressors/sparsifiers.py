@@ -26,7 +26,7 @@ from byzps.common.compressors.base import (
     row_generator,
 )
 from byzps.common.seeding import derive_seed
-from byzps.common.sparse import INDEX_DTYPE, SparseBatch
+from byzps.common.sparse import INDEX_DTYPE, SparseBatch, dense_indices
 
 #: Up to this many coordinates one selection over the whole (w, d) batch beats per-row partition.
 SMALL_DIM = 4096
@@ -126,7 +126,7 @@ def topk_indices(z: Tensor, k: int, method: str = "auto") -> Tensor:
         raise ValueError(f"method must be one of {TOPK_METHODS}, got {method!r}")
     d = z.shape[1]
     if k == d:
-        return torch.arange(d, dtype=INDEX_DTYPE, device=z.device).expand(z.shape[0], d).clone()
+        return dense_indices(z.shape[0], d, z.device)
     if method == "auto":
         on_cpu = z.device.type == "cpu"
         if d <= SMALL_DIM:
@@ -305,8 +305,8 @@ class Identity(Compressor):
         self, z: Tensor, seeds: Sequence[int] | None, workers: Sequence[int] | None
     ) -> SparseBatch:
         del seeds, workers
-        idx = torch.arange(self.dim, dtype=INDEX_DTYPE, device=z.device).expand(z.shape[0], -1)
-        return SparseBatch(idx.clone(), z.detach().clone(), self.dim)
+        idx = dense_indices(z.shape[0], self.dim, z.device)
+        return SparseBatch(idx, z.detach().clone(), self.dim)
 
 
 def dense_batch(z: Tensor) -> SparseBatch:

@@ -146,7 +146,7 @@ class ByzantineDaemon:
         self.next_round = r + 1
         return True
 
-    def _push(self, i: int, round: int, seq: int, update: pb.SparseUpdate) -> Pushed | None:
+    def _push(self, i: int, round: int, seq: int, update: bytes) -> Pushed | None:
         """Member i's push, or None when the server refused it.
 
         A refusal (INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, PERMISSION_DENIED,
