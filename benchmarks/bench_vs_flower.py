@@ -297,6 +297,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{flwr_version.stdout.strip()} (start_server/start_client, grpc-bidi); "
         f"{os.cpu_count()} CPUs, load average {load_average()}"
     )
+    print(  # byzps launch's server and workers inherit these from this environment
+        f"byzps durability: --wal-fsync {os.environ.get('BYZPS_WAL_FSYNC', 'group')}, worker "
+        f"--checkpoint-fsync {os.environ.get('BYZPS_CHECKPOINT_FSYNC', 'every')}"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     configs = write_configs(args.out, args.dim, args.workers, total, args.noise)
     systems = ["flower", *args.modes]

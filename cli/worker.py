@@ -40,6 +40,18 @@ from byzps.cli.daemon_common import (
     "worker resumes exactly.",
 )
 @click.option(
+    "--checkpoint-fsync",
+    type=click.Choice(["every", "none"]),
+    default="every",
+    show_default=True,
+    envvar="BYZPS_CHECKPOINT_FSYNC",
+    show_envvar=True,
+    help="every: each checkpoint is on disk before its update is sent, so the worker resumes "
+    "after a power loss too; none: it is in the page cache, which a crash of the process keeps "
+    "but a power loss may not (the worker then stops with an error instead of diverging). "
+    "docs/durability.md, 'The worker's checkpoint'.",
+)
+@click.option(
     "--ledger",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -53,6 +65,7 @@ def worker(
     worker_id: int,
     token_file: Path | None,
     checkpoint_dir: Path | None,
+    checkpoint_fsync: str,
     ledger: Path | None,
 ) -> None:
     """Run honest worker ID: fetch each round's model, send its compressed update, until the
@@ -68,6 +81,7 @@ def worker(
             worker_id,
             credential,
             checkpoint_dir=checkpoint_dir,
+            checkpoint_fsync=checkpoint_fsync == "every",
             ledger_path=ledger,
             client_options=client_options,
         )

@@ -218,3 +218,26 @@ def test_a_checkpoint_written_by_torch_save_is_still_read(tmp_path: Path) -> Non
     assert saved.pending.update == old.pending.update  # type: ignore[union-attr]
     ckpt.CheckpointStore(tmp_path).save(worker_checkpoint(10))  # the slots take over
     assert ckpt.load(tmp_path).last_seq == 10  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("policy", ["every", "none"])
+def test_the_worker_checkpoint_fsync_policy_reaches_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
+    """`byzps worker --checkpoint-fsync` decides whether each save waits for the disk: `every`
+    fdatasyncs every save, `none` never does (the page cache still survives a process crash), and
+    either way the newest save is what load returns."""
+    from click.testing import CliRunner
+
+    from byzps.cli.main import main as cli
+
+    synced: list[int] = []
+    real = tensorfile.os.fdatasync
+    monkeypatch.setattr(tensorfile.os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    store = ckpt.CheckpointStore(tmp_path, fsync=policy == "every")
+    for step in range(3):
+        store.save(worker_checkpoint(step))
+    assert len(synced) == (3 if policy == "every" else 0)
+    assert ckpt.load(tmp_path).last_seq == 2  # type: ignore[union-attr]
+    bad = CliRunner().invoke(cli, ["worker", "--id", "0", "--checkpoint-fsync", "sometimes"])
+    assert bad.exit_code == 2 and "--checkpoint-fsync" in bad.output

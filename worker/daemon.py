@@ -51,6 +51,7 @@ class HonestWorker:
     oracle: GradientOracle
     digest: str
     checkpoint_dir: Path | None = None
+    checkpoint_fsync: bool = True
     ledger: AckLedger | None = None
     last_seq: int = 0
     next_round: int = 0
@@ -92,7 +93,7 @@ class HonestWorker:
         if self.checkpoint_dir is None:
             return
         if self._store is None:
-            self._store = ckpt.CheckpointStore(self.checkpoint_dir)
+            self._store = ckpt.CheckpointStore(self.checkpoint_dir, fsync=self.checkpoint_fsync)
         state = ckpt.WorkerCheckpoint(
             worker_id=self.worker_id,
             config_digest=self.digest,
@@ -145,6 +146,7 @@ def run_worker(
     credential: ClientCredential,
     *,
     checkpoint_dir: Path | None = None,
+    checkpoint_fsync: bool = True,
     ledger_path: Path | None = None,
     client_options: dict[str, Any] | None = None,
 ) -> None:
@@ -174,6 +176,7 @@ def run_worker(
             oracle=run_info.task.oracle([worker_id], config.run.seed),
             digest=config.digest(),
             checkpoint_dir=checkpoint_dir,
+            checkpoint_fsync=checkpoint_fsync,
             ledger=ledger,
         )
         client.config_digest = worker.digest  # later (re-)registrations assert the same run
