@@ -37,9 +37,10 @@ taken within a repetition; the summary is the ratio of the mean s/round over the
 Every process the script starts is stopped at the end, on an error, a timeout (--timeout per
 run), Ctrl-C or SIGTERM.
 
-Memory: at d = 1e7 the 20 byzps workers hold ~0.8 GB each and the server several GB more (about
-22 GB in all), Flower's processes ~13 GB; the script does not check, so look at free memory
-before a 1e7 run on a shared machine. Results: docs/performance.md, "byzps vs Flower".
+Memory: at d = 1e7 byzps's 20 workers and server need ~21 GB together (on a 24 GB machine the
+available memory fell to 2.7 GB during the dense run), Flower's processes ~13 GB; the script does
+not check, so look at free memory before a 1e7 run, or run it beside a guard that stops it.
+Results: docs/performance.md, "byzps vs Flower".
 """
 
 from __future__ import annotations
