@@ -189,6 +189,9 @@ class _BufferedAppender:
     def append(self, parts: Sequence[bytes]) -> None:
         writev_all(self.fd, parts)
 
+    def close(self) -> None:
+        """Nothing to release: the log closes the descriptor."""
+
 
 class _DirectAppender:
     """Appends with O_DIRECT from an aligned staging buffer, bypassing the page cache.
@@ -347,8 +350,7 @@ class WriteAheadLog:
         appender, self._appender = self._appender, None
         if appender is None:
             return
-        if isinstance(appender, _DirectAppender):
-            appender.close()
+        appender.close()
         os.fsync(appender.fd)
         os.close(appender.fd)
 

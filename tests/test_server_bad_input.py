@@ -16,6 +16,7 @@ from server_support import Client, InProcess, N, code_of, in_process, tiny_confi
 
 from byzps.common.credentials import token_for
 from byzps.proto.v1 import parameter_server_pb2 as pb
+from byzps.worker.byzantine import forge
 
 C = grpc.StatusCode
 K = 3  # k = 3 so that index order and duplicates can be tested within nnz ≤ k_max
@@ -93,14 +94,7 @@ def padded() -> pb.SparseUpdate:
 
 def with_unknown_field(request: bytes, size: int) -> bytes:
     """`request` plus a length-delimited field 100 of `size` bytes that no message declares."""
-    length = bytearray()
-    rest = size
-    while True:
-        length.append((rest & 0x7F) | (0x80 if rest > 0x7F else 0))
-        rest >>= 7
-        if not rest:
-            break
-    return request + b"\xa2\x06" + bytes(length) + b"\0" * size
+    return request + forge.unknown_field(size, field=100)
 
 
 def push_padded_outside_update(c: Client, size: int) -> Any:

@@ -164,6 +164,17 @@ def _method_path(name: str) -> str:
     return f"/{service.full_name}/{service.methods_by_name[name].name}"
 
 
+PUSH_PATH = _method_path("PushUpdate")
+
+
+def wire_push(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
+    """PushUpdate taking its request already in wire form (encode_push_request, or bytes crafted
+    on purpose): the stub's own serializer would parse nothing but copy every update once more."""
+    return channel.unary_unary(
+        PUSH_PATH, request_serializer=None, response_deserializer=pb.Ack.FromString
+    )
+
+
 class ParameterServerClient:
     """One worker identity talking to one server address.
 
@@ -218,13 +229,7 @@ class ParameterServerClient:
         self._owns_channel = channel is None
         self._channel = channel or open_channel(address, credentials, tls_server_name)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
-        # PushUpdate with the request already in wire form (encode_push_request): the stub's
-        # own serializer would parse nothing but copy every update's bytes once more.
-        self._push_wire = self._channel.unary_unary(
-            _method_path("PushUpdate"),
-            request_serializer=None,
-            response_deserializer=pb.Ack.FromString,
-        )
+        self._push_wire = wire_push(self._channel)
         self.registration: pb.RegisterReply | None = None
         self._reregister = False
         #: (round, x, ĝ) as last received; None: dense GetModel only.

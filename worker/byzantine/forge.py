@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from byzps.common.codec import field_prefix
 from byzps.common.compressors import randk_indices
 from byzps.proto.v1 import parameter_server_pb2 as pb
 
@@ -118,13 +119,4 @@ def unknown_field(size: int, field: int = UNKNOWN_FIELD) -> bytes:
     """One length-delimited protobuf field of `size` zero bytes under an unused field number:
     appended to a serialized message (outside all its fields), every parser keeps it as an
     unknown field of that message."""
-    return _varint(field << 3 | 2) + _varint(size) + bytes(size)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
+    return field_prefix(field, size) + bytes(size)

@@ -51,7 +51,7 @@ from byzps.common.registry import Registry
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
 from byzps.worker.byzantine import forge, h2
-from byzps.worker.client import ParameterServerClient
+from byzps.worker.client import PUSH_PATH, ParameterServerClient, wire_push
 
 if TYPE_CHECKING:
     from byzps.worker.byzantine.daemon import ByzantineDaemon
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_ATTACKS: Registry[ProtocolAttack] = Registry("protocol attack")
 
-PUSH_PATH = "/byzps.v1.ParameterServer/PushUpdate"
 #: Every attack channel gets its own TCP connection: without a local subchannel pool, gRPC
 #: shares one connection among channels with equal arguments, and the members' own calls would
 #: queue behind the attack's streams on it.
@@ -615,9 +614,7 @@ class Padded(ProtocolAttack):
         self, ctx: ProtocolContext, i: int, kinds: list[tuple[pb.SparseUpdate, bytes]]
     ) -> None:
         channel = ctx.channel([("grpc.max_send_message_length", -1)])
-        push = channel.unary_unary(
-            PUSH_PATH, request_serializer=None, response_deserializer=pb.Ack.FromString
-        )
+        push = wire_push(channel)
         n = 0
         while not ctx.stop.is_set():
             ctx.wait_turn()
