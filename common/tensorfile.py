@@ -116,25 +116,6 @@ def encode(tree: Mapping[str, Any]) -> list[memoryview]:
     return [memoryview(prefix), memoryview(header), *flat.buffers]
 
 
-def write_atomic(path: Path, tree: Mapping[str, Any], *, fsync: bool = True) -> None:
-    """Replace `path` by `tree` so that a crash leaves the old file or the whole new one.
-
-    With `fsync` the data and the rename are on disk when this returns (a power loss keeps
-    them); without, they are in the page cache, which a process crash (kill -9) keeps too.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        writev_all(fd, encode(tree))
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    if fsync:
-        fsync_dir(path.parent)
-
-
 def write_in_place(path: Path, tree: Mapping[str, Any], *, fsync: bool = True) -> None:
     """Overwrite `path` with `tree` in place (created if missing): no new file, no rename.
 
@@ -143,10 +124,10 @@ def write_in_place(path: Path, tree: Mapping[str, Any], *, fsync: bool = True) -
     cache pages of the old contents are reused, where a new file costs a fresh page for every
     4 KiB (on 16 MB here, ~1.6 ms of CPU against 6–20 ms, and no directory fsync).
     """
+    buffers = encode(tree)  # first: a tree that cannot be stored leaves the file untouched
     created = not path.exists()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        buffers = encode(tree)
         os.lseek(fd, 0, os.SEEK_SET)
         writev_all(fd, buffers)
         os.ftruncate(fd, sum(b.nbytes for b in buffers))
@@ -156,11 +137,6 @@ def write_in_place(path: Path, tree: Mapping[str, Any], *, fsync: bool = True) -
         os.close(fd)
     if created and fsync:
         fsync_dir(path.parent)
-
-
-def is_tensor_file(path: Path) -> bool:
-    with path.open("rb") as fh:
-        return fh.read(len(MAGIC)) == MAGIC
 
 
 def decode(data: bytes | bytearray) -> dict[str, Any]:
