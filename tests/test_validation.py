@@ -303,3 +303,26 @@ def test_one_update_per_claimed_round() -> None:
     with pytest.raises(Rejected, match="already claimed round 3") as info:
         check_round(3, server_round=5, last_round=3)
     assert info.value.code == Refusal.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_the_door_counts_unknown_fields_inside_an_update_against_its_size_limit(over: int) -> None:
+    """Door.receive sizes an update by the bytes it serializes to (the ones the log keeps): a
+    Byzantine worker padding its update with unknown fields reaches the limit at exactly
+    max_update_bytes, one byte more is refused as RESOURCE_EXHAUSTED."""
+    from byzps.worker.byzantine.forge import unknown_field
+
+    door = Door(DIM, "topk", lambda r: K, rounds=10)
+    plain = encode_sparse(
+        SparseVector(torch.arange(K, dtype=INDEX_DTYPE), torch.ones(K), DIM), compressor="topk"
+    )
+    extra = max_update_bytes(K) - plain.ByteSize() + over  # padding bytes, tag and length included
+    padding = next(p for n in range(extra, -1, -1) if len(p := unknown_field(n)) == extra)
+    padded = pb.SparseUpdate.FromString(plain.SerializeToString() + padding)
+    assert len(padded.SerializeToString()) == max_update_bytes(K) + over
+    if not over:
+        assert door.receive(0, 0, 1, padded).encoded == padded.SerializeToString()
+        return
+    with pytest.raises(Rejected, match="limit") as info:
+        door.receive(0, 0, 1, padded)
+    assert info.value.code == Refusal.RESOURCE_EXHAUSTED
