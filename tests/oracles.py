@@ -35,7 +35,7 @@ class ReplayOracle:
         self.sampled.append(round)
         return round % self.rounds
 
-    def grad(self, x: Tensor, batch: int) -> Tensor:
+    def grad(self, x: Tensor, batch: int, out: Tensor | None = None) -> Tensor:
         return torch.from_numpy(self.np_grad(x.double().cpu().numpy(), batch))
 
     def full_grad(self, x: Tensor) -> Tensor:

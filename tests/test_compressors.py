@@ -21,9 +21,10 @@ from byzps.common.compressors import (
     randk_indices,
     topk_indices,
 )
+from byzps.common.compressors._topk_scan import SAMPLE, scan_row
 from byzps.common.sparse import INDEX_DTYPE
 
-METHODS = ("numpy", "select", "sort", "torch")
+METHODS = ("scan", "numpy", "select", "sort", "torch")
 
 
 def brute_topk(z: np.ndarray, k: int) -> np.ndarray:
@@ -116,6 +117,80 @@ def test_topk_ratio_and_large_auto_path() -> None:
     z = torch.randn(2, d)
     np.testing.assert_array_equal(comp.indices(z).numpy(), brute_topk(z.numpy(), comp.k))
     assert TopK(10, ratio=0.01).k == 1  # max(1, ⌊ratio·d⌋)
+
+
+#: A row the scan samples every 7th entry of.
+SCAN_DIM = 7 * SAMPLE + 3
+
+
+def scan_cases(d: int = SCAN_DIM) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(a, b) pairs for Top-k of a − b: plain, tied, and rows built to mislead the scan's
+    strided sample (every 7th entry at SCAN_DIM) — the large entries between its samples, every
+    magnitude equal, mostly zeros."""
+    gen = torch.Generator().manual_seed(5)
+    off_grid = torch.zeros(2, d)
+    off_grid[:, 1::7] = torch.randn(2, len(range(1, d, 7)), generator=gen)  # between samples
+    sparse = torch.zeros(2, d)
+    sparse[:, ::997] = 1.0 + torch.rand(2, len(range(0, d, 997)), generator=gen)
+    return {
+        "random": (torch.randn(2, d, generator=gen), torch.randn(2, d, generator=gen)),
+        "tied": (tied_input(2, d, 1), tied_input(2, d, 2)),
+        "off the sample's grid": (off_grid, torch.zeros(2, d)),
+        "equal magnitudes": (torch.ones(2, d).neg_(), torch.zeros(2, d)),
+        "mostly zeros": (sparse, torch.zeros(2, d)),
+        "float64": (
+            torch.randn(2, d, generator=gen, dtype=torch.float64),
+            torch.randn(2, d, generator=gen, dtype=torch.float64),
+        ),
+    }
+
+
+@pytest.mark.parametrize("k", [1, 37, 1_000, 20_000])
+def test_the_scan_gives_the_difference_topk_bit_for_bit(k: int) -> None:
+    """TopK.compress_difference(a, b), by the one-pass scan, equals compress(a − b) by the
+    partition path and brute force — indices and values — on rows built to mislead it."""
+    d = SCAN_DIM
+    for name, (a, b) in scan_cases().items():
+        batch = TopK(d, k=k).compress_difference(a, b)
+        z = a - b
+        reference = TopK(d, k=k, method="numpy").compress(z)
+        assert torch.equal(batch.indices, reference.indices), name
+        assert torch.equal(batch.values, reference.values), name
+        np.testing.assert_array_equal(batch.indices.numpy(), brute_topk(z.numpy(), k), name)
+
+
+def test_the_scan_answers_alone_where_its_sample_is_fair_and_declines_elsewhere() -> None:
+    """The fast path is taken on an ordinary row (so the test above measures it, not only the
+    fallback) and refused, never guessed, where the sample cannot vouch for the answer."""
+    d, k = SCAN_DIM, 1_000
+    cases = scan_cases()
+    a, b = (t[0].numpy() for t in cases["random"])
+    assert scan_row(a, b, k) is not None
+    assert scan_row(a, None, k) is not None
+    a, b = (t[0].numpy() for t in cases["off the sample's grid"])
+    assert scan_row(a, b, k) is None
+    a, b = (t[0].numpy() for t in cases["equal magnitudes"])
+    assert scan_row(a, b, k) is None
+    with_nan = cases["random"][0][0].numpy().copy()
+    with_nan[d // 2 + 1] = np.nan
+    assert scan_row(with_nan, None, k) is None
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_the_scan_keeps_the_partition_paths_answer_on_non_finite_rows(bad: float) -> None:
+    """inf is the largest magnitude; NaN is refused exactly as the partition path refuses it."""
+    d = 50_000
+    a = torch.randn(1, d)
+    a[0, 12_345] = bad
+    b = torch.zeros(1, d)
+    if math.isnan(bad):
+        for method in ("auto", "numpy"):
+            with pytest.raises(ValueError, match="finite"):
+                TopK(d, k=100, method=method).compress_difference(a, b)
+        return
+    batch = TopK(d, k=100).compress_difference(a, b)
+    assert 12_345 in batch.indices[0].tolist()
+    assert torch.equal(batch.indices, TopK(d, k=100, method="numpy").compress(a - b).indices)
 
 
 def test_topk_half_precision_input() -> None:

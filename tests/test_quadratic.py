@@ -54,6 +54,39 @@ def test_noise_is_fixed_by_the_round_and_scaled_by_the_batch_size() -> None:
     assert abs(float(noise.std()) - 2.0 / 4**0.5) < 0.03  # σ/√b = 1, 20 000 draws
 
 
+def test_a_reused_gradient_buffer_changes_no_bit_and_makes_no_new_buffer() -> None:
+    """Byz-DM21 and Byz-VR-DM21 hand the oracle last round's gradient buffer to write into: the
+    messages are bit for bit those of fresh buffers, and from the second round on no d-sized
+    gradient buffer is made (at d = 1e7 a fresh one cost a tenth of a worker's CPU)."""
+    from byzps.common.compressors import TopK
+    from byzps.common.estimators import build_estimator
+
+    t = task(dim=20_000, noise=0.3)
+    for name in ("byz-dm21", "byz-vr-dm21"):
+        runs = {}
+        for reuse in (True, False):
+            est = build_estimator(name, dim=20_000, compressor=TopK(20_000, k=200), eta=0.2)
+            if not reuse:
+                est._grad_buffer = None
+                est.grad = lambda oracle, x, batch, reuse=False, est=est: est._cast(
+                    oracle.grad(x, batch)
+                )
+            oracle = t.oracle([2], seed=3)
+            x = torch.zeros(20_000)
+            sent, buffers = [], []
+            for r in range(4):
+                message = est.message(x, oracle, r)
+                est.commit(message)
+                sent.append(message)
+                buffers.append(None if est._grad_buffer is None else est._grad_buffer.data_ptr())
+                x = x - 0.1 * message.to_dense()[0]
+            runs[reuse] = sent, buffers
+        for fresh, reused in zip(runs[False][0], runs[True][0], strict=True):
+            assert torch.equal(fresh.indices, reused.indices), name
+            assert torch.equal(fresh.values, reused.values), name
+        assert len(set(runs[True][1])) == 1 and runs[True][1][0] is not None, name
+
+
 def test_the_optimum_is_the_mean_target_with_the_exact_loss() -> None:
     t = task(heterogeneity=0.5)
     x_star, f_star = t.optimum()

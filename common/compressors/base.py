@@ -127,10 +127,27 @@ class Compressor(ABC):
     ) -> SparseBatch:
         """Compress each row of `z` (shape (w, d)); `seeds` has one entry per row when seeded,
         `workers` the worker id of each row (Perm-K's block). Values are rounded to `values`."""
-        self._check_rows(z)
-        if self.seeded and (seeds is None or len(seeds) != z.shape[0]):
-            raise ValueError(f"seeds: {self.name} needs one seed per row ({z.shape[0]})")
-        batch = self._compress(z, seeds, workers)
+        return self.compress_difference(z, None, seeds, workers)
+
+    def compress_difference(
+        self,
+        a: Tensor,
+        b: Tensor | None,
+        seeds: Sequence[int] | None = None,
+        workers: Sequence[int] | None = None,
+    ) -> SparseBatch:
+        """`compress(a − b)` (`compress(a)` when b is None), bit for bit. Error feedback sends
+        C(target − g); a compressor that can select from a and b directly (Top-k on the CPU)
+        never materialises the d-sized difference."""
+        self._check_rows(a)
+        if b is not None and b.shape != a.shape:
+            raise ValueError(f"b must have the shape of a, {tuple(a.shape)}, got {tuple(b.shape)}")
+        if self.seeded and (seeds is None or len(seeds) != a.shape[0]):
+            raise ValueError(f"seeds: {self.name} needs one seed per row ({a.shape[0]})")
+        if b is None:
+            batch = self._compress(a, seeds, workers)
+        else:
+            batch = self._compress_difference(a, b, seeds, workers)
         if self.values == "float32":
             return batch
         return SparseBatch(
@@ -142,6 +159,12 @@ class Compressor(ABC):
         self, z: Tensor, seeds: Sequence[int] | None, workers: Sequence[int] | None
     ) -> SparseBatch:
         """The compression itself, on checked rows."""
+
+    def _compress_difference(
+        self, a: Tensor, b: Tensor, seeds: Sequence[int] | None, workers: Sequence[int] | None
+    ) -> SparseBatch:
+        """The compression of a − b, on checked rows; by default of the materialised difference."""
+        return self._compress(a - b, seeds, workers)
 
     def _check_rows(self, z: Tensor) -> None:
         if z.dim() != 2 or z.shape[1] != self.dim:

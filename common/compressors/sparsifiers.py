@@ -1,10 +1,12 @@
 """Sparsifiers: Top-k, Rand-k, Perm-K and identity keep some coordinates and send index/value pairs.
 
-Top-k selection is the hot path of every worker, so it has four interchangeable implementations
-that return identical indices (a test checks it): numpy per row (np.partition threshold, the
-fastest on CPU for large d), numpy over the whole batch (argmax for k = 1, else one batched
-partition; the fastest for small d, where a call's overhead is the cost), a stable torch sort (the
-reference the others are checked against) and a torch threshold path for non-CPU devices. Ties are
+Top-k selection is the hot path of every worker, so it has five interchangeable implementations
+that return identical indices (a test checks it): a one-pass compiled scan per row (the fastest on
+CPU for large d, `_topk_scan`, falling back to the next where it cannot vouch for its answer),
+numpy per row (np.partition threshold), numpy over the whole batch (argmax for k = 1, else one
+batched partition; the fastest for small d, where a call's overhead is the cost), a stable torch
+sort (the reference the others are checked against) and a torch threshold path for non-CPU
+devices. Ties are
 always broken towards the lower index, which makes the selection a pure function of z — the
 simulator and a gRPC worker send the same bytes.
 """
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from byzps.common.compressors._topk_scan import scan_row
 from byzps.common.compressors.base import (
     COMPRESSORS,
     Compressor,
@@ -30,7 +33,9 @@ from byzps.common.sparse import INDEX_DTYPE, SparseBatch, dense_indices
 
 #: Up to this many coordinates one selection over the whole (w, d) batch beats per-row partition.
 SMALL_DIM = 4096
-TOPK_METHODS = ("auto", "numpy", "select", "sort", "torch")
+TOPK_METHODS = ("auto", "scan", "numpy", "select", "sort", "torch")
+#: dtypes the scan is compiled for; others take the partition path.
+_SCAN_DTYPES = (torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,6 +68,26 @@ def _topk_numpy(z: Tensor, k: int) -> Tensor:
             raise ValueError("Top-k input must be finite")
         out[r] = idx
     return torch.from_numpy(out)
+
+
+def _scan_rows(a: Tensor, b: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    """(w, k) indices and values of the Top-k of each row of a − b (of a when b is None), by the
+    one-pass scan; a row it cannot vouch for (NaN, a misleading sample) by `_topk_numpy`, on the
+    difference materialised for that row alone. CPU float32/float64 rows only."""
+    rows = a.detach().numpy()
+    subtrahends = None if b is None else b.detach().numpy()
+    w = rows.shape[0]
+    indices = np.empty((w, k), np.int32)
+    values = np.empty((w, k), rows.dtype)
+    for r in range(w):
+        minus = None if subtrahends is None else subtrahends[r]
+        found = scan_row(rows[r], minus, k)
+        if found is None:
+            z = rows[r] if minus is None else rows[r] - minus
+            chosen = _topk_numpy(torch.from_numpy(z).unsqueeze(0), k)[0].numpy()
+            found = chosen, z[chosen]
+        indices[r], values[r] = found
+    return torch.from_numpy(indices), torch.from_numpy(values)
 
 
 def _topk_select(z: Tensor, k: int) -> Tensor:
@@ -120,7 +145,8 @@ def topk_indices(z: Tensor, k: int, method: str = "auto") -> Tensor:
     """(w, k) int32 indices of the k largest |z| per row, ascending; ties go to the lower index.
 
     `method` picks the implementation ("auto": for d ≤ SMALL_DIM select on CPU, sort on other
-    devices; above it numpy on CPU, torch on other devices); all return the same indices.
+    devices; above it the scan on CPU — numpy for dtypes it is not compiled for — and torch on
+    other devices); all return the same indices.
     """
     if method not in TOPK_METHODS:
         raise ValueError(f"method must be one of {TOPK_METHODS}, got {method!r}")
@@ -132,7 +158,9 @@ def topk_indices(z: Tensor, k: int, method: str = "auto") -> Tensor:
         if d <= SMALL_DIM:
             method = "select" if on_cpu else "sort"
         else:
-            method = "numpy" if on_cpu else "torch"
+            method = "torch" if not on_cpu else "scan" if z.dtype in _SCAN_DTYPES else "numpy"
+    if method == "scan":
+        return _scan_rows(z, None, k)[0].to(z.device)
     if method == "numpy":
         return _topk_numpy(z, k).to(z.device)
     if method == "select":
@@ -210,8 +238,32 @@ class TopK(Compressor):
         self, z: Tensor, seeds: Sequence[int] | None, workers: Sequence[int] | None
     ) -> SparseBatch:
         del seeds, workers  # deterministic
-        idx = self.indices(z)
-        return SparseBatch(idx, _gather(z, idx), self.dim)
+        return self._select(z, None)
+
+    def _compress_difference(
+        self, a: Tensor, b: Tensor, seeds: Sequence[int] | None, workers: Sequence[int] | None
+    ) -> SparseBatch:
+        del seeds, workers
+        return self._select(a, b)
+
+    def _select(self, a: Tensor, b: Tensor | None) -> SparseBatch:
+        """Top-k of a − b (of a when b is None): by the scan, which reads a and b once and makes
+        no d-sized buffer, wherever `topk_indices` would take it; else on the difference."""
+        scans = (
+            self.scope == "global"
+            and self.method in ("auto", "scan")
+            and a.device.type == "cpu"
+            and a.dtype in _SCAN_DTYPES
+            and (b is None or b.dtype == a.dtype)
+            and self.dim > SMALL_DIM
+            and self._k < self.dim
+        )
+        if scans:
+            indices, values = _scan_rows(a, b, self._k)
+            return SparseBatch(indices, values, self.dim)
+        z = a if b is None else a - b
+        indices = self.indices(z)
+        return SparseBatch(indices, _gather(z, indices), self.dim)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,8 +36,12 @@ class GradientOracle(Protocol):
         """The mini-batches of round `round` (a pure function of the oracle's seed and `round`)."""
         ...
 
-    def grad(self, x: Tensor, batch: Batch) -> Tensor:
-        """(w, d): ∇f_i(x; ξ_i) for every worker row i on its part of `batch`."""
+    def grad(self, x: Tensor, batch: Batch, out: Tensor | None = None) -> Tensor:
+        """(w, d): ∇f_i(x; ξ_i) for every worker row i on its part of `batch`.
+
+        `out`, when given, is a buffer this oracle returned from an earlier call, which the
+        caller no longer reads: the oracle may write the result into it and return it (a large-d
+        worker then makes no fresh d-sized buffer a round), or ignore it."""
         ...
 
     def full_grad(self, x: Tensor) -> Tensor:

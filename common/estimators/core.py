@@ -98,6 +98,7 @@ class BatchedEstimator(Estimator):
         self.device = torch.device(device)
         self.steps = 0
         self.x_prev: Tensor | None = None
+        self._grad_buffer: Tensor | None = None
         for name in self._state_names:
             setattr(self, name, torch.zeros(num_workers, dim, dtype=dtype, device=self.device))
 
@@ -130,16 +131,17 @@ class BatchedEstimator(Estimator):
         """True while computing the first message (the t = 0 initialisation)."""
         return self.steps == 0
 
-    def compress(self, z: Tensor, round: int) -> SparseBatch:
-        """C(z) for every row; a seeded compressor gets its seeds for these workers and round
-        (Compressor.row_seeds: derive_seed(seed, name, id, round), or Perm-K's shared one)."""
+    def compress(self, z: Tensor, round: int, minus: Tensor | None = None) -> SparseBatch:
+        """C(z − minus) (C(z) without `minus`) for every row; a seeded compressor gets its seeds
+        for these workers and round (Compressor.row_seeds: derive_seed(seed, name, id, round), or
+        Perm-K's shared one)."""
         c = self.compressor
         seeds = None
         if c.seeded:
             seeds = tuple(
                 s for seed, ids in self._seed_groups for s in c.row_seeds(seed, ids, round)
             )
-        return c.compress(z, seeds, self.worker_ids)
+        return c.compress_difference(z, minus, seeds, self.worker_ids)
 
     def _cast(self, g: Tensor) -> Tensor:
         if g.shape != (self.num_workers, self.dim):
@@ -148,8 +150,17 @@ class BatchedEstimator(Estimator):
             )
         return g.detach().to(dtype=self.dtype, device=self.device)
 
-    def grad(self, oracle: GradientOracle, x: Tensor, batch: Batch) -> Tensor:
-        return self._cast(oracle.grad(x, batch))
+    def grad(
+        self, oracle: GradientOracle, x: Tensor, batch: Batch, *, reuse: bool = False
+    ) -> Tensor:
+        """The rows' stochastic gradients at x, in the state's dtype. `reuse=True` promises that
+        the caller no longer reads the last result it got with `reuse=True`, so the oracle may
+        write this one into the same buffer (GradientOracle.grad's `out`): at d = 1e7 a fresh
+        40 MB buffer a round cost its workers a tenth of their CPU in the kernel's page zeroing."""
+        raw = oracle.grad(x, batch, out=self._grad_buffer if reuse else None)
+        if reuse:
+            self._grad_buffer = raw
+        return self._cast(raw)
 
     def full_grad(self, oracle: GradientOracle, x: Tensor) -> Tensor:
         return self._cast(oracle.full_grad(x))
@@ -219,11 +230,13 @@ class MirroredEstimator(BatchedEstimator):
     commit_scale: float = 1.0
 
     def _message(self, x: Tensor, oracle: GradientOracle, round: int) -> SparseBatch:
-        return self.compress(self._delta(x, oracle, round), round)
+        z, minus = self._delta(x, oracle, round)
+        return self.compress(z, round, minus)
 
     @abstractmethod
-    def _delta(self, x: Tensor, oracle: GradientOracle, round: int) -> Tensor:
-        """(w, d): the vector to compress this round."""
+    def _delta(self, x: Tensor, oracle: GradientOracle, round: int) -> tuple[Tensor, Tensor | None]:
+        """The vector to compress this round as (a, b) meaning a − b, or (δ, None): the
+        compressor may select from a and b without a (w, d) buffer for their difference."""
 
     def commit(self, message: SparseBatch, rows: Sequence[int] | None = None) -> None:
         """mirror[rows] ← mirror[rows] + scale·c for the acknowledged rows (default: all)."""
@@ -250,8 +263,8 @@ class ErrorFeedbackEstimator(MirroredEstimator):
         factor = self.compressor.ef_factor
         return message if factor == 1.0 else self.compressor.scaled(message, factor)
 
-    def _delta(self, x: Tensor, oracle: GradientOracle, round: int) -> Tensor:
-        return self._target(x, oracle, round) - self.g
+    def _delta(self, x: Tensor, oracle: GradientOracle, round: int) -> tuple[Tensor, Tensor]:
+        return self._target(x, oracle, round), self.g
 
     @abstractmethod
     def _target(self, x: Tensor, oracle: GradientOracle, round: int) -> Tensor:

@@ -34,8 +34,8 @@ class BRDiana(MirroredEstimator):
         self.a = check_unit_interval("a", 1.0 / (compressor.omega + 1.0) if a is None else a)
         self.commit_scale = self.a
 
-    def _delta(self, x: Tensor, oracle: GradientOracle, round: int) -> Tensor:
-        return self.grad(oracle, x, oracle.sample(round)) - self.h
+    def _delta(self, x: Tensor, oracle: GradientOracle, round: int) -> tuple[Tensor, Tensor]:
+        return self.grad(oracle, x, oracle.sample(round)), self.h
 
     def server_rule_params(self) -> dict[str, Any]:
         return {"a": self.a}

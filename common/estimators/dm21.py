@@ -49,7 +49,7 @@ class ByzDM21(ErrorFeedbackEstimator):
 
     def _target(self, x: Tensor, oracle: GradientOracle, round: int) -> Tensor:
         batch = oracle.sample(round)
-        s = self.grad(oracle, x, batch)
+        s = self.grad(oracle, x, batch, reuse=True)  # read only within this call
         if self.first:
             self._track("v", s, self.eta, self._init_scale)
         else:

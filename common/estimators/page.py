@@ -108,11 +108,11 @@ class ByzDashaPage(_SharedCoin, MirroredEstimator):
         super().__init__(dim, compressor, p=p, **common)
         self.a = check_unit_interval("a", 1.0 / (2.0 * compressor.omega + 1.0) if a is None else a)
 
-    def _delta(self, x: Tensor, oracle: GradientOracle, round: int) -> Tensor:
+    def _delta(self, x: Tensor, oracle: GradientOracle, round: int) -> tuple[Tensor, None]:
         if self.is_full(round) or self.first:
             h_new = self.full_grad(oracle, x)
         else:
             h_new = self.h + self.grad_difference(x, oracle, round)
         delta = h_new - self.h - self.a * (self.g - self.h)
         self.h.copy_(h_new)
-        return delta
+        return delta, None

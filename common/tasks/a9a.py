@@ -173,8 +173,9 @@ class LogisticOracle:
                              f"({self.num_workers}, {self.dim})")  # fmt: skip
         return x
 
-    def grad(self, x: Tensor, batch: Tensor) -> Tensor:
-        """(w, d): mean over each worker's batch row of (σ(aᵀx) − y) a, plus ∇r(x)."""
+    def grad(self, x: Tensor, batch: Tensor, out: Tensor | None = None) -> Tensor:
+        """(w, d): mean over each worker's batch row of (σ(aᵀx) − y) a, plus ∇r(x). `out` is
+        ignored: at a9a's d the products allocate more than the result does."""
         xs = self._per_row(x)
         # index_select: a fraction of advanced indexing's cost here; it needs the index on the
         # data's device (batches are drawn on the CPU).

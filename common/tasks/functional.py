@@ -103,8 +103,9 @@ class FunctionalOracle:
     def sample(self, round: int) -> Tensor:
         return self._batches.sample(round)
 
-    def grad(self, x: Tensor, batch: Tensor) -> Tensor:
-        """(w, d): every worker's gradient on its own rows of `batch` (w, b), one vmap call."""
+    def grad(self, x: Tensor, batch: Tensor, out: Tensor | None = None) -> Tensor:
+        """(w, d): every worker's gradient on its own rows of `batch` (w, b), one vmap call.
+        `out` is ignored: vmap builds its own result."""
         return self._per_worker_grad(x, self._inputs[batch], self._targets[batch])
 
     def full_grad(self, x: Tensor) -> Tensor:

@@ -95,12 +95,15 @@ class QuadraticOracle:
     def sample(self, round: int) -> NoiseDraw:
         return NoiseDraw(round)
 
-    def full_grad(self, x: Tensor) -> Tensor:
-        """(w, d): h ⊙ (x − b_i); x is shared (d,) or one per row (w, d)."""
-        return (x - self.targets).mul_(self.curvature)
+    def full_grad(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """(w, d): h ⊙ (x − b_i); x is shared (d,) or one per row (w, d). Written into `out`
+        when it is an earlier result of this oracle's shape and dtype (see GradientOracle.grad)."""
+        if out is None or out.shape != self.targets.shape or out.dtype != self.targets.dtype:
+            return (x - self.targets).mul_(self.curvature)
+        return torch.sub(x, self.targets, out=out).mul_(self.curvature)
 
-    def grad(self, x: Tensor, batch: NoiseDraw) -> Tensor:
-        grads = self.full_grad(x)
+    def grad(self, x: Tensor, batch: NoiseDraw, out: Tensor | None = None) -> Tensor:
+        grads = self.full_grad(x, out)
         if self.noise_scale > 0:
             for row, (worker, seed) in enumerate(zip(self.workers, self.seeds, strict=True)):
                 noise = torch.randn(
