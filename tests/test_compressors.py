@@ -145,7 +145,7 @@ def scan_cases(d: int = SCAN_DIM) -> dict[str, tuple[torch.Tensor, torch.Tensor]
     }
 
 
-@pytest.mark.parametrize("k", [1, 37, 1_000, 20_000])
+@pytest.mark.parametrize("k", [1, 37, 1_000, 5_000, 20_000])
 def test_the_scan_gives_the_difference_topk_bit_for_bit(k: int) -> None:
     """TopK.compress_difference(a, b), by the one-pass scan, equals compress(a − b) by the
     partition path and brute force — indices and values — on rows built to mislead it."""
