@@ -76,7 +76,7 @@ def scan_row(a: np.ndarray, b: np.ndarray | None, k: int) -> tuple[np.ndarray, n
         return None
     idx, val = idx[:found], val[:found]
     mags = np.abs(val)
-    t = mags[np.argpartition(mags, found - k)[found - k]]
+    t = np.partition(mags, found - k)[found - k]  # the k-th largest of the row
     above = mags > t
     tied = mags == t
     keep = above | (tied & (np.cumsum(tied) <= k - np.count_nonzero(above)))

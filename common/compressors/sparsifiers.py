@@ -6,9 +6,8 @@ CPU for large d, `_topk_scan`, falling back to the next where it cannot vouch fo
 numpy per row (np.partition threshold), numpy over the whole batch (argmax for k = 1, else one
 batched partition; the fastest for small d, where a call's overhead is the cost), a stable torch
 sort (the reference the others are checked against) and a torch threshold path for non-CPU
-devices. Ties are
-always broken towards the lower index, which makes the selection a pure function of z — the
-simulator and a gRPC worker send the same bytes.
+devices. Ties are always broken towards the lower index, which makes the selection a pure function
+of z — the simulator and a gRPC worker send the same bytes.
 """
 
 from __future__ import annotations
