@@ -74,7 +74,7 @@ def messages(config: RunConfig, round: int) -> list[bytes]:
     values = torch.randn(n, dim, generator=torch.Generator().manual_seed(round)) * 1e-3
     indices = torch.arange(dim, dtype=torch.int32).expand(n, dim)
     batch = SparseBatch(indices, values, dim)
-    return [encode_row(row, config).SerializeToString() for row in batch.rows()]
+    return [encode_row(row, config) for row in batch.rows()]
 
 
 def run(args: argparse.Namespace, policy: str | None) -> list[float]:

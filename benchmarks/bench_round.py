@@ -176,7 +176,7 @@ class Workers:
     def messages(self, x: torch.Tensor, round: int) -> tuple[SparseBatch, list[bytes]]:
         batch = self.estimator.message(x, self.oracle, round)
         self.estimator.compressor = self.topk
-        wire = [encode_row(row, self.config).SerializeToString() for row in batch.rows()]
+        wire = [encode_row(row, self.config) for row in batch.rows()]
         return batch, wire
 
     def commit(self, batch: SparseBatch) -> None:

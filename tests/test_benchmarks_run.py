@@ -1,0 +1,43 @@
+"""The server-side benchmarks run end to end on a tiny workload and print their tables.
+
+Why: a benchmark nobody runs rots silently — `bench_round.py` and `bench_durability.py` still
+called `.SerializeToString()` on `encode_row`'s result after it became wire bytes, and only the
+next measurement found out. These runs take seconds; the numbers they print are not checked
+(performance lives in the benchmarks, not in timed tests), only that every table row appears.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from bench_support import load_benchmark
+
+
+def test_bench_round_runs_both_paths_and_prints_their_parts(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Set, so that the script does not re-exec itself (timing.as_the_daemons_run) — over pytest.
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    bench = load_benchmark("bench_round")
+    bench.main(
+        ["--sizes", "20000", "--rounds", "1", "--warmup", "2", "--workers", "5", "--f", "1",
+         "--aggregators", "mean", "cm"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    for rule in ("mean", "cm"):
+        rows = [line.split() for line in out.splitlines() if line.split()[:1] == [rule]]
+        assert [row[1] for row in rows] == ["dense", "sparse"], out
+
+
+def test_bench_durability_runs_every_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = load_benchmark("bench_durability")
+    bench.main(
+        ["--dim", "20000", "--workers", "4", "--rounds", "4", "--checkpoint-every", "2",
+         "--eval-every", "2", "--dir", str(tmp_path)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    for policy in ("none", "round", "group", "no storage"):
+        assert policy in out, out
