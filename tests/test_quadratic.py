@@ -87,6 +87,17 @@ def test_a_reused_gradient_buffer_changes_no_bit_and_makes_no_new_buffer() -> No
         assert len(set(runs[True][1])) == 1 and runs[True][1][0] is not None, name
 
 
+def test_an_out_buffer_of_another_dtype_than_the_result_is_not_written() -> None:
+    """x in float64 against float32 targets gives a float64 gradient: a float32 `out` would
+    round it, so the oracle leaves it alone and returns the fresh result."""
+    oracle = task().oracle([1], seed=0)
+    x = torch.randn(300, dtype=torch.float64)
+    out = torch.zeros(1, 300)
+    grads = oracle.full_grad(x, out)
+    assert grads.dtype == torch.float64 and torch.equal(grads, oracle.full_grad(x))
+    assert not out.any()
+
+
 def test_the_optimum_is_the_mean_target_with_the_exact_loss() -> None:
     t = task(heterogeneity=0.5)
     x_star, f_star = t.optimum()

@@ -37,6 +37,11 @@ TOPK_METHODS = ("auto", "scan", "numpy", "select", "sort", "torch")
 _SCAN_DTYPES = (torch.float32, torch.float64)
 
 
+def _scannable(z: Tensor) -> bool:
+    """Rows the scan can read in place: CPU float32/float64."""
+    return z.device.type == "cpu" and z.dtype in _SCAN_DTYPES
+
+
 # ----------------------------------------------------------------------------------------------
 # Top-k selection: k largest |z| per row, ties to the lower index, indices ascending
 # ----------------------------------------------------------------------------------------------
@@ -157,10 +162,10 @@ def topk_indices(z: Tensor, k: int, method: str = "auto") -> Tensor:
         if d <= SMALL_DIM:
             method = "select" if on_cpu else "sort"
         else:
-            method = "torch" if not on_cpu else "scan" if z.dtype in _SCAN_DTYPES else "numpy"
-    if method == "scan":
-        return _scan_rows(z, None, k)[0].to(z.device)
-    if method == "numpy":
+            method = "scan" if on_cpu else "torch"
+    if method == "scan" and _scannable(z):
+        return _scan_rows(z, None, k)[0]
+    if method in ("scan", "numpy"):  # the scan's fallback for what it is not compiled for
         return _topk_numpy(z, k).to(z.device)
     if method == "select":
         return _topk_select(z, k)
@@ -251,8 +256,7 @@ class TopK(Compressor):
         scans = (
             self.scope == "global"
             and self.method in ("auto", "scan")
-            and a.device.type == "cpu"
-            and a.dtype in _SCAN_DTYPES
+            and _scannable(a)
             and (b is None or b.dtype == a.dtype)
             and self.dim > SMALL_DIM
             and self._k < self.dim

@@ -98,7 +98,8 @@ class QuadraticOracle:
     def full_grad(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """(w, d): h ⊙ (x − b_i); x is shared (d,) or one per row (w, d). Written into `out`
         when it is an earlier result of this oracle's shape and dtype (see GradientOracle.grad)."""
-        if out is None or out.shape != self.targets.shape or out.dtype != self.targets.dtype:
+        fresh = out is None or out.shape != self.targets.shape
+        if fresh or out.dtype != torch.result_type(x, self.targets):
             return (x - self.targets).mul_(self.curvature)
         return torch.sub(x, self.targets, out=out).mul_(self.curvature)
 
