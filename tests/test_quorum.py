@@ -1,7 +1,9 @@
 """cluster.quorum: a run with f = 0 survives a dead worker when its quorum allows it.
 
-The default quorum is n − f, so with f = 0 one worker that never comes would stall the run
-forever; `cluster.quorum = n − 1` lets each round close at its deadline without it.
+A round closes when every registered worker has pushed, or when `quorum` have and its deadline
+has passed. The default quorum is n − f, so with f = 0 one worker that registered and then died
+would stall the run forever (tests/test_server_rounds.py shows the stall with a hand-moved
+clock); `cluster.quorum = n − 1` lets each round close at its deadline without it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 from cluster_helpers import Processes, byzps, wait_listening
 from configs import small_config, write_config
+from server_support import Client
 
 from byzps.common.config import ConfigError, RunConfig
 
@@ -37,14 +40,19 @@ def test_a_run_without_byzantine_workers_survives_a_dead_worker(tmp_path: Path) 
     out = tmp_path / "out"
     processes = Processes()
     try:
+        # Round 0 opens once all three have registered (the startup timeout is only a backstop),
+        # so every round has the same cast: two live workers and one that registered and died.
         server = processes.start(
             byzps("server", "--config", str(config), "--set", "cluster.quorum=2",
                   "--listen", "127.0.0.1:0", "--no-auth", "--out", str(out),
-                  "--startup-timeout", "1", "--round-deadline", "0.2", "--linger", "0.5"),
+                  "--startup-timeout", "120", "--round-deadline", "0.2", "--linger", "0.5"),
             stdout=subprocess.PIPE, stderr=(tmp_path / "server.log").open("wb"),
         )  # fmt: skip
         address = wait_listening(server)
-        for worker in ("0", "1"):  # worker 2 never comes
+        dead = Client(address, secret=None)
+        dead.register("2")  # worker 2 registers, then never pushes
+        dead.close()
+        for worker in ("0", "1"):
             processes.start(
                 byzps("worker", "--server", address, "--id", worker, "--retry-timeout", "20"),
                 log=tmp_path / f"worker-{worker}.log",
