@@ -144,10 +144,6 @@ def _le_view(t: Tensor, bits: torch.dtype) -> np.ndarray:
     return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
 
 
-def _le_bytes(t: Tensor, bits: torch.dtype) -> bytes:
-    return _le_view(t, bits).tobytes()
-
-
 def _varint(n: int) -> bytes:
     """Protobuf's base-128 varint of a non-negative int."""
     out = bytearray()
@@ -163,6 +159,21 @@ def field_prefix(number: int, length: int) -> bytes:
     return _varint(number << 3 | 2) + _varint(length)
 
 
+#: A message's wire bytes as pieces to join once: small fields already serialized, bulk data as
+#: little-endian arrays viewing the tensors. Nesting a message adds a tag/length piece in front
+#: (`length_delimited`), so however deep the bulk data sits it is copied once, by the final join.
+WireParts = list[bytes | np.ndarray]
+
+
+def wire_size(parts: WireParts) -> int:
+    return sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in parts)
+
+
+def length_delimited(number: int, parts: WireParts) -> WireParts:
+    """`parts` as field `number` of an enclosing message (a bytes or message field)."""
+    return [field_prefix(number, wire_size(parts)), *parts]
+
+
 def _field_number(message: type, name: str) -> int:
     return int(message.DESCRIPTOR.fields_by_name[name].number)
 
@@ -170,6 +181,8 @@ def _field_number(message: type, name: str) -> int:
 _INDICES_FIELD = _field_number(pb.SparseUpdate, "indices")
 _VALUES_FIELD = _field_number(pb.SparseUpdate, "values")
 _UPDATE_FIELD = _field_number(pb.PushUpdateRequest, "update")
+_DELTA_FIELD = _field_number(pb.SparseModelDelta, "delta")
+_DATA_FIELD = _field_number(pb.ModelChunk, "data")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,26 +214,33 @@ def encode_sparse(
 def encode_sparse_wire(
     vec: SparseVector, *, compressor: str | None, dtype: torch.dtype = torch.float32
 ) -> bytes:
-    """The wire bytes of encode_sparse(vec, …), with one copy of the indices and values.
+    """The wire bytes of encode_sparse(vec, …), with one copy of the indices and values."""
+    return b"".join(sparse_wire_parts(vec, compressor=compressor, dtype=dtype))
+
+
+def sparse_wire_parts(
+    vec: SparseVector, *, compressor: str | None, dtype: torch.dtype = torch.float32
+) -> WireParts:
+    """encode_sparse(vec, …) as WireParts.
 
     Building the message and serializing it copies the bulk data three times (tensor → bytes →
-    message → wire); here it goes from the tensors into the result directly. A parser takes a
-    field wherever it appears, so the small fields come first and the two bulk ones after them,
-    and the bytes parse to exactly the message encode_sparse builds.
+    message → wire); as parts it goes from the tensors into the joined result directly. A parser
+    takes a field wherever it appears, so the small fields come first and the two bulk ones after
+    them, and the bytes parse to exactly the message encode_sparse builds.
     """
     msg, indices, values = _sparse_parts(vec, compressor, dtype, True)
-    parts: list[bytes | np.ndarray] = [msg.SerializeToString()]
+    parts: WireParts = [msg.SerializeToString()]
     for number, data in ((_INDICES_FIELD, indices), (_VALUES_FIELD, values)):
-        if data.nbytes:
-            parts += [field_prefix(number, data.nbytes), data]
-    return b"".join(parts)
+        if data.nbytes:  # proto3 omits an empty bytes field
+            parts += length_delimited(number, [data])
+    return parts
 
 
 def encode_push_request(worker_id: str, round: int, seq: int, update: bytes) -> bytes:
     """The wire bytes of PushUpdateRequest(worker_id, round, seq, update) for an update already
     in wire form (encode_sparse_wire), without parsing or copying it again."""
     head = pb.PushUpdateRequest(worker_id=worker_id, round=round, seq=seq).SerializeToString()
-    return b"".join([head, field_prefix(_UPDATE_FIELD, len(update)), update])
+    return b"".join([head, *length_delimited(_UPDATE_FIELD, [update])])
 
 
 def _sparse_parts(
@@ -382,9 +402,16 @@ def encode_delta(
     round: int, delta: SparseVector, *, dtype: torch.dtype = torch.float32
 ) -> pb.SparseModelDelta:
     """x_round = x_(round-1) + delta, as a message (the support is no compressor's choice)."""
-    return pb.SparseModelDelta(
-        round=round, delta=encode_sparse(delta, compressor=None, dtype=dtype)
-    )
+    return pb.SparseModelDelta.FromString(b"".join(delta_wire_parts(round, delta, dtype=dtype)))
+
+
+def delta_wire_parts(
+    round: int, delta: SparseVector, *, lr: float = 0.0, dtype: torch.dtype = torch.float32
+) -> WireParts:
+    """SparseModelDelta(round, delta, lr) as WireParts (the delta's bulk data not yet copied)."""
+    head = pb.SparseModelDelta(round=round, lr=lr).SerializeToString()
+    body = sparse_wire_parts(delta, compressor=None, dtype=dtype)
+    return [head, *length_delimited(_DELTA_FIELD, body)]
 
 
 def decode_delta(msg: pb.SparseModelDelta) -> tuple[int, SparseVector]:
@@ -412,9 +439,28 @@ def chunk_elements(max_chunk_bytes: int = MAX_MESSAGE_BYTES) -> int:
 def encode_model(
     x: Tensor, round: int, *, max_chunk_bytes: int = MAX_MESSAGE_BYTES
 ) -> Iterator[pb.ModelChunk]:
-    """Stream the flat model `x` (cast to float32) as chunks of at most `max_chunk_bytes` each.
+    """Stream the flat model `x` (cast to float32) as chunks of at most `max_chunk_bytes` each."""
+    for wire in encode_model_wire(x, round, max_chunk_bytes=max_chunk_bytes):
+        yield pb.ModelChunk.FromString(wire)
 
-    Lazy, so a server streams a large model without holding every chunk's bytes at once.
+
+def encode_model_wire(
+    x: Tensor, round: int, *, max_chunk_bytes: int = MAX_MESSAGE_BYTES
+) -> Iterator[bytes]:
+    """The wire bytes of encode_model's chunks, as a server streams them (see
+    model_chunk_wire_parts)."""
+    for parts in model_chunk_wire_parts(x, round, max_chunk_bytes=max_chunk_bytes):
+        yield b"".join(parts)
+
+
+def model_chunk_wire_parts(
+    x: Tensor, round: int, *, max_chunk_bytes: int = MAX_MESSAGE_BYTES
+) -> Iterator[WireParts]:
+    """encode_model's chunks as WireParts: each chunk's data is a view of x until joined.
+
+    Lazy, so a server streams a large model without holding every chunk's bytes at once; and a
+    chunk costs one copy of its data where building and serializing a message costs three
+    (measured at d = 1e7: 3 ms against 17–58 ms for the whole model).
     """
     step = chunk_elements(max_chunk_bytes)
     flat = x.detach().to(device="cpu", dtype=torch.float32).reshape(-1).contiguous()
@@ -422,8 +468,9 @@ def encode_model(
     if dim == 0:
         raise ValueError("cannot stream an empty model")
     for start in range(0, dim, step):
-        data = _le_bytes(flat[start : start + step], torch.int32)
-        yield pb.ModelChunk(round=round, offset=start, total_dim=dim, data=data)
+        data = _le_view(flat[start : start + step], torch.int32)
+        head = pb.ModelChunk(round=round, offset=start, total_dim=dim).SerializeToString()
+        yield [head, *length_delimited(_DATA_FIELD, [data])]
 
 
 def decode_model(chunks: Iterable[pb.ModelChunk], *, dim: int) -> tuple[int, Tensor]:

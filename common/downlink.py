@@ -26,14 +26,17 @@ from byzps.common.codec import (
     WireFormatError,
     decode_delta,
     decode_model,
-    encode_delta,
-    encode_model,
+    delta_wire_parts,
+    length_delimited,
+    model_chunk_wire_parts,
 )
 from byzps.common.sparse import SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
 
 #: Bytes per delta entry on the wire: a uint32 index and a float32 value.
 DELTA_ENTRY_BYTES = 8
+#: ModelUpdate's oneof body: field number per kind of answer.
+_BODY_FIELDS = {f.name: f.number for f in pb.ModelUpdate.DESCRIPTOR.oneofs_by_name["body"].fields}
 
 
 def apply_step(x: Tensor, aggregate: Tensor, lr: float) -> None:
@@ -78,21 +81,31 @@ def delta_piece_entries(max_message_bytes: int = MAX_MESSAGE_BYTES) -> int:
 def encode_downlink(
     downlink: Downlink, *, max_message_bytes: int = MAX_MESSAGE_BYTES
 ) -> Iterator[pb.ModelUpdate]:
-    """The GetModelUpdate stream of `downlink` (lazy: one message's bytes at a time)."""
+    """The GetModelUpdate stream of `downlink` as messages (lazy)."""
+    for wire in encode_downlink_wire(downlink, max_message_bytes=max_message_bytes):
+        yield pb.ModelUpdate.FromString(wire)
+
+
+def encode_downlink_wire(
+    downlink: Downlink, *, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> Iterator[bytes]:
+    """The GetModelUpdate stream of `downlink` as the wire bytes of its messages (lazy: one
+    message's bytes at a time), the bulk data copied once, from the tensors into the result."""
     if isinstance(downlink, AggregateDelta):
         step = delta_piece_entries(max_message_bytes)
         for start in range(0, max(downlink.nnz, 1), step):  # an empty delta is one empty piece
             part = slice(start, start + step)
             vec = SparseVector(downlink.indices[part], downlink.values[part], downlink.dim)
-            msg = encode_delta(downlink.round, vec)
-            msg.lr = downlink.lr
-            yield pb.ModelUpdate(delta=msg)
+            piece = delta_wire_parts(downlink.round, vec, lr=downlink.lr)
+            yield b"".join(length_delimited(_BODY_FIELDS["delta"], piece))
         return
     for part, tensor in (("model", downlink.x), ("aggregate", downlink.aggregate)):
         if tensor is None:
             continue
-        for chunk in encode_model(tensor, downlink.round, max_chunk_bytes=max_message_bytes):
-            yield pb.ModelUpdate(**{part: chunk})
+        for chunk in model_chunk_wire_parts(
+            tensor, downlink.round, max_chunk_bytes=max_message_bytes
+        ):
+            yield b"".join(length_delimited(_BODY_FIELDS[part], chunk))
 
 
 def decode_downlink(stream: Iterable[pb.ModelUpdate], *, dim: int) -> Downlink:

@@ -5,8 +5,8 @@ Why: in a synchronous round all n workers ask for the same thing — x_r densely
 protobuf serialization) costs n times what one encoding does, and at d = 1e7 one encoding is
 tens of milliseconds. The coordinator hands every caller of a round the same immutable answer
 object (`Downlink`); this cache turns that object into its serialized reply messages the first
-time and serves the bytes to everyone after, through a pass-through response serializer (the
-bytes on the wire are the ones `SerializeToString` would produce).
+time (encoded straight to wire bytes: byzps.common.codec's WireParts) and serves the bytes to
+everyone after, through a pass-through response serializer.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ class EncodedAnswers:
         self._lock = threading.Lock()
         self._entries: OrderedDict[int, tuple[object, list[bytes]]] = OrderedDict()
 
-    def get(self, answer: object, encode: Callable[[object], Iterable[Message]]) -> list[bytes]:
-        """The serialized messages of `encode(answer)`, computed at most once per answer."""
+    def get(self, answer: object, encode: Callable[[object], Iterable[bytes]]) -> list[bytes]:
+        """The wire messages `encode(answer)`, computed at most once per answer."""
         with self._lock:
             entry = self._entries.get(id(answer))
             if entry is not None and entry[0] is answer:
                 self._entries.move_to_end(id(answer))
                 return entry[1]
-            messages = [msg.SerializeToString() for msg in encode(answer)]
+            messages = list(encode(answer))
             self._entries[id(answer)] = (answer, messages)
             while len(self._entries) > self.keep:
                 self._entries.popitem(last=False)

@@ -30,7 +30,7 @@ import itertools
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -38,9 +38,9 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from byzps.common.codec import COMPRESSOR_IDS, RETRY_AFTER_METADATA_KEY, encode_model
+from byzps.common.codec import COMPRESSOR_IDS, RETRY_AFTER_METADATA_KEY, encode_model_wire
 from byzps.common.config import RunConfig
-from byzps.common.downlink import DenseModel, encode_downlink
+from byzps.common.downlink import DenseModel, encode_downlink_wire
 from byzps.common.tasks.base import Task
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.auth import Authenticator
@@ -226,7 +226,7 @@ class ParameterServerServicer:
                 return self.coordinator.downlink(request.round, known, request.has_aggregate)
 
             answer = await self._await(fetch, request, context)
-            messages = await self.offload(self._updates.get, answer, encode_downlink)
+            messages = await self.offload(self._updates.get, answer, encode_downlink_wire)
             await self._stream(messages, context)
 
     async def Status(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StatusReply:
@@ -450,8 +450,8 @@ class DurableAcks:
                 self._loop.call_soon_threadsafe(complete)
 
 
-def _model_chunks(model: DenseModel) -> Iterable[pb.ModelChunk]:
-    return encode_model(model.x, model.round)
+def _model_chunks(model: DenseModel) -> Iterator[bytes]:
+    return encode_model_wire(model.x, model.round)
 
 
 def add_to_server(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:

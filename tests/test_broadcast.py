@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from server_support import SECRET, Client, N, in_process, random_update, tiny_config
 
-from byzps.common.downlink import DenseModel, encode_downlink
+from byzps.common.downlink import DenseModel, encode_downlink_wire
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.broadcast import EncodedAnswers, passthrough
 
@@ -17,19 +17,26 @@ from byzps.server.broadcast import EncodedAnswers, passthrough
 def counting_encoder(calls: list[object]):
     def encode(answer: object):
         calls.append(answer)
-        return encode_downlink(answer)  # type: ignore[arg-type]
+        return encode_downlink_wire(answer)  # type: ignore[arg-type]
 
     return encode
 
 
 def test_an_answer_is_encoded_once_and_serialized_as_protobuf_would() -> None:
-    answer = DenseModel(3, torch.randn(1000), torch.randn(1000))
+    x, g = torch.randn(1000), torch.randn(1000)
+    answer = DenseModel(3, x, g)
     calls: list[object] = []
     cache = EncodedAnswers()
     first = cache.get(answer, counting_encoder(calls))
     again = cache.get(answer, counting_encoder(calls))
     assert calls == [answer] and again is first
-    assert first == [m.SerializeToString() for m in encode_downlink(answer)]
+    chunk = {"round": 3, "total_dim": 1000}
+    assert first == [
+        pb.ModelUpdate(model=pb.ModelChunk(**chunk, data=x.numpy().tobytes())).SerializeToString(),
+        pb.ModelUpdate(
+            aggregate=pb.ModelChunk(**chunk, data=g.numpy().tobytes())
+        ).SerializeToString(),
+    ]
 
 
 def test_the_cache_keeps_the_newest_answers_only() -> None:
