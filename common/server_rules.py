@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from byzps.common import _state_kernels as _kernels
 from byzps.common.registry import Registry
 from byzps.common.seeding import uniform
 from byzps.common.sparse import SparseBatch
@@ -129,6 +130,12 @@ def scatter_add_rows(
         # One op instead of five, the same additions in the same (serial) order: half the cost
         # of the flat index_add_ at a9a's (12, 1) messages, applied four times a simulated round.
         target.index_put_((rows[:, None], messages.indices.long()), values, accumulate=True)
+        return
+    if alpha == 1.0 and _numpy_view(target):
+        # Large CPU batches: a compiled pass, the same one add per entry (common/_state_kernels).
+        distinct = len(set(rows.tolist())) == len(rows)
+        kernel = _kernels.scatter_add_distinct_rows if distinct else _kernels.scatter_add_rows
+        kernel(target.numpy(), rows.numpy(), messages.indices.numpy(), values.numpy())
         return
     # Dense messages too: index_add_ along dim 0 adds row by row, one parallel region each,
     # which costs ~100 ms a round when another thread pool (numba's) is spinning on the cores.

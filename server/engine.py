@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from byzps.common._state_kernels import changed_entries
 from byzps.common.aggregators.base import Aggregator
 from byzps.common.components import (
     build_run_aggregator,
@@ -186,12 +187,14 @@ class RoundEngine:
             if int(changed.sum()) > self.delta_limit * aggregate.numel():
                 return None
             indices = changed.nonzero().flatten()
-        else:  # numpy's compare + flatnonzero measured ~2x faster than torch's here
+        else:  # one compiled pass, ~4x numpy's mask + flatnonzero + gather here
             bits = _SAME_WIDTH_INT[aggregate.element_size()]
-            mask = aggregate.view(bits).numpy() != self.last_aggregate.view(bits).numpy()
-            if np.count_nonzero(mask) > self.delta_limit * aggregate.numel():
+            limit = int(self.delta_limit * aggregate.numel())
+            new, old = aggregate.view(bits).numpy(), self.last_aggregate.view(bits).numpy()
+            fits, indices, values = changed_entries(new, old, limit)
+            if not fits:
                 return None
-            indices = torch.from_numpy(np.flatnonzero(mask))
+            return torch.from_numpy(indices), torch.from_numpy(values).view(aggregate.dtype)
         return indices.to(INDEX_DTYPE), aggregate[indices]
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from byzps.common._state_kernels import changed_entries
 from byzps.common.aggregators import build_aggregator, forced_backend
 from byzps.common.downlink import apply_step
 from byzps.common.server_rules import build_server_rule
@@ -151,6 +152,28 @@ def test_a_change_larger_than_the_limit_is_not_recorded() -> None:
     e.absorb(torch.arange(N), random_batch(torch.Generator().manual_seed(4), N, D // 2))
     e.close_round()  # ĝ moves on far more than D/2 coordinates
     assert e.last_delta is None
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_the_compiled_comparison_finds_every_changed_bit_up_to_its_limit(over: int) -> None:
+    """changed_entries compares bits: −0.0 against +0.0 is a change, a NaN kept bit for bit is
+    not; it returns exactly numpy's mask positions and values, and refuses one entry over."""
+    gen = torch.Generator().manual_seed(6)
+    old = torch.randn(100_000, generator=gen)
+    old[:3] = torch.tensor([0.0, float("nan"), 1.0])
+    new = old.clone()
+    new[torch.randperm(100_000, generator=gen)[:16_500]] += 1.0
+    new[:3] = torch.tensor([-0.0, float("nan"), 1.0])
+    mask = bits(new) != bits(old)
+    expected = mask.nonzero().flatten()
+    assert expected[0] == 0 and 1 not in expected.tolist()
+    fits, indices, values = changed_entries(
+        bits(new).numpy(), bits(old).numpy(), len(expected) - over
+    )
+    assert fits == (over == 0)
+    if fits:
+        assert torch.equal(torch.from_numpy(indices).long(), expected)
+        assert torch.equal(torch.from_numpy(values), bits(new)[expected])
 
 
 def test_full_aggregations_still_give_exact_deltas() -> None:

@@ -11,6 +11,7 @@ import torch
 from byzps.common.seeding import uniform
 from byzps.common.server_rules import (
     SERVER_RULES,
+    SMALL_SCATTER,
     MarinaRule,
     ServerRule,
     build_server_rule,
@@ -192,6 +193,27 @@ def test_dense_rows_take_a_path_of_their_own_with_the_flat_scatters_bits(alpha: 
     reference = start.clone()
     flat = (rows[:, None] * D + full.indices.long()).reshape(-1)
     reference.view(-1).index_add_(0, flat, full.values.reshape(-1), alpha=alpha)
+    assert torch.equal(target, reference)
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3], [2, 0, 2, 1]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_sparse_batches_keep_the_flat_scatters_bits(
+    rows: list[int], dtype: torch.dtype
+) -> None:
+    """Above SMALL_SCATTER values a CPU batch goes through a compiled pass (rows split between
+    threads when distinct, in batch order when one repeats); every sum has index_add_'s bits."""
+    d, k = 50_000, 2_500
+    gen = torch.Generator().manual_seed(8)
+    idx = torch.stack([torch.randperm(d, generator=gen)[:k].sort().values for _ in rows])
+    messages = SparseBatch(idx.to(INDEX_DTYPE), torch.randn(len(rows), k, generator=gen), d)
+    assert messages.values.numel() > SMALL_SCATTER
+    start = torch.randn(4, d, generator=gen, dtype=dtype)
+    target = start.clone()
+    scatter_add_rows(target, torch.tensor(rows), messages)
+    reference = start.clone()
+    flat = (torch.tensor(rows)[:, None] * d + idx).reshape(-1)
+    reference.view(-1).index_add_(0, flat, messages.values.reshape(-1).to(dtype))
     assert torch.equal(target, reference)
 
 
