@@ -108,6 +108,10 @@ def _check_messages(rows: Tensor, messages: SparseBatch, dim: int) -> None:
 #: Up to this many message values, `scatter_add_rows` uses index_put_ (serial, one call);
 #: above it the flat index_add_.
 SMALL_SCATTER = 4096
+#: From this many values, spread over distinct rows, the compiled scatter splits the rows between
+#: threads (a parallel region costs more than it shares below it, and wakes numba's pool between
+#: torch ops; a live server absorbs one row per push, serially).
+PARALLEL_SCATTER = 1 << 18
 
 
 def scatter_add_rows(
@@ -133,8 +137,8 @@ def scatter_add_rows(
         return
     if alpha == 1.0 and _numpy_view(target):
         # Large CPU batches: a compiled pass, the same one add per entry (common/_state_kernels).
-        distinct = len(set(rows.tolist())) == len(rows)
-        kernel = _kernels.scatter_add_distinct_rows if distinct else _kernels.scatter_add_rows
+        shared = values.numel() >= PARALLEL_SCATTER and len(set(rows.tolist())) == len(rows) > 1
+        kernel = _kernels.scatter_add_distinct_rows if shared else _kernels.scatter_add_rows
         kernel(target.numpy(), rows.numpy(), messages.indices.numpy(), values.numpy())
         return
     # Dense messages too: index_add_ along dim 0 adds row by row, one parallel region each,

@@ -10,6 +10,7 @@ import torch
 
 from byzps.common.seeding import uniform
 from byzps.common.server_rules import (
+    PARALLEL_SCATTER,
     SERVER_RULES,
     SMALL_SCATTER,
     MarinaRule,
@@ -196,14 +197,15 @@ def test_dense_rows_take_a_path_of_their_own_with_the_flat_scatters_bits(alpha: 
     assert torch.equal(target, reference)
 
 
+@pytest.mark.parametrize("k", [2_500, PARALLEL_SCATTER // 4])
 @pytest.mark.parametrize("rows", [[0, 1, 2, 3], [2, 0, 2, 1]])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_large_sparse_batches_keep_the_flat_scatters_bits(
-    rows: list[int], dtype: torch.dtype
+    rows: list[int], dtype: torch.dtype, k: int
 ) -> None:
     """Above SMALL_SCATTER values a CPU batch goes through a compiled pass (rows split between
     threads when distinct, in batch order when one repeats); every sum has index_add_'s bits."""
-    d, k = 50_000, 2_500
+    d = 400_000
     gen = torch.Generator().manual_seed(8)
     idx = torch.stack([torch.randperm(d, generator=gen)[:k].sort().values for _ in rows])
     messages = SparseBatch(idx.to(INDEX_DTYPE), torch.randn(len(rows), k, generator=gen), d)
