@@ -18,6 +18,17 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(cache=True, nogil=True)
+def within(indices, bound):  # pragma: no cover - compiled
+    """True when every entry is in [0, bound): compiled code does not check its subscripts, so
+    the scatters below run only after this (an index from any caller, however produced, must
+    never write outside the states)."""
+    for v in indices.flat:  # noqa: SIM110 - numba compiles no generator for all()
+        if v < 0 or v >= bound:
+            return False
+    return True
+
+
 @njit(cache=True, fastmath=False, nogil=True)
 def scatter_add_rows(target, rows, indices, values):  # pragma: no cover - compiled
     """target[rows[i], indices[i, j]] += values[i, j], in batch order (rows may repeat)."""

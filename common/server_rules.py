@@ -137,9 +137,12 @@ def scatter_add_rows(
         return
     if alpha == 1.0 and _numpy_view(target):
         # Large CPU batches: a compiled pass, the same one add per entry (common/_state_kernels).
+        rows_np, indices = rows.numpy(), messages.indices.numpy()
+        if not (_kernels.within(rows_np, target.shape[0]) and _kernels.within(indices, d)):
+            raise IndexError(f"a row outside [0, {target.shape[0]}) or an index outside [0, {d})")
         shared = values.numel() >= PARALLEL_SCATTER and len(set(rows.tolist())) == len(rows) > 1
         kernel = _kernels.scatter_add_distinct_rows if shared else _kernels.scatter_add_rows
-        kernel(target.numpy(), rows.numpy(), messages.indices.numpy(), values.numpy())
+        kernel(target.numpy(), rows_np, indices, values.numpy())
         return
     # Dense messages too: index_add_ along dim 0 adds row by row, one parallel region each,
     # which costs ~100 ms a round when another thread pool (numba's) is spinning on the cores.

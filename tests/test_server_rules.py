@@ -219,6 +219,22 @@ def test_large_sparse_batches_keep_the_flat_scatters_bits(
     assert torch.equal(target, reference)
 
 
+@pytest.mark.parametrize(("row", "index"), [(4, 0), (-1, 0), (0, 400_000), (0, -1)])
+def test_the_compiled_scatter_refuses_an_out_of_range_target_and_writes_nothing(
+    row: int, index: int
+) -> None:
+    """Compiled code does not check subscripts, so the scatter checks every row and index first:
+    an out-of-range one raises, as index_add_ would, and no state changes."""
+    d, k = 400_000, SMALL_SCATTER
+    idx = torch.arange(k, dtype=INDEX_DTYPE).repeat(2, 1) * 50
+    idx[1, -1] = index if index >= 0 else -1
+    messages = SparseBatch(idx, torch.ones(2, k), d)
+    target = torch.zeros(4, d)
+    with pytest.raises(IndexError, match="outside"):
+        scatter_add_rows(target, torch.tensor([2, row]), messages)
+    assert not target.any()
+
+
 @pytest.mark.parametrize("rows", [[3], [1, 3, 1]])
 def test_the_door_checks_dense_messages_on_the_whole_row(rows: list[int]) -> None:
     """A dense push whose sum with its sender's state overflows is refused, one row or many."""
