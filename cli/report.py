@@ -8,7 +8,15 @@ from pathlib import Path
 
 import click
 
-from byzps.sim.report import METRICS, SELECT_BY, Objective, ReportError, write_report
+from byzps.sim.report import (
+    LR,
+    METRICS,
+    SELECT_BY,
+    Objective,
+    ReportError,
+    Selection,
+    write_report,
+)
 
 
 @click.command()
@@ -32,16 +40,43 @@ from byzps.sim.report import METRICS, SELECT_BY, Objective, ReportError, write_r
     show_default=True,
     help="Choose each method's lr by the final value of the metric or the best value reached.",
 )
-def report(sweep_dir: Path, out: Path | None, metric: str, select_by: str) -> None:
-    """Write report.md (a table per attack, best lr per method) and PNG curves for a sweep."""
+@click.option(
+    "--tune",
+    multiple=True,
+    metavar="KEY",
+    help=f"A config key chosen per row besides {LR} (repeatable), e.g. algorithm.eta.",
+)
+@click.option(
+    "--selection-seeds",
+    type=int,
+    multiple=True,
+    metavar="SEED",
+    help="Seeds whose runs choose the tuned keys (repeatable); the table then reports only "
+    "the other seeds. Without it, the same seeds choose and are reported (biased).",
+)
+def report(
+    sweep_dir: Path,
+    out: Path | None,
+    metric: str,
+    select_by: str,
+    tune: tuple[str, ...],
+    selection_seeds: tuple[int, ...],
+) -> None:
+    """Write report.md (a table per attack, best setting per method) and PNG curves for a sweep."""
     out = out if out is not None else sweep_dir / "report"
     # Relative to where it ran, so the command works in any checkout of the same tree.
     where = [os.path.relpath(sweep_dir), "--out", os.path.relpath(out)]
-    command = shlex.join(["byzps", "report", *where, "--metric", metric, "--select-by", select_by])
-    objective = Objective(metric, select_by)
+    options = ["--metric", metric, "--select-by", select_by]
+    options += [arg for key in tune for arg in ("--tune", key)]
+    options += [arg for seed in selection_seeds for arg in ("--selection-seeds", str(seed))]
+    command = shlex.join(["byzps", "report", *where, *options])
     try:
-        rows = write_report(sweep_dir, out, objective, command)
+        objective = Objective(metric, select_by)
+        selection = Selection(
+            (LR, *dict.fromkeys(k for k in tune if k != LR)), frozenset(selection_seeds)
+        )
+        rows = write_report(sweep_dir, out, objective, command, selection)
     except ReportError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"lr rule: {objective.rule()}")
+    click.echo(f"selection: {objective.rule()}; {selection.describe()}")
     click.echo(f"{len(rows)} rows from {sum(len(r.runs) for r in rows)} runs: {out / 'report.md'}")

@@ -1,14 +1,19 @@
-"""Turn a sweep directory into a report: per-attack tables (mean ± std over seeds, at the learning
-rate chosen per method by a stated rule) and loss/accuracy curves against rounds and bits sent.
+"""Turn a sweep directory into a report: per-attack tables (mean ± 95 % interval over seeds, at
+the hyperparameters chosen per method by a stated rule), which rows the intervals separate, and
+loss/accuracy curves against rounds and bits sent.
 
-Why the lr rule is explicit and printed: "best lr per method" silently changes a comparison's
-outcome (final vs best-so-far, one seed vs the mean), so the report says exactly which it used.
-Why runs are grouped by every config key except seed and lr: any other difference (compressor,
-k, attack) is a different experiment and must not be averaged together.
+Why the selection rule is explicit and printed: "best lr per method" silently changes a
+comparison's outcome (final vs best-so-far, one seed vs the mean), so the report says exactly
+which it used. Why it can choose on seeds of its own (`Selection.seeds`): a setting chosen on the
+very seeds it is reported on is the luckiest of several draws, so its numbers are biased in its
+favour; chosen on other seeds, the reported ones are an honest sample. Why runs are grouped by
+every config key except seed and the tuned keys: any other difference (compressor, k, attack) is
+a different experiment and must not be averaged together.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shlex
@@ -94,15 +99,44 @@ class Objective:
         which = "final" if self.select_by == "final" else "best-over-the-run"
         direction = "lowest" if self.lower_is_better else "highest"
         return (
-            f"for each method × aggregator × attack, the lr with the {direction} mean over seeds "
-            f"of the {which} {self.metric} (a run that diverged or whose final value is not "
-            "finite counts as worst; ties go to the smaller lr)"
+            f"for each method × aggregator × attack, the setting with the {direction} mean over "
+            f"seeds of the {which} {self.metric} (a run that diverged or whose final value is not "
+            "finite counts as worst; ties go to the smaller setting)"
         )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which config keys are tuned per row, and on which seeds the choice is made.
+
+    With no selection seeds every run is used both to choose and to report (the choice is then
+    biased towards the reported numbers, and the report says so); with some, the setting is chosen
+    on those seeds' runs only and the table reports the other seeds' runs.
+    """
+
+    keys: tuple[str, ...] = (LR,)
+    seeds: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if LR not in self.keys:
+            raise ReportError(f"tune: {LR} is always tuned, got {', '.join(self.keys)}")
+        if SEED in self.keys:
+            raise ReportError(f"tune: {SEED} is what settings are averaged over, not tuned")
+
+    def describe(self) -> str:
+        keys = ", ".join(self.keys)
+        if not self.seeds:
+            return (
+                f"{keys} chosen on the same seeds the table reports (so the chosen setting's "
+                "numbers are biased in its favour)"
+            )
+        seeds = ", ".join(str(s) for s in sorted(self.seeds))
+        return f"{keys} chosen on seeds {seeds} only; the table reports the other seeds"
 
 
 @dataclass
 class Row:
-    """One method × aggregator (× other setting) under one attack, at its chosen lr."""
+    """One method × aggregator (× other setting) under one attack, at its chosen setting."""
 
     attack: str
     method: str
@@ -111,11 +145,14 @@ class Row:
     lr: float
     tried: list[float]
     runs: list[Run] = field(default_factory=list)
+    #: The chosen value of every tuned key, and how many settings were tried.
+    tuned: dict[str, Any] = field(default_factory=dict)
+    settings_tried: int = 0
 
     def stat(self, key: str) -> tuple[float, float]:
-        """Mean and population std (ddof = 0) of a final metric over seeds."""
-        values = np.array([float(run.final[key]) for run in self.runs], dtype=np.float64)
-        return float(values.mean()), float(values.std())
+        """Mean and half-width of the 95 % t interval of a final metric over seeds (half-width
+        inf for one seed)."""
+        return claims.interval([float(run.final[key]) for run in self.runs])
 
     @property
     def label(self) -> str:
@@ -159,27 +196,45 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
     return [k for k in keys if len({_canonical(r.config.get(k)) for r in runs}) > 1]
 
 
-def select_lr(by_lr: dict[float, list[Run]], objective: Objective) -> float:
-    """The lr whose mean score over seeds is best under `objective` (ties: the smaller lr)."""
+def select_setting(candidates: dict[tuple, list[Run]], objective: Objective) -> tuple:
+    """The setting whose mean score over its runs is best under `objective` (ties: the smaller
+    setting, compared key by key)."""
 
-    def badness(lr: float) -> tuple[float, float]:
-        mean = float(np.mean([objective.run_score(run) for run in by_lr[lr]]))
-        return (mean if objective.lower_is_better else -mean), lr
+    def badness(setting: tuple) -> tuple[float, tuple]:
+        mean = float(np.mean([objective.run_score(run) for run in candidates[setting]]))
+        return (mean if objective.lower_is_better else -mean), setting
 
-    return min(by_lr, key=badness)
+    return min(candidates, key=badness)
 
 
-def build_rows(runs: Sequence[Run], objective: Objective) -> list[Row]:
-    """Group runs by every key except seed and lr, pick each group's lr, order the rows."""
-    extra = [k for k in varying_keys(runs) if k not in _SHOWN]
-    groups: dict[str, dict[float, list[Run]]] = {}
+def build_rows(
+    runs: Sequence[Run], objective: Objective, selection: Selection = Selection()
+) -> list[Row]:
+    """Group runs by every key except seed and the tuned keys, choose each group's setting on
+    the selection seeds, report the rest; order the rows."""
+    tuned = selection.keys
+    extra = [k for k in varying_keys(runs) if k not in _SHOWN and k not in tuned]
+    groups: dict[str, dict[tuple, list[Run]]] = {}
     for run in runs:
-        key = _canonical({k: v for k, v in run.config.items() if k not in (SEED, LR)})
-        groups.setdefault(key, {}).setdefault(run.lr, []).append(run)
+        key = _canonical({k: v for k, v in run.config.items() if k != SEED and k not in tuned})
+        setting = tuple(run.config.get(k) for k in tuned)
+        groups.setdefault(key, {}).setdefault(setting, []).append(run)
     rows = []
-    for by_lr in groups.values():
-        lr = select_lr(by_lr, objective)
-        chosen = sorted(by_lr[lr], key=lambda run: run.seed)
+    for by_setting in groups.values():
+        choosing = by_setting
+        if selection.seeds:
+            choosing = {
+                setting: chosen
+                for setting, group in by_setting.items()
+                if (chosen := [r for r in group if r.seed in selection.seeds])
+            }
+            if not choosing:
+                raise ReportError(f"selection seeds: no run of {_describe(by_setting)} has one")
+        setting = select_setting(choosing, objective)
+        reported = [r for r in by_setting[setting] if r.seed not in selection.seeds]
+        if not reported:
+            raise ReportError(f"selection seeds: {_describe(by_setting)} has no other seed")
+        chosen = sorted(reported, key=lambda run: run.seed)
         config = chosen[0].config
         rows.append(
             Row(
@@ -187,17 +242,28 @@ def build_rows(runs: Sequence[Run], objective: Objective) -> list[Row]:
                 method=str(config[METHOD]),
                 aggregator="+".join([*config.get(PRE, []), str(config[AGGREGATOR])]),
                 setting=", ".join(f"{k}={_show(config[k])}" for k in extra),
-                lr=lr,
-                tried=sorted(by_lr),
+                lr=float(config[LR]),
+                tried=sorted({float(s[tuned.index(LR)]) for s in by_setting}),
                 runs=chosen,
+                tuned=dict(zip(tuned, setting, strict=True)),
+                settings_tried=len(by_setting),
             )
         )
     rows.sort(key=lambda r: (r.attack != "na", r.attack, r.method, r.aggregator, r.setting))
     return rows
 
 
+def _describe(by_setting: dict[tuple, list[Run]]) -> str:
+    run = next(iter(by_setting.values()))[0]
+    return f"{run.config[METHOD]} under {run.config[ATTACK]}"
+
+
 def _show(value: Any) -> str:
     return value if isinstance(value, str) else _canonical(value)
+
+
+def _show_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else _show(value)
 
 
 def attacks(rows: Sequence[Row]) -> list[str]:
@@ -215,8 +281,8 @@ def seed_band(row: Row, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.array(rounds), bits.mean(axis=0), values.mean(axis=0), values.std(axis=0)
 
 
-def _pm(mean: float, std: float, spec: str) -> str:
-    return f"{mean:{spec}} ± {std:.2g}"
+def _pm(mean: float, half: float, spec: str) -> str:
+    return f"{mean:{spec}} ± {half:.2g}" if math.isfinite(half) else f"{mean:{spec}}"
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -226,7 +292,8 @@ def table(rows: Sequence[Row]) -> str:
     setting = any(row.setting for row in rows)
     head = ["method", "aggregator"] + (["setting"] if setting else []) + ["train_loss"]
     head += (["loss_gap"] if gap else []) + (["test_accuracy"] if accuracy else [])
-    head += ["grad_norm_sq", "bytes uplink", "lr"]
+    head += ["grad_norm_sq", "bytes uplink"]
+    head += ["lr" if all(set(row.tuned) <= {LR} for row in rows) else "chosen"]
     head += ["seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -237,15 +304,51 @@ def table(rows: Sequence[Row]) -> str:
         if accuracy:
             cells.append(_pm(*row.stat("test_accuracy"), ".4f"))
         cells.append(_pm(*row.stat("grad_norm_sq"), ".4g"))
-        uplink_mean, uplink_std = row.stat("bytes_uplink")
+        uplink_mean, uplink_half = row.stat("bytes_uplink")
         cells.append(
-            f"{uplink_mean:.0f}" if uplink_std == 0 else _pm(uplink_mean, uplink_std, ".0f")
+            f"{uplink_mean:.0f}"
+            if uplink_half in (0, math.inf)
+            else _pm(uplink_mean, uplink_half, ".0f")
         )
-        tried = ", ".join(f"{lr:g}" for lr in row.tried)
-        cells.append(f"{row.lr:g} (of {tried})")
+        if set(row.tuned) <= {LR}:
+            tried = ", ".join(f"{lr:g}" for lr in row.tried)
+            cells.append(f"{row.lr:g} (of {tried})")
+        else:
+            chosen = ", ".join(f"{k.split('.')[-1]} {_show_value(v)}" for k, v in row.tuned.items())
+            cells.append(f"{chosen} (of {row.settings_tried})")
         cells.append(str(len(row.runs)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def ordering(rows: Sequence[Row], objective: Objective) -> list[str]:
+    """Per aggregator (and setting), the methods from best to worst mean final metric, joined by
+    `<` (better, intervals disjoint) or `≈` (intervals overlap): the only ranking the data
+    supports. One line each; none for a single method."""
+    lines = []
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.aggregator, row.setting), []).append(row)
+    for (aggregator, setting), group in groups.items():
+        if len(group) < 2:
+            continue
+        stats = {id(row): row.stat(objective.metric) for row in group}
+        sign = 1.0 if objective.lower_is_better else -1.0
+        ranked = sorted(group, key=lambda row: sign * stats[id(row)][0])
+        text = _ranked(ranked[0], stats[id(ranked[0])])
+        for better, worse in itertools.pairwise(ranked):
+            (m1, h1), (m2, h2) = stats[id(better)], stats[id(worse)]
+            disjoint = abs(m1 - m2) > h1 + h2
+            text += f" {'<' if disjoint else '≈'} " + _ranked(worse, (m2, h2))
+        where = aggregator + (f", {setting}" if setting else "")
+        if not objective.lower_is_better:
+            text += " (higher is better)"
+        lines.append(f"- {where}: {text}")
+    return lines
+
+
+def _ranked(row: Row, stat: tuple[float, float]) -> str:
+    return f"{row.method} ({_pm(*stat, '.5g')})"
 
 
 def plot(rows: Sequence[Row], metric: str, x_axis: str, path: Path) -> None:
@@ -287,15 +390,20 @@ def render(
     commands: Sequence[str],
     plots: dict[str, str],
     heading: Sequence[str] = ("# Sweep report",),
+    selection: Selection = Selection(),
 ) -> str:
-    """report.md: its heading, the lr rule, the commands that regenerate it, a table per
-    attack, the plots."""
+    """report.md: its heading, the selection rule, the commands that regenerate it, a table and
+    the intervals' ordering per attack, the plots."""
     out = [
         *heading,
         "",
-        f"**lr selection rule:** {objective.rule()}.",
-        "Table entries are mean ± std (population, ddof = 0) over seeds of the final evaluation "
-        "at the chosen lr; `lr` lists the chosen value and every value tried.",
+        f"**Selection rule:** {objective.rule()}; {selection.describe()}.",
+        "Table entries are the mean ± the half-width of its 95 % Student t interval over the "
+        "reported seeds (a single seed shows its value alone) of the final evaluation at the "
+        "chosen setting; `lr` lists the chosen value and every value tried (`chosen`: the "
+        "chosen value of each tuned key, and how many settings were tried). Under each table, "
+        f"the rows ordered by mean final {objective.metric}, with `<` only where the two "
+        "intervals are disjoint and `≈` where they overlap (the data cannot order them).",
         "",
         "Regenerate with:",
         "",
@@ -304,7 +412,8 @@ def render(
         "```",
     ]
     for attack in attacks(rows):
-        out += ["", f"## attack: {attack}", "", table([r for r in rows if r.attack == attack])]
+        mine = [r for r in rows if r.attack == attack]
+        out += ["", f"## attack: {attack}", "", table(mine), "", *ordering(mine, objective)]
     out += ["", "## Curves", ""]
     for x_axis, file in plots.items():
         out += [f"![{objective.metric} vs {x_axis}]({file})", ""]
@@ -335,13 +444,20 @@ def heading(sweep_dir: Path, runs: Sequence[Run], from_sweep: bool) -> list[str]
 
 
 def write_report(
-    sweep_dir: Path, out: Path, objective: Objective, report_command: str
+    sweep_dir: Path,
+    out: Path,
+    objective: Objective,
+    report_command: str,
+    selection: Selection = Selection(),
 ) -> list[Row]:
     """Load, aggregate and write report.md and its plots into `out`; returns the rows."""
     runs = load_runs(sweep_dir)
     if any(objective.metric not in run.final for run in runs):
         raise ReportError(f"metric: some runs in {sweep_dir} have no {objective.metric}")
-    rows = build_rows(runs, objective)
+    missing = [k for k in selection.keys if any(k not in run.config for run in runs)]
+    if missing:
+        raise ReportError(f"tune: some runs in {sweep_dir} have no {', '.join(missing)}")
+    rows = build_rows(runs, objective, selection)
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_names(objective.metric)
     for x_axis, file in plots.items():
@@ -349,7 +465,7 @@ def write_report(
     made_by = sweep_command(sweep_dir)
     commands = [report_command] if made_by is None else [made_by, report_command]
     title = heading(sweep_dir, runs, made_by is not None)
-    text = render(rows, objective, commands, plots, title)
+    text = render(rows, objective, commands, plots, title, selection)
     text = "\n".join([text, *claims.section(rows, out), *suspicion.section(rows, out)])
     (out / "report.md").write_text(text + "\n")
     return rows

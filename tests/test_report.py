@@ -18,7 +18,17 @@ from test_sweep import write_grid
 
 from byzps.common.config import RunConfig
 from byzps.sim.grid import expand, load_grid, run_cell
-from byzps.sim.report import Objective, build_rows, load_runs, table
+from byzps.sim.report import (
+    LR,
+    SEED,
+    Objective,
+    ReportError,
+    Selection,
+    build_rows,
+    load_runs,
+    ordering,
+    table,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -73,9 +83,11 @@ def test_report_table_holds_the_mean_over_seeds_and_valid_pngs(swept: Path) -> N
         row = rows[method]
         assert row["seeds"] == "2" and row["lr"].startswith("0.05")
         losses = [r["train_loss"] for r in runs]
-        mean, std = mean_std(row["train_loss"])
+        mean, half = mean_std(row["train_loss"])
         assert mean == pytest.approx(np.mean(losses), rel=1e-5)
-        assert std == pytest.approx(np.std(losses), rel=0.05, abs=1e-12)
+        # The 95 % t interval's half-width over the 2 seeds: t_{0.975, 1} = 12.706.
+        expected = 12.706 * np.std(losses, ddof=1) / math.sqrt(2)
+        assert half == pytest.approx(expected, rel=0.05, abs=1e-12)
         accuracy, _ = mean_std(row["test_accuracy"])
         assert accuracy == pytest.approx(np.mean([r["test_accuracy"] for r in runs]), abs=6e-5)
         assert float(row["bytes uplink"]) == np.mean([r["bytes_uplink"] for r in runs])
@@ -174,3 +186,80 @@ def test_a_single_run_is_reported_as_one(swept: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     text = (single / "report" / "report.md").read_text()
     assert text.startswith("# Run report") and "Of one run found under" in text
+
+
+# -- choosing on seeds of its own, tuning more than lr, and what the intervals order -------------
+
+
+def write_method_run(
+    out: Path, method: str, lr: float, eta: float, seed: int, final_loss: float
+) -> None:
+    """A cell of `method` (lr, eta, seed) whose train_loss ends at `final_loss`."""
+    config = RunConfig().to_dict()
+    config["run"]["seed"], config["algorithm"]["lr"] = seed, lr
+    config["algorithm"]["name"], config["algorithm"]["eta"] = method, eta
+    config["attack"]["name"], config["cluster"]["byzantine"] = "alie", 2
+    records = [
+        {"round": 0, "train_loss": 0.7, "grad_norm_sq": 0.07, "bytes_uplink": 0},
+        {"round": 10, "train_loss": final_loss, "grad_norm_sq": 0.01, "bytes_uplink": 80},
+    ]
+    cell = out / f"{method}_lr{lr}_eta{eta}_seed{seed}"
+    cell.mkdir(parents=True)
+    (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {"config": config, "config_digest": "x", "final": records[-1], "rounds": 10}
+    (cell / "summary.json").write_text(json.dumps(summary))
+
+
+def test_selection_seeds_choose_and_the_other_seeds_are_reported(tmp_path: Path) -> None:
+    """On seeds 0–1 lr 0.1 is better; on seeds 2–3 lr 0.01 would be. Chosen on 0–1, the row is
+    lr 0.1 and reports seeds 2–3 only; chosen on every seed, the lower overall mean wins."""
+    for seed, (good, bad) in enumerate([(0.30, 0.40), (0.30, 0.40), (0.60, 0.20), (0.60, 0.20)]):
+        write_method_run(tmp_path, "byz-dm21", 0.1, 0.1, seed, good)
+        write_method_run(tmp_path, "byz-dm21", 0.01, 0.1, seed, bad)
+    runs = load_runs(tmp_path)
+    (row,) = build_rows(runs, Objective(), Selection(seeds=frozenset({0, 1})))
+    assert row.lr == 0.1 and [run.seed for run in row.runs] == [2, 3]
+    assert row.stat("train_loss") == pytest.approx((0.60, 0.0))
+    (biased,) = build_rows(runs, Objective())
+    assert biased.lr == 0.01 and len(biased.runs) == 4
+    with pytest.raises(ReportError, match=r"selection seeds: .* has no other seed"):
+        build_rows(runs, Objective(), Selection(seeds=frozenset({0, 1, 2, 3})))
+    with pytest.raises(ReportError, match="selection seeds: no run of"):
+        build_rows(runs, Objective(), Selection(seeds=frozenset({9})))
+
+
+def test_eta_is_tuned_with_lr_and_leaves_the_setting_column(tmp_path: Path) -> None:
+    for seed in range(3):
+        for lr, eta, loss in [
+            (0.1, 0.1, 0.5),
+            (0.1, 0.01, 0.3),
+            (0.01, 0.1, 0.4),
+            (0.01, 0.01, 0.6),
+        ]:
+            write_method_run(tmp_path, "byz-dm21", lr, eta, seed, loss + 0.001 * seed)
+    runs = load_runs(tmp_path)
+    (row,) = build_rows(runs, Objective(), Selection((LR, "algorithm.eta")))
+    assert row.tuned == {LR: 0.1, "algorithm.eta": 0.01} and row.settings_tried == 4
+    assert row.setting == ""  # eta is tuned, not a setting of its own
+    markdown = table([row])
+    assert "| chosen |" in markdown and "| lr 0.1, eta 0.01 (of 4) | 3 |" in markdown
+    untuned = build_rows(runs, Objective())  # eta not tuned: one row per eta
+    assert sorted(r.setting for r in untuned) == ["algorithm.eta=0.01", "algorithm.eta=0.1"]
+    with pytest.raises(ReportError, match=r"tune: run\.seed"):
+        Selection((LR, SEED))
+
+
+def test_the_ordering_says_less_only_where_the_intervals_are_disjoint(tmp_path: Path) -> None:
+    """Three methods: a and b far apart with tight intervals (a < b), c overlapping b (b ≈ c)."""
+    finals = {"byz-dm21": [0.30, 0.301, 0.299], "byz-ef21-sgdm": [0.40, 0.41, 0.39],
+              "byz-ef21": [0.42, 0.38, 0.45]}  # fmt: skip
+    for method, losses in finals.items():
+        for seed, loss in enumerate(losses):
+            write_method_run(tmp_path, method, 0.1, 0.1, seed, loss)
+    rows = build_rows(load_runs(tmp_path), Objective())
+    (line,) = ordering(rows, Objective())
+    names = re.findall(r"([a-z0-9-]+) \(", line)
+    assert names == ["byz-dm21", "byz-ef21-sgdm", "byz-ef21"]
+    assert re.findall(r"\) ([<≈]) ", line) == ["<", "≈"]
+    reversed_line = ordering(rows, Objective("grad_norm_sq"))  # all equal: one tie chain
+    assert reversed_line[0].count("≈") == 2 and "<" not in reversed_line[0]
