@@ -142,7 +142,7 @@ def scatter_add_rows(
             raise IndexError(f"a row outside [0, {target.shape[0]}) or an index outside [0, {d})")
         shared = values.numel() >= PARALLEL_SCATTER and len(set(rows.tolist())) == len(rows) > 1
         kernel = _kernels.scatter_add_distinct_rows if shared else _kernels.scatter_add_rows
-        kernel(target.numpy(), rows_np, indices, values.numpy())
+        kernel(target.numpy(), rows_np, indices, values.detach().numpy())
         return
     # Dense messages too: index_add_ along dim 0 adds row by row, one parallel region each,
     # which costs ~100 ms a round when another thread pool (numba's) is spinning on the cores.

@@ -15,7 +15,8 @@ reason) and the difference is documented in docs/algorithms.md, "Agreement with 
 counterpart is not registered yet skips, saying so.
 
 The slow test installs ByzFL 0.0.11 from PyPI into a temporary directory, re-runs the generator
-and checks the frozen file is, bit for bit, what ByzFL outputs.
+and checks the frozen file is what ByzFL outputs: the inputs bit for bit, the outputs to within
+FROZEN_TOL of their scale (their last bits depend on the CPU's SIMD path).
 """
 
 from __future__ import annotations
@@ -239,8 +240,16 @@ def test_byzfl_caf_returns_none_without_byzantine_inputs() -> None:
     assert case.get("returned_none") and np.isnan(arrays[f"out/{case['id']}"]).all()
 
 
+#: How far a fresh ByzFL output may sit from the frozen one, relative to the array's largest
+#: |value|: torch's and LAPACK's reductions pick their SIMD path by CPU, so the same ByzFL on
+#: another machine can differ in the last bits — measured ≤ 7e-16 on 25 of 246 outputs (CAF's
+#: eigendecomposition, the norms of clipping and ARC) between two of the project's machines.
+FROZEN_TOL = 1e-14
+
+
 def _same_files(fresh: Path) -> None:
-    """The files in `fresh` hold the frozen cases and bit-identical arrays (numpy's recorded
+    """The files in `fresh` hold the frozen cases, bit-identical inputs, and outputs equal to the
+    frozen ones up to FROZEN_TOL, with non-finite values in the same places (numpy's recorded
     version may differ: what matters is that the numbers did not)."""
     frozen_arrays, frozen_meta = reference()
     meta = json.loads((fresh / JSON.name).read_text())
@@ -250,14 +259,23 @@ def _same_files(fresh: Path) -> None:
     with np.load(fresh / NPZ.name) as npz:
         assert set(npz.files) == set(frozen_arrays)
         for key in npz.files:
-            assert npz[key].dtype == frozen_arrays[key].dtype, key
-            assert np.array_equal(npz[key], frozen_arrays[key], equal_nan=True), key
+            got, frozen = npz[key], frozen_arrays[key]
+            assert got.dtype == frozen.dtype and got.shape == frozen.shape, key
+            if not key.startswith("out/"):
+                assert np.array_equal(got, frozen, equal_nan=True), key
+                continue
+            finite = np.isfinite(frozen)
+            assert np.array_equal(np.isfinite(got), finite), key
+            assert np.array_equal(got[~finite], frozen[~finite], equal_nan=True), key
+            if finite.any():
+                scale = max(float(np.abs(frozen[finite]).max()), np.finfo(frozen.dtype).tiny)
+                assert float(np.abs(got[finite] - frozen[finite]).max()) <= FROZEN_TOL * scale, key
 
 
 @pytest.mark.slow
 def test_frozen_file_is_what_byzfl_outputs(tmp_path: Path) -> None:
     """pip install --no-deps byzfl==0.0.11 (PyPI) into tmp_path, re-run the generator, and find
-    the same cases and bit-identical arrays as the frozen file."""
+    the same cases and the same arrays as the frozen file (outputs to their last bits)."""
     target = tmp_path / "byzfl"
     pip = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--retries", "1",
