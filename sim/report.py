@@ -266,19 +266,30 @@ def _show_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else _show(value)
 
 
+def _tuned_text(row: Row) -> str:
+    """The row's chosen setting, e.g. "lr 0.1, eta 0.01"."""
+    tuned = row.tuned or {LR: row.lr}
+    return ", ".join(f"{key.split('.')[-1]} {_show_value(value)}" for key, value in tuned.items())
+
+
 def attacks(rows: Sequence[Row]) -> list[str]:
     """Attack names in row order (no attack first)."""
     return list(dict.fromkeys(row.attack for row in rows))
 
 
 def seed_band(row: Row, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """rounds, bits sent (uplink bytes × 8), and mean and std of `metric` over seeds, on the
-    evaluation rounds every seed recorded."""
+    """rounds, bits sent (uplink bytes × 8), and the mean of `metric` over seeds with the
+    half-width of its 95 % t interval (zeros for one seed: no band), on the evaluation rounds
+    every seed recorded — the tables' statistic, round by round."""
     per_seed = [{r["round"]: r for r in run.curve} for run in row.runs]
     rounds = sorted(set.intersection(*(set(records) for records in per_seed)))
     values = np.array([[s[t][metric] for t in rounds] for s in per_seed], dtype=np.float64)
     bits = np.array([[s[t]["bytes_uplink"] * 8 for t in rounds] for s in per_seed], np.float64)
-    return np.array(rounds), bits.mean(axis=0), values.mean(axis=0), values.std(axis=0)
+    k = len(per_seed)
+    half = np.zeros(len(rounds))
+    if k > 1:
+        half = claims.t975(k - 1) * values.std(axis=0, ddof=1) / math.sqrt(k)
+    return np.array(rounds), bits.mean(axis=0), values.mean(axis=0), half
 
 
 def _pm(mean: float, half: float, spec: str) -> str:
@@ -314,8 +325,7 @@ def table(rows: Sequence[Row]) -> str:
             tried = ", ".join(f"{lr:g}" for lr in row.tried)
             cells.append(f"{row.lr:g} (of {tried})")
         else:
-            chosen = ", ".join(f"{k.split('.')[-1]} {_show_value(v)}" for k, v in row.tuned.items())
-            cells.append(f"{chosen} (of {row.settings_tried})")
+            cells.append(f"{_tuned_text(row)} (of {row.settings_tried})")
         cells.append(str(len(row.runs)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -352,7 +362,7 @@ def _ranked(row: Row, stat: tuple[float, float]) -> str:
 
 
 def plot(rows: Sequence[Row], metric: str, x_axis: str, path: Path) -> None:
-    """One panel per attack, one line per row (mean over seeds) with a shaded ± std band."""
+    """One panel per attack, one line per row (mean over seeds) with its 95 % interval shaded."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -363,11 +373,11 @@ def plot(rows: Sequence[Row], metric: str, x_axis: str, path: Path) -> None:
     log_y = metric in LOWER_IS_BETTER
     for ax, attack in zip(axes, names, strict=True):
         for row in (r for r in rows if r.attack == attack):
-            rounds, bits, mean, std = seed_band(row, metric)
+            rounds, bits, mean, half = seed_band(row, metric)
             x = rounds if x_axis == "rounds" else bits
-            (line,) = ax.plot(x, mean, label=f"{row.label} (lr {row.lr:g})")
-            low = np.maximum(mean - std, mean * 1e-3) if log_y else mean - std
-            ax.fill_between(x, low, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+            (line,) = ax.plot(x, mean, label=f"{row.label} ({_tuned_text(row)})")
+            low = np.maximum(mean - half, mean * 1e-3) if log_y else mean - half
+            ax.fill_between(x, low, mean + half, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(f"attack: {attack}")
         ax.set_xlabel("round" if x_axis == "rounds" else "bits sent per worker (uplink)")
         ax.set_ylabel(metric)

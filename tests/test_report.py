@@ -27,6 +27,7 @@ from byzps.sim.report import (
     build_rows,
     load_runs,
     ordering,
+    seed_band,
     table,
 )
 
@@ -263,3 +264,6 @@ def test_the_ordering_says_less_only_where_the_intervals_are_disjoint(tmp_path: 
     assert re.findall(r"\) ([<≈]) ", line) == ["<", "≈"]
     reversed_line = ordering(rows, Objective("grad_norm_sq"))  # all equal: one tie chain
     assert reversed_line[0].count("≈") == 2 and "<" not in reversed_line[0]
+    for row in rows:  # the plots' band at the last round is the table's interval
+        _, _, mean, half = seed_band(row, "train_loss")
+        assert (mean[-1], half[-1]) == pytest.approx(row.stat("train_loss"))
