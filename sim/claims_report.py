@@ -73,7 +73,7 @@ def _fmt(mean: float, half: float) -> str:
     return f"{mean:.3g} ± {half:.2g}" if math.isfinite(half) else f"{mean:.3g}"
 
 
-def _disjoint_below(a: tuple[float, float], b: tuple[float, float]) -> bool:
+def disjoint_below(a: tuple[float, float], b: tuple[float, float]) -> bool:
     """True when interval a lies entirely below interval b."""
     return a[0] + a[1] < b[0] - b[1]
 
@@ -105,9 +105,9 @@ def verdicts(found: dict[tuple[str, str, int], tuple[float, float]]) -> list[str
             own = {b: found.get((attack, method, b)) for b in sizes}
             if own[small] is None:
                 continue
-            if _disjoint_below(own[small], base[small]):
+            if disjoint_below(own[small], base[small]):
                 first = f"below {BASELINE} at b = {small} (intervals disjoint)"
-            elif _disjoint_below(base[small], own[small]):
+            elif disjoint_below(base[small], own[small]):
                 first = f"ABOVE {BASELINE} at b = {small} (intervals disjoint)"
             else:
                 first = f"not separable from {BASELINE} at b = {small} (intervals overlap)"

@@ -142,12 +142,16 @@ class Row:
     method: str
     aggregator: str
     setting: str
-    lr: float
+    #: The chosen value of every tuned key (lr among them), every lr tried, and how many
+    #: settings (combinations of the tuned keys) were tried.
+    tuned: dict[str, Any]
     tried: list[float]
+    settings_tried: int
     runs: list[Run] = field(default_factory=list)
-    #: The chosen value of every tuned key, and how many settings were tried.
-    tuned: dict[str, Any] = field(default_factory=dict)
-    settings_tried: int = 0
+
+    @property
+    def lr(self) -> float:
+        return float(self.tuned[LR])
 
     def stat(self, key: str) -> tuple[float, float]:
         """Mean and half-width of the 95 % t interval of a final metric over seeds (half-width
@@ -242,11 +246,10 @@ def build_rows(
                 method=str(config[METHOD]),
                 aggregator="+".join([*config.get(PRE, []), str(config[AGGREGATOR])]),
                 setting=", ".join(f"{k}={_show(config[k])}" for k in extra),
-                lr=float(config[LR]),
-                tried=sorted({float(s[tuned.index(LR)]) for s in by_setting}),
-                runs=chosen,
                 tuned=dict(zip(tuned, setting, strict=True)),
+                tried=sorted({float(s[tuned.index(LR)]) for s in by_setting}),
                 settings_tried=len(by_setting),
+                runs=chosen,
             )
         )
     rows.sort(key=lambda r: (r.attack != "na", r.attack, r.method, r.aggregator, r.setting))
@@ -268,8 +271,7 @@ def _show_value(value: Any) -> str:
 
 def _tuned_text(row: Row) -> str:
     """The row's chosen setting, e.g. "lr 0.1, eta 0.01"."""
-    tuned = row.tuned or {LR: row.lr}
-    return ", ".join(f"{key.split('.')[-1]} {_show_value(value)}" for key, value in tuned.items())
+    return ", ".join(f"{key.split('.')[-1]} {_show_value(v)}" for key, v in row.tuned.items())
 
 
 def attacks(rows: Sequence[Row]) -> list[str]:
@@ -285,10 +287,9 @@ def seed_band(row: Row, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     rounds = sorted(set.intersection(*(set(records) for records in per_seed)))
     values = np.array([[s[t][metric] for t in rounds] for s in per_seed], dtype=np.float64)
     bits = np.array([[s[t]["bytes_uplink"] * 8 for t in rounds] for s in per_seed], np.float64)
-    k = len(per_seed)
     half = np.zeros(len(rounds))
-    if k > 1:
-        half = claims.t975(k - 1) * values.std(axis=0, ddof=1) / math.sqrt(k)
+    if len(per_seed) > 1:
+        half = np.array([claims.interval(column)[1] for column in values.T])
     return np.array(rounds), bits.mean(axis=0), values.mean(axis=0), half
 
 
@@ -347,9 +348,11 @@ def ordering(rows: Sequence[Row], objective: Objective) -> list[str]:
         ranked = sorted(group, key=lambda row: sign * stats[id(row)][0])
         text = _ranked(ranked[0], stats[id(ranked[0])])
         for better, worse in itertools.pairwise(ranked):
-            (m1, h1), (m2, h2) = stats[id(better)], stats[id(worse)]
-            disjoint = abs(m1 - m2) > h1 + h2
-            text += f" {'<' if disjoint else '≈'} " + _ranked(worse, (m2, h2))
+            low, high = stats[id(better)], stats[id(worse)]
+            if not objective.lower_is_better:
+                low, high = high, low
+            separated = claims.disjoint_below(low, high)
+            text += f" {'<' if separated else '≈'} " + _ranked(worse, stats[id(worse)])
         where = aggregator + (f", {setting}" if setting else "")
         if not objective.lower_is_better:
             text += " (higher is better)"
