@@ -30,8 +30,8 @@ and `worker apply` is what one worker then spends to turn a delta into x (ModelM
 in parallel by the workers, so not part of the server round). `rnd/raw` is the round (all the
 parts: everything but the workers' estimator steps) over `raw gRPC`, taken round by round (each
 raw transfer runs right after its round, so a noisy machine slows both alike) and the median of
-those ratios printed. `|U|/d` is the union of the
-round's supports and `|Δ|/d` the entries of ĝ that changed (what the sparse downlink sends).
+those ratios printed. `|U|/d` is the union of the round's supports and `|Δ|/d` the entries of ĝ
+that changed (what the sparse downlink sends).
 `raw gRPC` is n bytes streams of the round's answer size through an identity-serialized handler
 on the same server, i.e. the transport's floor for the broadcast, measured in the same run.
 Wire bytes per update: serialized uplink SparseUpdate / (8·k) (goal ≤ 1.05). Times are medians

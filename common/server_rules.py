@@ -106,7 +106,7 @@ def _check_messages(rows: Tensor, messages: SparseBatch, dim: int) -> None:
 
 
 #: Up to this many message values, `scatter_add_rows` uses index_put_ (serial, one call);
-#: above it the flat index_add_.
+#: above it a compiled pass (CPU float states, alpha = 1), else the flat index_add_.
 SMALL_SCATTER = 4096
 #: From this many values, spread over distinct rows, the compiled scatter splits the rows between
 #: threads (a parallel region costs more than it shares below it, and wakes numba's pool between
@@ -119,8 +119,11 @@ def scatter_add_rows(
 ) -> None:
     """target[rows[i]] += alpha · messages.row(i), in place, without densifying the messages.
 
-    The (n, d) target is addressed as one flat vector (row·d + index), so one index_add_ applies
-    every message of the batch; a row that appears twice receives both of its messages.
+    Every path adds the same values in the same order, so the bits do not depend on which one
+    runs: dense rows row by row, small batches by one index_put_, large CPU batches by a compiled
+    pass (common/_state_kernels), anything else by one index_add_ over the (n, d) target
+    addressed as a flat vector (row·d + index). A row that appears twice receives both of its
+    messages.
     """
     d = target.shape[1]
     values = messages.values.to(target.dtype)
