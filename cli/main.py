@@ -6,6 +6,7 @@ import click
 
 from byzps.cli.attack import attack
 from byzps.cli.cluster import follow_parent
+from byzps.cli.confirm import confirm
 from byzps.cli.credentials import credentials
 from byzps.cli.daemon_common import keep_freed_memory, quiet_idle_threads
 from byzps.cli.deploy import deploy
@@ -114,6 +115,7 @@ def components(name: str | None, verbose: bool, markdown: bool) -> None:
 main.add_command(simulate)
 main.add_command(sweep)
 main.add_command(report)
+main.add_command(confirm)
 main.add_command(server)
 main.add_command(status)
 main.add_command(worker)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -19,6 +20,57 @@ from byzps.sim.report import (
 )
 
 
+def select_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options that say how each row's setting is chosen; shared with `byzps confirm`, which
+    must choose exactly as the report will."""
+    for option in reversed(_SELECT_OPTIONS):
+        command = option(command)
+    return command
+
+
+_SELECT_OPTIONS = [
+    click.option(
+        "--metric",
+        type=click.Choice(METRICS),
+        default="train_loss",
+        show_default=True,
+        help="The metric tabulated, plotted and used to choose each method's lr.",
+    ),
+    click.option(
+        "--select-by",
+        type=click.Choice(SELECT_BY),
+        default="final",
+        show_default=True,
+        help="Choose each method's lr by the final value of the metric or the best value reached.",
+    ),
+    click.option(
+        "--tune",
+        multiple=True,
+        metavar="KEY",
+        help=f"A config key chosen per row besides {LR} (repeatable), e.g. algorithm.eta.",
+    ),
+    click.option(
+        "--selection-seeds",
+        type=int,
+        multiple=True,
+        metavar="SEED",
+        help="Seeds whose runs choose the tuned keys (repeatable); the table then reports only "
+        "the other seeds. Without it, the same seeds choose and are reported (biased).",
+    ),
+]
+
+
+def selection_from(
+    metric: str, select_by: str, tune: tuple[str, ...], selection_seeds: tuple[int, ...]
+) -> tuple[Objective, Selection]:
+    """The objective and selection those options describe (ReportError on a bad one)."""
+    objective = Objective(metric, select_by)
+    selection = Selection(
+        (LR, *dict.fromkeys(k for k in tune if k != LR)), frozenset(selection_seeds)
+    )
+    return objective, selection
+
+
 @click.command()
 @click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -26,34 +78,7 @@ from byzps.sim.report import (
     type=click.Path(file_okay=False, path_type=Path),
     help="Report directory [default: SWEEP_DIR/report].",
 )
-@click.option(
-    "--metric",
-    type=click.Choice(METRICS),
-    default="train_loss",
-    show_default=True,
-    help="The metric tabulated, plotted and used to choose each method's lr.",
-)
-@click.option(
-    "--select-by",
-    type=click.Choice(SELECT_BY),
-    default="final",
-    show_default=True,
-    help="Choose each method's lr by the final value of the metric or the best value reached.",
-)
-@click.option(
-    "--tune",
-    multiple=True,
-    metavar="KEY",
-    help=f"A config key chosen per row besides {LR} (repeatable), e.g. algorithm.eta.",
-)
-@click.option(
-    "--selection-seeds",
-    type=int,
-    multiple=True,
-    metavar="SEED",
-    help="Seeds whose runs choose the tuned keys (repeatable); the table then reports only "
-    "the other seeds. Without it, the same seeds choose and are reported (biased).",
-)
+@select_options
 def report(
     sweep_dir: Path,
     out: Path | None,
@@ -71,10 +96,7 @@ def report(
     options += [arg for seed in selection_seeds for arg in ("--selection-seeds", str(seed))]
     command = shlex.join(["byzps", "report", *where, *options])
     try:
-        objective = Objective(metric, select_by)
-        selection = Selection(
-            (LR, *dict.fromkeys(k for k in tune if k != LR)), frozenset(selection_seeds)
-        )
+        objective, selection = selection_from(metric, select_by, tune, selection_seeds)
         rows = write_report(sweep_dir, out, objective, command, selection)
     except ReportError as exc:
         raise click.ClickException(str(exc)) from None

@@ -200,6 +200,11 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
     return [k for k in keys if len({_canonical(r.config.get(k)) for r in runs}) > 1]
 
 
+def group_key(config: dict[str, Any], tuned: Sequence[str]) -> str:
+    """What makes a row: every config key but the seed and the tuned keys (canonical JSON)."""
+    return _canonical({k: v for k, v in config.items() if k != SEED and k not in tuned})
+
+
 def select_setting(candidates: dict[tuple, list[Run]], objective: Objective) -> tuple:
     """The setting whose mean score over its runs is best under `objective` (ties: the smaller
     setting, compared key by key)."""
@@ -220,7 +225,7 @@ def build_rows(
     extra = [k for k in varying_keys(runs) if k not in _SHOWN and k not in tuned]
     groups: dict[str, dict[tuple, list[Run]]] = {}
     for run in runs:
-        key = _canonical({k: v for k, v in run.config.items() if k != SEED and k not in tuned})
+        key = group_key(run.config, tuned)
         setting = tuple(run.config.get(k) for k in tuned)
         groups.setdefault(key, {}).setdefault(setting, []).append(run)
     rows = []
