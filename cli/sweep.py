@@ -58,6 +58,18 @@ def _run_all(batches: list[list[Cell]], out: Path, jobs: int) -> Iterator[CellOu
                     yield CellOutcome(cell.name, "failed", error=repr(exc))
 
 
+def manifest_path(out: Path, grid_path: Path) -> Path:
+    """grid.json, unless a sweep of another grid wrote it: then grid.<stem>.json, so that a
+    second stage swept into the same directory (`byzps confirm`) keeps the first's record and the
+    report can name both commands."""
+    first = out / "grid.json"
+    try:
+        recorded = json.loads(first.read_text())["grid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return first
+    return first if recorded == str(grid_path.resolve()) else out / f"grid.{grid_path.stem}.json"
+
+
 def _line(outcome: CellOutcome) -> str:
     if outcome.status == "failed":
         return f"failed  {outcome.name}: {outcome.error}"
@@ -108,7 +120,7 @@ def sweep(grid_path: Path, out: Path, jobs: int, batch_size: int) -> None:
     command = ["byzps", "sweep", "--grid", _shown(grid_path), "--out", _shown(out)]
     if jobs > 1:
         command += ["--jobs", str(jobs)]
-    (out / "grid.json").write_text(
+    manifest_path(out, grid_path).write_text(
         json.dumps(manifest(grid, cells, command), indent=2, default=str) + "\n"
     )
 

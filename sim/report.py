@@ -438,12 +438,18 @@ def render(
     return "\n".join(out)
 
 
-def sweep_command(sweep_dir: Path) -> str | None:
-    """The command grid.json records, or None when the runs were not made by `byzps sweep`."""
-    try:
-        return shlex.join(json.loads((sweep_dir / "grid.json").read_text())["command"])
-    except (OSError, ValueError, KeyError):
-        return None
+def sweep_commands(sweep_dir: Path) -> list[str]:
+    """The commands the sweep manifests record: grid.json's, then any later stage's
+    (grid.<stem>.json, `cli.sweep.manifest_path`) in the order they were written; none when the
+    runs were not made by `byzps sweep`."""
+    stages = sorted(sweep_dir.glob("grid.*.json"), key=lambda p: p.stat().st_mtime_ns)
+    commands = []
+    for path in [sweep_dir / "grid.json", *stages]:
+        try:
+            commands.append(shlex.join(json.loads(path.read_text())["command"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return commands
 
 
 def heading(sweep_dir: Path, runs: Sequence[Run], from_sweep: bool) -> list[str]:
@@ -480,9 +486,9 @@ def write_report(
     plots = plot_names(objective.metric)
     for x_axis, file in plots.items():
         plot(rows, objective.metric, x_axis, out / file)
-    made_by = sweep_command(sweep_dir)
-    commands = [report_command] if made_by is None else [made_by, report_command]
-    title = heading(sweep_dir, runs, made_by is not None)
+    made_by = sweep_commands(sweep_dir)
+    title = heading(sweep_dir, runs, bool(made_by))
+    commands = [*made_by, report_command]
     text = render(rows, objective, commands, plots, title, selection)
     text = "\n".join([text, *claims.section(rows, out), *suspicion.section(rows, out)])
     (out / "report.md").write_text(text + "\n")

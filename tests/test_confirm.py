@@ -4,6 +4,7 @@ the report then reads the two stages exactly as if every setting had run on ever
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ def test_the_report_reads_both_stages_and_shows_only_the_new_seeds(
     for cell in runs.iterdir():
         if cell.is_dir():
             (both / cell.name).symlink_to(cell)
+    shutil.copy(runs / "grid.json", both / "grid.json")  # stage 1's record
     out = tmp_path / "confirm.toml"
     assert confirm(both, grid, "--seed", "1", "--seed", "2", "--out", str(out))[0] == 0
     code, output = sweep_in_process(out, both)
@@ -109,6 +111,11 @@ def test_the_report_reads_both_stages_and_shows_only_the_new_seeds(
     assert result.exit_code == 0, result.output
     assert "4 rows from 8 runs" in result.output  # 4 rows × seeds 1, 2; seed 0 only chose
     report = (tmp_path / "r" / "report.md").read_text()
+    # Both stages' records are kept, and the report names both sweeps in the order they ran.
+    assert json.loads((both / "grid.json").read_text())["grid"] == str(grid.resolve())
+    assert json.loads((both / "grid.confirm.json").read_text())["grid"] == str(out.resolve())
+    first, second = report.index(f"--grid {grid}"), report.index(f"--grid {out}")
+    assert first < second < report.index("byzps report")
     for (method, attack), (lr, eta) in best_by_hand(runs).items():
         table = report.split(f"## attack: {attack}")[1].split("## ")[0]
         line = next(ln for ln in table.splitlines() if ln.startswith(f"| {method} "))
