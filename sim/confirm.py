@@ -118,13 +118,15 @@ def confirm_grid_text(
 
 def _toml(value: Any) -> str:
     """A TOML literal for the values configs hold (JSON's strings, numbers and arrays are TOML's;
-    a table-valued setting is not, and is refused rather than written wrong)."""
+    tables become inline tables; anything else is refused rather than written wrong)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (str, int, float)):
         return json.dumps(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):  # a table-valued setting (algorithm.params): an inline table
+        return "{ " + ", ".join(f"{_toml(str(k))} = {_toml(v)}" for k, v in value.items()) + " }"
     raise ReportError(f"cannot write {value!r} into a grid file")
 
 

@@ -16,7 +16,8 @@ from byzps.cli.main import main
 from byzps.common.config import RunConfig
 from byzps.sim.grid import expand, load_grid
 
-#: Stage 1: 2 methods × 2 attacks (4 rows) × 3 lrs (× 2 η for Byz-DM21) on the selection seed 0.
+#: Stage 1: 3 methods × 2 attacks (6 rows) × 3 lrs (× 2 η for Byz-DM21) on the selection seed 0;
+#: one method carries a table-valued setting, which stage 2 must write back as it was.
 STAGE_ONE = """
 base = "base.toml"
 [fixed]
@@ -26,6 +27,7 @@ base = "base.toml"
   { "algorithm.name" = "byz-dm21", "algorithm.eta" = 0.5 },
   { "algorithm.name" = "byz-dm21", "algorithm.eta" = 0.1 },
   { "algorithm.name" = "br-csgd", "compressor.name" = "randk" },
+  { "algorithm.name" = "byz-ef21", "algorithm.params" = { stochastic = true } },
 ]
 "attack.name" = [{ "attack.name" = "na", "cluster.workers" = 3, "cluster.byzantine" = 1 }, "sf"]
 "algorithm.lr" = [0.2, 0.05, 0.005]
@@ -77,7 +79,7 @@ def test_stage_two_reruns_each_rows_chosen_cell_on_new_seeds(
     out = tmp_path / "confirm.toml"
     code, output = confirm(runs, grid, "--seed", "1", "--seed", "2", "--out", str(out))
     assert code == 0, output
-    assert "4 rows chosen" in output
+    assert "6 rows chosen" in output
     cells = expand(load_grid(out))
     assert sorted({c.config.run.seed for c in cells}) == [1, 2]
     chosen = {
@@ -109,7 +111,7 @@ def test_the_report_reads_both_stages_and_shows_only_the_new_seeds(
     assert code == 0, output
     result = CliRunner().invoke(main, ["report", str(both), "--out", str(tmp_path / "r"), *SELECT])
     assert result.exit_code == 0, result.output
-    assert "4 rows from 8 runs" in result.output  # 4 rows × seeds 1, 2; seed 0 only chose
+    assert "6 rows from 12 runs" in result.output  # 6 rows × seeds 1, 2; seed 0 only chose
     report = (tmp_path / "r" / "report.md").read_text()
     # Both stages' records are kept, and the report names both sweeps in the order they ran.
     assert json.loads((both / "grid.json").read_text())["grid"] == str(grid.resolve())
@@ -136,8 +138,8 @@ def test_a_row_with_a_missing_selection_run_waits(
     out = tmp_path / "confirm.toml"
     code, output = confirm(partial, grid, "--seed", "1", "--out", str(out))
     assert code == 0, output
-    assert "3 rows chosen; 1 rows still wait for stage-1 runs" in output
-    assert len(expand(load_grid(out))) == 3
+    assert "5 rows chosen; 1 rows still wait for stage-1 runs" in output
+    assert len(expand(load_grid(out))) == 5
 
 
 @pytest.mark.parametrize(
