@@ -148,6 +148,15 @@ class Row:
     tried: list[float]
     settings_tried: int
     runs: list[Run] = field(default_factory=list)
+    #: Settings that go with the method wherever it runs and differ from the other methods' (the
+    #: Rand-k of an unbiased-compressor baseline), shown beside its name rather than as a setting
+    #: that would split the ordering.
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        """The method with its variant, e.g. "byz-vr-marina [compressor.name=randk]"."""
+        return f"{self.method} [{self.variant}]" if self.variant else self.method
 
     @property
     def lr(self) -> float:
@@ -160,7 +169,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        parts = [self.method, self.aggregator] + ([self.setting] if self.setting else [])
+        parts = [self.name, self.aggregator] + ([self.setting] if self.setting else [])
         return " × ".join(parts)
 
 
@@ -200,6 +209,25 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
     return [k for k in keys if len({_canonical(r.config.get(k)) for r in runs}) > 1]
 
 
+def method_bound(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, str | None]:
+    """The `keys` that each method holds at one value in every run (a baseline's own compressor,
+    Byz-EF21's stochastic flag): part of what the method is, not a setting of the experiment.
+    Each maps to its usual value, the one most methods hold, so that only the methods that
+    differ from it need saying so; where no value is held by most (a tie), to None: every
+    method then says its own."""
+    values: dict[str, dict[str, set[str]]] = {key: {} for key in keys}
+    for run in runs:
+        for key in keys:
+            values[key].setdefault(str(run.config[METHOD]), set()).add(_show(run.config.get(key)))
+    usual = {}
+    for key, by_method in values.items():
+        if all(len(v) == 1 for v in by_method.values()):
+            held = [next(iter(v)) for v in by_method.values()]
+            counts = sorted((held.count(v) for v in set(held)), reverse=True)
+            usual[key] = max(held, key=held.count) if counts[0] > counts[1] else None
+    return usual
+
+
 def group_key(config: dict[str, Any], tuned: Sequence[str]) -> str:
     """What makes a row: every config key but the seed and the tuned keys (canonical JSON)."""
     return _canonical({k: v for k, v in config.items() if k != SEED and k not in tuned})
@@ -223,6 +251,8 @@ def build_rows(
     the selection seeds, report the rest; order the rows."""
     tuned = selection.keys
     extra = [k for k in varying_keys(runs) if k not in _SHOWN and k not in tuned]
+    bound = method_bound(runs, extra)
+    extra = [k for k in extra if k not in bound]
     groups: dict[str, dict[tuple, list[Run]]] = {}
     for run in runs:
         key = group_key(run.config, tuned)
@@ -251,6 +281,9 @@ def build_rows(
                 method=str(config[METHOD]),
                 aggregator="+".join([*config.get(PRE, []), str(config[AGGREGATOR])]),
                 setting=", ".join(f"{k}={_show(config[k])}" for k in extra),
+                variant=", ".join(
+                    f"{k}={_show(config[k])}" for k, v in bound.items() if _show(config[k]) != v
+                ),
                 tuned=dict(zip(tuned, setting, strict=True)),
                 tried=sorted({float(s[tuned.index(LR)]) for s in by_setting}),
                 settings_tried=len(by_setting),
@@ -314,7 +347,7 @@ def table(rows: Sequence[Row]) -> str:
     head += ["seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row.method, row.aggregator] + ([row.setting] if setting else [])
+        cells = [row.name, row.aggregator] + ([row.setting] if setting else [])
         cells.append(_pm(*row.stat("train_loss"), ".6g"))
         if gap:
             cells.append(_pm(*row.stat("loss_gap"), ".4g"))
@@ -366,7 +399,7 @@ def ordering(rows: Sequence[Row], objective: Objective) -> list[str]:
 
 
 def _ranked(row: Row, stat: tuple[float, float]) -> str:
-    return f"{row.method} ({_pm(*stat, '.5g')})"
+    return f"{row.name} ({_pm(*stat, '.5g')})"
 
 
 def plot(rows: Sequence[Row], metric: str, x_axis: str, path: Path) -> None:

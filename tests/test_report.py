@@ -79,9 +79,12 @@ def test_report_table_holds_the_mean_over_seeds_and_valid_pngs(swept: Path) -> N
         data = json.loads(summary.read_text())
         finals.setdefault(data["config"]["algorithm"]["name"], []).append(data["final"])
     rows = table_rows(text)
-    assert set(rows) == set(finals) == {"byz-dm21", "br-csgd"}
+    # Each method runs its own compressor, and neither is the usual one: both names say so.
+    names = {"byz-dm21": "byz-dm21 [compressor.name=topk]",
+             "br-csgd": "br-csgd [compressor.name=randk]"}  # fmt: skip
+    assert set(rows) == set(names.values()) and set(finals) == set(names)
     for method, runs in finals.items():
-        row = rows[method]
+        row = rows[names[method]]
         assert row["seeds"] == "2" and row["lr"].startswith("0.05")
         losses = [r["train_loss"] for r in runs]
         mean, half = mean_std(row["train_loss"])
@@ -193,18 +196,27 @@ def test_a_single_run_is_reported_as_one(swept: Path, tmp_path: Path) -> None:
 
 
 def write_method_run(
-    out: Path, method: str, lr: float, eta: float, seed: int, final_loss: float
+    out: Path,
+    method: str,
+    lr: float,
+    eta: float,
+    seed: int,
+    final_loss: float,
+    compressor: str = "topk",
+    batch: int = 1,
 ) -> None:
-    """A cell of `method` (lr, eta, seed) whose train_loss ends at `final_loss`."""
+    """A cell of `method` (lr, eta, seed, compressor, batch size) whose train_loss ends at
+    `final_loss`."""
     config = RunConfig().to_dict()
     config["run"]["seed"], config["algorithm"]["lr"] = seed, lr
     config["algorithm"]["name"], config["algorithm"]["eta"] = method, eta
+    config["compressor"]["name"], config["task"]["batch_size"] = compressor, batch
     config["attack"]["name"], config["cluster"]["byzantine"] = "alie", 2
     records = [
         {"round": 0, "train_loss": 0.7, "grad_norm_sq": 0.07, "bytes_uplink": 0},
         {"round": 10, "train_loss": final_loss, "grad_norm_sq": 0.01, "bytes_uplink": 80},
     ]
-    cell = out / f"{method}_lr{lr}_eta{eta}_seed{seed}"
+    cell = out / f"{method}_{compressor}_b{batch}_lr{lr}_eta{eta}_seed{seed}"
     cell.mkdir(parents=True)
     (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {"config": config, "config_digest": "x", "final": records[-1], "rounds": 10}
@@ -267,3 +279,32 @@ def test_the_ordering_says_less_only_where_the_intervals_are_disjoint(tmp_path: 
     for row in rows:  # the plots' band at the last round is the table's interval
         _, _, mean, half = seed_band(row, "train_loss")
         assert (mean[-1], half[-1]) == pytest.approx(row.stat("train_loss"))
+
+
+def test_a_setting_that_goes_with_its_method_names_the_method_and_splits_no_ordering(
+    tmp_path: Path,
+) -> None:
+    """A Rand-k baseline beside Top-k methods: its compressor is part of what the method is, so
+    all three are ordered together and the baseline's name carries it. A batch-size axis that
+    every method runs at two values is a setting: it splits the ordering, one line per value."""
+    finals = {("byz-dm21", "topk"): 0.30, ("byz-ef21-sgdm", "topk"): 0.40,
+              ("byz-vr-marina", "randk"): 0.50}  # fmt: skip
+    for (method, compressor), loss in finals.items():
+        for batch in (1, 4):
+            for seed in range(3):
+                loss_here = loss + 0.001 * seed + batch / 100
+                write_method_run(tmp_path, method, 0.1, 0.1, seed, loss_here, compressor, batch)
+    rows = build_rows(load_runs(tmp_path), Objective())
+    assert {row.setting for row in rows} == {"task.batch_size=1", "task.batch_size=4"}
+    marina = [row for row in rows if row.method == "byz-vr-marina"]
+    assert {row.name for row in marina} == {"byz-vr-marina [compressor.name=randk]"}
+    assert all(row.variant == "" for row in rows if row.method != "byz-vr-marina")
+    lines = ordering(rows, Objective())
+    assert len(lines) == 2  # one per batch size, each holding all three methods
+    for line in lines:
+        assert re.findall(r"([a-z0-9-]+(?: \[[^]]*\])?) \(", line) == [
+            "byz-dm21",
+            "byz-ef21-sgdm",
+            "byz-vr-marina [compressor.name=randk]",
+        ]
+    assert "| byz-vr-marina [compressor.name=randk] | cm |" in table(rows)
