@@ -152,6 +152,8 @@ class Row:
     #: Rand-k of an unbiased-compressor baseline), shown beside its name rather than as a setting
     #: that would split the ordering.
     variant: str = ""
+    #: `setting` without the keys the attack fixes: what separates the plots' rows of panels.
+    panel: str = ""
 
     @property
     def name(self) -> str:
@@ -209,22 +211,33 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
     return [k for k in keys if len({_canonical(r.config.get(k)) for r in runs}) > 1]
 
 
+def _held(runs: Sequence[Run], keys: Sequence[str], owner: str) -> dict[str, dict[str, set[str]]]:
+    """key → value of `owner` → the values of key in the runs with that owner value."""
+    held: dict[str, dict[str, set[str]]] = {key: {} for key in keys}
+    for run in runs:
+        for key in keys:
+            held[key].setdefault(str(run.config[owner]), set()).add(_show(run.config.get(key)))
+    return held
+
+
+def bound_keys(runs: Sequence[Run], keys: Sequence[str], owner: str) -> list[str]:
+    """The `keys` whose value the `owner` key fixes in every run (na's 12 workers by the attack)."""
+    held = _held(runs, keys, owner)
+    return [k for k in keys if all(len(v) == 1 for v in held[k].values())]
+
+
 def method_bound(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, str | None]:
     """The `keys` that each method holds at one value in every run (a baseline's own compressor,
     Byz-EF21's stochastic flag): part of what the method is, not a setting of the experiment.
     Each maps to its usual value, the one most methods hold, so that only the methods that
     differ from it need saying so; where no value is held by most (a tie), to None: every
     method then says its own."""
-    values: dict[str, dict[str, set[str]]] = {key: {} for key in keys}
-    for run in runs:
-        for key in keys:
-            values[key].setdefault(str(run.config[METHOD]), set()).add(_show(run.config.get(key)))
+    held = _held(runs, keys, METHOD)
     usual = {}
-    for key, by_method in values.items():
-        if all(len(v) == 1 for v in by_method.values()):
-            held = [next(iter(v)) for v in by_method.values()]
-            counts = sorted((held.count(v) for v in set(held)), reverse=True)
-            usual[key] = max(held, key=held.count) if counts[0] > counts[1] else None
+    for key in bound_keys(runs, keys, METHOD):
+        values = [next(iter(v)) for v in held[key].values()]
+        counts = sorted((values.count(v) for v in set(values)), reverse=True)
+        usual[key] = max(values, key=values.count) if counts[0] > counts[1] else None
     return usual
 
 
@@ -253,6 +266,8 @@ def build_rows(
     extra = [k for k in varying_keys(runs) if k not in _SHOWN and k not in tuned]
     bound = method_bound(runs, extra)
     extra = [k for k in extra if k not in bound]
+    # Keys the attack fixes (na's 12 workers) go in the table, but do not make panels of their own.
+    panel_keys = [k for k in extra if k not in bound_keys(runs, extra, ATTACK)]
     groups: dict[str, dict[tuple, list[Run]]] = {}
     for run in runs:
         key = group_key(run.config, tuned)
@@ -281,6 +296,7 @@ def build_rows(
                 method=str(config[METHOD]),
                 aggregator="+".join([*config.get(PRE, []), str(config[AGGREGATOR])]),
                 setting=", ".join(f"{k}={_show(config[k])}" for k in extra),
+                panel=", ".join(f"{k}={_show(config[k])}" for k in panel_keys),
                 variant=", ".join(
                     f"{k}={_show(config[k])}" for k, v in bound.items() if _show(config[k]) != v
                 ),
@@ -403,30 +419,40 @@ def _ranked(row: Row, stat: tuple[float, float]) -> str:
 
 
 def plot(rows: Sequence[Row], metric: str, x_axis: str, path: Path) -> None:
-    """One panel per attack, one line per row (mean over seeds) with its 95 % interval shaded."""
+    """A panel per attack (columns) and per aggregator and setting (rows), a line per method
+    (mean over seeds) with its 95 % interval shaded; a method keeps its colour in every panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     names = attacks(rows)
-    figure = Figure(figsize=(5.0 * len(names), 4.0), layout="constrained")
+    groups = list(dict.fromkeys((row.aggregator, row.panel) for row in rows))
+    methods = list(dict.fromkeys(row.name for row in rows))
+    figure = Figure(figsize=(5.0 * len(names), 4.0 * len(groups)), layout="constrained")
     FigureCanvasAgg(figure)  # Agg, without touching pyplot's global backend
-    axes = figure.subplots(1, len(names), squeeze=False)[0]
+    panels = figure.subplots(len(groups), len(names), squeeze=False)
     log_y = metric in LOWER_IS_BETTER
-    for ax, attack in zip(axes, names, strict=True):
-        for row in (r for r in rows if r.attack == attack):
-            rounds, bits, mean, half = seed_band(row, metric)
-            x = rounds if x_axis == "rounds" else bits
-            (line,) = ax.plot(x, mean, label=f"{row.label} ({_tuned_text(row)})")
-            low = np.maximum(mean - half, mean * 1e-3) if log_y else mean - half
-            ax.fill_between(x, low, mean + half, color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set_title(f"attack: {attack}")
-        ax.set_xlabel("round" if x_axis == "rounds" else "bits sent per worker (uplink)")
-        ax.set_ylabel(metric)
-        if log_y:
-            ax.set_yscale("log")
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+    for (aggregator, panel), axes in zip(groups, panels, strict=True):
+        for ax, attack in zip(axes, names, strict=True):
+            mine = [
+                r for r in rows if (r.attack, r.aggregator, r.panel) == (attack, aggregator, panel)
+            ]
+            for row in mine:
+                rounds, bits, mean, half = seed_band(row, metric)
+                x = rounds if x_axis == "rounds" else bits
+                colour = f"C{methods.index(row.name) % 10}"
+                ax.plot(x, mean, color=colour, label=f"{row.name} ({_tuned_text(row)})")
+                low = np.maximum(mean - half, mean * 1e-3) if log_y else mean - half
+                ax.fill_between(x, low, mean + half, color=colour, alpha=0.2, linewidth=0)
+            where = aggregator + (f", {panel}" if panel else "")
+            ax.set_title(f"attack: {attack} | {where}", fontsize="medium")
+            ax.set_xlabel("round" if x_axis == "rounds" else "bits sent per worker (uplink)")
+            ax.set_ylabel(metric)
+            if log_y:
+                ax.set_yscale("log")
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+            ax.grid(True, alpha=0.3)
+            if mine:
+                ax.legend(fontsize="x-small")
     figure.savefig(path, dpi=110)
 
 
