@@ -27,10 +27,10 @@ from byzps.sim.report import (
     SEED,
     Objective,
     ReportError,
-    Run,
     Selection,
     flatten,
     group_key,
+    load_run,
     select_setting,
 )
 
@@ -75,15 +75,10 @@ def choose(
         if not all(is_done(sweep_dir / c.name, c.config) for cs in by_setting.values() for c in cs):
             waiting += 1
             continue
-        runs = {s: [_load(sweep_dir / c.name) for c in cs] for s, cs in by_setting.items()}
+        runs = {s: [load_run(sweep_dir / c.name) for c in cs] for s, cs in by_setting.items()}
         best = runs[select_setting(runs, objective)][0]
         chosen.append({k: best.config[k] for k in keys if k in best.config})
     return Confirmation(chosen, waiting)
-
-
-def _load(cell_dir: Path) -> Run:
-    summary = json.loads((cell_dir / "summary.json").read_text())
-    return Run(cell_dir.name, flatten(summary["config"]), summary["final"], [])
 
 
 def confirm_grid_text(

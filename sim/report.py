@@ -177,17 +177,18 @@ class Row:
 
 def load_runs(sweep_dir: Path) -> list[Run]:
     """Every finished cell (one with summary.json) under the sweep directory, by name."""
-    runs = []
-    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        metrics = summary_path.parent / "metrics.jsonl"
-        curve = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        runs.append(
-            Run(summary_path.parent.name, flatten(summary["config"]), summary["final"], curve)
-        )
+    runs = [load_run(path.parent) for path in sorted(sweep_dir.glob("*/summary.json"))]
     if not runs:
         raise ReportError(f"{sweep_dir}: no finished runs (no */summary.json)")
     return runs
+
+
+def load_run(cell_dir: Path) -> Run:
+    """One finished cell: its summary.json and its metrics.jsonl curve."""
+    summary = json.loads((cell_dir / "summary.json").read_text())
+    lines = (cell_dir / "metrics.jsonl").read_text().splitlines()
+    curve = [json.loads(line) for line in lines if line.strip()]
+    return Run(cell_dir.name, flatten(summary["config"]), summary["final"], curve)
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

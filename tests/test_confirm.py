@@ -4,6 +4,7 @@ the report then reads the two stages exactly as if every setting had run on ever
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -57,17 +58,23 @@ def unseeded(config: RunConfig) -> dict[str, Any]:
     return data
 
 
-def best_by_hand(runs: Path) -> dict[tuple[str, str], tuple[float, float]]:
-    """(method, attack) → (lr, η) of the lowest final train loss on seed 0, read from the files."""
+def best_by_hand(runs: Path, over_run: bool = False) -> dict[tuple[str, str], tuple[float, float]]:
+    """(method, attack) → (lr, η) of the lowest train loss on seed 0 (final, or the lowest
+    reached over the run), read from the files."""
     best: dict[tuple[str, str], tuple[float, tuple[float, float]]] = {}
     for path in runs.glob("*/summary.json"):
         summary = json.loads(path.read_text())
         config, loss = summary["config"], summary["final"]["train_loss"]
+        if over_run and math.isfinite(loss) and not summary["final"].get("diverged"):
+            curve = (path.parent / "metrics.jsonl").read_text().splitlines()
+            loss = min(json.loads(line)["train_loss"] for line in curve)
+        elif not math.isfinite(loss) or summary["final"].get("diverged"):
+            loss = math.inf  # a run that blew up is never chosen, whatever it reached before
         if config["run"]["seed"] != 0:
             continue
         row = (config["algorithm"]["name"], config["attack"]["name"])
         setting = (config["algorithm"]["lr"], config["algorithm"]["eta"])
-        if row not in best or loss < best[row][0]:
+        if row not in best or (loss, setting) < best[row]:  # ties: the smaller setting
             best[row] = (loss, setting)
     return {row: setting for row, (_, setting) in best.items()}
 
@@ -93,6 +100,21 @@ def test_stage_two_reruns_each_rows_chosen_cell_on_new_seeds(
     # Each stage-2 cell is a stage-1 cell with another seed: every other key the same.
     stage_one_configs = [unseeded(c.config) for c in expand(load_grid(grid))]
     assert all(unseeded(cell.config) in stage_one_configs for cell in cells)
+
+
+def test_select_by_best_reads_the_curves(stage_one: tuple[Path, Path], tmp_path: Path) -> None:
+    grid, runs = stage_one
+    out = tmp_path / "confirm.toml"
+    code, output = confirm(runs, grid, "--select-by", "best", "--seed", "1", "--out", str(out))
+    assert code == 0, output
+    chosen = {
+        (c.config.algorithm.name, c.config.attack.name): (
+            c.config.algorithm.lr,
+            c.config.algorithm.eta,
+        )
+        for c in expand(load_grid(out))
+    }
+    assert chosen == best_by_hand(runs, over_run=True)
 
 
 def test_the_report_reads_both_stages_and_shows_only_the_new_seeds(
