@@ -482,6 +482,15 @@ def render(
         "chosen value of each tuned key, and how many settings were tried). Under each table, "
         f"the rows ordered by mean final {objective.metric}, with `<` only where the two "
         "intervals are disjoint and `≈` where they overlap (the data cannot order them).",
+        *(
+            [
+                "A method's name carries `[key=value]` for a setting it runs with everywhere "
+                "and that most methods do not (a baseline's own compressor); it is part of the "
+                "method, so those rows are ordered with the others."
+            ]
+            if any(row.variant for row in rows)
+            else []
+        ),
         "",
         "Regenerate with:",
         "",
