@@ -79,9 +79,16 @@ def selection_from(
     help="Report directory [default: SWEEP_DIR/report].",
 )
 @select_options
+@click.option(
+    "--partial",
+    is_flag=True,
+    help="List rows whose chosen setting has no run on a reported seed yet (an unfinished "
+    "second stage) as pending in the report, instead of refusing it.",
+)
 def report(
     sweep_dir: Path,
     out: Path | None,
+    partial: bool,
     metric: str,
     select_by: str,
     tune: tuple[str, ...],
@@ -94,11 +101,15 @@ def report(
     options = ["--metric", metric, "--select-by", select_by]
     options += [arg for key in tune for arg in ("--tune", key)]
     options += [arg for seed in selection_seeds for arg in ("--selection-seeds", str(seed))]
+    options += ["--partial"] if partial else []
     command = shlex.join(["byzps", "report", *where, *options])
     try:
         objective, selection = selection_from(metric, select_by, tune, selection_seeds)
-        rows = write_report(sweep_dir, out, objective, command, selection)
+        pending: list[str] | None = [] if partial else None
+        rows = write_report(sweep_dir, out, objective, command, selection, pending)
     except ReportError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"selection: {objective.rule()}; {selection.describe()}")
+    if pending:
+        click.echo(f"{len(pending)} rows left out, not yet run on a reported seed", err=True)
     click.echo(f"{len(rows)} rows from {sum(len(r.runs) for r in rows)} runs: {out / 'report.md'}")

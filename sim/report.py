@@ -259,10 +259,15 @@ def select_setting(candidates: dict[tuple, list[Run]], objective: Objective) -> 
 
 
 def build_rows(
-    runs: Sequence[Run], objective: Objective, selection: Selection = Selection()
+    runs: Sequence[Run],
+    objective: Objective,
+    selection: Selection = Selection(),
+    pending: list[str] | None = None,
 ) -> list[Row]:
     """Group runs by every key except seed and the tuned keys, choose each group's setting on
-    the selection seeds, report the rest; order the rows."""
+    the selection seeds, report the rest; order the rows. A group whose chosen setting has no run
+    on a reported seed is an error, or, given a `pending` list, described there and left out (a
+    two-stage study whose second stage has not finished)."""
     tuned = selection.keys
     extra = [k for k in varying_keys(runs) if k not in _SHOWN and k not in tuned]
     bound = method_bound(runs, extra)
@@ -287,6 +292,13 @@ def build_rows(
                 raise ReportError(f"selection seeds: no run of {_describe(by_setting)} has one")
         setting = select_setting(choosing, objective)
         reported = [r for r in by_setting[setting] if r.seed not in selection.seeds]
+        if not reported and pending is not None:
+            first = by_setting[setting][0].config
+            aggregator = "+".join([*first.get(PRE, []), str(first[AGGREGATOR])])
+            chosen_text = ", ".join(f"{k.split('.')[-1]} {_show_value(v)}" for k, v in
+                                    zip(tuned, setting, strict=True))  # fmt: skip
+            pending.append(f"{_describe(by_setting)} with {aggregator} ({chosen_text})")
+            continue
         if not reported:
             raise ReportError(f"selection seeds: {_describe(by_setting)} has no other seed")
         chosen = sorted(reported, key=lambda run: run.seed)
@@ -469,6 +481,7 @@ def render(
     plots: dict[str, str],
     heading: Sequence[str] = ("# Sweep report",),
     selection: Selection = Selection(),
+    pending: Sequence[str] = (),
 ) -> str:
     """report.md: its heading, the selection rule, the commands that regenerate it, a table and
     the intervals' ordering per attack, the plots."""
@@ -489,6 +502,17 @@ def render(
                 "method, so those rows are ordered with the others."
             ]
             if any(row.variant for row in rows)
+            else []
+        ),
+        *(
+            [
+                "",
+                f"**Not in the tables ({len(pending)} rows):** their chosen setting has no run "
+                "on a reported seed yet (the study's second stage has not reached them):",
+                "",
+                *(f"- {text}" for text in pending),
+            ]
+            if pending
             else []
         ),
         "",
@@ -542,23 +566,26 @@ def write_report(
     objective: Objective,
     report_command: str,
     selection: Selection = Selection(),
+    pending: list[str] | None = None,
 ) -> list[Row]:
-    """Load, aggregate and write report.md and its plots into `out`; returns the rows."""
+    """Load, aggregate and write report.md and its plots into `out`; returns the rows. With a
+    `pending` list, rows whose reported seeds have not run yet are listed there and in the
+    report instead of refusing the report (`build_rows`)."""
     runs = load_runs(sweep_dir)
     if any(objective.metric not in run.final for run in runs):
         raise ReportError(f"metric: some runs in {sweep_dir} have no {objective.metric}")
     missing = [k for k in selection.keys if any(k not in run.config for run in runs)]
     if missing:
         raise ReportError(f"tune: some runs in {sweep_dir} have no {', '.join(missing)}")
-    rows = build_rows(runs, objective, selection)
+    rows = build_rows(runs, objective, selection, pending)
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot_names(objective.metric)
+    plots = plot_names(objective.metric) if rows else {}  # every row pending: nothing to draw
     for x_axis, file in plots.items():
         plot(rows, objective.metric, x_axis, out / file)
     made_by = sweep_commands(sweep_dir)
     title = heading(sweep_dir, runs, bool(made_by))
     commands = [*made_by, report_command]
-    text = render(rows, objective, commands, plots, title, selection)
+    text = render(rows, objective, commands, plots, title, selection, pending or [])
     text = "\n".join([text, *claims.section(rows, out), *suspicion.section(rows, out)])
     (out / "report.md").write_text(text + "\n")
     return rows

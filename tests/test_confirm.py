@@ -129,6 +129,15 @@ def test_the_report_reads_both_stages_and_shows_only_the_new_seeds(
     shutil.copy(runs / "grid.json", both / "grid.json")  # stage 1's record
     out = tmp_path / "confirm.toml"
     assert confirm(both, grid, "--seed", "1", "--seed", "2", "--out", str(out))[0] == 0
+    # Before stage 2 ran, the report refuses, or with --partial lists every row as pending.
+    report_cmd = ["report", str(both), "--out", str(tmp_path / "early"), *SELECT]
+    early = CliRunner().invoke(main, report_cmd)
+    assert early.exit_code != 0 and "has no other seed" in early.output
+    early = CliRunner().invoke(main, [*report_cmd, "--partial"])
+    assert early.exit_code == 0, early.output
+    assert "6 rows left out" in early.output
+    text = (tmp_path / "early" / "report.md").read_text()
+    assert "**Not in the tables (6 rows):**" in text and "byz-dm21 under sf with nnm+cm" in text
     code, output = sweep_in_process(out, both)
     assert code == 0, output
     result = CliRunner().invoke(main, ["report", str(both), "--out", str(tmp_path / "r"), *SELECT])
