@@ -399,6 +399,28 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def matrices(rows: Sequence[Row], metric: str) -> list[str]:
+    """The metric at a glance: per aggregator (and panel setting), a methods × attacks table of
+    the mean ± 95 % half-width, each with its chosen setting; the per-attack tables below hold
+    the rest."""
+    names = attacks(rows)
+    lines = []
+    for aggregator, panel in dict.fromkeys((row.aggregator, row.panel) for row in rows):
+        where = aggregator + (f", {panel}" if panel else "")
+        cells = {
+            (row.name, row.attack): f"{_pm(*row.stat(metric), '.4g')} ({_tuned_text(row)})"
+            for row in rows
+            if (row.aggregator, row.panel) == (aggregator, panel)
+        }
+        methods = list(dict.fromkeys(name for name, _ in cells))
+        lines += ["", f"**{where}** — final {metric}", ""]
+        lines += ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for method in methods:
+            values = [cells.get((method, attack), "—") for attack in names]
+            lines.append(f"| {method} | " + " | ".join(values) + " |")
+    return lines
+
+
 def ordering(rows: Sequence[Row], objective: Objective) -> list[str]:
     """Per aggregator (and setting), the methods from best to worst mean final metric, joined by
     `<` (better, intervals disjoint) or `≈` (intervals overlap): the only ranking the data
@@ -522,6 +544,8 @@ def render(
         *commands,
         "```",
     ]
+    if len(attacks(rows)) > 1:
+        out += ["", "## Summary", *matrices(rows, objective.metric)]
     for attack in attacks(rows):
         mine = [r for r in rows if r.attack == attack]
         out += ["", f"## attack: {attack}", "", table(mine), "", *ordering(mine, objective)]

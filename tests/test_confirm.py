@@ -149,6 +149,14 @@ def test_the_report_reads_both_stages_and_shows_only_the_new_seeds(
     assert json.loads((both / "grid.confirm.json").read_text())["grid"] == str(out.resolve())
     first, second = report.index(f"--grid {grid}"), report.index(f"--grid {out}")
     assert first < second < report.index("byzps report")
+    # The summary: a methods × attacks matrix per aggregator, each cell with its chosen setting.
+    summary = report.split("## Summary")[1].split("## attack")[0]
+    header = next(ln for ln in summary.splitlines() if ln.startswith("| method |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    for (method, attack), (lr, eta) in best_by_hand(runs).items():
+        line = next(ln for ln in summary.splitlines() if ln.startswith(f"| {method}"))
+        cell = [c.strip() for c in line.strip("|").split("|")][columns.index(attack)]
+        assert cell.endswith(f"(lr {lr:g}, eta {eta:g})"), (method, attack, cell)
     for (method, attack), (lr, eta) in best_by_hand(runs).items():
         table = report.split(f"## attack: {attack}")[1].split("## ")[0]
         line = next(ln for ln in table.splitlines() if ln.startswith(f"| {method} "))
