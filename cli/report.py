@@ -85,10 +85,18 @@ def selection_from(
     help="List rows whose chosen setting has no run on a reported seed yet (an unfinished "
     "second stage) as pending in the report, instead of refusing it.",
 )
+@click.option(
+    "--versus",
+    multiple=True,
+    metavar="A:B",
+    help="Add head-to-head verdicts of method A against method B in every aggregator x attack "
+    "cell (repeatable), e.g. byz-dm21:byz-ef21-sgdm.",
+)
 def report(
     sweep_dir: Path,
     out: Path | None,
     partial: bool,
+    versus: tuple[str, ...],
     metric: str,
     select_by: str,
     tune: tuple[str, ...],
@@ -102,11 +110,20 @@ def report(
     options += [arg for key in tune for arg in ("--tune", key)]
     options += [arg for seed in selection_seeds for arg in ("--selection-seeds", str(seed))]
     options += ["--partial"] if partial else []
+    options += [arg for pair in versus for arg in ("--versus", pair)]
+    pairs = []
+    for pair in versus:
+        a, sep, b = pair.partition(":")
+        if not (sep and a and b) or a == b:
+            raise click.BadParameter(
+                f"expected two methods as A:B, got {pair!r}", param_hint="--versus"
+            )
+        pairs.append((a, b))
     command = shlex.join(["byzps", "report", *where, *options])
     try:
         objective, selection = selection_from(metric, select_by, tune, selection_seeds)
         pending: list[str] | None = [] if partial else None
-        rows = write_report(sweep_dir, out, objective, command, selection, pending)
+        rows = write_report(sweep_dir, out, objective, command, selection, pending, pairs)
     except ReportError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"selection: {objective.rule()}; {selection.describe()}")

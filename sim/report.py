@@ -421,6 +421,47 @@ def matrices(rows: Sequence[Row], metric: str) -> list[str]:
     return lines
 
 
+def versus(rows: Sequence[Row], objective: Objective, pair: tuple[str, str]) -> list[str]:
+    """Method a against method b in every aggregator × attack cell where both have a row: `a`
+    where a's interval lies entirely on the better side of b's, `b` the other way, `≈` where they
+    overlap; then the count of each. The only head-to-head verdicts the data supports."""
+    a, b = pair
+    names = attacks(rows)
+    by_cell = {(row.method, row.aggregator, row.panel, row.attack): row for row in rows}
+    groups = list(dict.fromkeys((row.aggregator, row.panel) for row in rows))
+    lines = [
+        f"**{a} against {b}** (final {objective.metric}: the better method where the 95 % "
+        "intervals are disjoint, ≈ where they overlap)",
+        "",
+        "| aggregator | " + " | ".join(names) + " |",
+        "|" + "---|" * (len(names) + 1),
+    ]
+    counts = {a: 0, b: 0, "≈": 0}
+    for aggregator, panel in groups:
+        cells = []
+        for attack in names:
+            first = by_cell.get((a, aggregator, panel, attack))
+            second = by_cell.get((b, aggregator, panel, attack))
+            if first is None or second is None:
+                cells.append("—")
+                continue
+            low, high = first.stat(objective.metric), second.stat(objective.metric)
+            if not objective.lower_is_better:
+                low, high = high, low
+            verdict = (
+                a if claims.disjoint_below(low, high)
+                else b if claims.disjoint_below(high, low)
+                else "≈"
+            )  # fmt: skip
+            counts[verdict] += 1
+            cells.append(verdict)
+        where = aggregator + (f", {panel}" if panel else "")
+        lines.append(f"| {where} | " + " | ".join(cells) + " |")
+    lines += ["", f"{a} better in {counts[a]}, {b} better in {counts[b]}, "
+                  f"cannot tell in {counts['≈']} of {sum(counts.values())} cells."]  # fmt: skip
+    return lines
+
+
 def ordering(rows: Sequence[Row], objective: Objective) -> list[str]:
     """Per aggregator (and setting), the methods from best to worst mean final metric, joined by
     `<` (better, intervals disjoint) or `≈` (intervals overlap): the only ranking the data
@@ -504,6 +545,7 @@ def render(
     heading: Sequence[str] = ("# Sweep report",),
     selection: Selection = Selection(),
     pending: Sequence[str] = (),
+    pairs: Sequence[tuple[str, str]] = (),
 ) -> str:
     """report.md: its heading, the selection rule, the commands that regenerate it, a table and
     the intervals' ordering per attack, the plots."""
@@ -546,6 +588,10 @@ def render(
     ]
     if len(attacks(rows)) > 1:
         out += ["", "## Summary", *matrices(rows, objective.metric)]
+    if pairs:
+        out += ["", "## Head to head"]
+        for pair in pairs:
+            out += ["", *versus(rows, objective, pair)]
     for attack in attacks(rows):
         mine = [r for r in rows if r.attack == attack]
         out += ["", f"## attack: {attack}", "", table(mine), "", *ordering(mine, objective)]
@@ -591,8 +637,10 @@ def write_report(
     report_command: str,
     selection: Selection = Selection(),
     pending: list[str] | None = None,
+    pairs: Sequence[tuple[str, str]] = (),
 ) -> list[Row]:
-    """Load, aggregate and write report.md and its plots into `out`; returns the rows. With a
+    """Load, aggregate and write report.md and its plots into `out`; returns the rows. `pairs`
+    add head-to-head verdicts (`versus`). With a
     `pending` list, rows whose reported seeds have not run yet are listed there and in the
     report instead of refusing the report (`build_rows`)."""
     runs = load_runs(sweep_dir)
@@ -609,7 +657,11 @@ def write_report(
     made_by = sweep_commands(sweep_dir)
     title = heading(sweep_dir, runs, bool(made_by))
     commands = [*made_by, report_command]
-    text = render(rows, objective, commands, plots, title, selection, pending or [])
+    methods = {row.method for row in rows}
+    unknown = [m for pair in pairs for m in pair if m not in methods]
+    if unknown:
+        raise ReportError(f"versus: no row of method {unknown[0]!r} in {sweep_dir}")
+    text = render(rows, objective, commands, plots, title, selection, pending or [], pairs)
     text = "\n".join([text, *claims.section(rows, out), *suspicion.section(rows, out)])
     (out / "report.md").write_text(text + "\n")
     return rows

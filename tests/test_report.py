@@ -14,8 +14,10 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from test_sweep import write_grid
 
+from byzps.cli.main import main
 from byzps.common.config import RunConfig
 from byzps.sim.grid import expand, load_grid, run_cell
 from byzps.sim.report import (
@@ -29,6 +31,7 @@ from byzps.sim.report import (
     ordering,
     seed_band,
     table,
+    versus,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -308,3 +311,36 @@ def test_a_setting_that_goes_with_its_method_names_the_method_and_splits_no_orde
             "byz-vr-marina [compressor.name=randk]",
         ]
     assert "| byz-vr-marina [compressor.name=randk] | cm |" in table(rows)
+
+
+def test_versus_names_the_better_method_only_where_the_intervals_are_disjoint(
+    tmp_path: Path,
+) -> None:
+    """The ordering test's three methods: dm21 < ef21-sgdm (disjoint), ef21-sgdm ≈ ef21."""
+    finals = {"byz-dm21": [0.30, 0.301, 0.299], "byz-ef21-sgdm": [0.40, 0.41, 0.39],
+              "byz-ef21": [0.42, 0.38, 0.45]}  # fmt: skip
+    for method, losses in finals.items():
+        for seed, loss in enumerate(losses):
+            write_method_run(tmp_path, method, 0.1, 0.1, seed, loss)
+    rows = build_rows(load_runs(tmp_path), Objective())
+
+    def verdict(a: str, b: str) -> tuple[str, str]:
+        lines = versus(rows, Objective(), (a, b))
+        return lines[4].split("|")[2].strip(), lines[-1]
+
+    assert verdict("byz-dm21", "byz-ef21-sgdm") == (
+        "byz-dm21",
+        "byz-dm21 better in 1, byz-ef21-sgdm better in 0, cannot tell in 0 of 1 cells.",
+    )
+    assert verdict("byz-ef21-sgdm", "byz-dm21")[0] == "byz-dm21"
+    assert verdict("byz-ef21-sgdm", "byz-ef21")[0] == "≈"
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [("byz-dm21", "expected two methods as A:B"), ("byz-dm21:byz-dm21", "expected two methods"),
+     ("byz-dm21:nope", "no row of method 'nope'")],
+)  # fmt: skip
+def test_versus_refuses_a_bad_pair(hand_built: Path, pair: str, message: str) -> None:
+    result = CliRunner().invoke(main, ["report", str(hand_built), "--versus", pair])
+    assert result.exit_code != 0 and message in result.output, result.output
