@@ -52,6 +52,15 @@ def stage_one(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return grid, root / "runs"
 
 
+def linked_cells(runs: Path, folder: Path) -> Path:
+    """A sweep directory of links to `runs`' cells (the shared stage 1 stays untouched)."""
+    folder.mkdir()
+    for cell in runs.iterdir():
+        if cell.is_dir():
+            (folder / cell.name).symlink_to(cell)
+    return folder
+
+
 def unseeded(config: RunConfig) -> dict[str, Any]:
     data = config.to_dict()
     del data["run"]["seed"]
@@ -121,11 +130,7 @@ def test_the_report_reads_both_stages_and_shows_only_the_new_seeds(
     stage_one: tuple[Path, Path], tmp_path: Path
 ) -> None:
     grid, runs = stage_one
-    both = tmp_path / "runs"
-    both.mkdir()
-    for cell in runs.iterdir():
-        if cell.is_dir():
-            (both / cell.name).symlink_to(cell)
+    both = linked_cells(runs, tmp_path / "runs")
     shutil.copy(runs / "grid.json", both / "grid.json")  # stage 1's record
     out = tmp_path / "confirm.toml"
     assert confirm(both, grid, "--seed", "1", "--seed", "2", "--out", str(out))[0] == 0
@@ -168,12 +173,8 @@ def test_a_row_with_a_missing_selection_run_waits(
     stage_one: tuple[Path, Path], tmp_path: Path
 ) -> None:
     grid, runs = stage_one
-    partial = tmp_path / "runs"
-    partial.mkdir()
-    cells = sorted(p for p in runs.iterdir() if p.is_dir())
-    for cell in cells:
-        (partial / cell.name).symlink_to(cell)
-    (partial / cells[0].name).unlink()  # one stage-1 run of one row not finished yet
+    partial = linked_cells(runs, tmp_path / "runs")
+    next(p for p in sorted(partial.iterdir()) if p.is_dir()).unlink()  # one stage-1 run missing
     out = tmp_path / "confirm.toml"
     code, output = confirm(partial, grid, "--seed", "1", "--out", str(out))
     assert code == 0, output

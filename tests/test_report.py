@@ -25,6 +25,7 @@ from byzps.sim.report import (
     SEED,
     Objective,
     ReportError,
+    Row,
     Selection,
     build_rows,
     load_runs,
@@ -265,14 +266,20 @@ def test_eta_is_tuned_with_lr_and_leaves_the_setting_column(tmp_path: Path) -> N
         Selection((LR, SEED))
 
 
-def test_the_ordering_says_less_only_where_the_intervals_are_disjoint(tmp_path: Path) -> None:
-    """Three methods: a and b far apart with tight intervals (a < b), c overlapping b (b ≈ c)."""
+def three_methods(folder: Path) -> list[Row]:
+    """Rows of three methods: dm21 and ef21-sgdm far apart with tight intervals (dm21 lower),
+    ef21 overlapping ef21-sgdm."""
     finals = {"byz-dm21": [0.30, 0.301, 0.299], "byz-ef21-sgdm": [0.40, 0.41, 0.39],
               "byz-ef21": [0.42, 0.38, 0.45]}  # fmt: skip
     for method, losses in finals.items():
         for seed, loss in enumerate(losses):
-            write_method_run(tmp_path, method, 0.1, 0.1, seed, loss)
-    rows = build_rows(load_runs(tmp_path), Objective())
+            write_method_run(folder, method, 0.1, 0.1, seed, loss)
+    return build_rows(load_runs(folder), Objective())
+
+
+def test_the_ordering_says_less_only_where_the_intervals_are_disjoint(tmp_path: Path) -> None:
+    """a < b (disjoint), b ≈ c (overlapping): `three_methods`."""
+    rows = three_methods(tmp_path)
     (line,) = ordering(rows, Objective())
     names = re.findall(r"([a-z0-9-]+) \(", line)
     assert names == ["byz-dm21", "byz-ef21-sgdm", "byz-ef21"]
@@ -316,13 +323,8 @@ def test_a_setting_that_goes_with_its_method_names_the_method_and_splits_no_orde
 def test_versus_names_the_better_method_only_where_the_intervals_are_disjoint(
     tmp_path: Path,
 ) -> None:
-    """The ordering test's three methods: dm21 < ef21-sgdm (disjoint), ef21-sgdm ≈ ef21."""
-    finals = {"byz-dm21": [0.30, 0.301, 0.299], "byz-ef21-sgdm": [0.40, 0.41, 0.39],
-              "byz-ef21": [0.42, 0.38, 0.45]}  # fmt: skip
-    for method, losses in finals.items():
-        for seed, loss in enumerate(losses):
-            write_method_run(tmp_path, method, 0.1, 0.1, seed, loss)
-    rows = build_rows(load_runs(tmp_path), Objective())
+    """`three_methods`: dm21 < ef21-sgdm (disjoint), ef21-sgdm ≈ ef21."""
+    rows = three_methods(tmp_path)
 
     def verdict(a: str, b: str) -> tuple[str, str]:
         lines = versus(rows, Objective(), (a, b))
