@@ -91,6 +91,10 @@ class Objective:
             value = pick(finite) if finite else math.nan
         return value if math.isfinite(value) else self.worst
 
+    def separates(self, a: tuple[float, float], b: tuple[float, float]) -> bool:
+        """Whether interval a (mean, half-width) lies entirely on the better side of b."""
+        return claims.disjoint_below(a, b) if self.lower_is_better else claims.disjoint_below(b, a)
+
     @property
     def worst(self) -> float:
         return math.inf if self.lower_is_better else -math.inf
@@ -223,8 +227,12 @@ def _held(runs: Sequence[Run], keys: Sequence[str], owner: str) -> dict[str, dic
 
 def bound_keys(runs: Sequence[Run], keys: Sequence[str], owner: str) -> list[str]:
     """The `keys` whose value the `owner` key fixes in every run (na's 12 workers by the attack)."""
-    held = _held(runs, keys, owner)
-    return [k for k in keys if all(len(v) == 1 for v in held[k].values())]
+    return _fixed(_held(runs, keys, owner))
+
+
+def _fixed(held: dict[str, dict[str, set[str]]]) -> list[str]:
+    """The keys of a `_held` map that hold one value per owner value."""
+    return [k for k, by_owner in held.items() if all(len(v) == 1 for v in by_owner.values())]
 
 
 def method_bound(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, str | None]:
@@ -235,7 +243,7 @@ def method_bound(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, str | No
     method then says its own."""
     held = _held(runs, keys, METHOD)
     usual = {}
-    for key in bound_keys(runs, keys, METHOD):
+    for key in _fixed(held):
         values = [next(iter(v)) for v in held[key].values()]
         counts = sorted((values.count(v) for v in set(values)), reverse=True)
         usual[key] = max(values, key=values.count) if counts[0] > counts[1] else None
@@ -293,10 +301,8 @@ def build_rows(
         setting = select_setting(choosing, objective)
         reported = [r for r in by_setting[setting] if r.seed not in selection.seeds]
         if not reported and pending is not None:
-            first = by_setting[setting][0].config
-            aggregator = "+".join([*first.get(PRE, []), str(first[AGGREGATOR])])
-            chosen_text = ", ".join(f"{k.split('.')[-1]} {_show_value(v)}" for k, v in
-                                    zip(tuned, setting, strict=True))  # fmt: skip
+            chosen_text = _setting_text(dict(zip(tuned, setting, strict=True)))
+            aggregator = _aggregator_of(by_setting[setting][0].config)
             pending.append(f"{_describe(by_setting)} with {aggregator} ({chosen_text})")
             continue
         if not reported:
@@ -307,7 +313,7 @@ def build_rows(
             Row(
                 attack=str(config[ATTACK]),
                 method=str(config[METHOD]),
-                aggregator="+".join([*config.get(PRE, []), str(config[AGGREGATOR])]),
+                aggregator=_aggregator_of(config),
                 setting=", ".join(f"{k}={_show(config[k])}" for k in extra),
                 panel=", ".join(f"{k}={_show(config[k])}" for k in panel_keys),
                 variant=", ".join(
@@ -336,9 +342,24 @@ def _show_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else _show(value)
 
 
+def _setting_text(values: dict[str, Any]) -> str:
+    """Tuned keys' values by their short names, e.g. "lr 0.1, eta 0.01"."""
+    return ", ".join(f"{key.split('.')[-1]} {_show_value(v)}" for key, v in values.items())
+
+
 def _tuned_text(row: Row) -> str:
     """The row's chosen setting, e.g. "lr 0.1, eta 0.01"."""
-    return ", ".join(f"{key.split('.')[-1]} {_show_value(v)}" for key, v in row.tuned.items())
+    return _setting_text(row.tuned)
+
+
+def _aggregator_of(config: dict[str, Any]) -> str:
+    """The rule with its wrappers, outermost first, e.g. "nnm+cm"."""
+    return "+".join([*config.get(PRE, []), str(config[AGGREGATOR])])
+
+
+def _where(aggregator: str, setting: str) -> str:
+    """A group's label: the aggregator, and the setting when there is one."""
+    return aggregator + (f", {setting}" if setting else "")
 
 
 def attacks(rows: Sequence[Row]) -> list[str]:
@@ -406,7 +427,7 @@ def matrices(rows: Sequence[Row], metric: str) -> list[str]:
     names = attacks(rows)
     lines = []
     for aggregator, panel in dict.fromkeys((row.aggregator, row.panel) for row in rows):
-        where = aggregator + (f", {panel}" if panel else "")
+        where = _where(aggregator, panel)
         cells = {
             (row.name, row.attack): f"{_pm(*row.stat(metric), '.4g')} ({_tuned_text(row)})"
             for row in rows
@@ -445,17 +466,15 @@ def versus(rows: Sequence[Row], objective: Objective, pair: tuple[str, str]) -> 
             if first is None or second is None:
                 cells.append("—")
                 continue
-            low, high = first.stat(objective.metric), second.stat(objective.metric)
-            if not objective.lower_is_better:
-                low, high = high, low
+            mine, theirs = first.stat(objective.metric), second.stat(objective.metric)
             verdict = (
-                a if claims.disjoint_below(low, high)
-                else b if claims.disjoint_below(high, low)
+                a if objective.separates(mine, theirs)
+                else b if objective.separates(theirs, mine)
                 else "≈"
             )  # fmt: skip
             counts[verdict] += 1
             cells.append(verdict)
-        where = aggregator + (f", {panel}" if panel else "")
+        where = _where(aggregator, panel)
         lines.append(f"| {where} | " + " | ".join(cells) + " |")
     lines += ["", f"{a} better in {counts[a]}, {b} better in {counts[b]}, "
                   f"cannot tell in {counts['≈']} of {sum(counts.values())} cells."]  # fmt: skip
@@ -478,12 +497,9 @@ def ordering(rows: Sequence[Row], objective: Objective) -> list[str]:
         ranked = sorted(group, key=lambda row: sign * stats[id(row)][0])
         text = _ranked(ranked[0], stats[id(ranked[0])])
         for better, worse in itertools.pairwise(ranked):
-            low, high = stats[id(better)], stats[id(worse)]
-            if not objective.lower_is_better:
-                low, high = high, low
-            separated = claims.disjoint_below(low, high)
+            separated = objective.separates(stats[id(better)], stats[id(worse)])
             text += f" {'<' if separated else '≈'} " + _ranked(worse, stats[id(worse)])
-        where = aggregator + (f", {setting}" if setting else "")
+        where = _where(aggregator, setting)
         if not objective.lower_is_better:
             text += " (higher is better)"
         lines.append(f"- {where}: {text}")
@@ -519,7 +535,7 @@ def plot(rows: Sequence[Row], metric: str, x_axis: str, path: Path) -> None:
                 ax.plot(x, mean, color=colour, label=f"{row.name} ({_tuned_text(row)})")
                 low = np.maximum(mean - half, mean * 1e-3) if log_y else mean - half
                 ax.fill_between(x, low, mean + half, color=colour, alpha=0.2, linewidth=0)
-            where = aggregator + (f", {panel}" if panel else "")
+            where = _where(aggregator, panel)
             ax.set_title(f"attack: {attack} | {where}", fontsize="medium")
             ax.set_xlabel("round" if x_axis == "rounds" else "bits sent per worker (uplink)")
             ax.set_ylabel(metric)
@@ -640,9 +656,8 @@ def write_report(
     pairs: Sequence[tuple[str, str]] = (),
 ) -> list[Row]:
     """Load, aggregate and write report.md and its plots into `out`; returns the rows. `pairs`
-    add head-to-head verdicts (`versus`). With a
-    `pending` list, rows whose reported seeds have not run yet are listed there and in the
-    report instead of refusing the report (`build_rows`)."""
+    add head-to-head verdicts (`versus`). With a `pending` list, rows whose reported seeds have
+    not run yet are listed there and in the report instead of refusing it (`build_rows`)."""
     runs = load_runs(sweep_dir)
     if any(objective.metric not in run.final for run in runs):
         raise ReportError(f"metric: some runs in {sweep_dir} have no {objective.metric}")
