@@ -220,14 +220,15 @@ def to_toml(data: Mapping[str, Mapping[str, Any]]) -> str:
     sections = []
     for section, values in data.items():
         lines = [f"[{section}]"]
-        lines += [f"{key} = {_toml_value(v)}" for key, v in values.items() if v is not None]
+        lines += [f"{key} = {toml_value(v)}" for key, v in values.items() if v is not None]
         sections.append("\n".join(lines) + "\n")
     return "\n".join(sections)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A config value as a TOML literal (a table inline, its None entries left out)."""
     if isinstance(value, Mapping):
-        items = [f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None]
+        items = [f"{k} = {toml_value(v)}" for k, v in value.items() if v is not None]
         return "{ " + ", ".join(items) + " }" if items else "{}"
     return json.dumps(value)  # JSON spells strings, numbers, booleans and lists as TOML does
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from byzps.common.config import toml_value
 from byzps.sim.grid import Cell, Grid, expand, is_done
 from byzps.sim.report import (
     SEED,
@@ -93,36 +94,27 @@ def confirm_grid_text(
         raise ReportError("no row has all its selection runs finished yet")
     lines = [
         f"# Stage 2 of {grid.source.name}: each row's chosen setting (byzps confirm) on new seeds.",
-        f"base = {_toml(os.path.relpath(grid.base, where))}",
+        f"base = {toml_value(os.path.relpath(grid.base, where))}",
         "",
         "[fixed]",
-        *(f"{_toml(k)} = {_toml(v)}" for k, v in grid.fixed.items()),
+        *(f"{_key(k)} = {toml_value(v)}" for k, v in grid.fixed.items()),
         "",
         "[axes]",
         # An axis is named by a key it sets; its values set every axis key of stage 1 together.
-        f"{_toml(next(iter(chosen[0])))} = [",
+        f"{_key(next(iter(chosen[0])))} = [",
         *(
-            f"  {{ {', '.join(f'{_toml(k)} = {_toml(v)}' for k, v in cell.items())} }},"
+            f"  {{ {', '.join(f'{_key(k)} = {toml_value(v)}' for k, v in cell.items())} }},"
             for cell in chosen
         ),
         "]",
-        f"{_toml(SEED)} = {_toml(list(seeds))}",
+        f"{_key(SEED)} = {toml_value(list(seeds))}",
     ]
     return "\n".join(lines) + "\n"
 
 
-def _toml(value: Any) -> str:
-    """A TOML literal for the values configs hold (JSON's strings, numbers and arrays are TOML's;
-    tables become inline tables; anything else is refused rather than written wrong)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (str, int, float)):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict):  # a table-valued setting (algorithm.params): an inline table
-        return "{ " + ", ".join(f"{_toml(str(k))} = {_toml(v)}" for k, v in value.items()) + " }"
-    raise ReportError(f"cannot write {value!r} into a grid file")
+def _key(key: str) -> str:
+    """A dotted config key as a quoted TOML key (one key, not nested tables)."""
+    return json.dumps(key)
 
 
 def confirm(
