@@ -104,10 +104,9 @@ class RoundEngine:
         self.last_aggregate = torch.zeros_like(self.x)
         #: The change of ĝ in the last closed round; None when not recorded (too large, or off).
         self.last_delta: AggregateDelta | None = None
-        # Coordinates touched since the last aggregation (and how many, repeats counted); None:
-        # unknown or too many to be worth a union, aggregate in full.
+        # Coordinates touched since the last aggregation; None: unknown or too many to be worth
+        # a union, aggregate in full.
         self._dirty: list[Tensor] | None = None
-        self._dirty_count = 0
 
     @property
     def device(self) -> torch.device:
@@ -123,10 +122,10 @@ class RoundEngine:
         """Apply one message per listed worker row to the current round's states, exactly once."""
         if self._dirty is not None:
             touched = self.rule.touched(rows, messages)
-            self._dirty_count += 0 if touched is None else touched.numel()
-            # Too many touches for the union to be small: stop collecting them (at Top-1 % from
-            # 20 workers, keeping them cost a 16 MB copy a round at d = 1e7 for nothing).
-            if touched is None or self._dirty_count > 4 * self.incremental_limit * self.x.numel():
+            # Too many touches (repeats counted) for the union to be small: stop collecting them
+            # (at Top-1 % from 20 workers, keeping them cost a 16 MB copy a round at d = 1e7).
+            cap = 4 * self.incremental_limit * self.x.numel()
+            if touched is None or touched.numel() + sum(t.numel() for t in self._dirty) > cap:
                 self._dirty = None
             else:  # a copy: the caller owns the message and may reuse its buffers
                 self._dirty.append(touched.clone())
@@ -155,7 +154,6 @@ class RoundEngine:
         # states of all its runs at once), every round aggregates in full.
         tracked = self.aggregator.coordinatewise and self.incremental_limit >= 0
         self._dirty = [] if tracked else None
-        self._dirty_count = 0
         return aggregate
 
     def _dirty_columns(self) -> Tensor | None:
