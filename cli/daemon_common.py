@@ -167,8 +167,9 @@ def daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--server",
             "address",
             required=True,
-            type=Address(),
-            help="Address of the parameter server.",
+            type=Address(many=True),
+            help="Address of the parameter server; of a sharded one (cluster.shards > 1), every "
+            "shard's, comma-separated in rank order.",
         ),
         click.option(
             "--secret-file",

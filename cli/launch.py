@@ -152,20 +152,19 @@ def launch(
     try:
         server_argv = byzps_command(
             "server", "--config", str(config_path), *sets,
-            "--listen", "127.0.0.1:0", "--out", str(out),
-            "--checkpoint-dir", str(out / "checkpoints"), "--secret-file", str(secret),
+            "--listen", "127.0.0.1:0", "--secret-file", str(secret),
             "--downlink", downlink, *(["--resume"] if resume else ["--overwrite"]),
             *(["--device", device] if device is not None else []),
             *(["--round-deadline", str(round_deadline)] if round_deadline is not None else []),
         )  # fmt: skip
-        server = cluster.start("server", server_argv, pipe_stdout=True)
-        address = cluster.wait_for_line(server, LISTENING, startup_timeout)
-        click.echo(f"server {address} (pid {server.pid}); logs in {cluster.log_dir}")
+        servers = start_servers(cluster, server_argv, config.cluster.shards, out, startup_timeout)
+        address = ",".join(servers.addresses)
         for name, argv in client_commands(config, address, credentials, out, force_cohort):
             cluster.start(name, argv)
         h, f = config.honest_workers, config.cluster.workers - config.honest_workers
         click.echo(f"started {h} honest worker(s)" + (f" and {f} Byzantine" if f else ""))
-        code = _supervise(cluster, server, MetricsTail(out / "metrics.jsonl", config.run.rounds))
+        tail = MetricsTail(out / "metrics.jsonl", config.run.rounds)
+        code = _supervise(cluster, servers.children, tail)
     except Interrupted as exc:
         click.echo(f"launch: {exc}, stopping the cluster", err=True)
         code = 128 + exc.signum
@@ -182,6 +181,46 @@ def launch(
     if code == 0:
         click.echo(f"done: results in {out}")
     raise SystemExit(code)
+
+
+@dataclass(frozen=True)
+class Servers:
+    """The started server process(es): one, or the S shards in rank order."""
+
+    children: list[Child]
+    addresses: list[str]
+
+
+def shard_dir(out: Path, rank: int) -> Path:
+    """Where shard `rank` keeps its files: OUT itself for rank 0 (the run's metrics and results
+    are its), OUT/shard-RANK for the others."""
+    return out if rank == 0 else out / f"shard-{rank}"
+
+
+def start_servers(
+    cluster: Cluster, argv: list[str], shards: int, out: Path, timeout: float
+) -> Servers:
+    """Start the server, or its `shards` shards, each with its own --out and checkpoint
+    directory; once every shard listens, write their addresses to OUT/shards.txt, which each
+    shard reads (--peers-file) before its first round closes."""
+    peers = out / "shards.txt"
+    peers.unlink(missing_ok=True)
+    children = []
+    for rank in range(shards):
+        where = shard_dir(out, rank)
+        own = ["--out", str(where), "--checkpoint-dir", str(where / "checkpoints")]
+        if shards > 1:
+            own += ["--shard", str(rank), "--peers-file", str(peers)]
+        name = "server" if shards == 1 else f"server-{rank}"
+        children.append(cluster.start(name, [*argv, *own], pipe_stdout=True))
+    addresses = [cluster.wait_for_line(child, LISTENING, timeout) for child in children]
+    if shards > 1:
+        staged = peers.with_suffix(".tmp")
+        staged.write_text("".join(a + "\n" for a in addresses))
+        staged.replace(peers)
+    for child, address in zip(children, addresses, strict=True):
+        click.echo(f"{child.name} {address} (pid {child.pid}); logs in {cluster.log_dir}")
+    return Servers(children, addresses)
 
 
 def threads_each(processes: int) -> int:
@@ -243,19 +282,21 @@ def client_commands(
     return commands
 
 
-def _supervise(cluster: Cluster, server: Child, tail: MetricsTail) -> int:
-    """Print progress until the server exits; report workers that die on the way."""
+def _supervise(cluster: Cluster, servers: list[Child], tail: MetricsTail) -> int:
+    """Print progress until every server process (shard) exits; report workers that die on
+    the way. The exit code is the first non-zero of the servers' (in rank order)."""
     reported: set[str] = set()
-    while server.process.poll() is None:
+    while any(server.process.poll() is None for server in servers):
         tail.poll()
         for child in cluster.children:
             rc = child.process.poll()
-            if child is not server and rc not in (None, 0) and child.name not in reported:
+            if rc not in (None, 0) and child.name not in reported:
                 reported.add(child.name)
                 click.echo(
                     f"launch: {child.name} exited with code {rc}; see {child.log_path}", err=True
                 )
         time.sleep(0.2)
     tail.poll()
-    rc = int(server.process.returncode)
+    codes = [int(server.process.returncode) for server in servers]
+    rc = next((c for c in codes if c != 0), 0)
     return 128 - rc if rc < 0 else rc  # killed by signal s: the shell's 128 + s

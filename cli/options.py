@@ -92,19 +92,24 @@ def split_address(text: str, *, listen: bool) -> tuple[str, int]:
 
 
 class Address(click.ParamType):
-    """HOST:PORT (or [IPV6]:PORT), checked when the command line is parsed."""
+    """HOST:PORT (or [IPV6]:PORT), checked when the command line is parsed; with `many`, one or
+    more of them comma-separated (the shards of a sharded server)."""
 
     name = "HOST:PORT"
 
-    def __init__(self, *, listen: bool = False) -> None:
+    def __init__(self, *, listen: bool = False, many: bool = False) -> None:
         self.listen = listen
+        self.many = many
+        if many:
+            self.name = "HOST:PORT[,HOST:PORT…]"
 
     def convert(
         self, value: object, param: click.Parameter | None, ctx: click.Context | None
     ) -> str:
         text = str(value)
         try:
-            split_address(text, listen=self.listen)
+            for part in text.split(",") if self.many else [text]:
+                split_address(part.strip(), listen=self.listen)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
         return text

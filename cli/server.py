@@ -160,6 +160,33 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
     help="Serve Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md); off unless "
     "given. Read-only; bind it where only your monitoring can reach it.",
 )
+@click.option(
+    "--shard",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="With cluster.shards = S > 1: this server's rank, 0 … S − 1; it owns the rank-th of "
+    "S contiguous coordinate ranges. Rank 0 writes the run's metrics.",
+)
+@click.option(
+    "--peers",
+    help="With cluster.shards > 1: every shard's address, in rank order, comma-separated "
+    "(this one's included).",
+)
+@click.option(
+    "--peers-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Like --peers, one address per line, read when the first round closes (a launcher "
+    "writes it once every shard listens).",
+)
+@click.option(
+    "--peer-timeout",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Seconds a round's close waits for a peer shard before this shard stops (exit 1; "
+    "--resume continues it).",
+)
 @downlink_option
 @device_option
 def server(
@@ -184,6 +211,10 @@ def server(
     tls_client_ca: Path | None,
     tls_bind_ids: bool,
     metrics_address: str | None,
+    shard: int,
+    peers: str | None,
+    peers_file: Path | None,
+    peer_timeout: float,
     downlink: str,
     device: str | None,
 ) -> None:
@@ -216,9 +247,14 @@ def server(
         tls=_tls(tls_cert, tls_key, tls_client_ca),
         bind_certificates=tls_bind_ids,
         metrics=metrics_address,
+        shard=shard,
+        peers=_peers(config.cluster.shards, shard, peers, peers_file),
+        peer_timeout=peer_timeout,
     )
     try:
-        task, engine, max_nnz = build_server_parts(config, sparse_downlink=downlink == "sparse")
+        task, engine, max_nnz = build_server_parts(
+            config, sparse_downlink=downlink == "sparse", shard=shard
+        )
     except ConfigError as exc:
         raise ServerUsageError(f"{config_path}: {exc}") from None
     locks = claim_server_dirs(out, checkpoint_dir, resume=resume, overwrite=overwrite)
@@ -244,6 +280,28 @@ def server(
         for lock in locks:
             lock.release(tidy=not started and not resume)
     sys.exit(code)
+
+
+def _peers(
+    shards: int, rank: int, peers: str | None, peers_file: Path | None
+) -> tuple[str, ...] | Path:
+    """The shards' addresses as DaemonOptions takes them, checked against cluster.shards."""
+    if rank >= shards:
+        raise ServerUsageError(f"--shard: rank {rank} of cluster.shards = {shards}")
+    if peers is not None and peers_file is not None:
+        raise ServerUsageError("--peers and --peers-file exclude each other")
+    if shards == 1:
+        if peers is not None or peers_file is not None:
+            raise ServerUsageError("--peers: cluster.shards is 1, this server has no peers")
+        return ()
+    if peers_file is not None:
+        return peers_file
+    if peers is None:
+        raise ServerUsageError(f"cluster.shards = {shards}: pass --peers or --peers-file")
+    addresses = tuple(a.strip() for a in peers.split(",") if a.strip())
+    if len(addresses) != shards:
+        raise ServerUsageError(f"--peers: {len(addresses)} addresses for cluster.shards = {shards}")
+    return addresses
 
 
 def _tls(

@@ -88,6 +88,11 @@ class ClusterSection:
     #: on one dead worker), at the price of rounds aggregated over fewer fresh states: a silent
     #: worker's stale state still counts, so each missing worker adds staleness, not bias.
     quorum: int | None = None
+    #: S: server processes, each owning a contiguous 1/S of the coordinates (of x and of every
+    #: worker's state; byzps.common.shards). Robust rules decide alike on every shard from
+    #: O(n²) partial sums exchanged between them, so results match one server's (bit for bit
+    #: for coordinate-wise rules, to float64 rounding of the distances for the others).
+    shards: int = 1
 
 
 @dataclass(frozen=True)
@@ -194,9 +199,12 @@ class RunConfig:
 
         `run.device` is left out: where one process computes is not part of the run (a server on
         a GPU and its workers on CPUs agree on the digest), and digests of configs written before
-        the key existed stay the same."""
+        the key existed stay the same. `cluster.shards` counts only when it is above 1: workers
+        must know it to split their messages, and an unsharded run's digest stays as it was."""
         data = self.to_dict()
         del data["run"]["device"]
+        if data["cluster"]["shards"] == 1:  # an unsharded run keeps the digest it always had
+            del data["cluster"]["shards"]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -326,6 +334,7 @@ def validate(config: RunConfig) -> None:
     _require(2 * f < n, "cluster.byzantine", f"f = {f} must be below n/2 = {n / 2}")
     q = config.cluster.quorum
     _require(q is None or 1 <= q <= n, "cluster.quorum", f"must be in [1, n = {n}]")
+    _require(config.cluster.shards >= 1, "cluster.shards", "must be at least 1")
     _require(config.task.batch_size >= 1, "task.batch_size", "must be at least 1")
     _require(config.task.alpha > 0, "task.alpha", "must be positive")
     _require(
@@ -370,6 +379,10 @@ def validate(config: RunConfig) -> None:
         "attack.knowledge",
         "must be 'omniscient' or 'cohort'",
     )
+    if config.cluster.shards > 1:
+        from byzps.common.shards import check_shardable  # shards imports this module
+
+        check_shardable(c.name, config.cluster.shards)
     if config.attack.name != "na":
         _require(f >= 1, "cluster.byzantine", f"attack {config.attack.name!r} needs f >= 1")
 

@@ -38,15 +38,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from byzps.common.aggregators.collective import all_sum, sharded
 from byzps.common.config import RunConfig
 from byzps.common.downlink import DenseModel, Downlink
 from byzps.common.sparse import SparseBatch
 from byzps.server.checkpoint import CheckpointStore, Recovered
 from byzps.server.engine import RoundEngine
 from byzps.server.metrics import ServerMetrics
-from byzps.server.results import MetricsRecorder, RoundLog, progress_line, uplink_per_worker
+from byzps.server.results import (
+    MetricsRecorder,
+    RoundLog,
+    evaluation_due,
+    progress_line,
+    uplink_per_worker,
+)
+from byzps.server.shard_peer import COLLECTIVE, MODEL, PeerError, ShardContext, pack_arrays
 from byzps.server.validation import (
     Door,
     Refusal,
@@ -126,6 +135,7 @@ class Coordinator:
         store: CheckpointStore | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer: ServerMetrics | None = None,
+        shards: ShardContext | None = None,
     ) -> None:
         n = config.cluster.workers
         if not 1 <= settings.quorum <= n:
@@ -143,6 +153,8 @@ class Coordinator:
         self._rounds_log = rounds_log
         self._store = store
         self._clock = clock
+        #: This server's place in a sharded one (byzps.server.shard_peer); None: unsharded.
+        self._shards = shards
         # Live metrics (byzps.server.metrics): told of every round closed live.
         self._observer = observer if observer is not None else ServerMetrics()
         self._lock = threading.Lock()
@@ -151,6 +163,8 @@ class Coordinator:
         self._workers: dict[int, WorkerInfo] = {}
         self._pushed: set[int] = set()
         self._bytes_total = 0  # payload bytes of every accepted update
+        # On a shard: every shard's payload bytes as of the last close (the barrier sums them).
+        self._cluster_bytes = 0
         self._bytes_in = 0
         self._bytes_out = 0
         self._phase = Phase.STARTING
@@ -183,7 +197,10 @@ class Coordinator:
             else:
                 self._record_metrics()
             if self._store is not None:
-                self._checkpoint()  # the generation a later resume starts from
+                # The generation a later resume starts from. A shard does not wait for its first
+                # record here: rank 0 evaluates it from every shard's slice, and the shards
+                # learn each other's addresses only once all of them listen.
+                self._checkpoint(flush=self._shards is None)
             self._published = self.engine.round
             self._startup_deadline = self._clock() + self.settings.startup_timeout
             self._maybe_open()
@@ -221,13 +238,38 @@ class Coordinator:
         """Time-driven transitions: the startup timeout and round deadlines (call it often)."""
         with self._lock:
             if self.failure is None and not self._stopping:
-                self._maybe_open()
-                self._maybe_close()
+                with contextlib.suppress(Rejected):  # a failed close sets `failure`
+                    self._maybe_open()
+                    self._maybe_close()
             pending = self._unpublished
+            overdue = self._overdue_round()
         if pending is not None:
             # A storage failure sets `failure`, and the daemon stops.
             with contextlib.suppress(Rejected):
                 self.settle(pending[0])
+        if overdue is not None:
+            self._follow_peers(overdue)
+
+    def _overdue_round(self) -> int | None:
+        """On a shard, the open round once its deadline has passed without this shard closing
+        it (too few pushes arrived here); None otherwise. Caller holds the lock."""
+        running = self._phase is Phase.RUNNING and self.failure is None and not self._stopping
+        late = self._clock() - self._opened_at >= self.settings.round_deadline
+        return self.engine.round if self._shards is not None and running and late else None
+
+    def _follow_peers(self, round: int) -> None:
+        """Close `round` if a peer shard already has (its barrier part is published): every
+        shard must close every round, or the closer waits at the barrier forever. Only past the
+        deadline, so that in a healthy round each shard closes on its own pushes and a shard's
+        round holds exactly what one server's would."""
+        assert self._shards is not None
+        if not self._shards.peers.published(COLLECTIVE, round, 0):
+            return
+        with self._lock:
+            if self._overdue_round() == round:
+                log.info("round %d: a peer shard closed it; closing it here too", round)
+                with contextlib.suppress(Rejected):
+                    self._close()
 
     # --- RPC-facing operations ------------------------------------------------------------
 
@@ -391,7 +433,9 @@ class Coordinator:
 
     @property
     def bytes_uplink(self) -> float:
-        return uplink_per_worker(self._bytes_total, self.num_workers)
+        """Payload bytes per worker so far (on a shard, of all shards as of the last close)."""
+        total = self._bytes_total if self._shards is None else self._cluster_bytes
+        return uplink_per_worker(total, self.num_workers)
 
     # --- state transitions (caller holds the lock) ----------------------------------------
 
@@ -434,11 +478,12 @@ class Coordinator:
             self._fail(exc)
             raise Rejected(Refusal.UNAVAILABLE, "the server's storage failed") from None
 
-    def _fail(self, exc: OSError) -> None:
-        # The engine ran ahead of the disk: acknowledging anything more would lose updates.
+    def _fail(self, exc: Exception) -> None:
+        # The engine ran ahead of the disk (or a close broke off half-way): acknowledging
+        # anything more would lose updates.
         if self.failure is None:
             self.failure = exc
-            log.error("write-ahead log failed, stopping: %s", exc)
+            log.error("stopping: %s", exc)
         self._notify()
 
     def _maybe_open(self) -> None:
@@ -464,15 +509,22 @@ class Coordinator:
         if everyone or quorum:
             self._close()
 
-    def _close(self, *, replaying: bool = False) -> None:
+    def _close(self, *, replaying: bool = False, sums: bytes = b"") -> None:
+        """Aggregate and step (through the peers on a shard; from a logged close's `sums` when
+        replaying one), then everything a closed round entails."""
         closing = self.engine.round
         began = time.perf_counter()
-        self.engine.close_round()
+        if self._shards is None:
+            self.engine.close_round()
+        elif replaying:
+            self._close_replayed_shard(sums)
+        else:
+            sums = self._close_shard(closing)
         aggregation = time.perf_counter() - began
         self._snapshots.clear()
         ticket = 0
         if not replaying:
-            ticket = self._log(CloseRecord(closing))
+            ticket = self._log(CloseRecord(closing, sums))
             if self._rounds_log is not None:
                 now = time.time()
                 self._rounds_log.record(closing, self._opened_wall, now, len(self._pushed))
@@ -499,6 +551,44 @@ class Coordinator:
             self._published = self.engine.round
             self._notify()
 
+    def _close_shard(self, closing: int) -> bytes:
+        """One shard's close of round `closing`: the barrier, then the engine's close with every
+        reduction summed over the shards; returns the sums received, for the close record.
+
+        The log is made durable first: the parts published here must be the ones a restart of
+        this shard would publish again, and the peers use them at once. A peer that gives no
+        part in time stops this shard (the close broke off with the engine half-way); a resume
+        from its log finishes the round with the peers' parts, which they keep."""
+        assert self._shards is not None
+        collective = self._shards.collective
+        try:
+            if self._store is not None:
+                self._store.wait(self._store.last_ticket)
+            collective.begin(closing)
+            with sharded(collective):
+                # Every shard is closing `closing`: a peer still open follows (`_follow_peers`).
+                self._barrier()
+                self.engine.close_round()
+        except (PeerError, OSError) as exc:
+            self._fail(exc)
+            raise Rejected(Refusal.UNAVAILABLE, "a peer shard or the log failed") from None
+        return pack_arrays(collective.sums)
+
+    def _barrier(self) -> None:
+        """A shard's first all-sum of each close: pushes and payload bytes, over all shards."""
+        summed = all_sum(np.array([float(len(self._pushed)), float(self._bytes_total)]))
+        self._cluster_bytes = int(summed[1])
+
+    def _close_replayed_shard(self, sums: bytes) -> None:
+        """A logged close of a shard, redone from the sums it received."""
+        assert self._shards is not None
+        collective = self._shards.replay(sums)
+        with sharded(collective):
+            self._barrier()
+            self.engine.close_round()
+        if not collective.exhausted:
+            raise ValueError("the logged close received more sums than its replay used")
+
     def _finish(self) -> None:
         self._phase = Phase.FINISHED
         self._record_metrics()
@@ -509,6 +599,10 @@ class Coordinator:
         log.info("run finished at round %d", self.engine.round)
 
     def _record_metrics(self) -> None:
+        if self._shards is not None and evaluation_due(self.config, self.engine.round):
+            # Rank 0 evaluates the whole model: every shard publishes its slice of it.
+            part = self.engine.x.detach().cpu().numpy().copy()
+            self._shards.outbox.put(MODEL, self.engine.round, 0, part)
         if self._metrics is not None:
             self._metrics.record(
                 self.engine.round, self.engine.x, self.bytes_uplink, self.engine.suspicion.report()
@@ -521,7 +615,7 @@ class Coordinator:
         if isinstance(record, CloseRecord):
             if record.round != self.engine.round:
                 raise ValueError(f"log closes round {record.round} at round {self.engine.round}")
-            self._close(replaying=True)
+            self._close(replaying=True, sums=record.sums)
             return
         self._accept(self.door.replayed(record.row, record.round, record.seq, record.update))
 
@@ -539,6 +633,7 @@ class Coordinator:
             },
             "pushed": sorted(self._pushed),
             "bytes_total": self._bytes_total,
+            "cluster_bytes": self._cluster_bytes,
             "bytes_in": self._bytes_in,
             "bytes_out": self._bytes_out,
             "elapsed": 0.0 if self._metrics is None else self._metrics.elapsed,
@@ -555,17 +650,19 @@ class Coordinator:
         }
         self._pushed = {int(row) for row in state["pushed"]}
         self._bytes_total = int(state["bytes_total"])
+        self._cluster_bytes = int(state.get("cluster_bytes", 0))
         self._bytes_in = int(state["bytes_in"])
         self._bytes_out = int(state["bytes_out"])
         torch.set_rng_state(state["rng"]["torch"])
 
-    def _checkpoint(self, *, background: bool = False) -> None:
+    def _checkpoint(self, *, background: bool = False, flush: bool = True) -> None:
         """Checkpoint the state now; `background`: from a snapshot (state_dict clones every
         tensor) written by the store's thread while the rounds go on (skipped, with a log line,
-        while the previous one is still being written: see CheckpointStore)."""
+        while the previous one is still being written: see CheckpointStore). `flush`: first wait
+        for the metrics records queued so far."""
         assert self._store is not None
         round = self.engine.round
-        if self._metrics is not None:
+        if self._metrics is not None and flush:
             # The records of the rounds this checkpoint covers are written (the evaluation
             # thread is normally done with them long since): a resume from it re-evaluates only
             # the rounds it replays, so metrics.jsonl stays complete even after a kill -9.

@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from byzps.common.components import build_run_compressor
 from byzps.common.config import RunConfig
+from byzps.common.shards import ShardLayout
 from byzps.common.tasks.base import Task
 from byzps.server.auth import Authenticator
 from byzps.server.checkpoint import CheckpointStore, Recovered
@@ -42,6 +44,13 @@ from byzps.server.limits import Limits
 from byzps.server.metrics import MetricsEndpoint, PrometheusMetrics, ServerMetrics
 from byzps.server.results import MetricsRecorder, RoundLog
 from byzps.server.service import SERVICE_NAME, ParameterServerServicer, add_to_server
+from byzps.server.shard_peer import (
+    Outbox,
+    Peers,
+    ShardContext,
+    ShardPeerServicer,
+    add_peer_service,
+)
 from byzps.server.validation import Door
 from byzps.server.wal import FsyncPolicy
 
@@ -120,6 +129,12 @@ class DaemonOptions:
     bind_certificates: bool = True
     #: Serve Prometheus metrics at http://METRICS/metrics (byzps.server.metrics); None: off.
     metrics: str | None = None
+    #: With cluster.shards = S > 1: this server's rank, the S shards' addresses in rank order
+    #: (or a file the launcher writes them to once all listen), and how long a round's close
+    #: waits for a peer's part before this shard stops (byzps.server.shard_peer).
+    shard: int = 0
+    peers: tuple[str, ...] | Path = ()
+    peer_timeout: float = 120.0
 
 
 def recover(options: DaemonOptions, store: CheckpointStore | None) -> Recovered | None:
@@ -134,6 +149,14 @@ def recover(options: DaemonOptions, store: CheckpointStore | None) -> Recovered 
         recovered = store.recover()
         if recovered.state is None and not recovered.records:
             log.warning("%s: nothing to resume, starting fresh", store.directory)
+        else:
+            start = 0 if recovered.state is None else int(recovered.state["engine"]["round"])
+            log.info(
+                "resuming from %s: checkpoint of round %d, then %d logged records",
+                store.directory,
+                start,
+                len(recovered.records),
+            )
         return recovered
     if store.has_state():
         raise StartupError(
@@ -221,8 +244,26 @@ def serve(
     """Run the server to the end of the run (or a signal); returns the process exit code."""
     stop = stop if stop is not None else threading.Event()
     spec = build_run_compressor(config, task)
-    door = Door(task.dim, config.compressor.name, max_nnz, config.run.rounds, spec)
+    shard = ShardLayout(task.dim, config.cluster.shards).shard(options.shard)
+    width = int(engine.x.numel())
+    if width != shard.width:
+        raise StartupError(f"the engine holds {width} coordinates, shard {shard} {shard.width}")
+    door = Door(width, config.compressor.name, max_nnz, config.run.rounds, spec, shard=shard)
     return asyncio.run(_serve(config, task, engine, door, options, ready, stop))
+
+
+def shard_context(config: RunConfig, task: Task, options: DaemonOptions) -> ShardContext | None:
+    """This server's place among cluster.shards (None when it is the only one)."""
+    layout = ShardLayout(task.dim, config.cluster.shards)
+    if layout.count == 1:
+        return None
+    if options.tls is not None:
+        raise StartupError("cluster.shards: TLS between shards is not supported yet")
+    if not options.peers:
+        raise StartupError("cluster.shards: a shard needs the shards' addresses (--peers)")
+    shard = layout.shard(options.shard)
+    peers = Peers(shard, options.peers, options.secret, options.peer_timeout)
+    return ShardContext(shard, layout.widths, Outbox(), peers)
 
 
 def _start_coordinator(
@@ -232,8 +273,10 @@ def _start_coordinator(
     door: Door,
     options: DaemonOptions,
     observer: ServerMetrics,
+    shards: ShardContext | None = None,
 ) -> Coordinator:
-    """Recover (or start fresh) and open the run's files: the coordinator, started."""
+    """Recover (or start fresh) and open the run's files: the coordinator, started. On a shard
+    only rank 0 writes the run's metrics, evaluating the whole model from every shard's slice."""
     store = None
     if options.checkpoint_dir is not None:
         store = CheckpointStore(options.checkpoint_dir, config.digest(), fsync=options.wal_fsync)
@@ -241,9 +284,20 @@ def _start_coordinator(
     elapsed = 0.0
     if recovered is not None and recovered.state is not None:
         elapsed = float(recovered.state.get("elapsed", 0.0))
+    evaluates = shards is None or shards.shard.rank == 0
     metrics = MetricsRecorder(
-        options.out, config, task, resume=recovered is not None, elapsed=elapsed
+        options.out if evaluates else None,
+        config,
+        task,
+        resume=recovered is not None,
+        elapsed=elapsed,
     )
+    if shards is not None:
+
+        def assemble(round: int, x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(shards.gather_model(round, x.numpy()))
+
+        metrics.assemble = assemble
     coordinator = Coordinator(
         config,
         engine,
@@ -253,6 +307,7 @@ def _start_coordinator(
         rounds_log=RoundLog(options.out),
         store=store,
         observer=observer,
+        shards=shards,
     )
     try:
         coordinator.start(recovered)
@@ -273,17 +328,26 @@ async def _serve(
     stop: threading.Event,
 ) -> int:
     raise_descriptor_limit(config.cluster.workers)
+    shards = shard_context(config, task, options)
     server, port = bind(door, options.listen, options.tls)
     with metrics_served(options, config.cluster.workers) as metrics:
-        coordinator = _start_coordinator(config, task, engine, door, options, metrics)
+        coordinator = _start_coordinator(config, task, engine, door, options, metrics, shards)
         auth = Authenticator(
             options.secret, config.cluster.workers, bind_certificates=options.bind_certificates
         )
         servicer = ParameterServerServicer(
-            coordinator, auth, config, task, limits=options.limits, metrics=metrics
+            coordinator,
+            auth,
+            config,
+            task,
+            limits=options.limits,
+            metrics=metrics,
+            shard=door.shard,
         )
         try:
             health_servicer = add_services(server, servicer)
+            if shards is not None:
+                add_peer_service(server, ShardPeerServicer(shards.outbox, options.secret))
             await server.start()
             servicer.attach(asyncio.get_running_loop())
             await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -296,6 +360,8 @@ async def _serve(
             await server.stop(SHUTDOWN_GRACE_SECONDS)
         finally:
             servicer.close()
+            if shards is not None:
+                shards.peers.close()
         coordinator.close(checkpoint=code == 0)
         return code
 

@@ -46,6 +46,7 @@ from byzps.common.devices import resolve_device
 from byzps.common.downlink import AggregateDelta, apply_step
 from byzps.common.estimators.base import Estimator
 from byzps.common.server_rules import ServerRule, build_server_rule
+from byzps.common.shards import ShardLayout, ShardRange
 from byzps.common.sparse import INDEX_DTYPE, SparseBatch
 from byzps.common.tasks.base import Task
 from byzps.server.suspicion import SuspicionScores
@@ -230,9 +231,12 @@ def build_engine(
     estimator: Estimator | None = None,
     *,
     sparse_downlink: bool = True,
+    shard: ShardRange | None = None,
 ) -> RoundEngine:
     """The server's round engine at x⁰ on `run.device`: the rule `estimator` needs, the run's
-    aggregator and lr.
+    aggregator and lr. On one shard of a sharded server (`shard`) it holds that shard's
+    columns only — of x⁰ and of every state — and aggregates inside a collective
+    (byzps.common.aggregators.collective), which the coordinator supplies.
 
     Shared by the simulator and the gRPC server, so both aggregate and step identically.
     `sparse_downlink=False` records no change of ĝ and aggregates every column every round (the
@@ -240,15 +244,18 @@ def build_engine(
     """
     estimator = estimator if estimator is not None else build_server_estimator(config, task)
     device = resolve_device(config.run.device)
+    x0 = task.init_params(config.run.seed)
+    if shard is not None:
+        x0 = x0[shard.offset : shard.end].clone()
     rule = build_server_rule(
         estimator.server_rule,
         config.cluster.workers,
-        task.dim,
+        int(x0.numel()),
         device=device,
         **estimator.server_rule_params(),
     )
     return RoundEngine(
-        task.init_params(config.run.seed).to(device),
+        x0.to(device),
         rule,
         build_run_aggregator(config),
         config.algorithm.lr,
@@ -264,12 +271,13 @@ def build_engine(
 
 
 def build_server_parts(
-    config: RunConfig, *, sparse_downlink: bool = True
+    config: RunConfig, *, sparse_downlink: bool = True, shard: int | None = None
 ) -> tuple[Task, RoundEngine, Callable[[int], int]]:
-    """What a server needs from its run config: the task, the engine at x⁰ and the per-round
-    k_max (the door's bound on a message of each round), built exactly as the simulator builds
-    them."""
+    """What a server needs from its run config: the task, the engine at x⁰ (of shard rank
+    `shard` of cluster.shards, when given) and the per-round k_max (the door's bound on a
+    message of each round), built exactly as the simulator builds them."""
     task = build_run_task(config)
     estimator = build_server_estimator(config, task)
-    engine = build_engine(config, task, estimator, sparse_downlink=sparse_downlink)
+    span = None if shard is None else ShardLayout(task.dim, config.cluster.shards).shard(shard)
+    engine = build_engine(config, task, estimator, sparse_downlink=sparse_downlink, shard=span)
     return task, engine, estimator.max_nnz

@@ -114,6 +114,12 @@ def progress_line(record: dict[str, Any], rounds: int) -> str:
     return " | ".join(parts)
 
 
+def evaluation_due(config: RunConfig, round: int) -> bool:
+    """Whether `round` gets a metrics record: round 0, every eval_every rounds, the last."""
+    run = config.run
+    return round == 0 or round % run.eval_every == 0 or round == run.rounds
+
+
 class MetricsRecorder:
     """metrics.jsonl of a live server: one record at round 0, every eval_every rounds and at the
     end, plus summary.json / params.npy when the run finishes.
@@ -126,6 +132,10 @@ class MetricsRecorder:
 
     On resume it keeps the records already written (a torn last line is dropped) and records a
     round only once, so replaying the write-ahead log never duplicates a line.
+
+    `assemble(round, x)`, if set, turns the x handed over into the whole model before it is
+    evaluated (rank 0 of a sharded server holds a slice and fetches the others' beside the
+    rounds: byzps.server.shard_peer.ShardContext.gather_model).
     """
 
     def __init__(
@@ -137,6 +147,8 @@ class MetricsRecorder:
         self.started = time.perf_counter() - elapsed
         self.last: dict[str, Any] | None = None
         self.on_record: Callable[[dict[str, Any]], None] | None = None
+        self.assemble: Callable[[int, Tensor], Tensor] | None = None
+        self._last_x: tuple[int, Tensor] | None = None  # the newest evaluated (round, whole x)
         self._rounds: set[int] = set()
         self._file: IO[str] | None = None
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -168,8 +180,7 @@ class MetricsRecorder:
         return time.perf_counter() - self.started
 
     def due(self, round: int) -> bool:
-        run = self.config.run
-        return round == 0 or round % run.eval_every == 0 or round == run.rounds
+        return evaluation_due(self.config, round)
 
     def record(
         self, round: int, x: Tensor, bytes_uplink: float, suspicion: list[float] | None = None
@@ -183,7 +194,9 @@ class MetricsRecorder:
         wall = round_seconds(self.elapsed)
 
         def job() -> None:
-            record = evaluate(self.task, snapshot, round, bytes_uplink, self.started, suspicion)
+            model = snapshot if self.assemble is None else self.assemble(round, snapshot)
+            self._last_x = (round, model)
+            record = evaluate(self.task, model, round, bytes_uplink, self.started, suspicion)
             record["wall_seconds"] = wall
             emit(record, self._file)
             self.last = record
@@ -206,6 +219,10 @@ class MetricsRecorder:
         if self.out is None:
             return
         self.flush()
+        if self._last_x is not None and self._last_x[0] == round:
+            x = self._last_x[1]
+        elif self.assemble is not None:
+            x = self.assemble(round, x)
         final = self.last
         if final is None or final["round"] != round:
             final = evaluate(self.task, x, round, bytes_uplink, self.started, suspicion)

@@ -41,6 +41,7 @@ from google.protobuf.message import DecodeError, Message
 from byzps.common.codec import COMPRESSOR_IDS, RETRY_AFTER_METADATA_KEY, encode_model_wire
 from byzps.common.config import RunConfig
 from byzps.common.downlink import DenseModel, encode_downlink_wire
+from byzps.common.shards import ShardRange
 from byzps.common.tasks.base import Task
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.auth import Authenticator
@@ -89,8 +90,15 @@ def _parser(
     return parse
 
 
-def model_spec(task: Task) -> pb.ModelSpec:
-    """The flat model's layout: one TensorSpec per parameter tensor, in flattening order."""
+def model_spec(task: Task, shard: ShardRange | None = None) -> pb.ModelSpec:
+    """The flat model's layout: one TensorSpec per parameter tensor, in flattening order. A
+    shard's model is its slice, one flat tensor (the whole layout is the task's, which the
+    worker builds from the config)."""
+    if shard is not None and not shard.whole:
+        tensor = pb.TensorSpec(
+            name=f"shard{shard.rank}", shape=[shard.width], offset=0, numel=shard.width
+        )
+        return pb.ModelSpec(dim=shard.width, dtype=pb.VALUE_DTYPE_FLOAT32, tensors=[tensor])
     spec = pb.ModelSpec(dim=task.dim, dtype=pb.VALUE_DTYPE_FLOAT32)
     offset = 0
     for i, size in enumerate(task.layer_sizes):
@@ -118,6 +126,7 @@ class ParameterServerServicer:
         limits: Limits | None = None,
         executor: Executor | None = None,
         metrics: ServerMetrics | None = None,
+        shard: ShardRange | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.auth = auth
@@ -134,12 +143,14 @@ class ParameterServerServicer:
         self._chunks = EncodedAnswers()
         self._updates = EncodedAnswers()
         self._static = pb.RegisterReply(
-            model=model_spec(task),
+            model=model_spec(task, shard),
             config_json=json.dumps(config.to_dict()),
             config_digest=self.digest,
             compressor=COMPRESSOR_IDS[config.compressor.name],
             accepted_dtypes=ACCEPTED_DTYPES,
         )
+        if shard is not None and not shard.whole:
+            self._static.shard.CopyFrom(shard.info())
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake parked callers on `loop` whenever the coordinator closes a round or stops."""

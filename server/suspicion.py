@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from byzps.common.aggregators import collective
 from byzps.common.aggregators.verdict import Verdict
 from byzps.common.seeding import derive_seed
 
@@ -64,10 +65,31 @@ class SuspicionScores:
         a rule that recorded no verdict leaves the scores as they are."""
         if not self.enabled or verdict is None:
             return
-        columns = self.sample(candidates.shape[1], round) if verdict.reads_columns else None
-        discount = verdict.discount(candidates, columns)
+        if verdict.reads_columns:
+            discount = self._band_discount(verdict, candidates, round)
+        else:
+            discount = verdict.discount(candidates, None)
         self._weighted = self.decay * self._weighted + discount
         self._total = self.decay * self._total + 1.0
+
+    def _band_discount(self, verdict: Verdict, candidates: Tensor, round: int) -> np.ndarray:
+        """A band rule's discount, the mean over this round's column sample. On a shard of a
+        sharded server (`collective`) the sample is drawn over every column, each shard scores
+        the sampled columns it holds, and the per-shard sums are summed: the same mean as one
+        server's, on every shard."""
+        local = candidates.shape[1]
+        total = collective.total_columns(local)
+        sample = self.sample(total, round)
+        if total == local:
+            return verdict.discount(candidates, sample)
+        mine = collective.local_columns(np.arange(total) if sample is None else sample, local)
+        n = candidates.shape[0]
+        part = np.zeros(n + 1)
+        if mine.size:
+            part[:n] = verdict.discount(candidates, mine) * mine.size
+            part[n] = mine.size
+        summed = collective.all_sum(part)
+        return summed[:n] / summed[n]
 
     def sample(self, dim: int, round: int) -> np.ndarray | None:
         """The sorted columns a band rule is scored on in `round`: None (all of them) when d is

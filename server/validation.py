@@ -48,6 +48,7 @@ from byzps.common.codec import (
 )
 from byzps.common.compressors import Compressor, PermK, Quantizer, permk_block, randk_indices
 from byzps.common.server_rules import ServerRule
+from byzps.common.shards import ShardRange
 from byzps.common.sparse import SparseBatch, SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.results import message_bytes
@@ -116,6 +117,7 @@ def validate_update(
     spec: Compressor | None = None,
     row: int | None = None,
     size: int | None = None,
+    shard: ShardRange | None = None,
 ) -> SparseVector:
     """Check `update` against a model of dimension `dim`; return it decoded (values float32).
 
@@ -123,8 +125,10 @@ def validate_update(
     declaring Rand-k must carry a seed from which exactly its k_max indices regenerate. `spec`,
     the run's compressor, fixes what the name does not: QSGD's level count, and with the
     sender's worker id `row` the Perm-K block its seed must regenerate (both required for
-    Perm-K). `max_bytes` defaults to max_update_bytes(k_max); `size` is the update's serialized
-    length where the caller has it (default: update.ByteSize()). Raises Rejected:
+    Perm-K). On one shard of a sharded server (`shard`, with `dim` its width) a Rand-k update
+    holds the part of its seed's selection that lies in the shard's range, with local indices.
+    `max_bytes` defaults to max_update_bytes(k_max); `size` is the update's serialized length
+    where the caller has it (default: update.ByteSize()). Raises Rejected:
     RESOURCE_EXHAUSTED for an oversize message, INVALID_ARGUMENT for anything malformed.
     """
     limit = max_update_bytes(k_max) if max_bytes is None else max_bytes
@@ -144,7 +148,7 @@ def validate_update(
     except WireFormatError as exc:
         _invalid(str(exc))
     if declared == "randk":
-        _check_randk(vec, k_max)
+        _check_randk(vec, k_max, shard)
     elif declared == "permk":
         if not isinstance(spec, PermK) or row is None:
             _invalid("a Perm-K update needs the run's Perm-K compressor and the sender's row")
@@ -168,13 +172,21 @@ def _check_permk(vec: SparseVector, spec: PermK, row: int) -> None:
         _invalid(f"indices are not worker {row}'s Perm-K block of seed {vec.seed}")
 
 
-def _check_randk(vec: SparseVector, k: int) -> None:
-    """Rand-k picks exactly k coordinates from its seed; the message must show those."""
+def _check_randk(vec: SparseVector, k: int, shard: ShardRange | None = None) -> None:
+    """Rand-k picks exactly k coordinates from its seed; the message must show those (on a
+    shard: those in its range, shifted to local indices)."""
     if vec.seed is None:
         _invalid("Rand-k update without a seed")
-    if vec.nnz != k:
-        _invalid(f"Rand-k update with nnz {vec.nnz}, expected k = {k}")
-    if not torch.equal(vec.indices, randk_indices(vec.dim, k, vec.seed)):
+    if shard is None or shard.whole:
+        expected = randk_indices(vec.dim, k, vec.seed)
+    else:
+        chosen = randk_indices(shard.total, k, vec.seed)
+        mine = chosen[(chosen >= shard.offset) & (chosen < shard.end)]
+        expected = (mine - shard.offset).to(chosen.dtype)
+    if vec.nnz != expected.numel():
+        mine = "" if expected.numel() == k else f"{expected.numel()} of "
+        _invalid(f"Rand-k update with nnz {vec.nnz}, expected {mine}k = {k}")
+    if not torch.equal(vec.indices, expected):
         _invalid(f"indices are not the Rand-k selection of seed {vec.seed}")
 
 
@@ -235,6 +247,10 @@ class Door:
     dense rounds); `rounds` bounds the round used to ask it, so absurd claimed rounds cost nothing.
     `spec` is the run's compressor object, needed for what its name does not fix (QSGD's levels;
     Perm-K's n, without which a Perm-K door cannot be built).
+
+    On one shard of a sharded server, `dim` is the shard's width and `shard` its place in the
+    whole: `k_max` stays the whole message's bound (Rand-k's k is drawn over all d), while a
+    request's size is bounded by what can fall in the shard's range, min(k_max, width) entries.
     """
 
     def __init__(
@@ -244,6 +260,7 @@ class Door:
         k_max: Callable[[int], int],
         rounds: int,
         spec: Compressor | None = None,
+        shard: ShardRange | None = None,
     ) -> None:
         if compressor == "permk" and not isinstance(spec, PermK):
             raise ValueError("spec: a Perm-K door needs the run's PermK compressor (its n)")
@@ -254,14 +271,15 @@ class Door:
         self.k_max = k_max
         self.rounds = rounds
         self.spec = spec
+        self.shard = shard
 
     @property
     def largest_k_max(self) -> int:
         """The largest k_max of the run: round 0's, which every estimator byzps has sends at
         least as densely as any later round (MARINA and PAGE send their full rounds dense, and
         round 0 is always one). Bounds request sizes; each update is still checked against its
-        own round's k_max."""
-        return max(self.k_max(0), self.k_max(min(1, self.rounds)))
+        own round's k_max. At most the model's (on a shard: the slice's) dimension."""
+        return min(self.dim, max(self.k_max(0), self.k_max(min(1, self.rounds))))
 
     def request_limits(self) -> dict[str, int]:
         """The largest serialized request each RPC of the service accepts."""
@@ -278,9 +296,11 @@ class Door:
             dim=self.dim,
             k_max=k_max,
             compressor=self.compressor,
+            max_bytes=max_update_bytes(min(k_max, self.dim)),
             spec=self.spec,
             row=row,
             size=len(encoded),
+            shard=self.shard,
         )
         if update.packed:  # the codes and the float32 scale
             wire_bytes = len(update.packed) + (4 if update.HasField("scale") else 0)

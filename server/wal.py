@@ -85,6 +85,10 @@ class UpdateRecord:
 @dataclass(frozen=True)
 class CloseRecord:
     round: int
+    #: On a shard of a sharded server: the sums the close received from its peers
+    #: (byzps.server.shard_peer.pack_arrays), so that replaying it needs no peers. Empty
+    #: otherwise (and in logs written before shards existed).
+    sums: bytes = b""
 
 
 Record = UpdateRecord | CloseRecord
@@ -98,7 +102,9 @@ def _record_parts(record: Record, checksum: Checksum) -> list[bytes]:
         size = len(fields) + len(record.update)
         return [_RECORD.pack(size, crc) + fields, record.update]
     fields = _CLOSE.pack(Kind.CLOSE, record.round)
-    return [_RECORD.pack(len(fields), checksum(fields, 0)) + fields]
+    crc = checksum(record.sums, checksum(fields, 0))
+    head = _RECORD.pack(len(fields) + len(record.sums), crc) + fields
+    return [head, record.sums] if record.sums else [head]
 
 
 def encode_record(record: Record) -> bytes:
@@ -111,8 +117,8 @@ def _decode_body(body: bytes) -> Record:
         _, seq, round, row = _UPDATE.unpack_from(body)
         return UpdateRecord(row, seq, round, body[_UPDATE.size :])
     if kind == Kind.CLOSE:
-        _, round = _CLOSE.unpack(body)
-        return CloseRecord(round)
+        _, round = _CLOSE.unpack_from(body)
+        return CloseRecord(round, body[_CLOSE.size :])
     raise ValueError(f"unknown record kind {kind}")
 
 

@@ -36,6 +36,7 @@ from byzps.worker.session import (
     check_resumable,
     encode_row,
 )
+from byzps.worker.shard_client import ShardedClient, connect
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class HonestWorker:
     """The estimator, oracle and sequence state of one honest worker, driven by `run()`."""
 
     worker_id: str
-    client: ParameterServerClient
+    client: ParameterServerClient | ShardedClient
     run_info: Run
     estimator: Estimator
     oracle: GradientOracle
@@ -156,7 +157,7 @@ def run_worker(
 
     wid = str(worker_id)
     token = token_of(credential, wid)
-    client = ParameterServerClient(address, wid, token=token, **(client_options or {}))
+    client = connect(address, wid, token=token, **(client_options or {}))
     ledger = AckLedger(ledger_path)
     try:
         reply = client.register()

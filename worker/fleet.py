@@ -52,6 +52,7 @@ from byzps.worker.session import (
     commit_applied,
     encode_row,
 )
+from byzps.worker.shard_client import ShardedClient, connect, split_addresses
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class HonestFleet:
 
     def __init__(
         self,
-        clients: Sequence[ParameterServerClient],
+        clients: Sequence[ParameterServerClient | ShardedClient],
         run_info: Run,
         estimator: Estimator,
         oracle: GradientOracle,
@@ -182,17 +183,25 @@ def run_fleet(
     options = dict(client_options or {})
     security = {k: options.pop(k) for k in ("credentials", "tls_server_name") if k in options}
     count = math.ceil(len(ids) / max(1, per_connection))
-    channels = [open_channel(address, **security, own_connection=True) for _ in range(count)]
-    clients = [
-        ParameterServerClient(
-            address,
-            str(wid),
-            token=token_of(credential, str(wid)),
-            channel=channels[k % count],
-            **options,
-        )
-        for k, wid in enumerate(ids)
-    ]
+    clients: list[ParameterServerClient | ShardedClient]
+    if len(split_addresses(address)) > 1:  # shards: each identity holds a channel per shard
+        channels: list[grpc.Channel] = []
+        clients = [
+            connect(address, str(wid), token=token_of(credential, str(wid)), **security, **options)
+            for wid in ids
+        ]
+    else:
+        channels = [open_channel(address, **security, own_connection=True) for _ in range(count)]
+        clients = [
+            ParameterServerClient(
+                address,
+                str(wid),
+                token=token_of(credential, str(wid)),
+                channel=channels[k % count],
+                **options,
+            )
+            for k, wid in enumerate(ids)
+        ]
     ledger = AckLedger(ledger_path)
     pool = ThreadPoolExecutor(max_workers=max(1, pushers), thread_name_prefix="register")
     try:

@@ -29,7 +29,11 @@ VIRTUAL_ROOT = "byzps/proto/v1"
 PACKAGE_DIR = Path(__file__).resolve().parent / "v1"
 
 #: Each source and whether it defines a service (only those get a *_pb2_grpc module).
-SOURCES: dict[str, bool] = {"parameter_server.proto": True, "bench.proto": False}
+SOURCES: dict[str, bool] = {
+    "parameter_server.proto": True,
+    "shard_peer.proto": True,
+    "bench.proto": False,
+}
 
 INIT_PY = b'"""Generated from protos/byzps/v1/ by byzps.proto.regenerate; do not edit."""\n'
 

@@ -59,6 +59,7 @@ from byzps.worker.session import (
     commit_applied,
     encode_row,
 )
+from byzps.worker.shard_client import ShardedClient, connect, split_addresses
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class ByzantineDaemon:
 
     def __init__(
         self,
-        clients: Sequence[ParameterServerClient],
+        clients: Sequence[ParameterServerClient | ShardedClient],
         run_info: Run,
         cohort: ByzantineCohort,
         oracle: object,
@@ -209,7 +210,7 @@ def run_attack(
         raise WorkerError(f"--count must be at least 1, got {count}")
     if first_id < 0:
         raise WorkerError(f"--first-id must be at least 0, got {first_id}")
-    clients: list[ParameterServerClient] = []
+    clients: list[ParameterServerClient | ShardedClient] = []
     ledger = AckLedger(ledger_path)
     try:
         ids = list(range(first_id, first_id + count))
@@ -229,7 +230,7 @@ def run_attack(
         digest = config.digest()
         priority = Priority()  # a member's client backing off pauses the protocol attacks
         for wid in ids:
-            client = ParameterServerClient(
+            client = connect(
                 address,
                 str(wid),
                 token=token_of(credential, str(wid)),
@@ -260,7 +261,10 @@ def run_attack(
                 [s + 1 for s in daemon.last_seq],
             )
         log.info("attack %s: members %s registered at %s", attack.name, ids, address)
-        campaign = campaign_for(daemon, protocols, address, client_options, priority)
+        # Protocol attacks go to one server; on a sharded one, to shard 0 (each shard's door
+        # and fair share are its own, so one stands for all).
+        first = split_addresses(address)[0]
+        campaign = campaign_for(daemon, protocols, first, client_options, priority)
         campaign.start()
         try:
             daemon.run()
@@ -290,7 +294,7 @@ def _read_config(
     """
     wid = str(member_id)
     token = token_of(credential, wid)
-    with ParameterServerClient(address, wid, token=token, **(client_options or {})) as client:
+    with connect(address, wid, token=token, **(client_options or {})) as client:
         try:
             return client.register()
         except ServerError as exc:

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%byzps/proto/v1/parameter_server.proto\x12\x08\x62yzps.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x01\n\x0cSparseUpdate\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0b\n\x03nnz\x18\x02 \x01(\r\x12\x0f\n\x07indices\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12#\n\x05\x64type\x18\x05 \x01(\x0e\x32\x14.byzps.v1.ValueDtype\x12(\n\ncompressor\x18\x06 \x01(\x0e\x32\x14.byzps.v1.Compressor\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06packed\x18\x08 \x01(\x0c\x12\x12\n\x05scale\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x0e\n\x06levels\x18\n \x01(\rB\x07\n\x05_seedB\x08\n\x06_scale\"T\n\x10SparseModelDelta\x12\r\n\x05round\x18\x01 \x01(\x04\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.byzps.v1.SparseUpdate\x12\n\n\x02lr\x18\x03 \x01(\x01\"J\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x15\n\rconfig_digest\x18\x03 \x01(\t\"H\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05numel\x18\x04 \x01(\x04\"d\n\tModelSpec\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.byzps.v1.ValueDtype\x12%\n\x07tensors\x18\x03 \x03(\x0b\x32\x14.byzps.v1.TensorSpec\"\x82\x02\n\rRegisterReply\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.byzps.v1.ModelSpec\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x15\n\rconfig_digest\x18\x03 \x01(\t\x12(\n\ncompressor\x18\x04 \x01(\x0e\x32\x14.byzps.v1.Compressor\x12\r\n\x05k_max\x18\x05 \x01(\r\x12-\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x06 \x03(\x0e\x32\x14.byzps.v1.ValueDtype\x12\x18\n\x10max_update_bytes\x18\x07 \x01(\x04\x12\r\n\x05round\x18\x08 \x01(\x04\x12\x10\n\x08last_seq\x18\t \x01(\x04\"\x82\x01\n\x0fGetModelRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x18\n\x0bknown_round\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x15\n\rhas_aggregate\x18\x05 \x01(\x08\x42\x0e\n\x0c_known_round\"L\n\nModelChunk\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\ttotal_dim\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x94\x01\n\x0bModelUpdate\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x14.byzps.v1.ModelChunkH\x00\x12)\n\taggregate\x18\x02 \x01(\x0b\x32\x14.byzps.v1.ModelChunkH\x00\x12+\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1a.byzps.v1.SparseModelDeltaH\x00\x42\x06\n\x04\x62ody\"j\n\x11PushUpdateRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12&\n\x06update\x18\x04 \x01(\x0b\x32\x16.byzps.v1.SparseUpdate\"i\n\x03\x41\x63k\x12#\n\x06status\x18\x01 \x01(\x0e\x32\x13.byzps.v1.AckStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x10\n\x08last_seq\x18\x05 \x01(\x04\"\x0f\n\rStatusRequest\"v\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12-\n\tlast_seen\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\x03 \x01(\x04\x12\x12\n\nlast_round\x18\x04 \x01(\x04\"\xd7\x01\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\'\n\x07workers\x18\x02 \x03(\x0b\x32\x16.byzps.v1.WorkerStatus\x12\x10\n\x08\x62ytes_in\x18\x03 \x01(\x04\x12\x11\n\tbytes_out\x18\x04 \x01(\x04\x12\x0e\n\x06rounds\x18\x05 \x01(\x04\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12\r\n\x05phase\x18\x07 \x01(\t\x12\x13\n\x0bnum_workers\x18\x08 \x01(\r\x12\x12\n\nregistered\x18\t \x01(\r\x12\x11\n\tsuspicion\x18\n \x03(\x01*u\n\nValueDtype\x12\x1b\n\x17VALUE_DTYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13VALUE_DTYPE_FLOAT32\x10\x01\x12\x17\n\x13VALUE_DTYPE_FLOAT16\x10\x02\x12\x18\n\x14VALUE_DTYPE_BFLOAT16\x10\x03*\xe6\x01\n\nCompressor\x12\x1a\n\x16\x43OMPRESSOR_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43OMPRESSOR_TOPK\x10\x01\x12\x14\n\x10\x43OMPRESSOR_RANDK\x10\x02\x12\x17\n\x13\x43OMPRESSOR_IDENTITY\x10\x03\x12\x13\n\x0f\x43OMPRESSOR_QSGD\x10\x04\x12\x16\n\x12\x43OMPRESSOR_NATURAL\x10\x05\x12\x13\n\x0f\x43OMPRESSOR_SIGN\x10\x06\x12\x14\n\x10\x43OMPRESSOR_PERMK\x10\x07\x12 \n\x1c\x43OMPRESSOR_NATURAL_DITHERING\x10\x08*s\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43K_STATUS_ACCEPTED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x32\xca\x02\n\x0fParameterServer\x12>\n\x08Register\x12\x19.byzps.v1.RegisterRequest\x1a\x17.byzps.v1.RegisterReply\x12=\n\x08GetModel\x12\x19.byzps.v1.GetModelRequest\x1a\x14.byzps.v1.ModelChunk0\x01\x12\x44\n\x0eGetModelUpdate\x12\x19.byzps.v1.GetModelRequest\x1a\x15.byzps.v1.ModelUpdate0\x01\x12\x38\n\nPushUpdate\x12\x1b.byzps.v1.PushUpdateRequest\x1a\r.byzps.v1.Ack\x12\x38\n\x06Status\x12\x17.byzps.v1.StatusRequest\x1a\x15.byzps.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%byzps/proto/v1/parameter_server.proto\x12\x08\x62yzps.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x01\n\x0cSparseUpdate\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0b\n\x03nnz\x18\x02 \x01(\r\x12\x0f\n\x07indices\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12#\n\x05\x64type\x18\x05 \x01(\x0e\x32\x14.byzps.v1.ValueDtype\x12(\n\ncompressor\x18\x06 \x01(\x0e\x32\x14.byzps.v1.Compressor\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06packed\x18\x08 \x01(\x0c\x12\x12\n\x05scale\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x0e\n\x06levels\x18\n \x01(\rB\x07\n\x05_seedB\x08\n\x06_scale\"T\n\x10SparseModelDelta\x12\r\n\x05round\x18\x01 \x01(\x04\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.byzps.v1.SparseUpdate\x12\n\n\x02lr\x18\x03 \x01(\x01\"J\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x15\n\rconfig_digest\x18\x03 \x01(\t\"H\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05numel\x18\x04 \x01(\x04\"d\n\tModelSpec\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.byzps.v1.ValueDtype\x12%\n\x07tensors\x18\x03 \x03(\x0b\x32\x14.byzps.v1.TensorSpec\"K\n\tShardInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\ttotal_dim\x18\x04 \x01(\x04\"\xa6\x02\n\rRegisterReply\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.byzps.v1.ModelSpec\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x15\n\rconfig_digest\x18\x03 \x01(\t\x12(\n\ncompressor\x18\x04 \x01(\x0e\x32\x14.byzps.v1.Compressor\x12\r\n\x05k_max\x18\x05 \x01(\r\x12-\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x06 \x03(\x0e\x32\x14.byzps.v1.ValueDtype\x12\x18\n\x10max_update_bytes\x18\x07 \x01(\x04\x12\r\n\x05round\x18\x08 \x01(\x04\x12\x10\n\x08last_seq\x18\t \x01(\x04\x12\"\n\x05shard\x18\n \x01(\x0b\x32\x13.byzps.v1.ShardInfo\"\x82\x01\n\x0fGetModelRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x18\n\x0bknown_round\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x15\n\rhas_aggregate\x18\x05 \x01(\x08\x42\x0e\n\x0c_known_round\"L\n\nModelChunk\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\ttotal_dim\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x94\x01\n\x0bModelUpdate\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x14.byzps.v1.ModelChunkH\x00\x12)\n\taggregate\x18\x02 \x01(\x0b\x32\x14.byzps.v1.ModelChunkH\x00\x12+\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1a.byzps.v1.SparseModelDeltaH\x00\x42\x06\n\x04\x62ody\"j\n\x11PushUpdateRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12&\n\x06update\x18\x04 \x01(\x0b\x32\x16.byzps.v1.SparseUpdate\"i\n\x03\x41\x63k\x12#\n\x06status\x18\x01 \x01(\x0e\x32\x13.byzps.v1.AckStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x10\n\x08last_seq\x18\x05 \x01(\x04\"\x0f\n\rStatusRequest\"v\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12-\n\tlast_seen\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\x03 \x01(\x04\x12\x12\n\nlast_round\x18\x04 \x01(\x04\"\xd7\x01\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\'\n\x07workers\x18\x02 \x03(\x0b\x32\x16.byzps.v1.WorkerStatus\x12\x10\n\x08\x62ytes_in\x18\x03 \x01(\x04\x12\x11\n\tbytes_out\x18\x04 \x01(\x04\x12\x0e\n\x06rounds\x18\x05 \x01(\x04\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12\r\n\x05phase\x18\x07 \x01(\t\x12\x13\n\x0bnum_workers\x18\x08 \x01(\r\x12\x12\n\nregistered\x18\t \x01(\r\x12\x11\n\tsuspicion\x18\n \x03(\x01*u\n\nValueDtype\x12\x1b\n\x17VALUE_DTYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13VALUE_DTYPE_FLOAT32\x10\x01\x12\x17\n\x13VALUE_DTYPE_FLOAT16\x10\x02\x12\x18\n\x14VALUE_DTYPE_BFLOAT16\x10\x03*\xe6\x01\n\nCompressor\x12\x1a\n\x16\x43OMPRESSOR_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43OMPRESSOR_TOPK\x10\x01\x12\x14\n\x10\x43OMPRESSOR_RANDK\x10\x02\x12\x17\n\x13\x43OMPRESSOR_IDENTITY\x10\x03\x12\x13\n\x0f\x43OMPRESSOR_QSGD\x10\x04\x12\x16\n\x12\x43OMPRESSOR_NATURAL\x10\x05\x12\x13\n\x0f\x43OMPRESSOR_SIGN\x10\x06\x12\x14\n\x10\x43OMPRESSOR_PERMK\x10\x07\x12 \n\x1c\x43OMPRESSOR_NATURAL_DITHERING\x10\x08*s\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43K_STATUS_ACCEPTED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x32\xca\x02\n\x0fParameterServer\x12>\n\x08Register\x12\x19.byzps.v1.RegisterRequest\x1a\x17.byzps.v1.RegisterReply\x12=\n\x08GetModel\x12\x19.byzps.v1.GetModelRequest\x1a\x14.byzps.v1.ModelChunk0\x01\x12\x44\n\x0eGetModelUpdate\x12\x19.byzps.v1.GetModelRequest\x1a\x15.byzps.v1.ModelUpdate0\x01\x12\x38\n\nPushUpdate\x12\x1b.byzps.v1.PushUpdateRequest\x1a\r.byzps.v1.Ack\x12\x38\n\x06Status\x12\x17.byzps.v1.StatusRequest\x1a\x15.byzps.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'byzps.proto.v1.parameter_server_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VALUEDTYPE']._serialized_start=1860
-  _globals['_VALUEDTYPE']._serialized_end=1977
-  _globals['_COMPRESSOR']._serialized_start=1980
-  _globals['_COMPRESSOR']._serialized_end=2210
-  _globals['_ACKSTATUS']._serialized_start=2212
-  _globals['_ACKSTATUS']._serialized_end=2327
+  _globals['_VALUEDTYPE']._serialized_start=1973
+  _globals['_VALUEDTYPE']._serialized_end=2090
+  _globals['_COMPRESSOR']._serialized_start=2093
+  _globals['_COMPRESSOR']._serialized_end=2323
+  _globals['_ACKSTATUS']._serialized_start=2325
+  _globals['_ACKSTATUS']._serialized_end=2440
   _globals['_SPARSEUPDATE']._serialized_start=85
   _globals['_SPARSEUPDATE']._serialized_end=327
   _globals['_SPARSEMODELDELTA']._serialized_start=329
@@ -48,24 +48,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_end=563
   _globals['_MODELSPEC']._serialized_start=565
   _globals['_MODELSPEC']._serialized_end=665
-  _globals['_REGISTERREPLY']._serialized_start=668
-  _globals['_REGISTERREPLY']._serialized_end=926
-  _globals['_GETMODELREQUEST']._serialized_start=929
-  _globals['_GETMODELREQUEST']._serialized_end=1059
-  _globals['_MODELCHUNK']._serialized_start=1061
-  _globals['_MODELCHUNK']._serialized_end=1137
-  _globals['_MODELUPDATE']._serialized_start=1140
-  _globals['_MODELUPDATE']._serialized_end=1288
-  _globals['_PUSHUPDATEREQUEST']._serialized_start=1290
-  _globals['_PUSHUPDATEREQUEST']._serialized_end=1396
-  _globals['_ACK']._serialized_start=1398
-  _globals['_ACK']._serialized_end=1503
-  _globals['_STATUSREQUEST']._serialized_start=1505
-  _globals['_STATUSREQUEST']._serialized_end=1520
-  _globals['_WORKERSTATUS']._serialized_start=1522
-  _globals['_WORKERSTATUS']._serialized_end=1640
-  _globals['_STATUSREPLY']._serialized_start=1643
-  _globals['_STATUSREPLY']._serialized_end=1858
-  _globals['_PARAMETERSERVER']._serialized_start=2330
-  _globals['_PARAMETERSERVER']._serialized_end=2660
+  _globals['_SHARDINFO']._serialized_start=667
+  _globals['_SHARDINFO']._serialized_end=742
+  _globals['_REGISTERREPLY']._serialized_start=745
+  _globals['_REGISTERREPLY']._serialized_end=1039
+  _globals['_GETMODELREQUEST']._serialized_start=1042
+  _globals['_GETMODELREQUEST']._serialized_end=1172
+  _globals['_MODELCHUNK']._serialized_start=1174
+  _globals['_MODELCHUNK']._serialized_end=1250
+  _globals['_MODELUPDATE']._serialized_start=1253
+  _globals['_MODELUPDATE']._serialized_end=1401
+  _globals['_PUSHUPDATEREQUEST']._serialized_start=1403
+  _globals['_PUSHUPDATEREQUEST']._serialized_end=1509
+  _globals['_ACK']._serialized_start=1511
+  _globals['_ACK']._serialized_end=1616
+  _globals['_STATUSREQUEST']._serialized_start=1618
+  _globals['_STATUSREQUEST']._serialized_end=1633
+  _globals['_WORKERSTATUS']._serialized_start=1635
+  _globals['_WORKERSTATUS']._serialized_end=1753
+  _globals['_STATUSREPLY']._serialized_start=1756
+  _globals['_STATUSREPLY']._serialized_end=1971
+  _globals['_PARAMETERSERVER']._serialized_start=2443
+  _globals['_PARAMETERSERVER']._serialized_end=2773
 # @@protoc_insertion_point(module_scope)

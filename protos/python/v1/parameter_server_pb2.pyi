@@ -119,8 +119,20 @@ class ModelSpec(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     def __init__(self, dim: _Optional[int] = ..., dtype: _Optional[_Union[ValueDtype, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
+class ShardInfo(_message.Message):
+    __slots__ = ("rank", "count", "offset", "total_dim")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_DIM_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    count: int
+    offset: int
+    total_dim: int
+    def __init__(self, rank: _Optional[int] = ..., count: _Optional[int] = ..., offset: _Optional[int] = ..., total_dim: _Optional[int] = ...) -> None: ...
+
 class RegisterReply(_message.Message):
-    __slots__ = ("model", "config_json", "config_digest", "compressor", "k_max", "accepted_dtypes", "max_update_bytes", "round", "last_seq")
+    __slots__ = ("model", "config_json", "config_digest", "compressor", "k_max", "accepted_dtypes", "max_update_bytes", "round", "last_seq", "shard")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +142,7 @@ class RegisterReply(_message.Message):
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     config_json: str
     config_digest: str
@@ -139,7 +152,8 @@ class RegisterReply(_message.Message):
     max_update_bytes: int
     round: int
     last_seq: int
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., config_json: _Optional[str] = ..., config_digest: _Optional[str] = ..., compressor: _Optional[_Union[Compressor, str]] = ..., k_max: _Optional[int] = ..., accepted_dtypes: _Optional[_Iterable[_Union[ValueDtype, str]]] = ..., max_update_bytes: _Optional[int] = ..., round: _Optional[int] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    shard: ShardInfo
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., config_json: _Optional[str] = ..., config_digest: _Optional[str] = ..., compressor: _Optional[_Union[Compressor, str]] = ..., k_max: _Optional[int] = ..., accepted_dtypes: _Optional[_Iterable[_Union[ValueDtype, str]]] = ..., max_update_bytes: _Optional[int] = ..., round: _Optional[int] = ..., last_seq: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("worker_id", "round", "known_round", "wait", "has_aggregate")
