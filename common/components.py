@@ -13,10 +13,12 @@ from typing import Any
 
 from byzps.common.aggregators import build_aggregator
 from byzps.common.aggregators.base import Aggregator
+from byzps.common.aggregators.collective import ColumnSharded
 from byzps.common.compressors import Compressor, build_compressor
 from byzps.common.config import ConfigError, RunConfig
 from byzps.common.estimators import ESTIMATORS, build_estimator
 from byzps.common.estimators.base import Estimator
+from byzps.common.shards import ShardLayout
 from byzps.common.tasks import TASKS, build_task
 from byzps.common.tasks.base import Task
 from byzps.common.tasks.spec import DataSpec
@@ -102,8 +104,12 @@ def build_run_estimator(
         raise ConfigError(f"algorithm: {exc}") from None
 
 
-def build_run_aggregator(config: RunConfig) -> Aggregator:
-    try:
+def build_run_aggregator(config: RunConfig, dim: int | None = None) -> Aggregator:
+    """The run's aggregator. Given the model's `dim`, a run of cluster.shards = S > 1 gets the
+    rule as S column shards in this process (ColumnSharded: a sharded server's arithmetic, for
+    the simulator); a shard server, which holds its own columns only, asks without `dim`."""
+
+    def build() -> Aggregator:
         return build_aggregator(
             config.aggregator.name,
             config.cluster.byzantine,
@@ -112,6 +118,12 @@ def build_run_aggregator(config: RunConfig) -> Aggregator:
             seed=config.run.seed,
             n=config.cluster.workers,
         )
+
+    widths = None
+    if dim is not None and config.cluster.shards > 1:
+        widths = ShardLayout(dim, config.cluster.shards).widths
+    try:
+        return build() if widths is None else ColumnSharded(build, widths)
     except ValueError as exc:
         raise ConfigError(f"aggregator: {exc}") from None
 

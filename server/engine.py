@@ -257,7 +257,7 @@ def build_engine(
     return RoundEngine(
         x0.to(device),
         rule,
-        build_run_aggregator(config),
+        build_run_aggregator(config, dim=None if shard is not None else task.dim),
         config.algorithm.lr,
         delta_limit=RoundEngine.DELTA_LIMIT if sparse_downlink else -1.0,
         incremental_limit=RoundEngine.INCREMENTAL_LIMIT if sparse_downlink else -1.0,

@@ -72,6 +72,7 @@ def batchable(config: RunConfig) -> bool:
 
     return (
         config.run.device == "cpu"
+        and config.cluster.shards == 1  # a sharded run aggregates through ColumnSharded alone
         and TASKS.get(config.task.name).stacks_oracles
         and ESTIMATORS.get(config.algorithm.name).server_rule in ROW_WISE_RULES
         and not ATTACKS.get(config.attack.name).uses_aggregator

@@ -65,7 +65,8 @@ def build_simulation(config: RunConfig, task: Task | None = None) -> Simulation:
         dim=task.dim,
         seed=seed,
         knowledge=config.attack.knowledge,  # type: ignore[arg-type]
-        aggregator=build_run_aggregator(config),  # its own copy: searches never touch the engine's
+        # Its own copy (searches never touch the engine's), sharded as the engine's is.
+        aggregator=build_run_aggregator(config, task.dim),
     )
     return Simulation(
         engine=engine,

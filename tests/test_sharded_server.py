@@ -85,6 +85,15 @@ def test_two_shards_give_one_servers_model(tmp_path: Path, procs: Processes) -> 
     two = launch(run_config(tmp_path / "two.toml", 2, **extra), tmp_path / "two", procs)
     assert np.array_equal(one, two)
     compare(tmp_path / "one", tmp_path / "two", "nnm∘cm")
+    # `byzps simulate` honours the shards too (ColumnSharded), as closely as launch and
+    # simulate agree unsharded (tests/test_cluster.py).
+    simulated = tmp_path / "sim"
+    done = subprocess.run(
+        byzps("simulate", "--config", str(tmp_path / "two.toml"), "--out", str(simulated)),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert np.allclose(np.load(simulated / "params.npy"), two, rtol=1e-5, atol=1e-7)
     shard1 = tmp_path / "two" / "shard-1"
     assert (shard1 / "checkpoints").is_dir() and not (shard1 / "metrics.jsonl").exists()
     assert (tmp_path / "two" / "shards.txt").read_text().count("127.0.0.1:") == 2

@@ -11,6 +11,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -273,3 +274,65 @@ def test_an_outbox_keeps_two_rounds_of_parts_and_four_model_slices() -> None:
     kept = [r for r in range(6) if outbox.get(COLLECTIVE, r, 0) is not None]
     models = [r for r in range(6) if outbox.get(MODEL, r, 0) is not None]
     assert kept == [4, 5] and models == [2, 3, 4, 5]
+
+
+# --- the simulator's shards ----------------------------------------------------------------------
+
+
+def simulated(shards: int, aggregator: str, pre: list[str], attack: str = "alie", **run) -> Any:
+    """The final x of a small a9a simulation on `shards` column shards."""
+    import configs
+
+    from byzps.common.components import build_run_task
+    from byzps.sim.build import build_simulation
+
+    sections = configs.small_config(seed=5, rounds=25, k=3, aggregator=aggregator, attack=attack)
+    sections["aggregator"]["pre"] = pre
+    sections["cluster"]["shards"] = shards
+    sections["run"] |= run
+    config = RunConfig.from_dict(sections)
+    task = build_run_task(config)
+    simulation = build_simulation(config, task)
+    if shards > 1:
+        assert type(simulation.engine.aggregator).__name__ == "ColumnSharded"
+    for _ in range(config.run.rounds):
+        simulation.step()
+    return simulation.x.clone(), simulation.engine.aggregator
+
+
+@pytest.mark.parametrize(
+    "aggregator, pre, attack",
+    [("cm", ["nnm"], "alie"), ("cclip", ["nnm"], "alie"), ("krum", [], "ipm"),
+     ("gm", ["bucketing"], "sf"), ("cwtm", [], "minmax")],
+)  # fmt: skip
+def test_a_simulated_run_on_shards_is_one_servers_run(aggregator, pre, attack) -> None:
+    """`byzps simulate` honours cluster.shards: each shard's own rule instance (its own cclip
+    centre, bucketing generator) on its columns, reductions summed between them — the same
+    model as one aggregator, bit for bit for coordinate-wise rules and within float64 rounding
+    for the rest (here also bit for bit: the decisions agree and reach float32 alike)."""
+    one, _ = simulated(1, aggregator, pre, attack)
+    for shards in (2, 3):
+        many, rule = simulated(shards, aggregator, pre, attack)
+        assert rule.widths == ShardLayout(123, shards).widths
+        assert torch.allclose(many, one, rtol=1e-6, atol=1e-9), (many - one).abs().max()
+        if aggregator in ("cm", "cwtm"):
+            assert torch.equal(many, one)
+
+
+def test_a_shard_that_fails_stops_the_others_at_once() -> None:
+    """A rule failing on one shard raises its own error, not the barrier's, and without the
+    others waiting out the barrier's timeout."""
+    from byzps.common.aggregators import build_aggregator
+    from byzps.common.aggregators.collective import ColumnSharded
+
+    sharded_rule = ColumnSharded(lambda: build_aggregator("krum", 1, n=5), [4, 4])
+
+    class Broken(type(sharded_rule.shards[1])):
+        def __call__(self, x):
+            raise RuntimeError("shard 1 broke")
+
+    sharded_rule.shards[1].__class__ = Broken
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="shard 1 broke"):
+        sharded_rule(torch.randn(5, 8))
+    assert time.monotonic() - began < 10

@@ -16,19 +16,26 @@ agree with a single server up to float64 rounding (and identical selections unle
 candidates tie within it); coordinate-wise rules agree bit for bit.
 
 `sharded(collective)` puts the calling thread's aggregations on a shard; `ThreadCollective`
-connects S threads of one process (tests, and the simulator); a network collective between
-shard servers implements the same `all_sum`.
+connects S threads of one process; `ColumnSharded` runs one rule as S such shards (the
+simulator's cluster.shards); byzps.server.shard_peer.WireCollective is the same `all_sum`
+between shard servers, adding the parts in the same order, so all three give the same bits.
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
+
+from byzps.common.aggregators.base import Aggregator
 
 
 class Collective(ABC):
@@ -75,6 +82,11 @@ class ThreadCollective(Collective):
         shared.barrier.wait()  # everyone has read: the slots may be reused
         return total
 
+    def abort(self) -> None:
+        """Break the group's barrier: every shard waiting in (or entering) `all_sum` raises
+        threading.BrokenBarrierError instead of waiting out the timeout."""
+        self._shared.barrier.abort()
+
 
 class _Meeting:
     """The slots and barrier a ThreadCollective group shares."""
@@ -118,3 +130,55 @@ def local_columns(columns: np.ndarray, local: int) -> np.ndarray:
     start = collective.offset
     mine = columns[(columns >= start) & (columns < start + local)]
     return mine - start
+
+
+class ColumnSharded(Aggregator):
+    """One rule run as S column shards in S threads: each shard's own instance of the rule (its
+    own state, e.g. cclip's centre for its columns) aggregates its contiguous columns, with the
+    column reductions summed through a ThreadCollective — the arithmetic of a sharded server
+    with these `widths`, in one process.
+
+    Why: `byzps simulate` honours cluster.shards with it, so a simulated run and a sharded
+    cluster run agree the way an unsharded pair does, and shard effects (the Gram summed over
+    shards) can be studied without processes. The verdict is shard 0's (every shard takes the
+    same decisions)."""
+
+    def __init__(self, build: Callable[[], Aggregator], widths: Sequence[int]) -> None:
+        self.shards = [build() for _ in widths]
+        first = self.shards[0]
+        super().__init__(first.f)
+        self.name = first.name  # type: ignore[misc]
+        self.coordinatewise = first.coordinatewise  # type: ignore[misc]
+        self.widths = [int(w) for w in widths]
+        self._bounds = np.concatenate([[0], np.cumsum(self.widths)])
+        self._pool = ThreadPoolExecutor(len(self.widths), thread_name_prefix="shard")
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.shape[1] != self._bounds[-1]:
+            raise ValueError(f"{x.shape[1]} columns for shards of {self.widths}")
+        group = ThreadCollective.group(self.widths)
+
+        def shard(rank: int) -> Tensor:
+            lo, hi = self._bounds[rank], self._bounds[rank + 1]
+            try:
+                with sharded(group[rank]):
+                    return self.shards[rank](x[:, lo:hi].contiguous())
+            except BaseException:
+                group[rank].abort()  # the others stop waiting for this shard at once
+                raise
+
+        futures = [self._pool.submit(shard, rank) for rank in range(len(self.widths))]
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
+        if errors:  # the shard that failed first, not the ones its abort broke off
+            broken = threading.BrokenBarrierError
+            raise next((e for e in errors if not isinstance(e, broken)), errors[0])
+        parts = [future.result() for future in futures]
+        self.last_verdict = self.shards[0].last_verdict
+        return torch.cat(parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shards": [shard.state_dict() for shard in self.shards]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for shard, part in zip(self.shards, state["shards"], strict=True):
+            shard.load_state_dict(part)
