@@ -191,3 +191,77 @@ def test_a_killed_shard_resumes_without_losing_or_repeating_updates(
     assert metrics(tmp_path / "shard-0")[-1]["round"] == rounds
     assert np.array_equal(np.load(tmp_path / "shard-0" / "params.npy"), reference)
     assert "resum" in (logs / "shard-1.log").read_text().lower()
+
+
+@pytest.mark.slow  # rounds that wait for their deadline
+def test_a_worker_that_withholds_its_parts_from_one_shard_only_costs_the_deadline(
+    tmp_path: Path, procs: Processes
+) -> None:
+    """The Byzantine member (id 4, its own token only) pushes large parts to shard 0 every round
+    and nothing to shard 1, so shard 1 never hears from it. Shard 1 closes each round on the
+    quorum once its deadline passes (and would follow shard 0's close if it lacked even that),
+    so the run ends; every honest update acknowledged is applied exactly once; rounds last
+    about the deadline, not the peer timeout; and the shards stay in one round (the model the
+    honest workers receive is one round's on every shard, or their pushes would be refused)."""
+    from byzps.common.credentials import issue_tokens
+    from byzps.worker.byzantine.forge import plausible_update
+    from byzps.worker.client import Pushed
+    from byzps.worker.shard_client import ShardedClient
+
+    rounds, deadline = 12, 1.0
+    config = run_config(tmp_path / "run.toml", 2, rounds)
+    secret = tmp_path / "secret"
+    secret.write_text("test-secret")
+    issue_tokens(b"test-secret", list(range(5)), tmp_path / "tokens")
+    peers, logs = tmp_path / "shards.txt", tmp_path / "logs"
+    logs.mkdir()
+    servers = [
+        procs.start(
+            byzps("server", "--config", str(config), "--listen", "127.0.0.1:0",
+                  "--out", str(tmp_path / f"shard-{rank}"), "--shard", str(rank),
+                  "--peers-file", str(peers), "--round-deadline", str(deadline),
+                  "--peer-timeout", "60", "--secret-file", str(secret), "--linger", "2"),
+            stdout=subprocess.PIPE, stderr=(logs / f"shard-{rank}.log").open("ab"),
+        )
+        for rank in range(2)
+    ]  # fmt: skip
+    addresses = [wait_listening(s) for s in servers]
+    peers.write_text("\n".join(addresses) + "\n")
+    address = ",".join(addresses)
+    workers = [
+        procs.start(
+            byzps("worker", "--server", address, "--id", str(k), "--token-file",
+                  str(tmp_path / "tokens" / f"worker-{k}.token"),
+                  "--ledger", str(tmp_path / f"w{k}.jsonl")),
+            log=logs / f"worker-{k}.log",
+        )
+        for k in range(4)
+    ]  # fmt: skip
+
+    token = (tmp_path / "tokens" / "worker-4.token").read_text().strip()
+    member = ShardedClient(addresses, "4", token=token)
+    registration = member.register()
+    assert member.layout is not None
+    seq, began = 0, time.monotonic()
+    while True:
+        round, _ = member.get_model(seq)
+        if round >= rounds:
+            break
+        update = plausible_update(registration)
+        values = np.full(update.nnz, 1e6, dtype="<f4")  # large, finite: the door lets it in
+        update.values = values.tobytes()
+        part = member.layout.split(update)[0]
+        seq += 1
+        assert member.shards[0].push(round, seq, part) in (Pushed.ACCEPTED, Pushed.RUN_FINISHED)
+    elapsed = time.monotonic() - began
+    member.close()
+    for proc in [*servers, *workers]:
+        assert proc.wait(timeout=120) == 0, [p.read_text()[-2000:] for p in logs.iterdir()]
+    for k in range(4):  # none lost, none twice (the last may miss the end: RUN_FINISHED)
+        seqs = ledger_seqs(tmp_path / f"w{k}.jsonl")[str(k)]
+        assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= rounds - 1, seqs
+    print(f"{rounds} rounds with a withholding member: {elapsed:.1f} s")
+    assert elapsed < rounds * (deadline + 3)  # the deadline bounds each round, not 60 s
+    assert np.isfinite(np.load(tmp_path / "shard-0" / "params.npy")).all()
+    shard1 = (logs / "shard-1.log").read_text()
+    assert "peer" not in shard1.lower() or "stopping" not in shard1.lower()
