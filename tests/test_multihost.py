@@ -360,3 +360,125 @@ def test_a_worker_whose_link_is_cut_mid_run_rejoins_and_loses_nothing(
         f"for {len(claimed)} of {ROUNDS} rounds, missing {missing}"
         f"; server last_seq per worker {[workers[str(k)]['last_seq'] for k in range(5)]}"
     )
+
+
+# --------------------------------------------------------------------------- shards on two hosts
+
+#: Each shard host's own address (on its loopback, /32), reachable from every other namespace
+#: through the veth links below: workers ↔ shard 0, workers ↔ shard 1, shard 0 ↔ shard 1.
+SHARD_IPS = ("10.231.9.1", "10.231.9.2")
+SHARD_LINKS = {  # (namespace a, namespace b): the /30 between them, a's end .1, b's .2
+    ("s0", "w"): "10.231.10",
+    ("s1", "w"): "10.231.11",
+    ("s0", "s1"): "10.231.12",
+}
+
+
+@contextmanager
+def shard_hosts(procs: Processes) -> Iterator[dict[str, str]]:
+    """Three namespaces — shard 0's host, shard 1's host, the workers' host — pairwise linked,
+    each shard host addressed by SHARD_IPS[rank] from everywhere; on exit every process is
+    killed and the namespaces deleted."""
+    tag = uuid.uuid4().hex[:6]
+    names = {role: f"byzps-{role}-{tag}" for role in ("s0", "s1", "w")}
+    made: list[str] = []
+    try:
+        for ns in names.values():
+            try:
+                ip("netns", "add", ns)
+            except subprocess.CalledProcessError as exc:
+                unavailable(f"cannot create a network namespace: {exc.stderr.decode().strip()}")
+            made.append(ns)
+        for (a, b), net in SHARD_LINKS.items():
+            _join(names[a], names[b], f"bz{a}{b}{tag}"[:15], f"bz{b}{a}{tag}"[:15],
+                  f"{net}.1", f"{net}.2")  # fmt: skip
+        for rank, role in enumerate(("s0", "s1")):
+            ip("-n", names[role], "addr", "add", f"{SHARD_IPS[rank]}/32", "dev", "lo")
+        routes = {  # in namespace: (shard address, via its end of the link to that shard)
+            "w": [(SHARD_IPS[0], "10.231.10.1"), (SHARD_IPS[1], "10.231.11.1")],
+            "s0": [(SHARD_IPS[1], "10.231.12.2")],
+            "s1": [(SHARD_IPS[0], "10.231.12.1")],
+        }
+        for role, pairs in routes.items():
+            for address, via in pairs:
+                ip("-n", names[role], "route", "add", f"{address}/32", "via", via)
+        yield names
+    finally:
+        procs.kill_all()
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+@pytest.mark.slow
+def test_two_shards_on_two_hosts_serve_one_model(tmp_path: Path, procs: Processes) -> None:
+    """cluster.shards = 2 with each shard on a host of its own and the workers on a third:
+    the shards exchange their parts over the link between them, the workers push each shard
+    its part over theirs, and the run lands on the simulator's model for the same config (which
+    runs the same two column shards in one process). Token files per worker, the master secret
+    on the shard hosts only; a worker's token cannot read a shard's parts."""
+    import sys
+
+    from byzps.common.credentials import TOKEN_METADATA_KEY
+
+    config = write_config(tmp_path / "run.toml", rounds=30, eval_every=10)
+    config.write_text(config.read_text().replace("[cluster]\n", "[cluster]\nshards = 2\n"))
+    subprocess.run(
+        byzps("simulate", "--config", str(config), "--out", str(tmp_path / "sim")),
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    secret = tmp_path / "secret"
+    write_secret(secret)
+    credentials("issue", "--secret-file", str(secret), "--ids", "0-3", "--out", str(tmp_path / "t"))
+    credentials("issue", "--secret-file", str(secret), "--ids", "4", "--out", str(tmp_path / "c"))
+    peers = ",".join(f"{address}:50061" for address in SHARD_IPS)
+    with shard_hosts(procs) as ns:
+        shards = [
+            procs.start(
+                in_ns(ns[f"s{rank}"], byzps(
+                    "server", "--config", str(config), "--listen", f"{SHARD_IPS[rank]}:50061",
+                    "--out", str(tmp_path / f"shard-{rank}"), "--shard", str(rank),
+                    "--peers", peers, "--secret-file", str(secret), "--linger", "2")),
+                stdout=subprocess.PIPE, stderr=(tmp_path / f"shard-{rank}.log").open("ab"),
+            )
+            for rank in range(2)
+        ]  # fmt: skip
+        for shard in shards:
+            wait_listening(shard)
+        common = ["--server", peers, "--threads", "1"]
+        started = {
+            f"worker-{k}": procs.start(
+                in_ns(ns["w"], byzps("worker", *common, "--id", str(k), "--token-file",
+                                     str(tmp_path / "t" / f"worker-{k}.token"))),
+                log=tmp_path / f"worker-{k}.log",
+            )
+            for k in HONEST
+        }  # fmt: skip
+        started["attack"] = procs.start(
+            in_ns(ns["w"], byzps("attack", *common, "--count", "1", "--first-id", "4",
+                                 "--token-dir", str(tmp_path / "c"))),
+            log=tmp_path / "attack.log",
+        )  # fmt: skip
+        probe = tmp_path / "probe.py"
+        probe.write_text(
+            "import grpc, sys\n"
+            "from byzps.proto.v1 import shard_peer_pb2 as p, shard_peer_pb2_grpc as g\n"
+            f"token = open({str(tmp_path / 't' / 'worker-0.token')!r}).read().strip()\n"
+            f"with grpc.insecure_channel('{SHARD_IPS[0]}:50061') as c:\n"
+            "    try:\n"
+            "        g.ShardPeerStub(c).FetchPart(p.FetchPartRequest(kind=1), timeout=10,\n"
+            f"            metadata=(({TOKEN_METADATA_KEY!r}, token),))\n"
+            "    except grpc.RpcError as e:\n"
+            "        print(e.code().name); sys.exit(0)\n"
+            "print('READ'); sys.exit(1)\n"
+        )
+        refused = subprocess.run(in_ns(ns["w"], [sys.executable, str(probe)]),
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        wait_all(tmp_path, started, timeout=300)
+        for rank, shard in enumerate(shards):
+            log = (tmp_path / f"shard-{rank}.log").read_text()[-2000:]
+            assert shard.wait(timeout=60) == 0, log
+    assert refused.stdout.strip() == "UNAUTHENTICATED", refused
+    got = np.load(tmp_path / "shard-0" / "params.npy")
+    assert np.allclose(got, np.load(tmp_path / "sim" / "params.npy"), rtol=1e-5, atol=1e-7)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    assert not [n for n in ns.values() if n in listed.stdout]
