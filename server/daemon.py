@@ -105,6 +105,16 @@ def raise_descriptor_limit(num_workers: int) -> int:
     return soft
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far, in MB (Linux reports ru_maxrss in KiB); NaN
+    where the resource module does not exist. Logged at exit, read by benchmarks/bench_shards.py."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class StartupError(Exception):
     """The server cannot start as asked (bad address, unusable checkpoint directory)."""
 
@@ -363,6 +373,7 @@ async def _serve(
             if shards is not None:
                 shards.peers.close()
         coordinator.close(checkpoint=code == 0)
+        log.info("exiting with code %d; peak resident memory %.1f MB", code, peak_rss_mb())
         return code
 
 

@@ -41,3 +41,18 @@ def test_bench_durability_runs_every_policy(
     out = capsys.readouterr().out
     for policy in ("none", "round", "group", "no storage"):
         assert policy in out, out
+
+
+@pytest.mark.slow  # two launches
+def test_bench_shards_prints_a_row_per_shard_count_with_the_same_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = load_benchmark("bench_shards")
+    bench.main(
+        ["--dim", "20000", "--workers", "4", "--f", "1", "--shards", "1", "2", "--rounds", "3",
+         "3", "--aggregators", "cm", "--out", str(tmp_path)]
+    )  # fmt: skip
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    rows = [row for row in rows if row[:1] == ["cm"]]
+    assert [row[1] for row in rows] == ["1", "2"]
+    assert all(row[-3:] == ["bit", "for", "bit"] for row in rows), rows
