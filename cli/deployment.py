@@ -19,6 +19,7 @@ Pure functions from a RunConfig to plain dicts; the CLI writes them as YAML.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from byzps.common.config import RunConfig
@@ -49,14 +50,33 @@ def holders(config: RunConfig) -> dict[str, list[int]]:
     return roles
 
 
-def server_argv(secret_path: str) -> list[str]:
-    """The server's `byzps` argv: the run config, the master secret, results under /data/run."""
+def server_roles(config: RunConfig) -> list[str]:
+    """The server processes' role names in rank order: "server", or "server-R" for each shard
+    of a sharded run (cluster.shards > 1)."""
+    shards = config.cluster.shards
+    return ["server"] if shards == 1 else [f"server-{rank}" for rank in range(shards)]
+
+
+def shard_port(rank: int) -> int:
+    """Shard `rank`'s port: one each, so that all shards may share one host (a pod, a node)."""
+    return PORT + rank
+
+
+def shard_addresses(config: RunConfig, host: Callable[[str], str]) -> list[str]:
+    """Every server process's address in rank order, `host(role)` naming where it runs."""
+    return [f"{host(role)}:{shard_port(r)}" for r, role in enumerate(server_roles(config))]
+
+
+def server_argv(secret_path: str, rank: int = 0, peers: Sequence[str] = ()) -> list[str]:
+    """The server's `byzps` argv: the run config, the master secret, results under /data/run;
+    shard `rank` of a sharded run also gets its rank and every shard's address (`peers`)."""
+    sharding = ["--shard", str(rank), "--peers", ",".join(peers)] if peers else []
     return [
         "server",
         "--config",
         CONFIG_PATH,
         "--listen",
-        f"0.0.0.0:{PORT}",
+        f"0.0.0.0:{shard_port(rank)}",
         "--out",
         "/data/run",
         "--resume",
@@ -66,6 +86,7 @@ def server_argv(secret_path: str) -> list[str]:
         "60",
         "--startup-timeout",
         RETRY_TIMEOUT,
+        *sharding,
     ]
 
 
@@ -93,25 +114,31 @@ def token_secret(worker_id: int) -> str:
 
 
 def compose_project(config: RunConfig, image: str) -> dict[str, Any]:
-    """A Compose project: the server (health-checked, results in a volume), one service per
-    honest worker id and the cohort; the run config, the master secret and the tokens come from
-    files beside it (run.toml, secret, credentials/worker-ID.token), each token mounted in the
-    one service that holds its id."""
-    after_server = {"depends_on": {"server": {"condition": "service_healthy"}}}
-    services: dict[str, Any] = {
-        "server": {
+    """A Compose project: the server (health-checked, results in a volume) — or each shard of a
+    sharded run, every one with the master secret (the shards' peer token derives from it) and
+    a volume of its own, rank 0's holding the run's results — one service per honest worker id
+    and the cohort; the run config, the master secret and the tokens come from files beside it
+    (run.toml, secret, credentials/worker-ID.token), each token mounted in the one service that
+    holds its id."""
+    roles = server_roles(config)
+    addresses = shard_addresses(config, lambda role: role)
+    peers = addresses if len(roles) > 1 else []
+    after_server = {"depends_on": {r: {"condition": "service_healthy"} for r in roles}}
+    services: dict[str, Any] = {}
+    for rank, role in enumerate(roles):
+        services[role] = {
             "image": image,
             "secrets": [SECRET],
             "configs": [{"source": "run", "target": CONFIG_PATH}],
-            "command": server_argv(f"{COMPOSE_SECRETS}/{SECRET}"),
-            "volumes": ["server-data:/data"],
+            "command": server_argv(f"{COMPOSE_SECRETS}/{SECRET}", rank, peers),
+            "volumes": [f"{role}-data:/data"],
             "healthcheck": {
                 "test": [
                     "CMD",
                     "byzps",
                     "status",
                     "--server",
-                    f"127.0.0.1:{PORT}",
+                    f"127.0.0.1:{shard_port(rank)}",
                     "--timeout",
                     "3",
                 ],
@@ -121,12 +148,11 @@ def compose_project(config: RunConfig, image: str) -> dict[str, Any]:
                 "start_period": "60s",
             },
         }
-    }
     for role, ids in holders(config).items():
         services[role] = {
             "image": image,
             "secrets": [{"source": token_secret(i), "target": token_file_name(i)} for i in ids],
-            "command": client_argv(role, ids, f"server:{PORT}", COMPOSE_SECRETS),
+            "command": client_argv(role, ids, ",".join(addresses), COMPOSE_SECRETS),
             **after_server,
         }
     secrets = {SECRET: {"file": "./secret"}}
@@ -137,7 +163,7 @@ def compose_project(config: RunConfig, image: str) -> dict[str, Any]:
         "services": services,
         "configs": {"run": {"file": "./run.toml"}},
         "secrets": secrets,
-        "volumes": {"server-data": {}},
+        "volumes": {f"{role}-data": {} for role in roles},
     }
 
 
@@ -211,60 +237,68 @@ def credentials_volume(ids: list[int]) -> dict[str, Any]:
     return {"name": "credentials", "projected": {"sources": sources}}
 
 
-def kubernetes_objects(config: RunConfig) -> dict[str, list[dict[str, Any]]]:
-    """The run's Kubernetes objects by file: server (volume claim, Service, Job), workers (one
-    Job per honest worker id, each mounting that id's token only) and, unless the run has no
-    Byzantine workers, attack (one Job mounting the cohort's tokens only)."""
+def _server_objects(role: str, rank: int, peers: Sequence[str]) -> list[dict[str, Any]]:
+    """One server process's volume claim, Service and Job (`role` "server", or "server-R" for
+    shard R of a sharded run, with every shard's address in `peers`)."""
+    name, port = f"byzps-{role}", shard_port(rank)
     run_volume = {"name": "run", "configMap": {"name": "byzps-run"}}
     run_mount = {"name": "run", "mountPath": "/etc/byzps/run", "readOnly": True}
     server = _container(
         "server",
-        server_argv("/var/run/byzps/secret"),
+        server_argv("/var/run/byzps/secret", rank, peers),
         [{"name": "data", "mountPath": "/data"}, run_mount, SECRET_MOUNT],
         "1",
         "1Gi",
         "4Gi",
     )
-    server["ports"] = [{"name": "grpc", "containerPort": PORT}]
-    server["readinessProbe"] = {"grpc": {"port": PORT}, "periodSeconds": 5}
-    objects = {
-        "server": [
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": "byzps-server-data"},
-                "spec": {
-                    "accessModes": ["ReadWriteOnce"],
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
+    server["ports"] = [{"name": "grpc", "containerPort": port}]
+    server["readinessProbe"] = {"grpc": {"port": port}, "periodSeconds": 5}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": f"{name}-data"},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "1Gi"}},
             },
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": "byzps-server"},
-                "spec": {
-                    "selector": {"app.kubernetes.io/component": "server"},
-                    "ports": [{"name": "grpc", "port": PORT, "targetPort": "grpc"}],
-                },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {
+                "selector": {"app.kubernetes.io/component": role},
+                "ports": [{"name": "grpc", "port": port, "targetPort": "grpc"}],
             },
-            _job(
-                "byzps-server",
-                "server",
-                server,
-                [
-                    {"name": "data", "persistentVolumeClaim": {"claimName": "byzps-server-data"}},
-                    run_volume,
-                    SECRET_VOLUME,
-                ],
-                {"fsGroup": 10001},
-                backoffLimit=10,
-            ),
-        ],
-        "workers": [],
-    }
-    server_address = f"byzps-server:{PORT}"
+        },
+        _job(
+            name,
+            role,
+            server,
+            [
+                {"name": "data", "persistentVolumeClaim": {"claimName": f"{name}-data"}},
+                run_volume,
+                SECRET_VOLUME,
+            ],
+            {"fsGroup": 10001},
+            backoffLimit=10,
+        ),
+    ]
+
+
+def kubernetes_objects(config: RunConfig) -> dict[str, list[dict[str, Any]]]:
+    """The run's Kubernetes objects by file: server (volume claim, Service, Job; one of each per
+    shard of a sharded run), workers (one Job per honest worker id, each mounting that id's
+    token only) and, unless the run has no Byzantine workers, attack (one Job mounting the
+    cohort's tokens only)."""
+    roles = server_roles(config)
+    addresses = shard_addresses(config, lambda role: f"byzps-{role}")
+    peers = addresses if len(roles) > 1 else []
+    servers = [o for rank, role in enumerate(roles) for o in _server_objects(role, rank, peers)]
+    objects: dict[str, list[dict[str, Any]]] = {"server": servers, "workers": []}
     for role, ids in holders(config).items():
-        args = client_argv(role, ids, server_address, CREDENTIALS_DIR)
+        args = client_argv(role, ids, ",".join(addresses), CREDENTIALS_DIR)
         if role == COHORT:
             container = _container("attack", args, [CREDENTIALS_MOUNT], "500m", "512Mi", "2Gi")
             volumes = [credentials_volume(ids)]
@@ -335,6 +369,10 @@ def podman_script(config: RunConfig, image: str) -> str:
     (HARDENING); the server's /data is DATA (results, checkpoints, write-ahead log).
     """
     project = compose_project(config, "$IMAGE")
+    roles = server_roles(config)
+    # One loopback for the whole pod, whose hostname is "server": every shard is reached there,
+    # each on its own port (shard_port), where Compose reaches it by its service name.
+    here = {f"{role}:": "server:" for role in roles if role != "server"}
     files = {name: spec["file"].removeprefix("./") for name, spec in project["secrets"].items()}
     configs = {name: spec["file"].removeprefix("./") for name, spec in project["configs"].items()}
     lines = []
@@ -346,15 +384,21 @@ def podman_script(config: RunConfig, image: str) -> str:
             words.append(_mount(files[source], f"{COMPOSE_SECRETS}/{target}"))
         for conf in service.get("configs", []):
             words.append(_mount(configs[conf["source"]], conf["target"]))
-        if service.get("volumes"):
-            words.append('-v "$DATA:/data:rw"')
-        words.append(f'"$IMAGE" {shlex.join(service["command"])}')
+        if service.get("volumes"):  # the server's DATA; each shard's DATA/server-R
+            where = "$DATA" if role == "server" else f"$DATA/{role}"
+            words.append(f'-v "{where}:/data:rw"')
+        command = [_replace_all(word, here) for word in service["command"]]
+        words.append(f'"$IMAGE" {shlex.join(command)}')
         lines.append(f'podman run -d --pod "$POD" --name "$POD-{role}" $HARDENING \\\n    '
                      + " \\\n    ".join(words))  # fmt: skip
-        if role == "server":
+        if role in roles:
             health = shlex.join(service["healthcheck"]["test"][1:])  # after "CMD"
-            lines.append(f'wait_healthy "$POD-server" {health}')
+            lines.append(f'wait_healthy "$POD-{role}" {health}')
+    if len(roles) > 1:
+        dirs = " ".join(f'"$DATA/{role}"' for role in roles)
+        lines.insert(0, f"mkdir -p {dirs}  # each shard's /data (owned by uid 10001, as DATA)")
     body = "\n".join(lines)
+    servers = " ".join(f'"$POD-{role}"' for role in roles)
     return f"""#!/usr/bin/env bash
 # Generated by `byzps deploy podman` from the run.toml beside it (the Compose project of the
 # same run, as one podman pod): change the run config and regenerate rather than edit.
@@ -391,16 +435,18 @@ up() {{
 wait_all() {{  # every client, then end the server's linger: SIGTERM, a graceful stop
     local rc=0 name code start
     for name in $(podman ps -a --filter "pod=$POD" --format '{{{{.Names}}}}' | sort); do
-        case $name in "$POD-server" | *-infra) continue ;; esac
+        case $name in "$POD-server" | "$POD-server-"* | *-infra) continue ;; esac
         code=$(podman wait "$name")
         [ "$code" = 0 ] || {{ echo "$name exited with $code" >&2; rc=1; }}
     done
-    start=$(date +%s%N)
-    podman stop -t 30 "$POD-server" >/dev/null
-    code=$(podman inspect -f '{{{{.State.ExitCode}}}}' "$POD-server")
-    echo "server stopped by SIGTERM in $(( ($(date +%s%N) - start) / 1000000 )) ms," \\
-        "exit code $code"
-    [ "$code" = 0 ] || rc=1
+    for name in {servers}; do
+        start=$(date +%s%N)
+        podman stop -t 30 "$name" >/dev/null
+        code=$(podman inspect -f '{{{{.State.ExitCode}}}}' "$name")
+        echo "${{name#"$POD-"}} stopped by SIGTERM in $(( ($(date +%s%N) - start) / 1000000 ))" \\
+            "ms, exit code $code"
+        [ "$code" = 0 ] || rc=1
+    done
     return $rc
 }}
 
@@ -411,6 +457,12 @@ case ${{1:-}} in
     *) echo "usage: $0 up|wait|down" >&2; exit 2 ;;
 esac
 """
+
+
+def _replace_all(text: str, replacements: dict[str, str]) -> str:
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    return text
 
 
 def _indent(text: str) -> str:
@@ -434,12 +486,34 @@ def slurm_script(config: RunConfig) -> str:
     """
     h = config.honest_workers
     roles = holders(config)
+    shards = config.cluster.shards
     client = ('--server "$SERVER" --threads "${SLURM_CPUS_PER_TASK:-1}" '
               f'--retry-timeout {RETRY_TIMEOUT}')  # fmt: skip
+    if shards == 1:
+        servers = [
+            f'srun --overlap --nodes=1 --ntasks=1 --nodelist="$SERVER_NODE" --job-name=server '
+            f'\\\n    "$BYZPS" {" ".join(server_argv_slurm())} "${{RESUME[@]}}" &\n'
+            "SERVERS=($!)"
+        ]
+        where = "SERVER=${BYZPS_SERVER_HOST:-$SERVER_NODE}:$PORT"
+    else:  # shard R on node R mod N, port PORT + R; every shard's address in $SERVER
+        servers = [
+            f'srun --overlap --nodes=1 --ntasks=1 --nodelist="${{SHARD_NODES[{r}]}}" '
+            f'--job-name=server-{r} \\\n    "$BYZPS" '
+            f'{" ".join(server_argv_slurm(r))} "${{RESUME[@]}}" &\n'
+            + ("SERVERS=($!)" if r == 0 else "SERVERS+=($!)")
+            for r in range(shards)
+        ]
+        where = (
+            'NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))\n'
+            "SHARD_NODES=() SERVER=\n"
+            f"for r in $(seq 0 {shards - 1}); do\n"
+            '    SHARD_NODES+=("${NODES[r % ${#NODES[@]}]}")\n'
+            '    SERVER+="${SERVER:+,}${BYZPS_SERVER_HOST:-${SHARD_NODES[r]}}:$((PORT + r))"\n'
+            "done"
+        )
     steps = [
-        f'srun --overlap --nodes=1 --ntasks=1 --nodelist="$SERVER_NODE" --job-name=server \\\n'
-        f'    "$BYZPS" {" ".join(server_argv_slurm())} "${{RESUME[@]}}" &\n'
-        "SERVER_STEP=$!",
+        *servers,
         f'srun --overlap --ntasks={h} --job-name=workers bash -c \'exec "$BYZPS" worker '
         f"{client} \\\n"
         '    --id "$SLURM_PROCID" --token-file "$RUN_DIR/credentials/worker-$SLURM_PROCID.token"'
@@ -453,7 +527,7 @@ def slurm_script(config: RunConfig) -> str:
             f'    --token-dir "$RUN_DIR/credentials" --count {len(ids)} --first-id {ids[0]} &\n'
             "CLIENTS+=($!)"
         )
-    tasks = h + 1 + (COHORT in roles)
+    tasks = h + shards + (COHORT in roles)
     return f"""#!/bin/bash
 # Generated by `byzps deploy slurm` from the run.toml beside it: change the run config and
 # regenerate rather than edit (every id and count here follows from the config).
@@ -474,7 +548,7 @@ RUN_DIR=${{BYZPS_RUN_DIR:-$PWD}}
 BYZPS=${{BYZPS:-byzps}}
 PORT=${{BYZPS_PORT:-{PORT}}}
 SERVER_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-SERVER=${{BYZPS_SERVER_HOST:-$SERVER_NODE}}:$PORT
+{where}
 export RUN_DIR BYZPS SERVER
 RESUME=()
 if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ]; then RESUME=(--resume); fi
@@ -486,18 +560,27 @@ rc=0
 for pid in "${{CLIENTS[@]}}"; do wait "$pid" || rc=$?; done
 # Every client is done, so the run is: end the server's linger with SIGTERM to its task (not to
 # srun, which would cancel the step): it stops gracefully, writes a final checkpoint, exits 0.
-step=$(squeue --steps --jobs "$SLURM_JOB_ID" --noheader --format '%i %j' \\
-    | awk '$2 == "server" {{ print $1 }}')
-if [ -n "$step" ]; then scancel --signal=TERM "$step" || true; fi
-wait "$SERVER_STEP" || rc=$?
+# A sharded run's shards are the steps server-0, server-1, …
+for step in $(squeue --steps --jobs "$SLURM_JOB_ID" --noheader --format '%i %j' \\
+    | awk '$2 ~ /^server(-[0-9]+)?$/ {{ print $1 }}'); do
+    scancel --signal=TERM "$step" || true
+done
+for pid in "${{SERVERS[@]}}"; do wait "$pid" || rc=$?; done
 exit "$rc"
 """
 
 
-def server_argv_slurm() -> list[str]:
+def server_argv_slurm(shard: int | None = None) -> list[str]:
     """The server's arguments under Slurm: as in a container (server_argv), but every path in
-    RUN_DIR and the port from PORT (quoted for the script); --resume only on requeue."""
-    argv = server_argv('"$RUN_DIR/secret"')
-    replace = {CONFIG_PATH: '"$RUN_DIR/run.toml"', "/data/run": '"$RUN_DIR/server"',
-               f"0.0.0.0:{PORT}": '"0.0.0.0:$PORT"'}  # fmt: skip
+    RUN_DIR and the port from PORT (quoted for the script); --resume only on requeue. Shard R
+    of a sharded run: its files in RUN_DIR/server-R, port PORT + R, every shard's address from
+    $SERVER."""
+    if shard is None:
+        argv = server_argv('"$RUN_DIR/secret"')
+        out, port = '"$RUN_DIR/server"', '"0.0.0.0:$PORT"'
+    else:
+        argv = server_argv('"$RUN_DIR/secret"', shard, ['"$SERVER"'])
+        out, port = f'"$RUN_DIR/server-{shard}"', f'"0.0.0.0:$((PORT + {shard}))"'
+    replace = {CONFIG_PATH: '"$RUN_DIR/run.toml"', "/data/run": out,
+               f"0.0.0.0:{shard_port(shard or 0)}": port}  # fmt: skip
     return [replace.get(a, a) for a in argv if a != "--resume"]

@@ -36,6 +36,7 @@ def small_config(
     aggregator: str = "cm",
     pre: Sequence[str] = ("nnm",),
     attack: str = "alie",
+    shards: int = 1,
 ) -> Config:
     """A tiny a9a run as nested sections; `eval_every=None` leaves it to the config default."""
     run: dict[str, Any] = {"seed": seed, "rounds": rounds}
@@ -44,7 +45,8 @@ def small_config(
     return {
         "run": run,
         "task": {"name": "a9a-logreg", "batch_size": 1},
-        "cluster": {"workers": workers, "byzantine": byzantine},
+        "cluster": {"workers": workers, "byzantine": byzantine}
+        | ({"shards": shards} if shards != 1 else {}),
         "algorithm": {"name": "byz-dm21", "lr": lr, "eta": eta},
         "compressor": {"name": "topk", "k": k},
         "aggregator": {"name": aggregator, "pre": list(pre)},

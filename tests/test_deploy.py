@@ -174,10 +174,13 @@ def token_id(name: str, prefix: str, suffix: str = "") -> int | str:
 
 
 def check_credentials(mounted: dict[str, set[int | str]], config: RunConfig) -> None:
-    """The master secret is mounted in the server alone; honest worker K holds exactly K's
-    token, the cohort exactly h … n−1's; nobody holds a credential of an id it does not hold."""
+    """The master secret is mounted in the server (each shard) alone; honest worker K holds
+    exactly K's token, the cohort exactly h … n−1's; nobody holds a credential of an id it does
+    not hold."""
+    from byzps.cli.deployment import server_roles
+
     h, n = config.honest_workers, config.cluster.workers
-    expected: dict[str, set[int | str]] = {"server": {MASTER}}
+    expected: dict[str, set[int | str]] = {role: {MASTER} for role in server_roles(config)}
     expected.update({f"worker-{k}": {k} for k in range(h)})
     if n > h:
         expected["attack"] = set(range(h, n))
@@ -188,21 +191,31 @@ def check_compose_ids(directory: Path, config: RunConfig) -> None:
     """Every service's command parses; worker ids are 0 … h−1 once each; the cohort holds the
     rest (or is absent under "na"); each mounts the credentials of its own ids only, and its
     command reads them where they are mounted."""
+    from byzps.cli.deployment import server_roles, shard_addresses
+
     project = yaml.safe_load((directory / "compose.yaml").read_text())
     services, files = project["services"], project["secrets"]
-    server = check_command_line(services["server"]["command"])
-    assert server["config_path"] == services["server"]["configs"][0]["target"]
-    assert server["secret_file"] == "/run/secrets/byzps_secret"
+    roles = server_roles(config)
+    addresses = shard_addresses(config, lambda role: role)
+    for rank, role in enumerate(roles):
+        server = check_command_line(services[role]["command"])
+        assert server["config_path"] == services[role]["configs"][0]["target"]
+        assert server["secret_file"] == "/run/secrets/byzps_secret"
+        assert server["listen"].endswith(addresses[rank].rsplit(":", 1)[1])
+        if len(roles) > 1:  # every shard knows every shard, itself at its rank
+            assert server["shard"] == rank and server["peers"] == ",".join(addresses)
+        assert services[role]["volumes"] == [f"{role}-data:/data"]
     assert RunConfig.load(directory / "run.toml").digest() == config.digest()
     mounted: dict[str, set[int | str]] = {}
     for name, service in services.items():
         secrets = [s if isinstance(s, dict) else {"source": s} for s in service["secrets"]]
         mounted[name] = {token_id(files[s["source"]]["file"], "./credentials/worker-", ".token")
                          for s in secrets}  # fmt: skip
-        if name == "server":
+        if name in roles:
             continue
         values = check_command_line(service["command"])
-        assert values["address"] == "server:50051"
+        assert values["address"] == ",".join(addresses)
+        assert set(service["depends_on"]) == set(roles)
         assert values.get("secret_file") is None
         targets = {f"/run/secrets/{s.get('target', s['source'])}" for s in secrets}
         if name == "attack":
@@ -253,14 +266,33 @@ def check_k8s_ids(directory: Path, config: RunConfig) -> None:
     objects = kubernetes_objects(directory)
     for obj in objects:
         validate_k8s(obj)
+    from byzps.cli.deployment import server_roles, shard_addresses
+
     pods = job_pods(objects)
     assert RunConfig.load(directory / "run.toml").digest() == config.digest()
-    server = check_command_line(pods["server"]["containers"][0]["args"])
-    assert server["secret_file"] == "/var/run/byzps/secret"
+    roles = server_roles(config)
+    addresses = shard_addresses(config, lambda role: f"byzps-{role}")
+    services = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Service"}
+    for rank, role in enumerate(roles):
+        server = check_command_line(pods[role]["containers"][0]["args"])
+        assert server["secret_file"] == "/var/run/byzps/secret"
+        # Each shard's Service selects its own Job's pod and serves the port its address names.
+        port = int(addresses[rank].rsplit(":", 1)[1])
+        assert services[f"byzps-{role}"]["ports"][0]["port"] == port
+        job = next(
+            o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] == f"byzps-{role}"
+        )
+        label = job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert services[f"byzps-{role}"]["selector"] == {"app.kubernetes.io/component": label}
+        if len(roles) > 1:
+            assert server["shard"] == rank and server["peers"] == ",".join(addresses)
+    selectors = [services[f"byzps-{r}"]["selector"]["app.kubernetes.io/component"] for r in roles]
+    assert len(set(selectors)) == len(roles)
     for name, pod in pods.items():
-        if name == "server":
+        if name in roles:
             continue
         values = check_command_line(pod["containers"][0]["args"])
+        assert values["address"] == ",".join(addresses)
         assert values.get("secret_file") is None
         if name == "attack":
             ids = range(values["first_id"], values["first_id"] + values["count"])
@@ -295,11 +327,15 @@ def test_the_main_job_runs_every_id_once() -> None:
     check_k8s_ids(DEPLOY / "k8s", config)
 
 
+SHARDED = {"workers": 7, "byzantine": 2, "attack": "sf", "shards": 3}
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
         {"workers": 7, "byzantine": 2, "attack": "sf"},
         {"workers": 3, "byzantine": 0, "attack": "na"},
+        SHARDED,
     ],
 )
 def test_other_runs_get_their_own_ids(tmp_path: Path, overrides: dict[str, Any]) -> None:
@@ -407,10 +443,12 @@ def check_podman_script(directory: Path, config: RunConfig) -> None:
         }
     mounted: dict[str, set[int | str]] = {}
     for role, (argv, mounts) in runs.items():
-        credentials = {s: t for s, t in mounts.items() if "run.toml" not in s and s != "$DATA"}
+        credentials = {
+            s: t for s, t in mounts.items() if "run.toml" not in s and not s.startswith("$DATA")
+        }
         mounted[role] = {token_id(s, "$HERE/credentials/worker-", ".token") for s in credentials}
         values = check_command_line(argv)
-        if role == "server":
+        if role.startswith("server"):
             assert set(credentials.values()) == {values["secret_file"]}
             assert mounts["$HERE/run.toml"] == values["config_path"]
         elif role == "attack":
@@ -431,11 +469,11 @@ def check_slurm_script(directory: Path, config: RunConfig) -> None:
     path = directory / "byzps.sbatch"
     subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
     script = path.read_text()
-    h, n = config.honest_workers, config.cluster.workers
-    assert f"#SBATCH --ntasks={h + 1 + (n > h)}\n" in script
+    h, n, shards = config.honest_workers, config.cluster.workers, config.cluster.shards
+    assert f"#SBATCH --ntasks={h + shards + (n > h)}\n" in script
     assert "#SBATCH --requeue\n" in script
     sruns = [line for line in script.splitlines() if line.startswith("srun ")]
-    assert all("--overlap" in line for line in sruns) and len(sruns) == 2 + (n > h)
+    assert all("--overlap" in line for line in sruns) and len(sruns) == shards + 1 + (n > h)
     assert f"--ntasks={h} --job-name=workers" in script
     assert '--id "$SLURM_PROCID"' in script
     assert "worker-$SLURM_PROCID.token" in script and "--checkpoint-dir" in script
@@ -461,6 +499,7 @@ def test_the_podman_and_slurm_scripts_of_the_main_job(tmp_path: Path) -> None:
     [
         {"workers": 7, "byzantine": 2, "attack": "sf"},
         {"workers": 3, "byzantine": 0, "attack": "na"},
+        SHARDED,
     ],
 )
 def test_the_podman_and_slurm_scripts_of_other_runs(

@@ -268,3 +268,38 @@ def test_the_generated_sbatch_script_runs_and_matches_the_simulator(
                        rtol=1e-5, atol=1e-7)  # fmt: skip
     wait_for(lambda: not leftovers(str(tmp_path)) and not _stepds(slurm.conf), 30,
              "the job's processes to end")  # fmt: skip
+
+
+def test_a_sharded_run_runs_as_one_step_per_shard(tmp_path: Path, slurm: Cluster) -> None:
+    """cluster.shards = 2: the script starts the two shards as steps server-0 and server-1
+    (ports PORT and PORT + 1), the workers push to both, and shard 0 writes the simulator's
+    model (which runs the same two column shards); both shards end by SIGTERM, gracefully."""
+    config = write_config(tmp_path / "config.toml", rounds=30, eval_every=10)
+    config.write_text(config.read_text().replace("[cluster]\n", "[cluster]\nshards = 2\n"))
+    expected = _simulate(config, tmp_path / "sim")
+    run_dir = tmp_path / "job"
+    subprocess.run(
+        byzps("deploy", "slurm", "--config", str(config), "--out", str(run_dir)),
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    subprocess.run(byzps("credentials", "secret", "--out", str(run_dir / "secret")),
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    subprocess.run(
+        byzps("credentials", "issue", "--secret-file", str(run_dir / "secret"), "--ids", "0-4",
+              "--out", str(run_dir / "credentials")),
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    python_bin = Path(byzps()[0]).parent
+    exports = (f"ALL,BYZPS={python_bin / 'byzps'},BYZPS_SERVER_HOST=127.0.0.1,"
+               f"PATH={python_bin}:{os.environ['PATH']}")  # fmt: skip
+    job = slurm.run("sbatch", "--parsable", f"--chdir={run_dir}", f"--export={exports}",
+                    str(run_dir / "byzps.sbatch")).strip()  # fmt: skip
+    state = _wait_job(slurm, job, 0, run_dir)
+    output = (run_dir / f"byzps-{job}.out").read_text()
+    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), output[-3000:]
+    assert output.count(f"signal {int(signal.SIGTERM)}: shutting down") == 2, output[-3000:]
+    got = np.load(run_dir / "server-0" / "params.npy")
+    assert np.allclose(got, expected, rtol=1e-5, atol=1e-7)
+    assert not (run_dir / "server-1" / "params.npy").exists()  # rank 0 writes the results
+    wait_for(lambda: not leftovers(str(tmp_path)) and not _stepds(slurm.conf), 30,
+             "the job's processes to end")  # fmt: skip
