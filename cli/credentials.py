@@ -190,7 +190,8 @@ def ca(out: Path, name: str, days: int, force: bool) -> None:
     multiple=True,
     metavar="NAME",
     help="The server's certificate, OUT/server.pem and .key, for this DNS name (repeatable; "
-    "the first is its CN).",
+    "the first is its CN). It is a client certificate too: the shards of a sharded server "
+    "present it to each other.",
 )
 @click.option(
     "--ip",

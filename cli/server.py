@@ -147,6 +147,13 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
     "call as K only; one naming no worker (--operator) may call Status only.",
 )
 @click.option(
+    "--tls-peer-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With cluster.shards > 1 and TLS: the CA (PEM) that signed the other shards' "
+    "certificates (default: --tls-client-ca). A shard presents its own --tls-cert when it "
+    "calls them (`byzps credentials cert --server` makes it a client certificate too).",
+)
+@click.option(
     "--tls-bind-ids/--no-tls-bind-ids",
     default=True,
     show_default=True,
@@ -209,6 +216,7 @@ def server(
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_client_ca: Path | None,
+    tls_peer_ca: Path | None,
     tls_bind_ids: bool,
     metrics_address: str | None,
     shard: int,
@@ -250,6 +258,7 @@ def server(
         shard=shard,
         peers=_peers(config.cluster.shards, shard, peers, peers_file),
         peer_timeout=peer_timeout,
+        peer_tls=_peer_tls(config.cluster.shards, tls_cert, tls_key, tls_peer_ca or tls_client_ca),
     )
     try:
         task, engine, max_nnz = build_server_parts(
@@ -302,6 +311,20 @@ def _peers(
     if len(addresses) != shards:
         raise ServerUsageError(f"--peers: {len(addresses)} addresses for cluster.shards = {shards}")
     return addresses
+
+
+def _peer_tls(
+    shards: int, cert: Path | None, key: Path | None, ca: Path | None
+) -> grpc.ChannelCredentials | None:
+    """How a shard serving TLS calls its peers (None: unsharded, or plaintext)."""
+    from byzps.common.credentials import channel_tls
+
+    if shards == 1 or cert is None or ca is None:
+        return None
+    try:
+        return channel_tls(ca, cert, key)
+    except ValueError as exc:
+        raise ServerUsageError(str(exc)) from None
 
 
 def _tls(

@@ -88,7 +88,7 @@ def worker_certs(
         _Spec(f"worker-{i}", worker_common_name(i), [x509.UniformResourceIdentifier(worker_uri(i))])
         for i in worker_ids
     ]
-    return _leaves(ca_dir, directory, specs, ExtendedKeyUsageOID.CLIENT_AUTH, days, overwrite)
+    return _leaves(ca_dir, directory, specs, [ExtendedKeyUsageOID.CLIENT_AUTH], days, overwrite)
 
 
 def operator_cert(
@@ -97,7 +97,7 @@ def operator_cert(
     """DIRECTORY/operator.pem/.key: a client certificate naming no worker, for `byzps status`
     under mutual TLS (the server lets it call Status only)."""
     (issued,) = _leaves(ca_dir, directory, [_Spec("operator", OPERATOR_NAME, [])],
-                        ExtendedKeyUsageOID.CLIENT_AUTH, days, overwrite)  # fmt: skip
+                        [ExtendedKeyUsageOID.CLIENT_AUTH], days, overwrite)  # fmt: skip
     return issued
 
 
@@ -111,7 +111,11 @@ def server_cert(
     overwrite: bool = False,
 ) -> Issued:
     """DIRECTORY/server.pem/.key: the server's certificate, valid for the DNS names and IP
-    addresses clients dial (the first DNS name is also its CN). ValueError for a bad address."""
+    addresses clients dial (the first DNS name is also its CN). ValueError for a bad address.
+
+    It is a client certificate too (clientAuth): the shards of a sharded server present it
+    when they call each other under mutual TLS. It names no worker, so on a worker RPC it is
+    refused like any certificate naming none (byzps.server.auth)."""
     if not dns_names:
         raise ValueError("a server certificate needs at least one name")
     names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
@@ -121,7 +125,8 @@ def server_cert(
         except ValueError:
             raise ValueError(f"--ip: {ip!r} is not an IP address") from None
     (issued,) = _leaves(ca_dir, directory, [_Spec("server", dns_names[0], names)],
-                        ExtendedKeyUsageOID.SERVER_AUTH, days, overwrite)  # fmt: skip
+                        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+                        days, overwrite)  # fmt: skip
     return issued
 
 
@@ -141,7 +146,7 @@ def _leaves(
     ca_dir: Path,
     directory: Path,
     specs: list[_Spec],
-    usage: x509.ObjectIdentifier,
+    usage: Sequence[x509.ObjectIdentifier],
     days: int,
     overwrite: bool,
 ) -> list[Issued]:
@@ -164,7 +169,7 @@ def _sign(
         _builder(_name(spec.common_name), ca.subject, key.public_key(), days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(list(usage)), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,

@@ -145,6 +145,9 @@ class DaemonOptions:
     shard: int = 0
     peers: tuple[str, ...] | Path = ()
     peer_timeout: float = 120.0
+    #: How a shard serving TLS calls its peers: trusting the CA of their certificates and
+    #: presenting its own (byzps.common.credentials.channel_tls); None: plaintext.
+    peer_tls: grpc.ChannelCredentials | None = None
 
 
 def recover(options: DaemonOptions, store: CheckpointStore | None) -> Recovered | None:
@@ -267,12 +270,17 @@ def shard_context(config: RunConfig, task: Task, options: DaemonOptions) -> Shar
     layout = ShardLayout(task.dim, config.cluster.shards)
     if layout.count == 1:
         return None
-    if options.tls is not None:
-        raise StartupError("cluster.shards: TLS between shards is not supported yet")
+    if options.tls is not None and options.peer_tls is None:
+        raise StartupError(
+            "cluster.shards: shards serving TLS call each other over TLS: pass --tls-peer-ca "
+            "(or --tls-client-ca) to check the other shards' certificates"
+        )
     if not options.peers:
         raise StartupError("cluster.shards: a shard needs the shards' addresses (--peers)")
     shard = layout.shard(options.shard)
-    peers = Peers(shard, options.peers, options.secret, options.peer_timeout)
+    peers = Peers(
+        shard, options.peers, options.secret, options.peer_timeout, credentials=options.peer_tls
+    )
     return ShardContext(shard, layout.widths, Outbox(), peers)
 
 

@@ -411,11 +411,13 @@ def shard_hosts(procs: Processes) -> Iterator[dict[str, str]]:
 
 @pytest.mark.slow
 def test_two_shards_on_two_hosts_serve_one_model(tmp_path: Path, procs: Processes) -> None:
-    """cluster.shards = 2 with each shard on a host of its own and the workers on a third:
-    the shards exchange their parts over the link between them, the workers push each shard
-    its part over theirs, and the run lands on the simulator's model for the same config (which
-    runs the same two column shards in one process). Token files per worker, the master secret
-    on the shard hosts only; a worker's token cannot read a shard's parts."""
+    """cluster.shards = 2 with each shard on a host of its own and the workers on a third, as a
+    deployment would be: TLS everywhere (the shards call each other presenting their server
+    certificate, under mutual TLS), a token file per worker, the master secret on the shard
+    hosts only. The shards exchange their parts over the link between them, the workers push
+    each shard its part over theirs, and the run lands on the simulator's model for the same
+    config (which runs the same two column shards in one process). A worker's certificate and
+    token cannot read a shard's parts."""
     import sys
 
     from byzps.common.credentials import TOKEN_METADATA_KEY
@@ -426,10 +428,19 @@ def test_two_shards_on_two_hosts_serve_one_model(tmp_path: Path, procs: Processe
         byzps("simulate", "--config", str(config), "--out", str(tmp_path / "sim")),
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
-    secret = tmp_path / "secret"
+    secret, tokens, cohort, pki = (tmp_path / name for name in ("secret", "t", "c", "pki"))
     write_secret(secret)
-    credentials("issue", "--secret-file", str(secret), "--ids", "0-3", "--out", str(tmp_path / "t"))
-    credentials("issue", "--secret-file", str(secret), "--ids", "4", "--out", str(tmp_path / "c"))
+    credentials("issue", "--secret-file", str(secret), "--ids", "0-3", "--out", str(tokens))
+    credentials("issue", "--secret-file", str(secret), "--ids", "4", "--out", str(cohort))
+    credentials("ca", "--out", str(pki), "--days", "2")
+    credentials("cert", "--ca", str(pki), "--server", "byzps-server", "--ip", SHARD_IPS[0],
+                "--ip", SHARD_IPS[1], "--out", str(pki), "--days", "2")  # fmt: skip
+    credentials("cert", "--ca", str(pki), "--worker", "0-4", "--out", str(pki), "--days", "2")
+
+    def tls(name: str) -> list[str]:
+        return ["--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / f"{name}.pem"),
+                "--tls-key", str(pki / f"{name}.key")]  # fmt: skip
+
     peers = ",".join(f"{address}:50061" for address in SHARD_IPS)
     with shard_hosts(procs) as ns:
         shards = [
@@ -437,7 +448,9 @@ def test_two_shards_on_two_hosts_serve_one_model(tmp_path: Path, procs: Processe
                 in_ns(ns[f"s{rank}"], byzps(
                     "server", "--config", str(config), "--listen", f"{SHARD_IPS[rank]}:50061",
                     "--out", str(tmp_path / f"shard-{rank}"), "--shard", str(rank),
-                    "--peers", peers, "--secret-file", str(secret), "--linger", "2")),
+                    "--peers", peers, "--secret-file", str(secret), "--linger", "2",
+                    "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+                    "--tls-client-ca", str(pki / "ca.pem"))),
                 stdout=subprocess.PIPE, stderr=(tmp_path / f"shard-{rank}.log").open("ab"),
             )
             for rank in range(2)
@@ -448,22 +461,26 @@ def test_two_shards_on_two_hosts_serve_one_model(tmp_path: Path, procs: Processe
         started = {
             f"worker-{k}": procs.start(
                 in_ns(ns["w"], byzps("worker", *common, "--id", str(k), "--token-file",
-                                     str(tmp_path / "t" / f"worker-{k}.token"))),
+                                     str(tokens / f"worker-{k}.token"), *tls(f"worker-{k}"))),
                 log=tmp_path / f"worker-{k}.log",
             )
             for k in HONEST
         }  # fmt: skip
         started["attack"] = procs.start(
             in_ns(ns["w"], byzps("attack", *common, "--count", "1", "--first-id", "4",
-                                 "--token-dir", str(tmp_path / "c"))),
+                                 "--token-dir", str(cohort), *tls("worker-4"))),
             log=tmp_path / "attack.log",
         )  # fmt: skip
         probe = tmp_path / "probe.py"
         probe.write_text(
             "import grpc, sys\n"
+            "from byzps.common.credentials import channel_tls\n"
             "from byzps.proto.v1 import shard_peer_pb2 as p, shard_peer_pb2_grpc as g\n"
-            f"token = open({str(tmp_path / 't' / 'worker-0.token')!r}).read().strip()\n"
-            f"with grpc.insecure_channel('{SHARD_IPS[0]}:50061') as c:\n"
+            "from pathlib import Path\n"
+            f"pki = Path({str(pki)!r})\n"
+            "tls = channel_tls(pki / 'ca.pem', pki / 'worker-0.pem', pki / 'worker-0.key')\n"
+            f"token = open({str(tokens / 'worker-0.token')!r}).read().strip()\n"
+            f"with grpc.secure_channel('{SHARD_IPS[0]}:50061', tls) as c:\n"
             "    try:\n"
             "        g.ShardPeerStub(c).FetchPart(p.FetchPartRequest(kind=1), timeout=10,\n"
             f"            metadata=(({TOKEN_METADATA_KEY!r}, token),))\n"

@@ -265,3 +265,23 @@ def test_a_worker_that_withholds_its_parts_from_one_shard_only_costs_the_deadlin
     assert np.isfinite(np.load(tmp_path / "shard-0" / "params.npy")).all()
     shard1 = (logs / "shard-1.log").read_text()
     assert "peer" not in shard1.lower() or "stopping" not in shard1.lower()
+
+
+def test_a_shard_serving_tls_must_be_told_how_to_check_its_peers(tmp_path: Path) -> None:
+    """TLS on a shard's port means TLS between shards; without a CA for the peers' certificates
+    the shard refuses to start, naming the option (rather than call its peers in plaintext)."""
+    from pki_support import credentials
+
+    config = run_config(tmp_path / "run.toml", 2)
+    pki = tmp_path / "pki"
+    credentials("ca", "--out", str(pki), "--days", "2")
+    credentials("cert", "--ca", str(pki), "--server", "localhost", "--ip", "127.0.0.1",
+                "--out", str(pki), "--days", "2")  # fmt: skip
+    done = subprocess.run(
+        byzps("server", "--config", str(config), "--listen", "127.0.0.1:0", "--no-auth",
+              "--shard", "0", "--peers", "127.0.0.1:1,127.0.0.1:2",
+              "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key")),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--tls-peer-ca" in done.stderr and "Traceback" not in done.stderr
