@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from byzps.common.aggregators.collective import sharded
 from byzps.common.codec import decode_sparse, encode_sparse, encode_sparse_wire
 from byzps.common.compressors import randk_indices
 from byzps.common.config import ConfigError, RunConfig
@@ -336,3 +337,88 @@ def test_a_shard_that_fails_stops_the_others_at_once() -> None:
     with pytest.raises(RuntimeError, match="shard 1 broke"):
         sharded_rule(torch.randn(5, 8))
     assert time.monotonic() - began < 10
+
+
+# --- the wire collective against the in-process one ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_peers() -> Iterator[list[tuple[Outbox, str]]]:
+    """Two ShardPeer services (no auth) on 127.0.0.1, each over its own Outbox."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    served: list[tuple[Outbox, str]] = []
+    stop: list[asyncio.Event] = []
+
+    async def serve() -> None:
+        servers = []
+        for _ in range(2):
+            outbox = Outbox()
+            server = grpc.aio.server()
+            add_peer_service(server, ShardPeerServicer(outbox, None))
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            servers.append(server)
+            served.append((outbox, f"127.0.0.1:{port}"))
+        stop.append(asyncio.Event())
+        started.set()
+        await stop[0].wait()
+        for server in servers:
+            await server.stop(0)
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield served
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(10)
+
+
+_WIRE_ROUND = iter(range(10**6))
+
+
+@pytest.mark.parametrize(
+    ("name", "pre"),
+    [(n, ()) for n in ("krum", "multikrum", "gm", "cclip", "dnc", "cge", "mean")]
+    + [("cm", ("nnm",)), ("cwtm", ("bucketing",)), ("gm", ("nnm",)), ("cwtm", ("arc",))],
+)
+def test_the_wire_collective_gives_the_in_process_collectives_bits(two_peers, name, pre) -> None:
+    """Two shards over ShardPeer.FetchPart on loopback give exactly what two ThreadCollective
+    shards give (both add the parts in rank order), for rules that reduce over columns."""
+    from byzps.common.aggregators import build_aggregator
+    from byzps.common.aggregators.collective import ColumnSharded
+    from byzps.server.shard_peer import Peers, WireCollective
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(9, 301, generator=gen)
+    x[-2:] += 5.0
+    widths = ShardLayout(301, 2).widths
+    params = {"c": 2.0} if "clip" in pre else {}
+
+    def rule():
+        return build_aggregator(name, 2, pre=pre, params=params, n=9, seed=4)
+
+    expected = ColumnSharded(rule, widths)(x)
+    layout = ShardLayout(301, 2)
+    addresses = [address for _, address in two_peers]
+    round = next(_WIRE_ROUND)
+    outputs: list[torch.Tensor | None] = [None, None]
+
+    def shard(rank: int) -> None:
+        span = layout.shard(rank)
+        peers = Peers(span, addresses, None, timeout=30)
+        collective = WireCollective(span, widths, two_peers[rank][0], peers)
+        collective.begin(round)
+        with sharded(collective):
+            outputs[rank] = rule()(x[:, span.offset : span.end].contiguous())
+        peers.close()
+
+    threads = [threading.Thread(target=shard, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert outputs[0] is not None and outputs[1] is not None
+    assert torch.equal(torch.cat(outputs), expected)  # type: ignore[arg-type]
