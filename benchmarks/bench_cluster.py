@@ -50,6 +50,17 @@ def config_dict(args: argparse.Namespace, aggregator: str) -> dict:
     }
 
 
+def add_workload_arguments(parser: argparse.ArgumentParser, dim: int) -> None:
+    """--dim, --workers, --f, --density, --noise: the cluster's workload (config_dict)."""
+    parser.add_argument("--dim", type=int, default=dim)
+    parser.add_argument("--workers", type=int, default=20)
+    parser.add_argument("--f", type=int, default=4)
+    parser.add_argument("--density", type=float, default=0.01, help="k / d")
+    parser.add_argument(
+        "--noise", type=float, default=1.0, help="gradient noise σ (0: no draws, less compute)"
+    )
+
+
 def worker_compute_ms(config: dict, repeats: int = 3) -> float:
     """One round of all n workers' estimator steps (gradient, momenta, Top-k), in ms."""
     run = RunConfig.from_dict(config)
@@ -82,13 +93,7 @@ def launch(config_path: Path, out: Path, downlink: str, timeout: float) -> float
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=1_000_000)
-    parser.add_argument("--workers", type=int, default=20)
-    parser.add_argument("--f", type=int, default=4)
-    parser.add_argument("--density", type=float, default=0.01, help="k / d")
-    parser.add_argument(
-        "--noise", type=float, default=1.0, help="gradient noise σ (0: no draws, less compute)"
-    )
+    add_workload_arguments(parser, dim=1_000_000)
     parser.add_argument("--rounds", type=int, nargs=2, default=[100, 60], metavar=("WARM", "N"))
     parser.add_argument("--aggregators", nargs="+", default=["mean", "cm", "nnm+cm"])
     parser.add_argument("--out", type=Path, default=Path("/tmp/byzps-bench-cluster"))

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from bench_cluster import config_dict, launch, worker_compute_ms
+from bench_cluster import add_workload_arguments, config_dict, launch, worker_compute_ms
 
 from byzps.common.config import to_toml
 
@@ -42,11 +42,7 @@ def peak_mb(out: Path) -> list[float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=10_000_000)
-    parser.add_argument("--workers", type=int, default=20)
-    parser.add_argument("--f", type=int, default=4)
-    parser.add_argument("--density", type=float, default=0.01, help="k / d")
-    parser.add_argument("--noise", type=float, default=1.0, help="gradient noise σ")
+    add_workload_arguments(parser, dim=10_000_000)
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--rounds", type=int, nargs=2, default=[20, 10], metavar=("WARM", "N"))
     parser.add_argument("--aggregators", nargs="+", default=["cm", "nnm+cm"])

@@ -215,12 +215,9 @@ def _simulate(config: Path, out: Path) -> np.ndarray:
     return np.load(out / "params.npy")
 
 
-def test_the_generated_sbatch_script_runs_and_matches_the_simulator(
-    tmp_path: Path, slurm: Cluster
-) -> None:
-    config = write_config(tmp_path / "config.toml", rounds=30, eval_every=10)
-    expected = _simulate(config, tmp_path / "sim")
-    run_dir = tmp_path / "job"
+def _prepare_job(config: Path, run_dir: Path) -> str:
+    """`byzps deploy slurm` into `run_dir` with a fresh secret and tokens for ids 0 … 4; the
+    --export for sbatch (this interpreter's byzps, every server address on 127.0.0.1)."""
     subprocess.run(
         byzps("deploy", "slurm", "--config", str(config), "--out", str(run_dir)),
         check=True, capture_output=True, timeout=120,
@@ -233,8 +230,17 @@ def test_the_generated_sbatch_script_runs_and_matches_the_simulator(
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     python_bin = Path(byzps()[0]).parent
-    exports = (f"ALL,BYZPS={python_bin / 'byzps'},BYZPS_SERVER_HOST=127.0.0.1,"
-               f"PATH={python_bin}:{os.environ['PATH']}")  # fmt: skip
+    return (f"ALL,BYZPS={python_bin / 'byzps'},BYZPS_SERVER_HOST=127.0.0.1,"
+            f"PATH={python_bin}:{os.environ['PATH']}")  # fmt: skip
+
+
+def test_the_generated_sbatch_script_runs_and_matches_the_simulator(
+    tmp_path: Path, slurm: Cluster
+) -> None:
+    config = write_config(tmp_path / "config.toml", rounds=30, eval_every=10)
+    expected = _simulate(config, tmp_path / "sim")
+    run_dir = tmp_path / "job"
+    exports = _prepare_job(config, run_dir)
     started = time.monotonic()
     job = slurm.run("sbatch", "--parsable", f"--chdir={run_dir}", f"--export={exports}",
                     str(run_dir / "byzps.sbatch")).strip()  # fmt: skip
@@ -278,20 +284,7 @@ def test_a_sharded_run_runs_as_one_step_per_shard(tmp_path: Path, slurm: Cluster
     config.write_text(config.read_text().replace("[cluster]\n", "[cluster]\nshards = 2\n"))
     expected = _simulate(config, tmp_path / "sim")
     run_dir = tmp_path / "job"
-    subprocess.run(
-        byzps("deploy", "slurm", "--config", str(config), "--out", str(run_dir)),
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    subprocess.run(byzps("credentials", "secret", "--out", str(run_dir / "secret")),
-                   check=True, capture_output=True, timeout=60)  # fmt: skip
-    subprocess.run(
-        byzps("credentials", "issue", "--secret-file", str(run_dir / "secret"), "--ids", "0-4",
-              "--out", str(run_dir / "credentials")),
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    python_bin = Path(byzps()[0]).parent
-    exports = (f"ALL,BYZPS={python_bin / 'byzps'},BYZPS_SERVER_HOST=127.0.0.1,"
-               f"PATH={python_bin}:{os.environ['PATH']}")  # fmt: skip
+    exports = _prepare_job(config, run_dir)
     job = slurm.run("sbatch", "--parsable", f"--chdir={run_dir}", f"--export={exports}",
                     str(run_dir / "byzps.sbatch")).strip()  # fmt: skip
     state = _wait_job(slurm, job, 0, run_dir)
