@@ -46,6 +46,7 @@ from byzps.server.results import MetricsRecorder, RoundLog
 from byzps.server.service import SERVICE_NAME, ParameterServerServicer, add_to_server
 from byzps.server.shard_peer import (
     Outbox,
+    PeerError,
     Peers,
     ShardContext,
     ShardPeerServicer,
@@ -312,8 +313,14 @@ def _start_coordinator(
     )
     if shards is not None:
 
-        def assemble(round: int, x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(shards.gather_model(round, x.numpy()))
+        def assemble(round: int, x: torch.Tensor) -> torch.Tensor | None:
+            # A resumed rank 0 may re-evaluate a round whose slices a peer no longer keeps (it
+            # keeps the last few): that record is lost, not the run.
+            try:
+                return torch.from_numpy(shards.gather_model(round, x.numpy()))
+            except PeerError as exc:
+                log.error("no metrics record of round %d: %s", round, exc)
+                return None
 
         metrics.assemble = assemble
     coordinator = Coordinator(

@@ -135,7 +135,7 @@ class MetricsRecorder:
 
     `assemble(round, x)`, if set, turns the x handed over into the whole model before it is
     evaluated (rank 0 of a sharded server holds a slice and fetches the others' beside the
-    rounds: byzps.server.shard_peer.ShardContext.gather_model).
+    rounds: byzps.server.shard_peer.ShardContext.gather_model); None skips the record.
     """
 
     def __init__(
@@ -147,7 +147,7 @@ class MetricsRecorder:
         self.started = time.perf_counter() - elapsed
         self.last: dict[str, Any] | None = None
         self.on_record: Callable[[dict[str, Any]], None] | None = None
-        self.assemble: Callable[[int, Tensor], Tensor] | None = None
+        self.assemble: Callable[[int, Tensor], Tensor | None] | None = None
         self._last_x: tuple[int, Tensor] | None = None  # the newest evaluated (round, whole x)
         self._rounds: set[int] = set()
         self._file: IO[str] | None = None
@@ -195,6 +195,8 @@ class MetricsRecorder:
 
         def job() -> None:
             model = snapshot if self.assemble is None else self.assemble(round, snapshot)
+            if model is None:  # the whole model of this round is no longer to be had
+                return
             self._last_x = (round, model)
             record = evaluate(self.task, model, round, bytes_uplink, self.started, suspicion)
             record["wall_seconds"] = wall
@@ -222,7 +224,10 @@ class MetricsRecorder:
         if self._last_x is not None and self._last_x[0] == round:
             x = self._last_x[1]
         elif self.assemble is not None:
-            x = self.assemble(round, x)
+            whole = self.assemble(round, x)
+            if whole is None:
+                raise RuntimeError(f"round {round}: the whole final model cannot be assembled")
+            x = whole
         final = self.last
         if final is None or final["round"] != round:
             final = evaluate(self.task, x, round, bytes_uplink, self.started, suspicion)

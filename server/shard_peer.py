@@ -283,6 +283,10 @@ class Peers:
                 continue
             if reply.ready:
                 return _array(reply)
+            if kind == MODEL and reply.round > round:
+                # Slice r is published as round r opens, before round r's close begins: a peer
+                # already closing a later round no longer keeps it (KEEP_MODELS).
+                raise PeerError(f"shard {rank} no longer keeps its slice of round {round}")
         raise PeerError(
             f"shard {rank} ({self.addresses[rank]}) gave no part for round {round} step {step} "
             f"within {self.timeout:.0f} s ({last_error})"

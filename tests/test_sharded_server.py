@@ -114,17 +114,43 @@ RULES = [
 ]  # fmt: skip
 
 
-@pytest.mark.slow  # 2 launches per case
-@pytest.mark.parametrize("shards", [4])
+@pytest.fixture(scope="module")
+def one_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Each rule's one-server run, launched once for every shard count it is compared with."""
+    done: dict[str, Path] = {}
+    tracker = Processes()
+
+    def run(key: str, sections: dict[str, Any]) -> Path:
+        if key not in done:
+            where = tmp_path_factory.mktemp(f"one-{key}")
+            launch(run_config(where / "one.toml", 1, **sections), where / "one", tracker)
+            done[key] = where / "one"
+        return done[key]
+
+    try:
+        yield run
+    finally:
+        tracker.kill_all()
+
+
+@pytest.mark.slow  # a launch per case, and one per rule
+@pytest.mark.parametrize("shards", [2, 4])
 @pytest.mark.parametrize("aggregator, pre, sections", RULES)
 def test_every_kind_of_rule_decides_alike_on_shards(
-    tmp_path: Path, procs: Processes, shards: int, aggregator: str, pre: list[str], sections: dict
+    tmp_path: Path,
+    procs: Processes,
+    one_server: Any,
+    request: pytest.FixtureRequest,
+    shards: int,
+    aggregator: str,
+    pre: list[str],
+    sections: dict,
 ) -> None:
     sections = {k: dict(v) for k, v in sections.items()}
     sections["aggregator"] = {"name": aggregator, "pre": pre} | sections.get("aggregator", {})
-    launch(run_config(tmp_path / "one.toml", 1, **sections), tmp_path / "one", procs)
+    reference = one_server(request.node.callspec.id.rsplit("-", 1)[0], sections)
     launch(run_config(tmp_path / "many.toml", shards, **sections), tmp_path / "many", procs)
-    compare(tmp_path / "one", tmp_path / "many", aggregator)
+    compare(reference, tmp_path / "many", aggregator)
 
 
 @pytest.mark.slow  # a run long enough to kill a shard in

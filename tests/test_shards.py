@@ -422,3 +422,24 @@ def test_the_wire_collective_gives_the_in_process_collectives_bits(two_peers, na
         t.join(60)
     assert outputs[0] is not None and outputs[1] is not None
     assert torch.equal(torch.cat(outputs), expected)  # type: ignore[arg-type]
+
+
+def test_a_model_slice_a_peer_no_longer_keeps_fails_at_once(peer_server) -> None:
+    """Rank 0 re-evaluating an old round after a resume: a peer already past that round and
+    without its slice says so at the first answer, instead of being waited for (the record is
+    skipped, the run goes on)."""
+    from byzps.server.shard_peer import PeerError, Peers
+
+    outbox, address = peer_server
+    outbox.put(COLLECTIVE, 9, 0, np.zeros(1))  # the peer is closing round 9
+    outbox.put(MODEL, 9, 0, np.arange(3.0))
+    layout = ShardLayout(6, 2)
+    peers = Peers(layout.shard(0), ["127.0.0.1:1", address], SECRET, timeout=60)
+    try:
+        assert peers.fetch(1, MODEL, 9, 0).tolist() == [0.0, 1.0, 2.0]
+        began = time.monotonic()
+        with pytest.raises(PeerError, match="no longer keeps"):
+            peers.fetch(1, MODEL, 3, 0)
+        assert time.monotonic() - began < 5
+    finally:
+        peers.close()
