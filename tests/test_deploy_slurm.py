@@ -159,6 +159,16 @@ def slurm(tmp_path: Path) -> Iterator[Cluster]:
         shutil.rmtree(state, ignore_errors=True)
 
 
+def _daemon_logs(cluster: Cluster, lines: int = 40) -> str:
+    """The last lines of slurmctld's and slurmd's logs (for a failure's message)."""
+    tails = []
+    for name in ("slurmctld.log", "slurmd.log"):
+        path = cluster.conf.parent / "log" / name
+        text = path.read_text(errors="replace") if path.exists() else "(none)"
+        tails.append(f"--- {name}\n" + "\n".join(text.splitlines()[-lines:]))
+    return "\n".join(tails)
+
+
 def _queue(cluster: Cluster) -> str:
     try:
         return cluster.run("squeue", "-h", timeout=10).strip()
@@ -269,7 +279,7 @@ def test_the_generated_sbatch_script_runs_and_matches_the_simulator(
     state = _wait_job(slurm, job, 1, run_dir)
     output = (run_dir / f"byzps-{job}.out").read_text()  # both runs: --open-mode=append
     assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), (
-        f"{state}\n{output[-8000:]}"
+        f"{state}\n{output[-4000:]}\n{_daemon_logs(slurm)}"
     )
     assert output.count("round 0/30 |") == 1, output[-8000:]  # resumed, not started over
     assert "nothing to resume" not in output
