@@ -269,12 +269,13 @@ def test_the_generated_sbatch_script_runs_and_matches_the_simulator(
 
     # A requeue (what Slurm does after a node failure or a preemption) resumes: the server
     # from its checkpoint and write-ahead log, the workers from theirs.
-    # Only once the first run's step daemons are gone: a requeued batch step that starts while
-    # they still tear down fails in 0 s without output (seen here about one time in three).
-    wait_for(lambda: not _stepds(slurm.conf), 60, "the first run's steps to end", 0.5)
     slurm.run("scontrol", "requeue", job)
-    # Slurm holds a requeued job back for a while (BeginTime); release it now.
+    # Slurm holds a requeued job back for a while (BeginTime, from cred_expire); release it now,
+    # but not within the second its credential was revoked in: slurmd refuses a launch whose
+    # credential is not newer than the revocation ("Job credential revoked"; the run then fails
+    # in 0 s without output, as it did here about one time in eight).
     wait_for(lambda: _job_state(slurm, job)["JobState"] == "PENDING", 60, "the requeue", 0.5)
+    time.sleep(2.0)
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     state = _wait_job(slurm, job, 1, run_dir)
     output = (run_dir / f"byzps-{job}.out").read_text()  # both runs: --open-mode=append
