@@ -78,11 +78,15 @@ def worker_compute_ms(config: dict, repeats: int = 3) -> float:
 
 
 def launch(config_path: Path, out: Path, downlink: str, timeout: float) -> float:
-    """Run one cluster; returns the steady-state ms per round."""
+    """Run one cluster; returns the steady-state ms per round. Every round waits for every
+    worker (a deadline far beyond any round): at d = 1e7 on 2 cores round 0's dense pushes took
+    20-26 s, past the 10 s default, and a round closed on a quorum holds whichever workers were
+    first, which no two runs share, so their models could not be compared."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = byzps_command(
-        "launch", "--config", str(config_path), "--out", str(out), "--downlink", downlink
-    )
+        "launch", "--config", str(config_path), "--out", str(out), "--downlink", downlink,
+        "--round-deadline", str(timeout),
+    )  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} exited {done.returncode}:\n{done.stderr[-2000:]}")
