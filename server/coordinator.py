@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from byzps.common.aggregators.collective import all_sum, sharded
+from byzps.common.aggregators.collective import Collective, all_sum, sharded
 from byzps.common.config import RunConfig
 from byzps.common.downlink import DenseModel, Downlink
 from byzps.common.sparse import SparseBatch
@@ -565,27 +565,26 @@ class Coordinator:
             if self._store is not None:
                 self._store.wait(self._store.last_ticket)
             collective.begin(closing)
-            with sharded(collective):
-                # Every shard is closing `closing`: a peer still open follows (`_follow_peers`).
-                self._barrier()
-                self.engine.close_round()
+            self._close_through(collective)
         except (PeerError, OSError) as exc:
             self._fail(exc)
             raise Rejected(Refusal.UNAVAILABLE, "a peer shard or the log failed") from None
         return pack_arrays(collective.sums)
 
-    def _barrier(self) -> None:
-        """A shard's first all-sum of each close: pushes and payload bytes, over all shards."""
-        summed = all_sum(np.array([float(len(self._pushed)), float(self._bytes_total)]))
-        self._cluster_bytes = int(summed[1])
+    def _close_through(self, collective: Collective) -> None:
+        """The engine's close as one shard of `collective`, live or replayed: first the barrier,
+        the all-sum of pushes and payload bytes (every shard is closing this round: a peer still
+        open follows, `_follow_peers`), then every reduction of the aggregation."""
+        with sharded(collective):
+            summed = all_sum(np.array([float(len(self._pushed)), float(self._bytes_total)]))
+            self._cluster_bytes = int(summed[1])
+            self.engine.close_round()
 
     def _close_replayed_shard(self, sums: bytes) -> None:
         """A logged close of a shard, redone from the sums it received."""
         assert self._shards is not None
         collective = self._shards.replay(sums)
-        with sharded(collective):
-            self._barrier()
-            self.engine.close_round()
+        self._close_through(collective)
         if not collective.exhausted:
             raise ValueError("the logged close received more sums than its replay used")
 
