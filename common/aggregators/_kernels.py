@@ -41,17 +41,30 @@ CHUNK = 16384
 _BUFFER_BYTES = 32 * 1024
 
 
-def block_size(rows: int, itemsize: int) -> int:
+def _l1_block(rows: int, itemsize: int) -> int:
     """Coordinates per block: a multiple of 16 (whole vectors) whose buffer fits `_BUFFER_BYTES`."""
     return int(min(1024, max(16, (_BUFFER_BYTES // (rows * itemsize)) // 16 * 16)))
 
 
+#: Fewest columns per block of the band kernels while the buffer stays within 8 × L1 (L2).
+_BAND_MIN_BLOCK = 256
+
+
+def block_size(rows: int, itemsize: int) -> int:
+    """Columns per block of `band_mean`: `_l1_block`, but at least `_BAND_MIN_BLOCK` while the
+    buffer stays within L2. Each comparator is one loop over the block's columns, so short
+    blocks pay the loop's set-up and remainder on every comparator: at n = 100 (80 columns fit
+    L1) 256 columns were 1.25x faster, at n = 20 (400 fit) longer blocks gained nothing."""
+    l2 = (8 * _BUFFER_BYTES // (rows * itemsize)) // 16 * 16
+    return max(_l1_block(rows, itemsize), min(_BAND_MIN_BLOCK, l2))
+
+
 def gram_block(rows: int) -> int:
-    """Columns per block of `centred_gram`: `block_size`'s L1-sized block, but at least 128 while
+    """Columns per block of `centred_gram`: `_l1_block`'s L1-sized block, but at least 128 while
     the rows' float64 buffer stays within 128 KiB (L2): longer dot products amortise each tile's
     reductions (measured at n = 100: 128 columns 35 % faster than 32)."""
     l2 = max(16, (4 * _BUFFER_BYTES // (rows * 8)) // 16 * 16)
-    return max(block_size(rows, 8), min(128, l2))
+    return max(_l1_block(rows, 8), min(128, l2))
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -72,10 +85,10 @@ def band_mean(x, idx, wts, network, a, b, slide, block, out):  # pragma: no cove
     NaN becomes +inf as a value enters the buffer (`v if v < inf else inf`, one vminps): a
     comparator cannot order NaN — it would stay on its wire and silently corrupt the ranks of the
     finite values around it — so NaN sorts as +inf. Each comparator (i, j) of `network` then
-    swaps wires i and j when  hi < lo , leaving the smaller value on wire i. It writes into two
-    scratch rows and copies them back: in place, the compiler must assume the two wires alias and
-    emits scalar or masked stores (measured 4x slower on AMD EPYC); out of place it is one vminps
-    and one vmaxps per 8 lanes. The result is the same swap either way.
+    swaps wires i and j when  hi < lo , leaving the smaller value on wire i, in place (indexing
+    the buffer by wire vectorises to one compare and two blends per vector; writing two scratch
+    rows and copying them back, as this kernel first did, stored every value twice and was
+    1.4-1.7x slower on AMD EPYC at n = 20 and 100).
     """
     no_exc = np.empty((0, 0), dtype=np.int64)
     no_rw = np.empty(0, dtype=np.float64)
@@ -92,8 +105,6 @@ def _band_chunk(
     n = idx.shape[0] if idx.shape[0] > 0 else x.shape[0]
     scale = 1.0 / (b - a)
     buf = np.empty((n, block), dtype=x.dtype)
-    low = np.empty(block, dtype=x.dtype)
-    high = np.empty(block, dtype=x.dtype)
     acc = np.empty(block, dtype=np.float64)
     med = np.empty(block, dtype=np.float64)
     shift = np.empty(block, dtype=np.int64)
@@ -125,7 +136,7 @@ def _band_chunk(
                 for t in range(w):
                     v = src[t]
                     buf[i, t] = v if v < np.inf else np.inf
-        _band_of_block(buf, network, a, b, slide, w, low, high, med, shift, acc)
+        _band_of_block(buf, network, a, b, slide, w, med, shift, acc)
         for t in range(w):
             out[s + t] = acc[t] * scale
 
@@ -157,22 +168,19 @@ def _mixed_row(x, idx, wts, i, s, w, acc):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=False)
-def _band_of_block(buf, network, a, b, slide, w, low, high, med, shift, acc):  # pragma: no cover
+def _band_of_block(buf, network, a, b, slide, w, med, shift, acc):  # pragma: no cover
     """Sort the wires of `buf` (n, ≥ w) by `network` (comparator (i, j) leaves the smaller value
-    on wire i; see `band_mean` for why out of place), then acc[:w] = the sum of the band a..b-1
+    on wire i, in place), then acc[:w] = the sum of the band a..b-1
     (with slide > 0, of the window `_window_sum` picks), in float64, in rank order."""
     for q in range(network.shape[0]):
-        lo = buf[network[q, 0]]
-        hi = buf[network[q, 1]]
+        i = network[q, 0]
+        j = network[q, 1]
         for t in range(w):
-            u = lo[t]
-            v = hi[t]
+            u = buf[i, t]
+            v = buf[j, t]
             swap = v < u
-            low[t] = v if swap else u
-            high[t] = u if swap else v
-        for t in range(w):
-            lo[t] = low[t]
-            hi[t] = high[t]
+            buf[i, t] = v if swap else u
+            buf[j, t] = u if swap else v
     if slide > 0:
         _window_sum(buf, a, b, slide, w, med, shift, acc)
     else:
