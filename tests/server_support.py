@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -142,6 +143,25 @@ def code_of(call: Any) -> grpc.StatusCode:
     except grpc.RpcError as exc:
         return exc.code()  # type: ignore[attr-defined,no-any-return]
     return grpc.StatusCode.OK
+
+
+def finished_code(call: object, timeout: float) -> grpc.StatusCode | None:
+    """The status a streaming call ended with within `timeout` s, None while it still runs."""
+    done = threading.Event()
+    result: list[grpc.StatusCode] = []
+
+    def drain() -> None:
+        try:
+            for _ in call:  # type: ignore[attr-defined]
+                pass
+            result.append(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            result.append(exc.code())  # type: ignore[attr-defined]
+        done.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    done.wait(timeout)
+    return result[0] if result else None
 
 
 # ----------------------------------------------------------------------------------------------

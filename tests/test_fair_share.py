@@ -10,14 +10,21 @@ benchmarks/bench_protocol_attacks.py); a deadline is only the line between "serv
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
 import torch
-from server_support import SECRET, Client, code_of, in_process, random_update, tiny_config
+from server_support import (
+    SECRET,
+    Client,
+    code_of,
+    finished_code,
+    in_process,
+    random_update,
+    tiny_config,
+)
 
 from byzps.common.config import RunConfig
 from byzps.proto.v1 import parameter_server_pb2 as pb
@@ -36,25 +43,6 @@ def long_polls(client: Client, worker: str, count: int, deadline: float) -> list
     request = pb.GetModelRequest(worker_id=worker, round=10**6, wait=True)
     meta = client.meta(worker)
     return [client.stub.GetModel(request, metadata=meta, timeout=deadline) for _ in range(count)]
-
-
-def finished_code(call: object, timeout: float) -> grpc.StatusCode | None:
-    """The status a streaming call ended with within `timeout` s, None while it still runs."""
-    done = threading.Event()
-    result: list[grpc.StatusCode] = []
-
-    def drain() -> None:
-        try:
-            for _ in call:  # type: ignore[attr-defined]
-                pass
-            result.append(C.OK)
-        except grpc.RpcError as exc:
-            result.append(exc.code())  # type: ignore[attr-defined]
-        done.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    done.wait(timeout)
-    return result[0] if result else None
 
 
 def others_are_served(client: Client) -> None:

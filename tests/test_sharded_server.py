@@ -14,10 +14,12 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import configs
+import grpc
 import numpy as np
 import pytest
 from cluster_helpers import (
@@ -29,6 +31,7 @@ from cluster_helpers import (
     wait_for,
     wait_listening,
 )
+from server_support import Client, code_of, finished_code
 
 from byzps.common.config import to_toml
 
@@ -219,6 +222,64 @@ def test_a_killed_shard_resumes_without_losing_or_repeating_updates(
     assert "resum" in (logs / "shard-1.log").read_text().lower()
 
 
+@dataclass
+class ShardedRun:
+    """Two `byzps server --shard` processes and four honest worker processes on 127.0.0.1;
+    worker 4 is left to the test, with its own token only."""
+
+    tmp: Path
+    addresses: list[str]
+    processes: list[subprocess.Popen]
+    logs: Path
+
+    def member_token(self) -> str:
+        return (self.tmp / "tokens" / "worker-4.token").read_text().strip()
+
+    def finish(self, rounds: int) -> None:
+        """Every process exits cleanly, and each honest worker's acknowledged seqs are 1, 2, …
+        with none lost or repeated (the last may miss the end: RUN_FINISHED)."""
+        for proc in self.processes:
+            assert proc.wait(timeout=120) == 0, [p.read_text()[-2000:] for p in self.logs.iterdir()]
+        for k in range(4):
+            seqs = ledger_seqs(self.tmp / f"w{k}.jsonl")[str(k)]
+            assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= rounds - 1, seqs
+
+
+def start_sharded_run(tmp: Path, procs: Processes, rounds: int, deadline: float) -> ShardedRun:
+    """Shards that close each round on the quorum once `deadline` s pass, so a member that
+    withholds or misbehaves costs at most the deadline per round."""
+    from byzps.common.credentials import issue_tokens
+
+    config = run_config(tmp / "run.toml", 2, rounds)
+    secret = tmp / "secret"
+    secret.write_text("test-secret")
+    issue_tokens(b"test-secret", list(range(5)), tmp / "tokens")
+    peers, logs = tmp / "shards.txt", tmp / "logs"
+    logs.mkdir()
+    servers = [
+        procs.start(
+            byzps("server", "--config", str(config), "--listen", "127.0.0.1:0",
+                  "--out", str(tmp / f"shard-{rank}"), "--shard", str(rank),
+                  "--peers-file", str(peers), "--round-deadline", str(deadline),
+                  "--peer-timeout", "60", "--secret-file", str(secret), "--linger", "2"),
+            stdout=subprocess.PIPE, stderr=(logs / f"shard-{rank}.log").open("ab"),
+        )
+        for rank in range(2)
+    ]  # fmt: skip
+    addresses = [wait_listening(s) for s in servers]
+    peers.write_text("\n".join(addresses) + "\n")
+    workers = [
+        procs.start(
+            byzps("worker", "--server", ",".join(addresses), "--id", str(k), "--token-file",
+                  str(tmp / "tokens" / f"worker-{k}.token"),
+                  "--ledger", str(tmp / f"w{k}.jsonl")),
+            log=logs / f"worker-{k}.log",
+        )
+        for k in range(4)
+    ]  # fmt: skip
+    return ShardedRun(tmp, addresses, [*servers, *workers], logs)
+
+
 @pytest.mark.slow  # rounds that wait for their deadline
 def test_a_worker_that_withholds_its_parts_from_one_shard_only_costs_the_deadline(
     tmp_path: Path, procs: Processes
@@ -229,43 +290,13 @@ def test_a_worker_that_withholds_its_parts_from_one_shard_only_costs_the_deadlin
     so the run ends; every honest update acknowledged is applied exactly once; rounds last
     about the deadline, not the peer timeout; and the shards stay in one round (the model the
     honest workers receive is one round's on every shard, or their pushes would be refused)."""
-    from byzps.common.credentials import issue_tokens
     from byzps.worker.byzantine.forge import plausible_update
     from byzps.worker.client import Pushed
     from byzps.worker.shard_client import ShardedClient
 
     rounds, deadline = 12, 1.0
-    config = run_config(tmp_path / "run.toml", 2, rounds)
-    secret = tmp_path / "secret"
-    secret.write_text("test-secret")
-    issue_tokens(b"test-secret", list(range(5)), tmp_path / "tokens")
-    peers, logs = tmp_path / "shards.txt", tmp_path / "logs"
-    logs.mkdir()
-    servers = [
-        procs.start(
-            byzps("server", "--config", str(config), "--listen", "127.0.0.1:0",
-                  "--out", str(tmp_path / f"shard-{rank}"), "--shard", str(rank),
-                  "--peers-file", str(peers), "--round-deadline", str(deadline),
-                  "--peer-timeout", "60", "--secret-file", str(secret), "--linger", "2"),
-            stdout=subprocess.PIPE, stderr=(logs / f"shard-{rank}.log").open("ab"),
-        )
-        for rank in range(2)
-    ]  # fmt: skip
-    addresses = [wait_listening(s) for s in servers]
-    peers.write_text("\n".join(addresses) + "\n")
-    address = ",".join(addresses)
-    workers = [
-        procs.start(
-            byzps("worker", "--server", address, "--id", str(k), "--token-file",
-                  str(tmp_path / "tokens" / f"worker-{k}.token"),
-                  "--ledger", str(tmp_path / f"w{k}.jsonl")),
-            log=logs / f"worker-{k}.log",
-        )
-        for k in range(4)
-    ]  # fmt: skip
-
-    token = (tmp_path / "tokens" / "worker-4.token").read_text().strip()
-    member = ShardedClient(addresses, "4", token=token)
+    run = start_sharded_run(tmp_path, procs, rounds, deadline)
+    member = ShardedClient(run.addresses, "4", token=run.member_token())
     registration = member.register()
     assert member.layout is not None
     seq, began = 0, time.monotonic()
@@ -281,16 +312,68 @@ def test_a_worker_that_withholds_its_parts_from_one_shard_only_costs_the_deadlin
         assert member.shards[0].push(round, seq, part) in (Pushed.ACCEPTED, Pushed.RUN_FINISHED)
     elapsed = time.monotonic() - began
     member.close()
-    for proc in [*servers, *workers]:
-        assert proc.wait(timeout=120) == 0, [p.read_text()[-2000:] for p in logs.iterdir()]
-    for k in range(4):  # none lost, none twice (the last may miss the end: RUN_FINISHED)
-        seqs = ledger_seqs(tmp_path / f"w{k}.jsonl")[str(k)]
-        assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= rounds - 1, seqs
+    run.finish(rounds)
     print(f"{rounds} rounds with a withholding member: {elapsed:.1f} s")
     assert elapsed < rounds * (deadline + 3)  # the deadline bounds each round, not 60 s
     assert np.isfinite(np.load(tmp_path / "shard-0" / "params.npy")).all()
-    shard1 = (logs / "shard-1.log").read_text()
+    shard1 = (run.logs / "shard-1.log").read_text()
     assert "peer" not in shard1.lower() or "stopping" not in shard1.lower()
+
+
+def test_a_member_flooding_one_shard_takes_only_its_share_of_that_shard(
+    tmp_path: Path, procs: Processes
+) -> None:
+    """Fair-share rules hold on every shard, not only on shard 0 where the one-server tests aim:
+    member 4, with its own token, turns on shard 1 alone. Its 24 long-polls there get its
+    in-flight share (4 held, 20 refused at once); a storm of 400 calls runs into its rate;
+    a push replayed under an acknowledged seq with other values is a DUPLICATE and changes
+    nothing; and meanwhile the honest workers' run goes on and ends with every acknowledged
+    update applied once, each round bounded by the deadline."""
+    from byzps.proto.v1 import parameter_server_pb2 as pb
+    from byzps.worker.byzantine.forge import plausible_update
+    from byzps.worker.client import Pushed
+    from byzps.worker.shard_client import ShardedClient
+
+    rounds, deadline = 12, 1.0
+    run = start_sharded_run(tmp_path, procs, rounds, deadline)
+    began = time.monotonic()
+    member = ShardedClient(run.addresses, "4", token=run.member_token())
+    registration = member.register()
+    assert member.layout is not None
+    shard1 = Client(run.addresses[1], secret=None)
+    meta = shard1.meta("4", token=run.member_token())
+    poll = pb.GetModelRequest(worker_id="4", round=10**6, wait=True)
+    flood = [shard1.stub.GetModel(poll, metadata=meta, timeout=30) for _ in range(24)]
+    codes = [finished_code(call, 2.0) for call in flood]
+    assert codes.count(None) == 4, codes  # held: its in-flight share of shard 1
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 20, codes
+    status = pb.StatusRequest()
+    storm = [
+        code_of(lambda: shard1.stub.Status(status, metadata=meta, timeout=10)) for _ in range(400)
+    ]
+    assert storm.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 50, storm.count(grpc.StatusCode.OK)
+    for call in flood:
+        call.cancel()
+    shard1.close()
+
+    time.sleep(2.0)  # the storm's bucket refills (50 calls/s) before the replay
+    for _ in range(10):  # a round may close between the fetch and the push
+        round, _ = member.get_model(0)
+        part = member.layout.split(plausible_update(registration))[1]
+        try:
+            first = member.shards[1].push(round, 1, part)
+        except grpc.RpcError:
+            continue
+        part.values = np.full(part.nnz, 1e6, dtype="<f4").tobytes()
+        assert first is Pushed.ACCEPTED
+        assert member.shards[1].push(round, 1, part) is Pushed.DUPLICATE
+        break
+    else:
+        pytest.fail("no round stayed open long enough for one push")
+    member.close()
+    run.finish(rounds)
+    assert time.monotonic() - began < rounds * (deadline + 3) + 30  # + the flood's 2 s checks
+    assert np.isfinite(np.load(tmp_path / "shard-0" / "params.npy")).all()  # the whole model
 
 
 def test_a_shard_serving_tls_must_be_told_how_to_check_its_peers(tmp_path: Path) -> None:
