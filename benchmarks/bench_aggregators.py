@@ -125,10 +125,29 @@ def cases(f: int, byzfl: types.ModuleType | None) -> list[Case]:
         # Two floors: torch's own mean over the rows, and one read of the input (a full sum).
         Case("torch mean(dim=0)", lambda x: x.mean(0), None),
         Case("read once (x.sum())", lambda x: x.sum(), None),
+        # The distance rules' floor: the Gram by the BLAS torch links (MKL on x86), in float64 as
+        # ours and in float32. BLAS has no symmetric product in torch, so these compute all n²
+        # dot products where ours computes n(n + 1)/2: a symmetric one would take about half.
+        Case("Gram f64 (BLAS x·xᵀ)", lambda x: blas_gram(x, torch.float64), None),
+        Case("Gram f32 (BLAS x·xᵀ)", lambda x: blas_gram(x, torch.float32), None),
         # cm's two torch formulations, the GPU's fallbacks where Triton is missing.
         Case("cm (torch network)", torch_backend(ours("cm")), None),
         Case("cm (torch.sort)", sorted_median, None),
     ]
+
+
+#: Columns per BLAS product in `blas_gram`: (100, 65,536) float64 is 52 MB, not the whole copy.
+BLAS_COLUMNS = 65_536
+
+
+def blas_gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x xᵀ summed over column blocks, each converted to `dtype` and multiplied by BLAS, the sum
+    kept in float64 (uncentred: centring would only add one pass)."""
+    gram = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+    for block in x.split(BLAS_COLUMNS, dim=1):
+        part = block.to(dtype)
+        gram += (part @ part.T).double()
+    return gram
 
 
 def sorted_median(x: torch.Tensor) -> torch.Tensor:
