@@ -193,7 +193,7 @@ class Coordinator:
                 for record in recovered.records:
                     self._replay(record)
             if self.engine.round >= self.rounds:
-                self._finish()
+                self._finish(starting=True)
             else:
                 self._record_metrics()
             if self._store is not None:
@@ -588,14 +588,25 @@ class Coordinator:
         if not collective.exhausted:
             raise ValueError("the logged close received more sums than its replay used")
 
-    def _finish(self) -> None:
+    def _finish(self, *, starting: bool = False) -> None:
+        """The run's results; a shard that starts on a finished run writes them once it listens
+        and its peers can be reached (`MetricsRecorder.finish`'s `queued`)."""
         self._phase = Phase.FINISHED
         self._record_metrics()
         if self._metrics is not None:
             self._metrics.finish(
-                self.engine.round, self.engine.x, self.bytes_uplink, self.engine.suspicion.report()
+                self.engine.round,
+                self.engine.x,
+                self.bytes_uplink,
+                self.engine.suspicion.report(),
+                queued=starting and self._shards is not None,
             )
         log.info("run finished at round %d", self.engine.round)
+
+    @property
+    def results_missing(self) -> bool:
+        """The run finished here but its results could not be written (rank 0 only)."""
+        return self.finished and self._metrics is not None and self._metrics.results_missing
 
     def _record_metrics(self) -> None:
         if self._shards is not None and evaluation_due(self.config, self.engine.round):

@@ -388,6 +388,9 @@ async def _serve(
             if shards is not None:
                 shards.peers.close()
         coordinator.close(checkpoint=code == 0)
+        if code == 0 and coordinator.results_missing:
+            log.error("the finished run's results could not be written (see above)")
+            code = 1
         log.info("exiting with code %d; peak resident memory %.1f MB", code, peak_rss_mb())
         return code
 

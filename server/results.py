@@ -154,6 +154,8 @@ class MetricsRecorder:
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        #: Whether `finish` wrote the run's results (summary.json, params.npy).
+        self.results_written = False
         if out is None:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -215,12 +217,37 @@ class MetricsRecorder:
             raise self._error
 
     def finish(
-        self, round: int, x: Tensor, bytes_uplink: float, suspicion: list[float] | None = None
+        self,
+        round: int,
+        x: Tensor,
+        bytes_uplink: float,
+        suspicion: list[float] | None = None,
+        *,
+        queued: bool = False,
     ) -> None:
-        """summary.json and params.npy of the finished run (after the records queued before)."""
+        """summary.json and params.npy of the finished run (after the records queued before).
+
+        `queued`: written by the metrics thread instead, after this returns. A shard restarted on
+        a finished run needs its peers' slices for them, and learns the peers' addresses only
+        once every shard listens, which it cannot do while its start waits here. `close` waits
+        for the job; `results_written` says whether it succeeded."""
         if self.out is None:
             return
+        if queued:
+            snapshot = x.detach().clone()
+            self._jobs.put(lambda: self._write_results(round, snapshot, bytes_uplink, suspicion))
+            return
         self.flush()
+        self._write_results(round, x, bytes_uplink, suspicion)
+
+    @property
+    def results_missing(self) -> bool:
+        """This recorder writes the run's results (rank 0, or the only server) and has not."""
+        return self.out is not None and not self.results_written
+
+    def _write_results(
+        self, round: int, x: Tensor, bytes_uplink: float, suspicion: list[float] | None
+    ) -> None:
         if self._last_x is not None and self._last_x[0] == round:
             x = self._last_x[1]
         elif self.assemble is not None:
@@ -232,7 +259,9 @@ class MetricsRecorder:
         if final is None or final["round"] != round:
             final = evaluate(self.task, x, round, bytes_uplink, self.started, suspicion)
         result = RunResult(round, round_seconds(self.elapsed), final, params_array(x))
+        assert self.out is not None
         write_results(self.out, self.config, result, bytes_uplink)
+        self.results_written = True
 
     def close(self) -> None:
         if self._thread is not None:

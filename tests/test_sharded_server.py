@@ -57,9 +57,10 @@ def run_config(path: Path, shards: int, rounds: int = 30, **sections: dict[str, 
     return path
 
 
-def launch(config: Path, out: Path, procs: Processes) -> np.ndarray:
+def launch(config: Path, out: Path, procs: Processes, *flags: str) -> np.ndarray:
     log = out.parent / f"{out.name}.log"
-    started = procs.start(byzps("launch", "--config", str(config), "--out", str(out)), log=log)
+    argv = byzps("launch", "--config", str(config), "--out", str(out), *flags)
+    started = procs.start(argv, log=log)
     assert started.wait(timeout=240) == 0, log.read_text()[-3000:]
     return np.load(out / "params.npy")
 
@@ -100,6 +101,12 @@ def test_two_shards_give_one_servers_model(tmp_path: Path, procs: Processes) -> 
     shard1 = tmp_path / "two" / "shard-1"
     assert (shard1 / "checkpoints").is_dir() and not (shard1 / "metrics.jsonl").exists()
     assert (tmp_path / "two" / "shards.txt").read_text().count("127.0.0.1:") == 2
+    # Resuming the finished run: rank 0 writes its results again once its peer listens (it
+    # used to wait for the peer before listening itself, and launch for it, until timeouts).
+    started = time.monotonic()
+    again = launch(tmp_path / "two.toml", tmp_path / "two", procs, "--resume")
+    assert np.array_equal(again, two)
+    assert time.monotonic() - started < 90, "a finished run's resume waited on a timeout"
     assert leftovers(str(tmp_path)) == []
 
 
