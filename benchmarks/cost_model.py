@@ -22,11 +22,12 @@ with the machine they were measured on (nproc, CPU model, load average) to a JSO
              + the round's uplink messages + a background checkpoint's snapshot (a copy of the
              states, x and ĝ) + the process's baseline (Python, torch, gRPC)
 
-S > 1 models the sharded server as designed in issue 12, which is not built: each shard owns d/S
+S > 1 models the sharded server (docs/sharding.md) across S machines: each shard owns d/S
 coordinates of x and of every worker's state; coordinate-wise rules run locally per shard;
-Gram rules (krum, multikrum, nnm∘…) all-reduce a partial n × n float64 Gram, gm and cclip a
-partial n-vector of norms per iteration; workers split each message by range and pull the model
-from every shard. Network constants (latency, bandwidth between machines) are assumptions, given
+the distance rules (krum, multikrum, nnm∘…, gm, cclip) all-reduce a partial n × n float64 Gram,
+and the model adds for gm and cclip the partial n-vector of norms per iteration of the issue's
+design (an upper bound: the code runs their iterations on the summed Gram); workers split each
+message by range and pull the model from every shard. Network constants (latency, bandwidth between machines) are assumptions, given
 on the command line, not measurements.
 
 `check` compares the model's predictions with the measurements recorded in docs/performance.md
