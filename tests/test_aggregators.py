@@ -682,3 +682,31 @@ def test_cclip_auto_radius_ties_the_bias_to_the_honest_spread() -> None:
     assert float((fixed(rows) - honest.mean(0)).norm()) > 1.0  # τ = 10 lets them pull far
     with pytest.raises(ValueError, match="positive number or 'auto'"):
         build_aggregator("cclip", f=1, params={"tau": "fast"})
+
+
+def test_the_compiled_precision_check_is_the_numpy_one() -> None:
+    """`rows.imprecise` (one compiled call) against the numpy formulation it replaced, on
+    Grams that pass, that fail on a far row, and that fail on rounding (one row 1e9x the rest,
+    so the mean-centred Gram cannot resolve the others)."""
+    from byzps.common.aggregators import ops, rows
+    from byzps.common.aggregators.gram import honest_scale
+
+    def numpy_imprecise(gram: np.ndarray, d: int) -> bool:
+        diag = np.diag(gram)
+        if not np.all(diag < rows.FAR_SQ_NORM):
+            return True
+        scale = honest_scale(gram)
+        return bool(np.any(rows.gram_rounding(d) * diag > rows.RESOLUTION * scale))
+
+    gen = torch.Generator().manual_seed(3)
+    seen = set()
+    for n, d in ((2, 5), (7, 40), (20, 123)):
+        for spoil in (None, float("inf"), 1e9, 1e300):
+            x = torch.randn(n, d, generator=gen)
+            if spoil is not None:
+                x[0] *= spoil
+            gram = ops.centred_gram(x)
+            got = rows.imprecise(gram, d)
+            assert got == numpy_imprecise(gram, d), (n, d, spoil)
+            seen.add(got)
+    assert seen == {True, False}

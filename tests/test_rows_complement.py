@@ -316,3 +316,71 @@ def test_computed_mixed_rows_are_the_rows_band_mean_sorts(d: int) -> None:
         np.testing.assert_array_equal(
             rows[i, inexact].view(np.int32), summed[inexact].view(np.int32)
         )
+
+
+def numpy_sparse_mix(mix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`ops.sparse_mix` as it was written in numpy, before `_kernels.sparse_lists`."""
+    nonzero = mix != 0.0
+    width = int(nonzero.sum(axis=1).max())
+    idx = np.argsort(~nonzero, axis=1, kind="stable")[:, :width]
+    wts = np.take_along_axis(mix, idx, axis=1)
+    padding = ~np.take_along_axis(nonzero, idx, axis=1)
+    idx[padding] = 0
+    wts[padding] = 0.0
+    return idx.astype(np.int64), wts
+
+
+def numpy_complement(n0: int, idx: np.ndarray, wts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`ops.complement` as it was written in numpy, before `_kernels.complement_lists`."""
+    nonzero = wts != 0.0
+    members = nonzero.sum(axis=1)
+    rw = wts[:, 0]
+    if not np.all(np.where(nonzero, wts == rw[:, None], True)):
+        return NO_COMPLEMENT
+    excluded = n0 - members
+    if 3 * n0 + excluded.sum() >= members.sum():
+        return NO_COMPLEMENT
+    inside = np.zeros((idx.shape[0], n0), np.bool_)
+    rows = np.broadcast_to(np.arange(idx.shape[0])[:, None], idx.shape)
+    inside[rows[nonzero], idx[nonzero]] = True
+    width = max(1, int(excluded.max()))
+    exc = np.argsort(inside, axis=1, kind="stable")[:, :width]
+    exc[np.arange(width)[None, :] >= excluded[:, None]] = -1
+    return exc, rw
+
+
+def random_mixes(seed: int) -> list[np.ndarray]:
+    """nnm-like mixes (equal weights, a few excluded), bucketing-like ones, unequal and NaN
+    weights, and empty rows' neighbours: what the lists must reproduce."""
+    gen = np.random.default_rng(seed)
+    mixes = []
+    for n0 in (3, 8, 20, 41):
+        for excluded in range(0, n0 // 2 + 1, max(1, n0 // 6)):
+            mix = np.zeros((n0, n0))
+            for i in range(n0):
+                members = gen.permutation(n0)[: n0 - excluded]
+                mix[i, members] = 1.0 / (n0 - excluded)
+            mixes.append(mix)
+        unequal = mixes[-1].copy()
+        unequal[0, np.flatnonzero(unequal[0])[0]] *= 2.0
+        poisoned = mixes[-1].copy()
+        poisoned[n0 - 1, np.flatnonzero(poisoned[n0 - 1])[-1]] = np.nan
+        buckets = np.kron(np.eye(n0 // 2 or 1), np.full((1, 2), 0.5))[:, :n0]
+        mixes += [unequal, poisoned, buckets, gen.random((5, n0)) * (gen.random((5, n0)) < 0.3)]
+    return mixes
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_compiled_lists_are_the_numpy_lists(seed: int) -> None:
+    for mix in random_mixes(seed):
+        if not (mix != 0.0).any(axis=1).all():
+            continue  # a mix row always has members
+        idx, wts = ops.sparse_mix(mix)
+        want_idx, want_wts = numpy_sparse_mix(mix)
+        assert np.array_equal(idx, want_idx) and idx.dtype == np.int64
+        assert np.array_equal(wts, want_wts, equal_nan=True)
+        x = torch.zeros(mix.shape[1], 4)
+        exc, rw = ops.complement(x, idx, wts)
+        want_exc, want_rw = numpy_complement(mix.shape[1], want_idx, want_wts)
+        assert np.array_equal(exc, want_exc) and exc.dtype == np.int64
+        assert np.array_equal(rw, want_rw)

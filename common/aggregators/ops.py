@@ -118,41 +118,19 @@ def complement(x: Tensor, idx: np.ndarray, wts: np.ndarray) -> tuple[np.ndarray,
     Σ_i |exc_i| subtractions, against Σ_i |members_i| additions for the lists.
     """
     none = np.empty((0, 0), np.int64), np.empty(0)
-    n0 = x.shape[0]
     if idx.shape[0] == 0 or x.dtype != torch.float32:
         return none
-    nonzero = wts != 0.0
-    members = nonzero.sum(axis=1)
-    rw = wts[:, 0]  # the first member's weight: lists are never empty, members come first
-    if not np.all(np.where(nonzero, wts == rw[:, None], True)):
-        return none
-    excluded = n0 - members
-    if 3 * n0 + excluded.sum() >= members.sum():
-        return none
-    inside = np.zeros((idx.shape[0], n0), np.bool_)
-    rows = np.broadcast_to(np.arange(idx.shape[0])[:, None], idx.shape)
-    inside[rows[nonzero], idx[nonzero]] = True
-    width = max(1, int(excluded.max()))
-    exc = np.argsort(inside, axis=1, kind="stable")[:, :width]  # the excluded first, ascending
-    exc[np.arange(width)[None, :] >= excluded[:, None]] = -1
-    return np.ascontiguousarray(exc, np.int64), np.ascontiguousarray(rw, np.float64)
+    ok, exc, rw = _kernels.complement_lists(idx, np.ascontiguousarray(wts, np.float64), x.shape[0])
+    return (exc, rw) if ok else none
 
 
 def sparse_mix(mix: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """A mix (n, n0) as padded (index, weight) lists per row, indices ascending, padding
     (0, 0.0): what `band_mean` takes (None: two empty arrays, the rows themselves). nnm and
-    bucketing mixes are sparse. One stable argsort instead of a Python loop over rows: at a9a's
-    size the loop was a visible share of a simulated round."""
+    bucketing mixes are sparse (`_kernels.sparse_lists`)."""
     if mix is None:
         return np.empty((0, 0), np.int64), np.empty((0, 0), np.float64)
-    nonzero = mix != 0.0
-    width = int(nonzero.sum(axis=1).max())
-    idx = np.argsort(~nonzero, axis=1, kind="stable")[:, :width]
-    wts = np.take_along_axis(mix, idx, axis=1)
-    padding = ~np.take_along_axis(nonzero, idx, axis=1)
-    idx[padding] = 0
-    wts[padding] = 0.0
-    return idx.astype(np.int64), np.ascontiguousarray(wts, np.float64)
+    return _kernels.sparse_lists(np.ascontiguousarray(mix, np.float64))
 
 
 def window_network(n: int, a: int, b: int, slide: int) -> np.ndarray:

@@ -49,7 +49,7 @@ import math
 import numpy as np
 from torch import Tensor
 
-from byzps.common.aggregators import collective, ops
+from byzps.common.aggregators import _kernels, collective, ops
 from byzps.common.aggregators.gram import honest_scale, pairwise_sq_dists
 from byzps.common.aggregators.verdict import Banded, Verdict, Weighted
 
@@ -87,10 +87,9 @@ def imprecise(gram: np.ndarray, d: int) -> bool:
     """True when `gram` (over raw rows) is non-finite or may not resolve the honest distances:
     some row's rounding γ·G_ii exceeds ρ times its `honest_scale`. A row whose kth distance is
     itself lost in rounding reads as (near) zero there and fails too."""
-    diag = np.diag(gram)
-    if not np.all(diag < FAR_SQ_NORM):
-        return True
-    return bool(np.any(gram_rounding(d) * diag > RESOLUTION * honest_scale(gram)))
+    k = max(1, (gram.shape[0] + 1) // 2 - 1)  # honest_scale's
+    gram = np.ascontiguousarray(gram, np.float64)
+    return bool(_kernels.imprecise_gram(gram, gram_rounding(d), RESOLUTION, FAR_SQ_NORM, k))
 
 
 def far_rows(gram: np.ndarray, n: int) -> np.ndarray:
