@@ -27,8 +27,8 @@ coordinates of x and of every worker's state; coordinate-wise rules run locally 
 the distance rules (krum, multikrum, nnm∘…, gm, cclip) all-reduce a partial n × n float64 Gram,
 and the model adds for gm and cclip the partial n-vector of norms per iteration of the issue's
 design (an upper bound: the code runs their iterations on the summed Gram); workers split each
-message by range and pull the model from every shard. Network constants (latency, bandwidth between machines) are assumptions, given
-on the command line, not measurements.
+message by range and pull the model from every shard. Network constants (latency, bandwidth
+between machines) are assumptions, given on the command line, not measurements.
 
 `check` compares the model's predictions with the measurements recorded in docs/performance.md
 and docs/durability.md (the table `RECORDED`, each row naming its section) and prints predicted,

@@ -334,11 +334,13 @@ def test_a_member_flooding_one_shard_takes_only_its_share_of_that_shard(
     member 4, with its own token, turns on shard 1 alone. Its 24 long-polls there get its
     in-flight share (4 held, 20 refused at once); a storm of 400 calls runs into its rate;
     a push replayed under an acknowledged seq with other values is a DUPLICATE and changes
-    nothing; and meanwhile the honest workers' run goes on and ends with every acknowledged
-    update applied once, each round bounded by the deadline."""
+    nothing; every malformed part (forge.MALFORMATIONS, built on shard 1's own slice) is
+    INVALID_ARGUMENT there; and meanwhile the honest workers' run goes on and ends with every
+    acknowledged update applied once, each round bounded by the deadline."""
     from byzps.proto.v1 import parameter_server_pb2 as pb
+    from byzps.worker.byzantine import forge
     from byzps.worker.byzantine.forge import plausible_update
-    from byzps.worker.client import Pushed
+    from byzps.worker.client import Pushed, ServerError
     from byzps.worker.shard_client import ShardedClient
 
     rounds, deadline = 12, 1.0
@@ -377,6 +379,22 @@ def test_a_member_flooding_one_shard_takes_only_its_share_of_that_shard(
         break
     else:
         pytest.fail("no round stayed open long enough for one push")
+    # Broken parts, sent to shard 1 alone: its door checks them against its own slice (width,
+    # min(k, width) entries) and refuses each before it reaches a state.
+    width, k = member.layout.shard(1).width, int(registration.k_max)
+    base = pb.SparseUpdate(
+        dim=width, nnz=min(k, width), dtype=pb.VALUE_DTYPE_FLOAT32, compressor=part.compressor
+    )
+    base.indices = np.arange(base.nnz, dtype="<u4").tobytes()
+    base.values = np.zeros(base.nnz, dtype="<f4").tobytes()
+    for seq, (kind, change) in enumerate(forge.MALFORMATIONS.items(), start=2):
+        broken = pb.SparseUpdate()
+        broken.CopyFrom(base)
+        change(broken)
+        round, _ = member.get_model(0)
+        with pytest.raises(ServerError) as refused:
+            member.shards[1].push(round, seq, broken)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT, (kind, refused.value)
     member.close()
     run.finish(rounds)
     assert time.monotonic() - began < rounds * (deadline + 3) + 30  # + the flood's 2 s checks
