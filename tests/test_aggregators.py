@@ -710,3 +710,41 @@ def test_the_compiled_precision_check_is_the_numpy_one() -> None:
             assert got == numpy_imprecise(gram, d), (n, d, spoil)
             seen.add(got)
     assert seen == {True, False}
+
+
+def test_squared_norms_keep_their_bits_and_values() -> None:
+    """`_kernels.sq_norms` reads each chunk's rows through slices now; its sums must be bitwise
+    those of the indexed loop it replaced (compiled here as it was), and match float64 numpy to
+    rounding, at shapes around the vector and chunk sizes and with ±inf, NaN and 1e38."""
+    from numba import njit, prange
+
+    from byzps.common.aggregators import _kernels
+
+    chunk = _kernels.CHUNK
+
+    @njit(parallel=True, cache=False, fastmath={"reassoc", "contract"})
+    def indexed(x):  # pragma: no cover - compiled
+        n, d = x.shape
+        nchunks = (d + chunk - 1) // chunk
+        parts = np.empty((nchunks, n))
+        for c in prange(nchunks):
+            stop = min(d, (c + 1) * chunk)
+            for i in range(n):
+                acc = 0.0
+                for t in range(c * chunk, stop):
+                    v = np.float64(x[i, t])
+                    acc += v * v
+                parts[c, i] = acc
+        return _kernels._sum_chunks(parts)
+
+    gen = np.random.default_rng(5)
+    for n, d in ((1, 1), (3, 15), (3, 17), (20, 16384), (20, 16385), (7, 50_001)):
+        x = gen.standard_normal((n, d)).astype(np.float32)
+        if n > 2:
+            x[1, d // 2] = np.inf
+            x[2, 0] = np.nan
+            x[0, -1] = 1e38
+        got = _kernels.sq_norms(x)
+        assert np.array_equal(got, indexed(x), equal_nan=True), (n, d)
+        want = np.square(x.astype(np.float64)).sum(axis=1)
+        assert np.allclose(got, want, rtol=1e-12, equal_nan=True), (n, d)

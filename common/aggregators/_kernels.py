@@ -513,16 +513,22 @@ def sq_norms(x):  # pragma: no cover - compiled
     """(n,) Σ_t x[i, t]² in float64, per fixed chunk of columns, the chunks then added in order
     (bitwise reproducible whatever the thread count). Reassociation lets the squares vectorise;
     in float64 the squares of float32 values are exact and the reordering is harmless. ±inf
-    gives +inf and NaN gives NaN, which the callers read as "no finite norm"."""
+    gives +inf and NaN gives NaN, which the callers read as "no finite norm".
+
+    Each row of a chunk is read through a slice from 0: indexed as x[i, t] from the chunk's
+    start, the loop kept numba's per-element index handling and ran 4-5x slower (9.5 against
+    1.9 ms at (20, 1e6)), with the same additions in the same order."""
     n, d = x.shape
     nchunks = (d + CHUNK - 1) // CHUNK
     parts = np.empty((nchunks, n))
     for c in prange(nchunks):
-        stop = min(d, (c + 1) * CHUNK)
+        start = c * CHUNK
+        stop = min(d, start + CHUNK)
         for i in range(n):
+            row = x[i, start:stop]
             acc = 0.0
-            for t in range(c * CHUNK, stop):
-                v = np.float64(x[i, t])
+            for t in range(stop - start):
+                v = np.float64(row[t])
                 acc += v * v
             parts[c, i] = acc
     return _sum_chunks(parts)
