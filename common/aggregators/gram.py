@@ -26,8 +26,13 @@ def pairwise_sq_dists(gram: np.ndarray, far: np.ndarray | None = None) -> np.nda
     return dists
 
 
+def honest_rank(n: int) -> int:
+    """k of `honest_scale`: max(1, ⌈n/2⌉ − 1)."""
+    return max(1, (n + 1) // 2 - 1)
+
+
 def honest_scale(gram: np.ndarray, far: np.ndarray | None = None) -> np.ndarray:
-    """(n,) each row's squared distance to its k-th nearest other row, k = max(1, ⌈n/2⌉ − 1)
+    """(n,) each row's squared distance to its k-th nearest other row, k = `honest_rank`(n)
     (+inf for far rows, and far rows never count as near).
 
     With honest rows in the majority, an honest row has k honest rows within the honest diameter
@@ -35,7 +40,7 @@ def honest_scale(gram: np.ndarray, far: np.ndarray | None = None) -> np.ndarray:
     """
     n = gram.shape[0]
     far = np.zeros(n, np.bool_) if far is None else np.ascontiguousarray(far, np.bool_)
-    return _kernels.kth_sq_dists(np.ascontiguousarray(gram), far, max(1, (n + 1) // 2 - 1))
+    return _kernels.kth_sq_dists(np.ascontiguousarray(gram), far, honest_rank(n))
 
 
 def weiszfeld(

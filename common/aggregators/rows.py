@@ -50,7 +50,7 @@ import numpy as np
 from torch import Tensor
 
 from byzps.common.aggregators import _kernels, collective, ops
-from byzps.common.aggregators.gram import honest_scale, pairwise_sq_dists
+from byzps.common.aggregators.gram import honest_rank, honest_scale, pairwise_sq_dists
 from byzps.common.aggregators.verdict import Banded, Verdict, Weighted
 
 #: Squared distances from the centre at or beyond this make a row far: non-finite values, or
@@ -87,8 +87,8 @@ def imprecise(gram: np.ndarray, d: int) -> bool:
     """True when `gram` (over raw rows) is non-finite or may not resolve the honest distances:
     some row's rounding γ·G_ii exceeds ρ times its `honest_scale`. A row whose kth distance is
     itself lost in rounding reads as (near) zero there and fails too."""
-    k = max(1, (gram.shape[0] + 1) // 2 - 1)  # honest_scale's
     gram = np.ascontiguousarray(gram, np.float64)
+    k = honest_rank(gram.shape[0])
     return bool(_kernels.imprecise_gram(gram, gram_rounding(d), RESOLUTION, FAR_SQ_NORM, k))
 
 
