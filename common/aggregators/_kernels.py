@@ -711,16 +711,17 @@ def complement_lists(idx, wts, n0):  # pragma: no cover - compiled
     members and the complement saves work (3 n0 + Σ excluded < Σ members); exc lists each row's
     excluded inputs ascending, padded with −1 to the most any row excludes (at least 1)."""
     n, width = idx.shape
+    no_exc, no_rw = np.empty((0, 0), np.int64), np.empty(0, np.float64)
+    if width == 0:  # no lists to take a weight from (a mix always has members)
+        return False, no_exc, no_rw
     rw = np.empty(n, np.float64)
     members = np.zeros(n, np.int64)
-    if width == 0:  # no lists to take a weight from (a mix always has members)
-        return False, np.empty((0, 0), np.int64), rw[:0]
     for i in range(n):
         rw[i] = wts[i, 0]
         for k in range(width):
             if wts[i, k] != 0.0:
                 if wts[i, k] != rw[i]:  # NaN too
-                    return False, np.empty((0, 0), np.int64), np.empty(0, np.float64)
+                    return False, no_exc, no_rw
                 members[i] += 1
     total_members = 0
     total_excluded = 0
@@ -730,7 +731,7 @@ def complement_lists(idx, wts, n0):  # pragma: no cover - compiled
         total_excluded += n0 - members[i]
         most = max(most, n0 - members[i])
     if 3 * n0 + total_excluded >= total_members:
-        return False, np.empty((0, 0), np.int64), np.empty(0, np.float64)
+        return False, no_exc, no_rw
     exc = np.full((n, most), -1, np.int64)
     inside = np.zeros(n0, np.bool_)
     for i in range(n):
@@ -738,17 +739,13 @@ def complement_lists(idx, wts, n0):  # pragma: no cover - compiled
         for k in range(width):
             if wts[i, k] != 0.0:
                 inside[idx[i, k]] = True
-        j = 0  # the stable order of `inside`: the excluded ascending, then the members
+        # The first n0 − members[i] inputs outside the row, ascending (there are at least as
+        # many: a repeated member counts once in `inside`); the rest stays −1.
+        j = 0
         for k in range(n0):
-            if j < most and not inside[k]:
+            if j < n0 - members[i] and not inside[k]:
                 exc[i, j] = k
                 j += 1
-        for k in range(n0):
-            if j < most and inside[k]:
-                exc[i, j] = k
-                j += 1
-        for j in range(max(0, n0 - members[i]), most):
-            exc[i, j] = -1
     return True, exc, rw
 
 
