@@ -203,7 +203,11 @@ class Coordinator:
                 self._checkpoint(flush=self._shards is None)
             self._published = self.engine.round
             self._startup_deadline = self._clock() + self.settings.startup_timeout
-            self._maybe_open()
+            # A shard's close is a barrier with its peers, and they reach this shard only once
+            # it listens: a round whose pushes its log already holds in full (killed while it
+            # waited at the barrier) is closed by the first tick instead, or this shard and
+            # its peers would wait for each other until the peer timeout.
+            self._maybe_open(close=self._shards is None)
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call `listener()` (under the lock: it must only schedule work) whenever a round
@@ -486,7 +490,9 @@ class Coordinator:
             log.error("stopping: %s", exc)
         self._notify()
 
-    def _maybe_open(self) -> None:
+    def _maybe_open(self, *, close: bool = True) -> None:
+        """Open the first round once every worker registered or the startup timeout passed;
+        then close it at once if it is already due (unless `close` is False)."""
         if self._phase is not Phase.STARTING:
             return
         if len(self._workers) >= self.num_workers or self._clock() >= self._startup_deadline:
@@ -494,7 +500,8 @@ class Coordinator:
             self._opened_at = self._clock()
             self._opened_wall = time.time()
             log.info("round %d open with %d registered workers", self.round, len(self._workers))
-            self._maybe_close()
+            if close:
+                self._maybe_close()
 
     def _maybe_close(self) -> None:
         if self._phase is not Phase.RUNNING or not self._pushed:

@@ -43,6 +43,10 @@ from byzps.worker.byzantine.protocol import PROTOCOL_ATTACKS, Priority, build_pr
 H, F = 2, 1
 #: Seconds one cluster run may take before the test fails (it is killed, nothing left behind).
 RUN_TIMEOUT = 60.0
+#: The round deadline of the runs whose member is refused: long enough for the member to push
+#: on a loaded machine (with 0.3 s, the honest quorum could end a short run before its pushes
+#: arrived, and the refusal under test never happened).
+REFUSAL_DEADLINE = 5.0
 
 
 def a9a_config(path: Path, rounds: int = 6) -> Path:
@@ -249,10 +253,11 @@ def test_refused_pushes_do_not_stop_the_cohort(tmp_path: Path) -> None:
     """Gaussian noise of σ = 1e39 overflows float32: every member push carries ±inf and is
     refused at the door (INVALID_ARGUMENT). The member logs it, keeps its seq and mirror, and
     plays every round to the end; the rounds close on the honest quorum."""
-    config = a9a_config(tmp_path / "run.toml", rounds=4)
+    config = a9a_config(tmp_path / "run.toml", rounds=2)
     text = config.read_text().replace('name = "bf"', 'name = "gauss"\nparams = { sigma = 1e39 }')
     config.write_text(text)
-    outcome = run_cluster(tmp_path / "run", config, round_deadline=0.3)
+    # Each round waits REFUSAL_DEADLINE for the member, so its push is refused, not too late.
+    outcome = run_cluster(tmp_path / "run", config, round_deadline=REFUSAL_DEADLINE)
     assert "refused (INVALID_ARGUMENT" in outcome.attack_log
     assert "attack gauss: done" in outcome.attack_log
     assert np.isfinite(outcome.params).all()
@@ -261,10 +266,11 @@ def test_refused_pushes_do_not_stop_the_cohort(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_overflowing_pushes_are_refused_and_the_run_stays_finite(tmp_path: Path) -> None:
     """`overflow`: the second push of ±FLT_MAX would make the member's state ±inf; the server
-    refuses it at the door, the member carries on, and the model stays finite."""
-    config = a9a_config(tmp_path / "run.toml", rounds=4)
+    refuses it at the door, the member carries on, and the model stays finite. Round 0 closes
+    on all three pushes, round 1 on the deadline after the refusal."""
+    config = a9a_config(tmp_path / "run.toml", rounds=2)
     config.write_text(config.read_text().replace('name = "bf"', 'name = "overflow"'))
-    outcome = run_cluster(tmp_path / "run", config, round_deadline=0.3)
+    outcome = run_cluster(tmp_path / "run", config, round_deadline=REFUSAL_DEADLINE)
     assert "refused (INVALID_ARGUMENT" in outcome.attack_log
     assert np.isfinite(outcome.params).all()
 

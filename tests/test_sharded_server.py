@@ -252,29 +252,34 @@ class ShardedRun:
             assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= rounds - 1, seqs
 
 
+def shard_server(
+    procs: Processes, tmp: Path, rank: int, listen: str, deadline: float, *extra: str
+) -> subprocess.Popen:
+    """Shard `rank` of the run in `tmp` (run.toml, secret, shards.txt; its log appended to
+    logs/shard-RANK.log), stdout piped for its listening line."""
+    argv = byzps(
+        "server", "--config", str(tmp / "run.toml"), "--listen", listen,
+        "--out", str(tmp / f"shard-{rank}"), "--shard", str(rank),
+        "--peers-file", str(tmp / "shards.txt"), "--round-deadline", str(deadline),
+        "--peer-timeout", "60", "--secret-file", str(tmp / "secret"), "--linger", "2", *extra,
+    )  # fmt: skip
+    log = (tmp / "logs" / f"shard-{rank}.log").open("ab")
+    return procs.start(argv, stdout=subprocess.PIPE, stderr=log)
+
+
 def start_sharded_run(tmp: Path, procs: Processes, rounds: int, deadline: float) -> ShardedRun:
     """Shards that close each round on the quorum once `deadline` s pass, so a member that
     withholds or misbehaves costs at most the deadline per round."""
     from byzps.common.credentials import issue_tokens
 
-    config = run_config(tmp / "run.toml", 2, rounds)
-    secret = tmp / "secret"
-    secret.write_text("test-secret")
+    run_config(tmp / "run.toml", 2, rounds)
+    (tmp / "secret").write_text("test-secret")
     issue_tokens(b"test-secret", list(range(5)), tmp / "tokens")
-    peers, logs = tmp / "shards.txt", tmp / "logs"
-    logs.mkdir()
-    servers = [
-        procs.start(
-            byzps("server", "--config", str(config), "--listen", "127.0.0.1:0",
-                  "--out", str(tmp / f"shard-{rank}"), "--shard", str(rank),
-                  "--peers-file", str(peers), "--round-deadline", str(deadline),
-                  "--peer-timeout", "60", "--secret-file", str(secret), "--linger", "2"),
-            stdout=subprocess.PIPE, stderr=(logs / f"shard-{rank}.log").open("ab"),
-        )
-        for rank in range(2)
-    ]  # fmt: skip
+    (tmp / "logs").mkdir()
+    servers = [shard_server(procs, tmp, rank, "127.0.0.1:0", deadline) for rank in range(2)]
     addresses = [wait_listening(s) for s in servers]
-    peers.write_text("\n".join(addresses) + "\n")
+    (tmp / "shards.txt").write_text("\n".join(addresses) + "\n")
+    logs = tmp / "logs"
     workers = [
         procs.start(
             byzps("worker", "--server", ",".join(addresses), "--id", str(k), "--token-file",
@@ -285,6 +290,60 @@ def start_sharded_run(tmp: Path, procs: Processes, rounds: int, deadline: float)
         for k in range(4)
     ]  # fmt: skip
     return ShardedRun(tmp, addresses, [*servers, *workers], logs)
+
+
+@pytest.mark.slow  # a shard killed and resumed
+def test_a_shard_killed_at_the_barrier_resumes_listening_and_closes_the_round(
+    tmp_path: Path, procs: Processes
+) -> None:
+    """Round 0's pushes all reach shard 1 — the member (id 4) pushes its part there last and
+    withholds it from shard 0 — so shard 1 closes at once and waits at the barrier for shard 0,
+    which closes only on its deadline. Shard 1 is killed there (SIGKILL): its log holds every
+    push of round 0 and no close. Resumed, it must listen at once and close the round from the
+    first tick: closing it while starting would wait for a peer that cannot reach it yet, and
+    both shards would wait for each other until the peer timeout (60 s). The member's push,
+    retried across the restart, is a DUPLICATE; the run ends with every update applied once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from byzps.worker.byzantine.forge import plausible_update
+    from byzps.worker.client import Pushed
+    from byzps.worker.shard_client import ShardedClient
+
+    rounds, deadline = 4, 8.0
+    run = start_sharded_run(tmp_path, procs, rounds, deadline)
+    member = ShardedClient(run.addresses, "4", token=run.member_token())
+    registration = member.register()
+    assert member.layout is not None
+    update = plausible_update(registration)
+    first = member.layout.split(update)[1]
+    honest = {str(k) for k in range(4)}
+    wait_for(
+        lambda: {w.worker_id for w in member.shards[1].status().workers if w.last_seq} >= honest,
+        60, "the honest pushes of round 0 on shard 1",
+    )  # fmt: skip
+    with ThreadPoolExecutor(1) as pool:
+        pushed = pool.submit(member.shards[1].push, 0, 1, first)  # held at the barrier
+        time.sleep(2.0)  # its record reaches the disk first (milliseconds; well before 8 s)
+        assert not pushed.done(), "shard 1 closed round 0 without shard 0"
+        killed = run.processes[1]
+        killed.kill()
+        killed.wait(timeout=10)
+        began = time.monotonic()
+        run.processes[1] = shard_server(procs, tmp_path, 1, run.addresses[1], deadline, "--resume")
+        assert wait_listening(run.processes[1], timeout=30) == run.addresses[1]
+        print(f"shard 1 listening {time.monotonic() - began:.1f} s after the restart")
+        assert pushed.result(timeout=60) is Pushed.DUPLICATE
+    round, seqs = 1, [0, 1]  # each shard's own: shard 0 never had round 0's part
+    while (round := member.get_model(round)[0]) < rounds:
+        for rank, part in enumerate(member.layout.split(update)):
+            seqs[rank] += 1
+            pushed_now = member.shards[rank].push(round, seqs[rank], part)
+            assert pushed_now in (Pushed.ACCEPTED, Pushed.RUN_FINISHED)
+        round += 1
+    member.close()
+    run.finish(rounds)
+    assert metrics(tmp_path / "shard-0")[-1]["round"] == rounds
+    assert "resum" in (run.logs / "shard-1.log").read_text().lower()
 
 
 @pytest.mark.slow  # rounds that wait for their deadline

@@ -19,6 +19,8 @@ gradient attack (a ProtocolCampaign). The rules they all follow:
   the clients' `sleep`), the attacks cancel the calls they hold open and start no new ones
   until a second after the backoff: the attack costs the server what it costs, without
   changing which updates the cohort gets through.
+* Met, even by a short run: the members' first push waits (at most a call's timeout) until
+  each burst attack's first burst was answered, so a run cannot end before the attack began.
 * No accepted update: except `deadline` (which only delays the cohort's own pushes), none of
   them sends an update the server could apply (byzps.worker.byzantine.forge), so a run under
   attack must end on exactly the parameters of the same run without it. Anything else — or an
@@ -235,6 +237,38 @@ class _Stopped(Exception):
     """The campaign stopped while a thread was opening something (internal)."""
 
 
+class _FirstBursts:
+    """The burst loops of one attack whose first burst is not answered yet.
+
+    The members' first push waits for none to be left (`hold_push`), at most `within` seconds:
+    a short run on a loaded machine could otherwise end before the attack made a single call,
+    and the run would test nothing. Nothing the server sees changes but the timing."""
+
+    def __init__(self) -> None:
+        self._left = 0
+        self._within = 0.0
+        self._changed = threading.Condition()
+
+    def expect(self, loops: int, within: float) -> None:
+        with self._changed:
+            self._left, self._within = loops, within
+
+    def answered(self) -> None:
+        with self._changed:
+            self._left = max(0, self._left - 1)
+            self._changed.notify_all()
+
+    def wait(self, stop: threading.Event) -> None:
+        deadline = time.monotonic() + self._within
+        with self._changed:
+            while self._left and not stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._left = 0  # give up once: later pushes are not held
+                    return
+                self._changed.wait(min(remaining, 0.1))
+
+
 class ProtocolAttack(ABC):
     """One protocol attack: background `bodies` (each runs in its own thread until the stop
     event) and/or a `hold_push` on the cohort's own pushes. Counts outcomes in `tally`."""
@@ -243,6 +277,7 @@ class ProtocolAttack(ABC):
 
     def __init__(self) -> None:
         self.tally = Tally()
+        self.first_bursts = _FirstBursts()
 
     def bodies(self, ctx: ProtocolContext) -> list[Callable[[], None]]:
         """The loops to run in background threads (none by default)."""
@@ -251,8 +286,28 @@ class ProtocolAttack(ABC):
 
     def hold_push(self, ctx: ProtocolContext, round: int, arrived: float) -> None:
         """Called before the members push for `round`, whose model arrived at monotonic time
-        `arrived`; may block (bounded by the stop event). Nothing by default."""
-        del ctx, round, arrived
+        `arrived`; may block (bounded by the stop event). By default it waits, once, for the
+        first burst of each `_burst_loop` to be answered (_FirstBursts)."""
+        del round, arrived
+        self.first_bursts.wait(ctx.stop)
+
+    def _burst_loop(
+        self,
+        ctx: ProtocolContext,
+        fire: Callable[[], list[grpc.Future]],
+        pause: float,
+        name: Callable[[Any], str] | None = None,
+    ) -> None:
+        """Until the stop: wait for the cohort's turn, `fire` a burst of calls, count how each
+        ended (`_settle`), pause. `bodies` announces its loops with `first_bursts.expect`."""
+        first = True
+        while not ctx.stop.is_set():
+            ctx.wait_turn()
+            _settle(fire(), self.tally, name)
+            if first:
+                self.first_bursts.answered()
+                first = False
+            ctx.stop.wait(pause)
 
     def expects_accepted(self) -> bool:
         """Whether an ACCEPTED outcome is expected (only for attacks that push real updates)."""
@@ -364,6 +419,7 @@ class PushStorm(_Storm):
     def bodies(self, ctx: ProtocolContext) -> list[Callable[[], None]]:
         plausible = forge.plausible_update(ctx.registration)
         broken = [forge.malformed_update(ctx.registration, k) for k in forge.MALFORMATIONS]
+        self.first_bursts.expect(len(ctx.members), within=self.timeout + _BACKOFF)
         return [lambda i=i: self._storm(ctx, i, plausible, broken) for i in range(len(ctx.members))]
 
     def _requests(
@@ -388,14 +444,14 @@ class PushStorm(_Storm):
         self, ctx: ProtocolContext, i: int, plausible: pb.SparseUpdate, broken: list[Any]
     ) -> None:
         stub = pb_grpc.ParameterServerStub(ctx.channel())
-        while not ctx.stop.is_set():
-            ctx.wait_turn()
-            calls = [
+
+        def fire() -> list[grpc.Future]:
+            return [
                 stub.PushUpdate.future(r, timeout=self.timeout, metadata=ctx.metadata(i))
                 for r in self._requests(ctx, i, plausible, broken)
             ]
-            _settle(calls, self.tally, _ack_status)
-            ctx.stop.wait(self.pause)
+
+        self._burst_loop(ctx, fire, self.pause, _ack_status)
 
 
 def _wait_done(call: grpc.Call, stop: threading.Event, timeout: float) -> None:
@@ -608,6 +664,7 @@ class Padded(ProtocolAttack):
         if self.oversize_bytes:
             kinds.append((forge.oversized_update(ctx.registration, self.oversize_bytes), b""))
             kinds.append((kinds[0][0], forge.unknown_field(self.oversize_bytes)))
+        self.first_bursts.expect(len(ctx.members), within=self.timeout + _BACKOFF)
         return [lambda i=i: self._send(ctx, i, kinds) for i in range(len(ctx.members))]
 
     def _send(
@@ -615,21 +672,23 @@ class Padded(ProtocolAttack):
     ) -> None:
         channel = ctx.channel([("grpc.max_send_message_length", -1)])
         push = wire_push(channel)
-        n = 0
-        while not ctx.stop.is_set():
-            ctx.wait_turn()
+        sent = 0
+
+        def fire() -> list[grpc.Future]:
+            nonlocal sent
             calls = []
             for _ in range(self.calls):
-                update, padding = kinds[n % len(kinds)]
+                update, padding = kinds[sent % len(kinds)]
                 seq = forge.never_next(ctx.last_seq(i), replay=True)
                 request = pb.PushUpdateRequest(
                     worker_id=ctx.worker_id(i), round=0, seq=seq, update=update
                 )
                 body = request.SerializeToString() + padding
                 calls.append(push.future(body, timeout=self.timeout, metadata=ctx.metadata(i)))
-                n += 1
-            _settle(calls, self.tally, _ack_status)
-            ctx.stop.wait(self.pause)
+                sent += 1
+            return calls
+
+        self._burst_loop(ctx, fire, self.pause, _ack_status)
 
 
 @PROTOCOL_ATTACKS.register("register-storm")
@@ -645,6 +704,7 @@ class RegisterStorm(_Storm):
     """
 
     def bodies(self, ctx: ProtocolContext) -> list[Callable[[], None]]:
+        self.first_bursts.expect(len(ctx.members), within=self.timeout + _BACKOFF)
         return [lambda i=i: self._storm(ctx, i) for i in range(len(ctx.members))]
 
     def _storm(self, ctx: ProtocolContext, i: int) -> None:
@@ -652,14 +712,14 @@ class RegisterStorm(_Storm):
         request = pb.RegisterRequest(
             worker_id=ctx.worker_id(i), config_digest=ctx.registration.config_digest
         )
-        while not ctx.stop.is_set():
-            ctx.wait_turn()
-            calls = [
+
+        def fire() -> list[grpc.Future]:
+            return [
                 stub.Register.future(request, timeout=self.timeout, metadata=ctx.metadata(i))
                 for _ in range(self.calls)
             ]
-            _settle(calls, self.tally)
-            ctx.stop.wait(self.pause)
+
+        self._burst_loop(ctx, fire, self.pause)
 
 
 @PROTOCOL_ATTACKS.register("deadline")
