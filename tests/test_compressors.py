@@ -177,16 +177,26 @@ def test_the_scan_answers_alone_where_its_sample_is_fair_and_declines_elsewhere(
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_the_scan_keeps_the_partition_paths_answer_on_non_finite_rows(bad: float) -> None:
-    """inf is the largest magnitude; NaN is refused exactly as the partition path refuses it."""
+def test_every_large_d_path_ranks_non_finite_values_as_the_sort_does(bad: float) -> None:
+    """inf is the largest magnitude; NaN ranks below every number, on every path (the sort's
+    rule, which "auto" follows for small d too): a row's NaN is sent only when fewer than k
+    numbers are left, and the door then refuses the message (a diverged run stops there)."""
     d = 50_000
     a = torch.randn(1, d)
     a[0, 12_345] = bad
     b = torch.zeros(1, d)
     if math.isnan(bad):
-        for method in ("auto", "numpy"):
-            with pytest.raises(ValueError, match="finite"):
-                TopK(d, k=100, method=method).compress_difference(a, b)
+        expected = topk_indices(a, 100, "sort")
+        assert 12_345 not in expected[0].tolist()
+        for method in ("auto", "numpy", "torch"):
+            batch = TopK(d, k=100, method=method).compress_difference(a, b)
+            assert torch.equal(batch.indices, expected), method
+        nans = torch.full((2, d), math.nan)
+        nans[1, :50] = 1.0  # 50 numbers, then the lowest-index NaNs
+        for method in ("auto", "numpy", "torch", "sort"):
+            chosen = topk_indices(nans, 100, method)
+            assert chosen[0].tolist() == list(range(100)), method
+            assert chosen[1].tolist() == list(range(100)), method
         return
     batch = TopK(d, k=100).compress_difference(a, b)
     assert 12_345 in batch.indices[0].tolist()

@@ -75,6 +75,32 @@ def test_an_honest_non_finite_message_stops_the_run_before_the_engine(value: flo
     assert_unchanged(sim, before)
 
 
+def test_an_honest_nan_gradient_under_top_k_on_a_large_model_stops_the_run() -> None:
+    """A gradient that turned NaN (an overflowed softmax does that at a finite model) reaches the
+    compressor before any message: above SMALL_DIM, Top-k's scan and partition used to raise
+    ValueError there and end a sweep's cell as failed. It ranks NaN below every number, so an
+    all-NaN estimate is sent, refused at the door, and the run stops as diverged."""
+    config = small_config(workers=5, byzantine=1, k=50, rounds=10)
+    config["task"] = {"name": "quadratic", "params": {"dim": 5000}}
+    sim = build_simulation(RunConfig.from_dict(config))
+    original = sim.honest_oracle.grad
+
+    def grad(x: torch.Tensor, batch: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+        g = original(x, batch, out)
+        if sim.engine.round >= 3:
+            g[1] = math.nan
+        return g
+
+    sim.honest_oracle.grad = grad  # type: ignore[method-assign]
+    for _ in range(3):
+        sim.step()
+    before = snapshot(sim)
+    with pytest.raises(NonFiniteMessage, match=r"^round 3: honest worker 1 sent .*nan") as info:
+        sim.step()
+    assert (info.value.round, info.value.worker) == (3, 1)
+    assert_unchanged(sim, before)
+
+
 def test_a_byzantine_non_finite_message_is_refused_and_the_run_goes_on() -> None:
     sim = simulation(attack=GAUSS_OVERFLOW)
     assert sim.byzantine_rows is not None and sim.byzantine_rows.tolist() == [4]

@@ -53,7 +53,9 @@ def _topk_numpy(z: Tensor, k: int) -> Tensor:
     O(d) per row instead of torch.topk's heap. Rows are processed one at a time: a 4 MB row stays
     in cache across abs, partition and compare, which measured ~1.5× faster than one batched
     partition over (w, d). A row with more than k entries ≥ t (ties at t) drops its highest-index
-    ties.
+    ties. A row holding NaN (an honest worker's only on a diverged run) takes the stable sort,
+    which ranks NaN below every number as every other path does: the message then carries NaN
+    only when fewer than k numbers are left, and the door refuses it (the run diverged).
     """
     w, d = z.shape
     zz = z.detach().cpu()
@@ -68,8 +70,8 @@ def _topk_numpy(z: Tensor, k: int) -> Tensor:
         if idx.size > k:
             tied = np.flatnonzero(a[idx] == t)
             idx = np.delete(idx, tied[tied.size - (idx.size - k) :])
-        elif idx.size < k:
-            raise ValueError("Top-k input must be finite")
+        elif idx.size < k:  # NaN compares false with t
+            idx = _topk_sort(torch.from_numpy(rows[r]).unsqueeze(0), k)[0].numpy()
         out[r] = idx
     return torch.from_numpy(out)
 
@@ -140,8 +142,8 @@ def _topk_torch(z: Tensor, k: int) -> Tensor:
     tied = a == t
     need = k - above.sum(dim=1, keepdim=True)
     keep = above | (tied & (tied.cumsum(dim=1) <= need))
-    if int(keep.sum()) != w * k:
-        raise ValueError("Top-k input must be finite")
+    if int(keep.sum()) != w * k:  # NaN compares false with t: rank it as the sort does
+        return _topk_sort(z, k)
     return keep.nonzero()[:, 1].reshape(w, k).to(INDEX_DTYPE)
 
 
