@@ -8,6 +8,7 @@ estimator, and that the write-ahead checkpoint settles a pending update after a 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import grpc
@@ -111,6 +112,29 @@ def test_a_crashed_worker_resumes_from_its_write_ahead_checkpoint(
     restarted.run()
     assert client.last_seq == 12
     torch.testing.assert_close(client.engine.x, expected, rtol=0, atol=0)
+
+
+def test_a_worker_whose_gradient_turned_nan_stops_before_it_saves_or_sends(
+    tmp_path: Path,
+) -> None:
+    """A NaN gradient (an overflowed loss) makes the message NaN: the server would refuse it
+    every round, so the worker stops with WorkerError (exit 2) naming the round, and nothing of
+    that round is checkpointed or pushed."""
+    worker, client = make_worker(tmp_path)
+    original = worker.oracle.grad
+
+    def grad(x: torch.Tensor, batch: object, out: torch.Tensor | None = None) -> torch.Tensor:
+        g = original(x, batch, out)
+        return g.fill_(math.nan) if client.engine.round >= 3 else g
+
+    worker.oracle.grad = grad  # type: ignore[method-assign]
+    for _ in range(3):
+        worker.step()
+    with pytest.raises(WorkerError, match=r"^round 3: the message holds non-finite values"):
+        worker.step()
+    assert client.last_seq == 3 and client.engine.round == 3
+    saved = ckpt.load(tmp_path)
+    assert saved is not None and (saved.pending is None or saved.pending.seq == 3)
 
 
 def test_a_worker_without_its_state_refuses_to_diverge() -> None:

@@ -33,6 +33,7 @@ from byzps.worker.session import (
     Run,
     WorkerError,
     build_run,
+    check_finite_message,
     check_resumable,
     encode_row,
 )
@@ -67,6 +68,7 @@ class HonestWorker:
             log.info("worker %s: final model of round %d received", self.worker_id, r)
             return False
         message = self.estimator.message(x, self.oracle, r)
+        check_finite_message(message, r)
         update = encode_row(message.row(0), self.run_info.config, self.estimator.compressor)
         pending = ckpt.Pending(self.last_seq + 1, r, update)
         self._save(pending)

@@ -49,6 +49,7 @@ from byzps.worker.session import (
     Run,
     WorkerError,
     build_run,
+    check_finite_message,
     commit_applied,
     encode_row,
 )
@@ -117,6 +118,7 @@ class HonestFleet:
         if r >= self.run_info.rounds:
             return False
         message = self.estimator.message(x, self.oracle, r)
+        check_finite_message(message, r)
         config, compressor = self.run_info.config, self.estimator.compressor
         seqs = [s + 1 for s in self.last_seq]
 

@@ -74,6 +74,18 @@ def build_run(reply: pb.RegisterReply) -> Run:
     return Run(config, task)
 
 
+def check_finite_message(message: SparseBatch, round: int) -> None:
+    """WorkerError when an honest message holds NaN or ±inf: its gradient or estimate overflowed,
+    the run diverged. The server's door would refuse it (INVALID_ARGUMENT) and every later round
+    alike, so the worker stops here, before it saves or sends anything, with the reason (exit
+    2) rather than as a refused call; the simulator ends such a run the same way (`diverged`)."""
+    if not bool(torch.isfinite(message.values).all()):
+        raise WorkerError(
+            f"round {round}: the message holds non-finite values (the gradient or the estimate "
+            "overflowed): the run diverged; a smaller algorithm.lr may avoid it"
+        )
+
+
 def encode_row(vec: SparseVector, config: RunConfig, compressor: Compressor | None = None) -> bytes:
     """One message row's SparseUpdate in wire form, lossless: float32 values, or the value dtype
     `compressor` rounded them to, or its packed code (QSGD, natural, sign). Wire bytes, because
