@@ -43,31 +43,41 @@ class ProgressLine:
 @click.option(
     "--overwrite", is_flag=True, help="Replace the results already in --out (else refused)."
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out from its last evaluation (a run is checkpointed at each "
+    "one); a checkpoint of another config starts the run over.",
+)
 @device_option
 def simulate(
     config_path: Path,
     overrides: tuple[str, ...],
     out: Path,
     overwrite: bool,
+    resume: bool,
     device: str | None,
 ) -> None:
     """Run the whole cluster in one process and write metrics.jsonl, summary.json, params.npy."""
     from byzps.common.components import build_run_task
     from byzps.sim.build import build_simulation
+    from byzps.sim.checkpoint import CHECKPOINT
     from byzps.sim.runner import run_simulation
 
+    owned = (*RESULT_FILES, CHECKPOINT)
     config = load_config(config_path, overrides, device)
     if not overwrite:  # refuse at once, before the task's data is loaded
-        claim(out, can_resume=False, owned=RESULT_FILES)
+        claim(out, resume=resume, can_resume=True, owned=owned)
     try:
         task = build_run_task(config)
         simulation = build_simulation(config, task)
     except ConfigError as exc:
         raise click.ClickException(f"{config_path}: {exc}") from None
     lock = RunLock(out, "simulate")  # only now: a run that cannot start leaves nothing behind
-    claim(out, overwrite=overwrite, can_resume=False, owned=RESULT_FILES)
+    claim(out, resume=resume, overwrite=overwrite, can_resume=True, owned=owned)
     with click.progressbar(length=config.run.rounds, label="starting", show_pos=True) as bar:
-        result = run_simulation(config, task, simulation, out, ProgressLine(bar))
+        progress = ProgressLine(bar)
+        result = run_simulation(config, task, simulation, out, progress, checkpoints=True)
     lock.release()
     final = result.final
     if final.get("diverged"):

@@ -251,20 +251,22 @@ def is_done(cell_dir: Path, config: RunConfig) -> bool:
 
 
 def run_cell(cell: Cell, out: Path) -> CellOutcome:
-    """Run one cell into out/<name>/ from scratch with the simulator; never raises, so one bad
+    """Run one cell into out/<name>/ with the simulator, from its last evaluation when a run
+    of it was killed part-way (sim/checkpoint.py), else from scratch; never raises, so one bad
     cell in a process pool cannot stop the others."""
     from byzps.common.components import build_run_task
     from byzps.sim.build import build_simulation
+    from byzps.sim.checkpoint import CHECKPOINT
     from byzps.sim.runner import run_simulation
 
     cell_dir = out / cell.name
     started = time.perf_counter()
     try:
-        if cell_dir.exists():
+        if cell_dir.exists() and not (cell_dir / CHECKPOINT).exists():
             shutil.rmtree(cell_dir)  # a partial or stale run: nothing in it can be trusted
         task = build_run_task(cell.config)
         simulation = build_simulation(cell.config, task)
-        result = run_simulation(cell.config, task, simulation, cell_dir)
+        result = run_simulation(cell.config, task, simulation, cell_dir, checkpoints=True)
     except Exception as exc:
         return CellOutcome(
             cell.name, "failed", time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}"

@@ -23,7 +23,9 @@ from byzps.server.results import (
     write_results,
 )
 from byzps.server.suspicion import SuspicionScores
+from byzps.sim import checkpoint as sim_checkpoint
 from byzps.sim.batched import BatchedSimulation
+from byzps.sim.checkpoint import Resumed
 from byzps.sim.simulation import NonFiniteMessage, Simulation
 
 __all__ = ["RunResult", "evaluate", "round_seconds", "run_batch", "run_simulation", "write_results"]
@@ -49,14 +51,18 @@ class RunRecorder:
         out: Path | None,
         progress: Progress | None,
         started: float,
+        resumed: Resumed | None = None,
     ) -> None:
         self.config, self.task, self.suspicion = config, task, suspicion
         self.out, self.progress, self.started = out, progress, started
+        self.record: dict[str, Any] = {}
+        if resumed is not None:  # its metrics file ends on the checkpoint's record
+            self.started -= resumed.elapsed
+            self.record = resumed.record
         self.file: IO[str] | None = None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            self.file = (out / "metrics.jsonl").open("w")
-        self.record: dict[str, Any] = {}
+            self.file = (out / "metrics.jsonl").open("a" if resumed is not None else "w")
 
     def due(self, round: int) -> bool:
         return round % self.config.run.eval_every == 0 or round == self.config.run.rounds
@@ -93,14 +99,23 @@ def run_simulation(
     simulation: Simulation,
     out: Path | None = None,
     progress: Progress | None = None,
+    *,
+    checkpoints: bool = False,
 ) -> RunResult:
-    """Run `config.run.rounds` rounds, evaluating every `eval_every` rounds and at the end."""
+    """Run `config.run.rounds` rounds, evaluating every `eval_every` rounds and at the end.
+
+    With `checkpoints` (and `out`), the run is checkpointed at every evaluation and, when `out`
+    holds a checkpoint of this config, resumed from it (sim/checkpoint.py)."""
+    resumed = None
+    if checkpoints and out is not None:
+        resumed = sim_checkpoint.resume(out, config, simulation)
     recorder = RunRecorder(
-        config, task, simulation.engine.suspicion, out, progress, time.perf_counter()
+        config, task, simulation.engine.suspicion, out, progress, time.perf_counter(), resumed
     )
     try:
-        recorder.evaluate(simulation.x, 0, simulation.bytes_uplink)
-        for t in range(1, config.run.rounds + 1):
+        if resumed is None:
+            recorder.evaluate(simulation.x, 0, simulation.bytes_uplink)
+        for t in range(simulation.engine.round + 1, config.run.rounds + 1):
             try:
                 simulation.step()
             except NonFiniteMessage as exc:
@@ -108,9 +123,15 @@ def run_simulation(
                 break
             if recorder.due(t):
                 recorder.evaluate(simulation.x, t, simulation.bytes_uplink)
+                if checkpoints and out is not None and t < config.run.rounds:
+                    elapsed = time.perf_counter() - recorder.started
+                    sim_checkpoint.save(out, config, simulation, recorder.record, elapsed)
     finally:
         recorder.close()
-    return recorder.finish(simulation.x, simulation.bytes_uplink)
+    result = recorder.finish(simulation.x, simulation.bytes_uplink)
+    if out is not None:
+        sim_checkpoint.discard(out)
+    return result
 
 
 def run_batch(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -80,6 +81,26 @@ class Simulation:
     @property
     def x(self) -> Tensor:
         return self.engine.x
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every piece of state a round reads, for a resumed run to go on bit for bit
+        (sim/checkpoint.py); the oracles and the door keep none (a round's batches are a function
+        of the seed and the round)."""
+        return {
+            "engine": self.engine.state_dict(),
+            "honest": self.honest.state_dict(),
+            "cohort": None if self.cohort is None else self.cohort.state_dict(),
+            "bytes_total": self.bytes_total,
+            "refused": self.refused,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self.honest.load_state_dict(state["honest"])
+        if self.cohort is not None:
+            self.cohort.load_state_dict(state["cohort"])
+        self.bytes_total = int(state["bytes_total"])
+        self.refused = int(state["refused"])
 
     @property
     def bytes_uplink(self) -> float:
