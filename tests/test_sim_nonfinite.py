@@ -66,12 +66,17 @@ def poison(sim: Simulation, row: int, value: float, at_round: int) -> None:
 def test_an_honest_non_finite_message_stops_the_run_before_the_engine(value: float) -> None:
     sim = simulation()
     poison(sim, row=2, value=value, at_round=3)
+    assert_stops_at_round_3(sim, worker=2, match=r"^round 3: honest worker 2 sent")
+
+
+def assert_stops_at_round_3(sim: Simulation, worker: int, match: str) -> None:
+    """Rounds 0–2 run; round 3 raises NonFiniteMessage naming `worker` and changes nothing."""
     for _ in range(3):
         sim.step()
     before = snapshot(sim)
-    with pytest.raises(NonFiniteMessage, match=r"^round 3: honest worker 2 sent") as info:
+    with pytest.raises(NonFiniteMessage, match=match) as info:
         sim.step()
-    assert (info.value.round, info.value.worker) == (3, 2)
+    assert (info.value.round, info.value.worker) == (3, worker)
     assert_unchanged(sim, before)
 
 
@@ -92,13 +97,7 @@ def test_an_honest_nan_gradient_under_top_k_on_a_large_model_stops_the_run() -> 
         return g
 
     sim.honest_oracle.grad = grad  # type: ignore[method-assign]
-    for _ in range(3):
-        sim.step()
-    before = snapshot(sim)
-    with pytest.raises(NonFiniteMessage, match=r"^round 3: honest worker 1 sent .*nan") as info:
-        sim.step()
-    assert (info.value.round, info.value.worker) == (3, 1)
-    assert_unchanged(sim, before)
+    assert_stops_at_round_3(sim, worker=1, match=r"^round 3: honest worker 1 sent .*nan")
 
 
 def test_a_byzantine_non_finite_message_is_refused_and_the_run_goes_on() -> None:
