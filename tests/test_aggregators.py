@@ -552,6 +552,27 @@ def test_torch_fallback_equals_numba(rule, pre, dtype):
         assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("rule", ["cm", "cwtm", "meamed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_arcs_one_member_rows_in_the_band_kernel_keep_the_torch_bits(rule, dtype):
+    """arc's clipped rows reach the band as a one-member mix, which the band kernel scales in
+    one pass: the torch path's bits exactly (compared as bit patterns, so −0.0 counts), with
+    rows clipped, far (±inf, NaN) and zero, and −0.0 in the columns."""
+    x = sample(4, 13, 40_000, dtype)
+    x[0] *= 1e3  # clipped
+    x[1, :7] = torch.inf
+    x[2, 5:9] = -torch.inf
+    x[3, 11] = torch.nan
+    x[4] = 0.0
+    x[5:, :20] = -0.0
+    outs = []
+    for backend in ("numba", "torch"):
+        with forced_backend(backend):
+            outs.append(build_aggregator(rule, 3, pre=("arc",), seed=1)(x))
+    bits = torch.int64 if dtype == torch.float64 else torch.int32
+    assert torch.equal(outs[0].view(bits), outs[1].view(bits))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("n", "d"), [(1, 5), (3, 1), (8, 123), (20, 123), (13, 16000), (7, 40000)])
 def test_serial_twins_equal_the_parallel_kernels_bitwise(dtype, n, d):

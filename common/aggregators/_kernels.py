@@ -124,6 +124,20 @@ def _band_chunk(
                     buf[i, t] = acc[t] * weight
             if not every:
                 _mix_inexact(x, idx, wts, s, w, exact, acc, buf)
+        elif idx.shape[0] > 0 and idx.shape[1] == 1:
+            # One member a row (arc's clipping scales): `_mixed_row`'s 0.0 + w · x in one pass,
+            # without the float64 row it writes and reads back (the same bits: 0.0 + keeps
+            # −0.0 → +0.0 as the sum does).
+            for i in range(n):
+                weight = wts[i, 0]
+                src = x[idx[i, 0], s : s + w]
+                row = buf[i]
+                if weight == 0.0:
+                    row[:w] = 0.0
+                    continue
+                for t in range(w):
+                    v = 0.0 + weight * src[t]
+                    row[t] = v if v < np.inf else np.inf
         elif idx.shape[0] > 0:
             for i in range(n):
                 _mixed_row(x, idx, wts, i, s, w, acc)
