@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +15,27 @@ from byzps.common.config import ConfigError
 
 
 class ProgressLine:
-    """Updates a click progress bar at every evaluation with round, loss and rounds/s."""
+    """Updates a click progress bar at every evaluation with round, loss and rounds/s — the
+    rate since the previous evaluation, so that a resumed run (whose first call reports the
+    round it resumed at) shows its own speed, not its resumed rounds over seconds."""
 
-    def __init__(self, bar: Any) -> None:
+    def __init__(self, bar: Any, clock: Callable[[], float] = time.perf_counter) -> None:
         self.bar = bar
-        self.started = time.perf_counter()
+        self.clock = clock
+        self.last_time = clock()
         self.last_round = 0
+        self.seen = False  # a rate needs an earlier evaluation to count from
 
     def __call__(self, round: int, record: dict[str, Any]) -> None:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        now = self.clock()
         parts = [f"loss {record['train_loss']:.5f}"]
         if "test_accuracy" in record:
             parts.append(f"acc {record['test_accuracy']:.4f}")
-        parts.append(f"{round / elapsed:,.0f} rounds/s")
+        if self.seen and round > self.last_round and now > self.last_time:
+            parts.append(f"{(round - self.last_round) / (now - self.last_time):,.0f} rounds/s")
         self.bar.label = " | ".join(parts)
         self.bar.update(round - self.last_round)
-        self.last_round = round
+        self.last_round, self.last_time, self.seen = round, now, True
 
 
 @click.command()

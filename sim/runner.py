@@ -115,6 +115,8 @@ def run_simulation(
     try:
         if resumed is None:
             recorder.evaluate(simulation.x, 0, simulation.bytes_uplink)
+        elif progress is not None:
+            progress(resumed.round, resumed.record)  # where the run stands again
         for t in range(simulation.engine.round + 1, config.run.rounds + 1):
             try:
                 simulation.step()

@@ -113,3 +113,26 @@ def test_single_run_speed_ups_keep_the_a9a_trajectory_bit_for_bit(
         reference = trajectory()
     for t, (a, b) in enumerate(zip(fast, reference, strict=True)):
         assert torch.equal(a, b), f"round {t}" if t < rounds else "final x"
+
+
+def test_the_progress_line_shows_the_rate_since_the_last_evaluation() -> None:
+    """A resumed run's first report is the round it resumed at: the rate counts from there, not
+    from round 0 (which would count the rounds run before the kill as this process's)."""
+    from byzps.cli.simulate import ProgressLine
+
+    class Bar:
+        label, pos = "", 0
+
+        def update(self, n: int) -> None:
+            self.pos += n
+
+    now = [100.0]
+    bar = Bar()
+    line = ProgressLine(bar, clock=lambda: now[0])
+    now[0] = 5000.0  # resumed at round 4000 after a long time
+    line(4000, {"train_loss": 0.5})
+    assert bar.pos == 4000 and "rounds/s" not in bar.label
+    now[0] += 2.0
+    line(4500, {"train_loss": 0.4, "test_accuracy": 0.8})
+    assert bar.pos == 4500
+    assert bar.label == "loss 0.40000 | acc 0.8000 | 250 rounds/s"
