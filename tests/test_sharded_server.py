@@ -82,6 +82,7 @@ def compare(reference: Path, sharded: Path, aggregator: str) -> None:
             assert b["suspicion"] == pytest.approx(a["suspicion"], abs=1e-6)
 
 
+@pytest.mark.slow  # three whole runs (~60 s); the flooding test keeps two shards in the default
 def test_two_shards_give_one_servers_model(tmp_path: Path, procs: Processes) -> None:
     """NNM∘cm under bit flipping, with suspicion scores: two shards, one model."""
     extra = {"aggregator": {"suspicion_halflife": 5.0}}
