@@ -401,3 +401,27 @@ def test_a_member_backing_off_pauses_the_attacks_and_cancels_held_calls() -> Non
     now[0] += Priority.GRACE + 0.01
     waiter.join(5)
     assert not waiter.is_alive()
+
+
+def test_the_first_push_waits_for_each_burst_loops_first_answer_and_no_longer() -> None:
+    """A burst attack holds the members' first push until every loop's first burst was
+    answered; a loop that never answers holds it only `within` seconds, and once."""
+    attack = PROTOCOL_ATTACKS.get("push-storm")()
+    ctx = type("Ctx", (), {"stop": threading.Event()})()
+    attack.hold_push(ctx, 0, 0.0)  # nothing announced: no wait at all
+    attack.first_bursts.expect(2, within=30.0)
+    holder = threading.Thread(target=attack.hold_push, args=(ctx, 0, 0.0))
+    holder.start()
+    attack.first_bursts.answered()
+    holder.join(0.3)
+    assert holder.is_alive()  # one loop has not been answered yet
+    attack.first_bursts.answered()
+    holder.join(5)
+    assert not holder.is_alive()
+    attack.first_bursts.expect(1, within=0.2)
+    began = time.monotonic()
+    attack.hold_push(ctx, 0, 0.0)  # never answered: gives up after `within`
+    assert 0.15 < time.monotonic() - began < 5
+    began = time.monotonic()
+    attack.hold_push(ctx, 1, 0.0)  # and does not wait again
+    assert time.monotonic() - began < 0.1
