@@ -27,6 +27,7 @@ import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -146,6 +147,40 @@ class BatchedSimulation:
     @property
     def size(self) -> int:
         return len(self.engines)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every piece of state a round of the batch reads (sim/checkpoint.py): the stacked
+        rule, each engine (its rule a view of the stacked one, so loading writes through it),
+        the stacked estimators and cohort, and each run's counters and stop."""
+        return {
+            "rule": self.rule.state_dict(),
+            "engines": [engine.state_dict() for engine in self.engines],
+            "honest": self.honest.state_dict(),
+            "cohort": None if self.cohort is None else self.cohort.state_dict(),
+            "runs": [
+                {
+                    "bytes_total": run.bytes_total,
+                    "refused": run.refused,
+                    "stopped": None if run.stopped is None else run.stopped.saved(),
+                }
+                for run in self.runs
+            ],
+            "round": self.round,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rule.load_state_dict(state["rule"])
+        for engine, saved in zip(self.engines, state["engines"], strict=True):
+            engine.load_state_dict(saved)
+        self.honest.load_state_dict(state["honest"])
+        if self.cohort is not None:
+            self.cohort.load_state_dict(state["cohort"])
+        for run, saved in zip(self.runs, state["runs"], strict=True):
+            run.bytes_total = int(saved["bytes_total"])
+            run.refused = int(saved["refused"])
+            stopped = saved["stopped"]
+            run.stopped = None if stopped is None else NonFiniteMessage.restored(*stopped)
+        self.round = int(state["round"])
 
     def x(self, run: int) -> Tensor:
         return self.engines[run].x

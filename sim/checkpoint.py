@@ -1,30 +1,34 @@
-"""Mid-run checkpoints of a simulated run, so that a long cell killed part-way (a session's end,
+"""Mid-run checkpoints of simulated runs, so that a long run killed part-way (a session's end,
 an OOM kill, a reboot) resumes from its last evaluation instead of from round 0.
 
-Why at evaluations: metrics.jsonl then ends on the checkpoint's round (a record written after
-it, before a crash, is dropped on resume and written again), so a resumed run's files are the
-uninterrupted run's, bit for bit but for the wall times. What is saved is every piece of state a
-round reads (Simulation.state_dict: the engine's model, states and aggregator, the door, the
-honest estimators, the Byzantine cohort, torch's global generator), under the run config's
-digest: a checkpoint of another config is never resumed, the run starts over instead.
+Why at evaluations: each run's metrics.jsonl then ends on the checkpoint's round (a record
+written after it, before a crash, is dropped on resume and written again), so a resumed run's
+files are the uninterrupted run's, bit for bit but for the wall times. What is saved is every
+piece of state a round reads (the `state_dict` of a Simulation or a BatchedSimulation: models,
+server states and aggregators, the honest estimators, the Byzantine cohort), torch's global
+generator, and each run's last record, under a digest of the run configs: a checkpoint of other
+configs is never resumed, the runs start over instead.
 
-The file is written atomically (a crash leaves the old checkpoint or the new one) and removed
-once the run's results are written; a finished run is recognised by its summary.json.
+One run keeps OUT/checkpoint.pt; a batch of a sweep keeps one file for the whole batch beside
+its cells (`batch_path`). Either is written atomically (a crash leaves the old checkpoint or
+the new one) and removed once the results are written; a finished run is recognised by its
+summary.json.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from byzps.common.config import RunConfig
 from byzps.server.checkpoint import save_atomic
-from byzps.sim.simulation import Simulation
 
 log = logging.getLogger(__name__)
 
@@ -32,55 +36,86 @@ CHECKPOINT = "checkpoint.pt"
 FORMAT = "byzps-sim-1"
 
 
+class Stateful(Protocol):
+    """A Simulation or a BatchedSimulation: its state, and the round it stands at."""
+
+    @property
+    def round(self) -> int: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass(frozen=True)
 class Resumed:
-    """Where a resumed run stands: its last evaluation's round and record, and the seconds it
-    had run (its wall clock goes on from there)."""
+    """Where a resumed run stands: its last evaluation's record (the round it ended on, for a
+    run of a batch that stopped early) and the seconds it had run (its wall clock goes on)."""
 
-    round: int
     record: dict[str, Any]
     elapsed: float
 
 
+def digest(configs: Sequence[RunConfig]) -> str:
+    """What a checkpoint must match: the configs' digests, in order."""
+    return hashlib.sha256("|".join(c.digest() for c in configs).encode()).hexdigest()
+
+
+def batch_path(directory: Path, configs: Sequence[RunConfig]) -> Path:
+    """The checkpoint of a batch of runs whose cells live in `directory`."""
+    return directory / f"batch-{digest(configs)[:16]}.pt"
+
+
 def save(
-    out: Path, config: RunConfig, simulation: Simulation, record: dict[str, Any], elapsed: float
+    path: Path,
+    configs: Sequence[RunConfig],
+    target: Stateful,
+    records: Sequence[dict[str, Any]],
+    elapsed: float,
 ) -> None:
-    """Checkpoint `simulation` right after its evaluation `record` was written."""
+    """Checkpoint `target` right after its runs' evaluation `records` were written."""
     state = {
         "format": FORMAT,
-        "digest": config.digest(),
-        "simulation": simulation.state_dict(),
+        "digest": digest(configs),
+        "state": target.state_dict(),
         "rng": torch.get_rng_state(),
-        "record": json.dumps(record),
+        "records": json.dumps(list(records)),
         "elapsed": elapsed,
     }
-    save_atomic(state, out / CHECKPOINT)
+    save_atomic(state, path)
 
 
-def resume(out: Path, config: RunConfig, simulation: Simulation) -> Resumed | None:
-    """Load out/checkpoint.pt into `simulation` and cut metrics.jsonl back to its round; None
-    (nothing changed) when there is no checkpoint of this config."""
-    path = out / CHECKPOINT
+def resume(
+    path: Path,
+    configs: Sequence[RunConfig],
+    target: Stateful,
+    outs: Sequence[Path | None],
+) -> list[Resumed] | None:
+    """Load `path` into `target` and cut each run's metrics.jsonl (in `outs`) back to the
+    round the loaded target stands at; None (nothing changed) when there is no checkpoint of
+    these configs."""
     if not path.exists():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as exc:
-        log.warning("%s: unreadable (%s); starting the run over", path, exc)
+        log.warning("%s: unreadable (%s); starting over", path, exc)
         return None
-    if state.get("format") != FORMAT or state.get("digest") != config.digest():
-        log.warning("%s: another run's checkpoint; starting the run over", path)
+    if state.get("format") != FORMAT or state.get("digest") != digest(configs):
+        log.warning("%s: another run's checkpoint; starting over", path)
         return None
-    simulation.load_state_dict(state["simulation"])
+    target.load_state_dict(state["state"])
     torch.set_rng_state(state["rng"])
-    record = json.loads(state["record"])
-    _truncate_metrics(out / "metrics.jsonl", simulation.engine.round)
-    return Resumed(simulation.engine.round, record, float(state["elapsed"]))
+    records = json.loads(state["records"])
+    for out in outs:
+        if out is not None:
+            _truncate_metrics(out / "metrics.jsonl", target.round)
+    return [Resumed(record, float(state["elapsed"])) for record in records]
 
 
-def discard(out: Path) -> None:
-    """Remove the checkpoint of a run whose results are written."""
-    (out / CHECKPOINT).unlink(missing_ok=True)
+def discard(path: Path) -> None:
+    """Remove the checkpoint of runs whose results are written."""
+    path.unlink(missing_ok=True)
 
 
 def _truncate_metrics(path: Path, round: int) -> None:

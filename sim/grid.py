@@ -299,17 +299,20 @@ def run_batch_of_cells(cells: list[Cell], out: Path) -> list[CellOutcome]:
         return [run_cell(cells[0], out)]
     from byzps.common.components import build_run_task
     from byzps.sim.batched import build_batched_simulation
+    from byzps.sim.checkpoint import batch_path
     from byzps.sim.runner import run_batch
 
     started = time.perf_counter()
     try:
-        for cell in cells:
-            if (out / cell.name).exists():
-                shutil.rmtree(out / cell.name)
         configs = [cell.config for cell in cells]
+        checkpoint = batch_path(out, configs)
+        for cell in cells:
+            if (out / cell.name).exists() and not checkpoint.exists():
+                shutil.rmtree(out / cell.name)
         tasks = [build_run_task(config) for config in configs]
         batch = build_batched_simulation(configs, tasks)
-        results = run_batch(configs, tasks, batch, [out / cell.name for cell in cells])
+        outs = [out / cell.name for cell in cells]
+        results = run_batch(configs, tasks, batch, outs, checkpoint)
     except Exception as exc:
         names = ", ".join(cell.name for cell in cells)
         print(f"batch failed ({type(exc).__name__}: {exc}); alone: {names}", file=sys.stderr)

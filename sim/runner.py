@@ -106,18 +106,25 @@ def run_simulation(
 
     With `checkpoints` (and `out`), the run is checkpointed at every evaluation and, when `out`
     holds a checkpoint of this config, resumed from it (sim/checkpoint.py)."""
+    path = None if out is None or not checkpoints else out / sim_checkpoint.CHECKPOINT
     resumed = None
-    if checkpoints and out is not None:
-        resumed = sim_checkpoint.resume(out, config, simulation)
+    if path is not None:
+        resumed = sim_checkpoint.resume(path, [config], simulation, [out])
     recorder = RunRecorder(
-        config, task, simulation.engine.suspicion, out, progress, time.perf_counter(), resumed
+        config,
+        task,
+        simulation.engine.suspicion,
+        out,
+        progress,
+        time.perf_counter(),
+        None if resumed is None else resumed[0],
     )
     try:
         if resumed is None:
             recorder.evaluate(simulation.x, 0, simulation.bytes_uplink)
         elif progress is not None:
-            progress(resumed.round, resumed.record)  # where the run stands again
-        for t in range(simulation.engine.round + 1, config.run.rounds + 1):
+            progress(simulation.round, recorder.record)  # where the run stands again
+        for t in range(simulation.round + 1, config.run.rounds + 1):
             try:
                 simulation.step()
             except NonFiniteMessage as exc:
@@ -125,14 +132,14 @@ def run_simulation(
                 break
             if recorder.due(t):
                 recorder.evaluate(simulation.x, t, simulation.bytes_uplink)
-                if checkpoints and out is not None and t < config.run.rounds:
+                if path is not None and t < config.run.rounds:
                     elapsed = time.perf_counter() - recorder.started
-                    sim_checkpoint.save(out, config, simulation, recorder.record, elapsed)
+                    sim_checkpoint.save(path, [config], simulation, [recorder.record], elapsed)
     finally:
         recorder.close()
     result = recorder.finish(simulation.x, simulation.bytes_uplink)
-    if out is not None:
-        sim_checkpoint.discard(out)
+    if path is not None:
+        sim_checkpoint.discard(path)
     return result
 
 
@@ -141,18 +148,25 @@ def run_batch(
     tasks: Sequence[Task],
     batch: BatchedSimulation,
     outs: Sequence[Path | None],
+    checkpoint: Path | None = None,
 ) -> list[RunResult]:
     """Run a batch to the end (sim/batched.py): every run's files as it would write them alone;
-    a run that diverges stops there while the others go on."""
+    a run that diverges stops there while the others go on. With `checkpoint`, the batch is
+    checkpointed there at every evaluation and resumed from it when it holds these configs'."""
     started = time.perf_counter()
+    resumed = None
+    if checkpoint is not None:
+        resumed = sim_checkpoint.resume(checkpoint, configs, batch, outs)
     recorders = [
-        RunRecorder(c, t, e.suspicion, out, None, started)
-        for c, t, e, out in zip(configs, tasks, batch.engines, outs, strict=True)
+        RunRecorder(c, t, e.suspicion, out, None, started, None if resumed is None else resumed[r])
+        for r, (c, t, e, out) in enumerate(zip(configs, tasks, batch.engines, outs, strict=True))
     ]
+    rounds = configs[0].run.rounds
     try:
-        for r, recorder in enumerate(recorders):
-            recorder.evaluate(batch.x(r), 0, batch.bytes_uplink(r))
-        for t in range(1, configs[0].run.rounds + 1):
+        if resumed is None:
+            for r, recorder in enumerate(recorders):
+                recorder.evaluate(batch.x(r), 0, batch.bytes_uplink(r))
+        for t in range(batch.round + 1, rounds + 1):
             if not batch.running:
                 break
             was_running = [run.stopped is None for run in batch.runs]
@@ -167,7 +181,14 @@ def run_batch(
                     )
                 elif recorder.due(t):
                     recorder.evaluate(batch.x(r), t, batch.bytes_uplink(r))
+            if checkpoint is not None and recorders[0].due(t) and t < rounds and batch.running:
+                elapsed = time.perf_counter() - recorders[0].started  # since round 0
+                records = [recorder.record for recorder in recorders]
+                sim_checkpoint.save(checkpoint, configs, batch, records, elapsed)
     finally:
         for recorder in recorders:
             recorder.close()
-    return [rec.finish(batch.x(r), batch.bytes_uplink(r)) for r, rec in enumerate(recorders)]
+    results = [rec.finish(batch.x(r), batch.bytes_uplink(r)) for r, rec in enumerate(recorders)]
+    if checkpoint is not None:
+        sim_checkpoint.discard(checkpoint)
+    return results

@@ -28,6 +28,17 @@ class NonFiniteMessage(RuntimeError):
         self.round = round
         self.worker = worker
 
+    def saved(self) -> list[Any]:
+        """[round, worker, message], for a checkpoint (`restored` reads it back)."""
+        return [self.round, self.worker, str(self)]
+
+    @classmethod
+    def restored(cls, round: int, worker: int, message: str) -> NonFiniteMessage:
+        stopped = cls.__new__(cls)
+        RuntimeError.__init__(stopped, message)
+        stopped.round, stopped.worker = int(round), int(worker)
+        return stopped
+
 
 def check_finite(messages: SparseBatch, rows: Tensor, round: int, refused: Tensor) -> None:
     """Raise NonFiniteMessage naming the first refused row of `messages` (engine row `rows[i]`):
@@ -81,6 +92,11 @@ class Simulation:
     @property
     def x(self) -> Tensor:
         return self.engine.x
+
+    @property
+    def round(self) -> int:
+        """The round the run stands at (its engine's)."""
+        return self.engine.round
 
     def state_dict(self) -> dict[str, Any]:
         """Every piece of state a round reads, for a resumed run to go on bit for bit

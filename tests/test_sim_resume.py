@@ -149,3 +149,66 @@ def test_byzps_simulate_killed_with_sigkill_resumes_with_resume(tmp_path: Path) 
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert records(out) == records(whole)
     assert np.load(out / "params.npy").tobytes() == np.load(whole / "params.npy").tobytes()
+
+
+def batch_configs(kind: str) -> list[RunConfig]:
+    """Three runs that share a batch: a9a with a cohort (seeds and step sizes differ), or the
+    quadratic where γ = 1e6 makes the third run diverge before round 10 (the checkpoint the
+    resume starts from) while the others go on."""
+    if kind == "a9a-cohort":
+        runs = [config_with(run={"seed": s}, algorithm={"lr": lr}) for s, lr in
+                [(0, 0.5), (1, 0.2), (2, 0.05)]]  # fmt: skip
+    else:
+        base = {
+            "run": {"seed": 0, "rounds": 30, "eval_every": 5},
+            "task": {"name": "quadratic", "params": {"dim": 50}},
+            "cluster": {"workers": 3},
+            "algorithm": {"name": "byz-dm21", "eta": 1.0},
+            "compressor": {"name": "identity"},
+            "aggregator": {"name": "mean"},
+        }
+        runs = [base | {"algorithm": base["algorithm"] | {"lr": lr}} for lr in (0.1, 0.05, 1e6)]
+    return [RunConfig.from_dict(run) for run in runs]
+
+
+@pytest.mark.parametrize("kind", ["a9a-cohort", "quadratic-one-diverges"])
+def test_a_killed_batch_resumes_to_the_same_end(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep's batch, killed right after its evaluation at round 15 (before that checkpoint),
+    resumes from round 10 through `run_batch_of_cells` and ends as the uninterrupted batch:
+    every run's records and model, the diverged run's stop included."""
+    from byzps.sim import checkpoint as sim_checkpoint
+    from byzps.sim.batched import build_batched_simulation
+    from byzps.sim.checkpoint import batch_path
+    from byzps.sim.grid import run_batch_of_cells
+    from byzps.sim.runner import run_batch
+
+    configs = batch_configs(kind)
+    cells = [Cell(f"run{r}", {}, config) for r, config in enumerate(configs)]
+    whole = run_batch_of_cells(cells, tmp_path / "whole")
+    assert all(outcome.status == "run" and outcome.batch == 3 for outcome in whole), whole
+    out = tmp_path / "killed"
+    saved = sim_checkpoint.save
+
+    def save_then_die(path: Path, configs: Any, target: Any, *args: Any) -> None:
+        if target.round == 15:
+            raise Killed
+        saved(path, configs, target, *args)
+
+    monkeypatch.setattr(sim_checkpoint, "save", save_then_die)
+    tasks = [build_run_task(config) for config in configs]
+    batch = build_batched_simulation(configs, tasks)
+    with pytest.raises(Killed):
+        run_batch(configs, tasks, batch, [out / c.name for c in cells], batch_path(out, configs))
+    monkeypatch.setattr(sim_checkpoint, "save", saved)
+    assert batch_path(out, configs).exists()
+    resumed = run_batch_of_cells(cells, out)
+    assert all(outcome.status == "run" and outcome.batch == 3 for outcome in resumed), resumed
+    for cell in cells:
+        assert records(out / cell.name) == records(tmp_path / "whole" / cell.name), cell.name
+        got = np.load(out / cell.name / "params.npy")
+        assert got.tobytes() == np.load(tmp_path / "whole" / cell.name / "params.npy").tobytes()
+    assert not batch_path(out, configs).exists()
+    if kind == "quadratic-one-diverges":  # stopped at round 7, before the checkpoint of 10
+        assert metrics(out / "run2")[-1]["round"] < 10 and "diverged" in metrics(out / "run2")[-1]
