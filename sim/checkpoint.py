@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ from byzps.server.checkpoint import save_atomic
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-FORMAT = "byzps-sim-1"
+FORMAT = "byzps-sim-2"
+_KEYS = ("format", "digest", "state", "rng", "records", "elapsed")
 
 
 class Stateful(Protocol):
@@ -98,10 +100,13 @@ def resume(
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         log.warning("%s: unreadable (%s); starting over", path, exc)
         return None
-    if state.get("format") != FORMAT or state.get("digest") != digest(configs):
+    if not isinstance(state, dict) or any(key not in state for key in _KEYS):
+        log.warning("%s: not a checkpoint of format %s; starting over", path, FORMAT)
+        return None
+    if state["format"] != FORMAT or state["digest"] != digest(configs):
         log.warning("%s: another run's checkpoint; starting over", path)
         return None
     target.load_state_dict(state["state"])

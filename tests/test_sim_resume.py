@@ -212,3 +212,20 @@ def test_a_killed_batch_resumes_to_the_same_end(
     assert not batch_path(out, configs).exists()
     if kind == "quadratic-one-diverges":  # stopped at round 7, before the checkpoint of 10
         assert metrics(out / "run2")[-1]["round"] < 10 and "diverged" in metrics(out / "run2")[-1]
+
+
+def test_a_checkpoint_that_is_not_one_is_not_loaded(tmp_path: Path) -> None:
+    """A cut or foreign file where the checkpoint belongs: the run starts over, from round 0."""
+    import torch
+
+    config = RunConfig.from_dict(CONFIGS["dm21-nnm-cm-alie"])
+    run(config, tmp_path / "fresh")
+    for name, content in {"cut": b"\x80\x02garbage", "foreign": None}.items():
+        out = tmp_path / name
+        out.mkdir()
+        if content is None:
+            torch.save({"format": "byzps-sim-1", "simulation": {}}, out / CHECKPOINT)
+        else:
+            (out / CHECKPOINT).write_bytes(content)
+        run(config, out)
+        assert records(out) == records(tmp_path / "fresh"), name
