@@ -27,7 +27,8 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,16 +263,34 @@ def run_cell(cell: Cell, out: Path) -> CellOutcome:
     cell_dir = out / cell.name
     started = time.perf_counter()
     try:
-        if cell_dir.exists() and not (cell_dir / CHECKPOINT).exists():
-            shutil.rmtree(cell_dir)  # a partial or stale run: nothing in it can be trusted
-        task = build_run_task(cell.config)
-        simulation = build_simulation(cell.config, task)
-        result = run_simulation(cell.config, task, simulation, cell_dir, checkpoints=True)
+        with cell_locks(out, [cell]):
+            if cell_dir.exists() and not (cell_dir / CHECKPOINT).exists():
+                shutil.rmtree(cell_dir)  # a partial or stale run: nothing in it can be trusted
+            task = build_run_task(cell.config)
+            simulation = build_simulation(cell.config, task)
+            result = run_simulation(cell.config, task, simulation, cell_dir, checkpoints=True)
     except Exception as exc:
         return CellOutcome(
             cell.name, "failed", time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}"
         )
     return CellOutcome(cell.name, "run", time.perf_counter() - started, final=result.final)
+
+
+@contextmanager
+def cell_locks(out: Path, cells: list[Cell]) -> Iterator[None]:
+    """Hold OUT/<name>.lock of every cell while they run (RunDirError, naming the holder's PID,
+    when another process holds one): two processes never write one cell — a second sweep on the
+    same directory, or a worker a killed sweep left behind, which goes on with its cell."""
+    from byzps.cli.rundir import RunLock  # the lock `byzps simulate` and `server` hold on --out
+
+    locks: list[RunLock] = []
+    try:
+        for cell in cells:
+            locks.append(RunLock(out, cell.name))
+        yield
+    finally:
+        for lock in locks:
+            lock.release()
 
 
 def plan_batches(cells: list[Cell], size: int) -> list[list[Cell]]:
@@ -304,15 +323,16 @@ def run_batch_of_cells(cells: list[Cell], out: Path) -> list[CellOutcome]:
 
     started = time.perf_counter()
     try:
-        configs = [cell.config for cell in cells]
-        checkpoint = batch_path(out, configs)
-        for cell in cells:
-            if (out / cell.name).exists() and not checkpoint.exists():
-                shutil.rmtree(out / cell.name)
-        tasks = [build_run_task(config) for config in configs]
-        batch = build_batched_simulation(configs, tasks)
-        outs = [out / cell.name for cell in cells]
-        results = run_batch(configs, tasks, batch, outs, checkpoint)
+        with cell_locks(out, cells):
+            configs = [cell.config for cell in cells]
+            checkpoint = batch_path(out, configs)
+            for cell in cells:
+                if (out / cell.name).exists() and not checkpoint.exists():
+                    shutil.rmtree(out / cell.name)
+            tasks = [build_run_task(config) for config in configs]
+            batch = build_batched_simulation(configs, tasks)
+            outs = [out / cell.name for cell in cells]
+            results = run_batch(configs, tasks, batch, outs, checkpoint)
     except Exception as exc:
         names = ", ".join(cell.name for cell in cells)
         print(f"batch failed ({type(exc).__name__}: {exc}); alone: {names}", file=sys.stderr)

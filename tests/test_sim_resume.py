@@ -220,7 +220,7 @@ def test_a_checkpoint_that_is_not_one_is_not_loaded(tmp_path: Path) -> None:
 
     config = RunConfig.from_dict(CONFIGS["dm21-nnm-cm-alie"])
     run(config, tmp_path / "fresh")
-    for name, content in {"cut": b"\x80\x02garbage", "foreign": None}.items():
+    for name, content in {"cut": b"\x80\x02garbage", "text": b"not torch", "foreign": None}.items():
         out = tmp_path / name
         out.mkdir()
         if content is None:
@@ -229,3 +229,30 @@ def test_a_checkpoint_that_is_not_one_is_not_loaded(tmp_path: Path) -> None:
             (out / CHECKPOINT).write_bytes(content)
         run(config, out)
         assert records(out) == records(tmp_path / "fresh"), name
+
+
+def test_a_cell_another_process_runs_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """Two processes never write one cell: a cell whose lock another process holds (a second
+    sweep on the directory, or a worker a killed sweep left behind) fails here, naming the
+    holder, and its directory — checkpoint and all — is not touched."""
+    from byzps.cli.rundir import RunLock
+    from byzps.sim.grid import run_batch_of_cells
+
+    config = RunConfig.from_dict(CONFIGS["dm21-nnm-cm-alie"])
+    cell = Cell("cell", {}, config)
+    (tmp_path / "cell").mkdir()
+    (tmp_path / "cell" / CHECKPOINT).write_bytes(b"the other process's")
+    held = RunLock(tmp_path, "cell")
+    try:
+        outcome = run_cell(cell, tmp_path)
+        assert outcome.status == "failed" and "in use by another byzps process" in str(
+            outcome.error
+        )
+        other = Cell("other", {}, RunConfig.from_dict(CONFIGS["dm21-nnm-cm-alie"] | {"run": {
+            "seed": 9, "rounds": 30, "eval_every": 5}}))  # fmt: skip
+        outcomes = run_batch_of_cells([cell, other], tmp_path)
+        assert [o.status for o in outcomes] == ["failed", "run"], [o.error for o in outcomes]
+    finally:
+        held.release()
+    assert (tmp_path / "cell" / CHECKPOINT).read_bytes() == b"the other process's"
+    assert run_cell(cell, tmp_path).status == "run"  # once it is free
