@@ -5,9 +5,9 @@ Why at evaluations: each run's metrics.jsonl then ends on the checkpoint's round
 written after it, before a crash, is dropped on resume and written again), so a resumed run's
 files are the uninterrupted run's, bit for bit but for the wall times. What is saved is every
 piece of state a round reads (the `state_dict` of a Simulation or a BatchedSimulation: models,
-server states and aggregators, the honest estimators, the Byzantine cohort), torch's global
-generator, and each run's last record, under a digest of the run configs: a checkpoint of other
-configs is never resumed, the runs start over instead.
+server states and aggregators, the honest estimators, the Byzantine cohort) and torch's global
+generator, under a digest of the run configs: a checkpoint of other configs is never resumed,
+the runs start over instead. Each run's last record is the last line its cut metrics file keeps.
 
 One run keeps OUT/checkpoint.pt; a batch of a sweep keeps one file for the whole batch beside
 its cells (`batch_path`). Either is written atomically (a crash leaves the old checkpoint or
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "byzps-sim-2"
-_KEYS = ("format", "digest", "state", "rng", "records", "elapsed")
+_KEYS = ("format", "digest", "state", "rng", "elapsed")
 
 
 class Stateful(Protocol):
@@ -67,20 +67,14 @@ def batch_path(directory: Path, configs: Sequence[RunConfig]) -> Path:
     return directory / f"batch-{digest(configs)[:16]}.pt"
 
 
-def save(
-    path: Path,
-    configs: Sequence[RunConfig],
-    target: Stateful,
-    records: Sequence[dict[str, Any]],
-    elapsed: float,
-) -> None:
-    """Checkpoint `target` right after its runs' evaluation `records` were written."""
+def save(path: Path, configs: Sequence[RunConfig], target: Stateful, elapsed: float) -> None:
+    """Checkpoint `target` right after its runs' evaluations were written (`elapsed` seconds
+    into the run)."""
     state = {
         "format": FORMAT,
         "digest": digest(configs),
         "state": target.state_dict(),
         "rng": torch.get_rng_state(),
-        "records": json.dumps(list(records)),
         "elapsed": elapsed,
     }
     save_atomic(state, path)
@@ -93,8 +87,8 @@ def resume(
     outs: Sequence[Path | None],
 ) -> list[Resumed] | None:
     """Load `path` into `target` and cut each run's metrics.jsonl (in `outs`) back to the
-    round the loaded target stands at; None (nothing changed) when there is no checkpoint of
-    these configs."""
+    round the loaded target stands at, the last record kept being where that run stands; None
+    (nothing changed) when there is no checkpoint of these configs."""
     if not path.exists():
         return None
     try:
@@ -110,11 +104,11 @@ def resume(
         return None
     target.load_state_dict(state["state"])
     torch.set_rng_state(state["rng"])
-    records = json.loads(state["records"])
-    for out in outs:
-        if out is not None:
-            _truncate_metrics(out / "metrics.jsonl", target.round)
-    return [Resumed(record, float(state["elapsed"])) for record in records]
+    elapsed = float(state["elapsed"])
+    return [
+        Resumed({} if out is None else _cut_metrics(out / "metrics.jsonl", target.round), elapsed)
+        for out in outs
+    ]
 
 
 def discard(path: Path) -> None:
@@ -122,9 +116,10 @@ def discard(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _truncate_metrics(path: Path, round: int) -> None:
-    """Keep the records up to `round` (the checkpoint's), and no cut last line."""
-    kept = []
+def _cut_metrics(path: Path, round: int) -> dict[str, Any]:
+    """Keep the records up to `round` (the checkpoint's), and no cut last line; the last one
+    kept ({} when none is)."""
+    kept, last = [], {}
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
             record = json.loads(line)
@@ -133,4 +128,6 @@ def _truncate_metrics(path: Path, round: int) -> None:
         if record["round"] > round:
             break
         kept.append(line + "\n")
+        last = record
     path.write_text("".join(kept))
+    return last

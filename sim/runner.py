@@ -78,10 +78,14 @@ class RunRecorder:
             self.progress(record["round"], record)
         self.record = record
 
+    def elapsed(self) -> float:
+        """Seconds the run has run, those before a resume included."""
+        return time.perf_counter() - self.started
+
     def finish(self, x: Any, bytes_uplink: float) -> RunResult:
         """Close the metrics file and write summary.json and params.npy."""
         self.close()
-        wall = round_seconds(time.perf_counter() - self.started)
+        wall = round_seconds(self.elapsed())
         result = RunResult(int(self.record["round"]), wall, self.record, params_array(x))
         if self.out is not None:
             write_results(self.out, self.config, result, bytes_uplink)
@@ -133,8 +137,7 @@ def run_simulation(
             if recorder.due(t):
                 recorder.evaluate(simulation.x, t, simulation.bytes_uplink)
                 if path is not None and t < config.run.rounds:
-                    elapsed = time.perf_counter() - recorder.started
-                    sim_checkpoint.save(path, [config], simulation, [recorder.record], elapsed)
+                    sim_checkpoint.save(path, [config], simulation, recorder.elapsed())
     finally:
         recorder.close()
     result = recorder.finish(simulation.x, simulation.bytes_uplink)
@@ -182,9 +185,7 @@ def run_batch(
                 elif recorder.due(t):
                     recorder.evaluate(batch.x(r), t, batch.bytes_uplink(r))
             if checkpoint is not None and recorders[0].due(t) and t < rounds and batch.running:
-                elapsed = time.perf_counter() - recorders[0].started  # since round 0
-                records = [recorder.record for recorder in recorders]
-                sim_checkpoint.save(checkpoint, configs, batch, records, elapsed)
+                sim_checkpoint.save(checkpoint, configs, batch, recorders[0].elapsed())
     finally:
         for recorder in recorders:
             recorder.close()
