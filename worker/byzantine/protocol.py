@@ -291,6 +291,15 @@ class ProtocolAttack(ABC):
         del round, arrived
         self.first_bursts.wait(ctx.stop)
 
+    def _burst_bodies(
+        self, ctx: ProtocolContext, timeout: float, loop: Callable[[int], None]
+    ) -> list[Callable[[], None]]:
+        """One body per member, `loop(member)` (a `_burst_loop`), announced to `first_bursts`:
+        the first push waits for as many first answers, at most a call's `timeout` and a
+        backoff."""
+        self.first_bursts.expect(len(ctx.members), within=timeout + _BACKOFF)
+        return _per_member(ctx, 1, lambda i, _: loop(i))
+
     def _burst_loop(
         self,
         ctx: ProtocolContext,
@@ -299,7 +308,7 @@ class ProtocolAttack(ABC):
         name: Callable[[Any], str] | None = None,
     ) -> None:
         """Until the stop: wait for the cohort's turn, `fire` a burst of calls, count how each
-        ended (`_settle`), pause. `bodies` announces its loops with `first_bursts.expect`."""
+        ended (`_settle`), pause. `bodies` makes these loops with `_burst_bodies`."""
         first = True
         while not ctx.stop.is_set():
             ctx.wait_turn()
@@ -419,8 +428,9 @@ class PushStorm(_Storm):
     def bodies(self, ctx: ProtocolContext) -> list[Callable[[], None]]:
         plausible = forge.plausible_update(ctx.registration)
         broken = [forge.malformed_update(ctx.registration, k) for k in forge.MALFORMATIONS]
-        self.first_bursts.expect(len(ctx.members), within=self.timeout + _BACKOFF)
-        return [lambda i=i: self._storm(ctx, i, plausible, broken) for i in range(len(ctx.members))]
+        return self._burst_bodies(
+            ctx, self.timeout, lambda i: self._storm(ctx, i, plausible, broken)
+        )
 
     def _requests(
         self, ctx: ProtocolContext, i: int, plausible: pb.SparseUpdate, broken: list[Any]
@@ -664,8 +674,7 @@ class Padded(ProtocolAttack):
         if self.oversize_bytes:
             kinds.append((forge.oversized_update(ctx.registration, self.oversize_bytes), b""))
             kinds.append((kinds[0][0], forge.unknown_field(self.oversize_bytes)))
-        self.first_bursts.expect(len(ctx.members), within=self.timeout + _BACKOFF)
-        return [lambda i=i: self._send(ctx, i, kinds) for i in range(len(ctx.members))]
+        return self._burst_bodies(ctx, self.timeout, lambda i: self._send(ctx, i, kinds))
 
     def _send(
         self, ctx: ProtocolContext, i: int, kinds: list[tuple[pb.SparseUpdate, bytes]]
@@ -704,8 +713,7 @@ class RegisterStorm(_Storm):
     """
 
     def bodies(self, ctx: ProtocolContext) -> list[Callable[[], None]]:
-        self.first_bursts.expect(len(ctx.members), within=self.timeout + _BACKOFF)
-        return [lambda i=i: self._storm(ctx, i) for i in range(len(ctx.members))]
+        return self._burst_bodies(ctx, self.timeout, lambda i: self._storm(ctx, i))
 
     def _storm(self, ctx: ProtocolContext, i: int) -> None:
         stub = pb_grpc.ParameterServerStub(ctx.channel())
