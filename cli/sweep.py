@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -23,12 +26,32 @@ from byzps.sim.grid import (
     run_batch_of_cells,
 )
 
+#: How often a pool worker checks that the sweep that started it is still alive.
+PARENT_CHECK_SECONDS = 1.0
 
-def _single_thread() -> None:
-    """Pool initializer: N processes each using every core would oversubscribe the machine."""
+
+def _pool_worker(sweep_pid: int) -> None:
+    """Pool initializer: one thread for torch and numba, and exit when the sweep dies.
+
+    N processes each using every core would oversubscribe the machine (numba's pool too: its
+    kernels sum fixed chunks in a fixed order, so the thread count changes no bit). A sweep
+    killed with SIGKILL cannot stop its pool, and the workers would go on running cells no one
+    reads, holding their cells' locks against the next sweep; so each worker watches its parent
+    and exits (as if killed: checkpoints and locks are made for that) once it is gone.
+    """
+    import numba
     import torch
 
     torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    threading.Thread(target=_exit_with, args=(sweep_pid,), daemon=True).start()
+
+
+def _exit_with(sweep_pid: int) -> None:
+    """Wait for the process `sweep_pid` to stop being this one's parent, then exit at once."""
+    while os.getppid() == sweep_pid:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)
 
 
 def _shown(path: Path) -> str:
@@ -48,7 +71,9 @@ def _run_all(batches: list[list[Cell]], out: Path, jobs: int) -> Iterator[CellOu
             yield from run_batch_of_cells(batch, out)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_single_thread) as pool:
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_pool_worker, initargs=(os.getpid(),)
+    ) as pool:
         futures = {pool.submit(run_batch_of_cells, batch, out): batch for batch in batches}
         for future in as_completed(futures):
             try:

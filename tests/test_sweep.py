@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from cluster_helpers import wait_for
 from configs import small_config, to_toml
 
 from byzps.cli.main import main
@@ -285,3 +288,49 @@ def test_a_batch_that_fails_falls_back_to_its_cells_alone(
     outcomes = run_batch_of_cells(cells, tmp_path / "out")
     assert [o.status for o in outcomes] == ["run", "run"] and {o.batch for o in outcomes} == {1}
     assert "batch failed (RuntimeError: boom); alone:" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    """The PIDs `pid` started (Linux /proc)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (an orphan's new parent may be slow to reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_sweep_killed_with_sigkill_takes_its_pool_workers_with_it(tmp_path: Path) -> None:
+    """Killed with SIGKILL, a sweep cannot stop its pool: each worker notices its parent is gone
+    and exits within seconds, releasing its cell's lock, instead of running cells no one reads
+    and refusing them to the next sweep (an orphaned worker used to run to the end)."""
+    from byzps.cli.rundir import RunLock
+    from byzps.cli.sweep import PARENT_CHECK_SECONDS
+
+    endless = TINY_GRID.replace("[fixed]", '[fixed]\n"run.rounds" = 100000000')
+    grid = write_grid(tmp_path, endless)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "byzps.cli.main", "sweep", "--grid", str(grid)]
+    args += ["--out", str(out), "--jobs", "2", "--batch", "1"]
+    sweep = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        locks = wait_for(lambda: len(list(out.glob("*.lock"))) >= 2 and list(out.glob("*.lock")),
+                         120, "two cells running")  # fmt: skip
+        workers = [pid for pid in _children(sweep.pid) if _running(pid)]
+    finally:
+        sweep.kill()
+        sweep.wait(timeout=10)
+    assert len(workers) >= 2, workers  # the pool's two workers (and spawn's resource tracker)
+    try:
+        wait_for(lambda: not any(_running(pid) for pid in workers),
+                 10 * PARENT_CHECK_SECONDS + 10, "the orphaned pool workers to exit")  # fmt: skip
+    finally:  # never leave them running, even when the test fails
+        for pid in filter(_running, workers):
+            os.kill(pid, signal.SIGKILL)
+    for lock in locks:  # each cell is free for the next sweep
+        RunLock(out, lock.name.removesuffix(".lock")).release()
