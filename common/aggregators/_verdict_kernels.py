@@ -18,25 +18,35 @@ def band_discount(raw, mix, a, b, slide):  # pragma: no cover - compiled
     an empty mix means r = raw[:, t]) rounded to raw's dtype, NaN as +inf; the band = sorted
     ranks a+σ..b+σ−1 (stable: ties in row order), σ = Σ_{j<slide} [v_{b+j} − m < m − v_{a+j}]
     with m the median, as `_kernels.band_mean` chooses it; each band row weighs 1/(b − a),
-    each raw input w_i = Σ_{j ∈ band} mix[j, i]/(b − a); then δ_i = mean_t (1 − min(1, n0·w_i))."""
+    each raw input w_i = Σ_{j ∈ band} mix[j, i]/(b − a); then δ_i = mean_t (1 − min(1, n0·w_i)).
+
+    The mixed rows are computed first for all columns, row by row: each column's sum is a chain
+    of dependent float64 additions, and running the columns side by side (not one column's n
+    rows after another) lets them overlap — ~3x faster at (20, 123), the same terms added in the
+    same order, so the same bits."""
     n0, count = raw.shape
     mixed = mix.shape[0] > 0
     n = mix.shape[0] if mixed else n0
     width = b - a
+    rows = raw
+    if mixed:
+        rows = np.empty((n, count), raw.dtype)
+        acc = np.empty(count)
+        for j in range(n):
+            acc[:] = 0.0
+            for k in range(n0):
+                if mix[j, k] != 0.0:
+                    for t in range(count):
+                        acc[t] += mix[j, k] * np.float64(raw[k, t])
+            for t in range(count):
+                rows[j, t] = acc[t]  # rounded to raw's dtype, as band_mean's mixing does
     values = np.empty(n, raw.dtype)
     order = np.empty(n, np.int64)
     weights = np.empty(n0)
     total = np.zeros(n0)
     for t in range(count):
         for j in range(n):
-            if mixed:
-                acc = 0.0
-                for k in range(n0):
-                    if mix[j, k] != 0.0:
-                        acc += mix[j, k] * np.float64(raw[k, t])
-                values[j] = acc  # rounded to raw's dtype, as band_mean's mixing does
-            else:
-                values[j] = raw[j, t]
+            values[j] = rows[j, t]
             if np.isnan(values[j]):
                 values[j] = np.inf
         for j in range(n):  # a stable insertion sort of the row indices: n is small
