@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from byzps.common.aggregators.ops import threads_for
 from byzps.common.attacks import build_attack
 from byzps.common.attacks.cohort import ByzantineCohort
 from byzps.common.components import (
@@ -197,6 +198,10 @@ class BatchedSimulation:
 
     def step(self) -> None:
         """One round of every run still running."""
+        with threads_for(self.engines[0].x.numel()):
+            self._step()
+
+    def _step(self) -> None:
         t = self.round
         h = self.honest_rows.numel() // self.size
         messages = self.honest.message(self._models(h), self.honest_oracle, t)

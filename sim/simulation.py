@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from byzps.common.aggregators.ops import threads_for
 from byzps.common.attacks.cohort import ByzantineCohort
 from byzps.common.estimators.base import Estimator, GradientOracle
 from byzps.common.sparse import SparseBatch
@@ -125,6 +126,10 @@ class Simulation:
 
     def step(self) -> Tensor:
         """Run one round; returns the aggregate ĝ."""
+        with threads_for(self.engine.x.numel()):
+            return self._step()
+
+    def _step(self) -> Tensor:
         t = self.engine.round
         x = self.engine.x
         honest_messages = self.honest.message(x, self.honest_oracle, t)

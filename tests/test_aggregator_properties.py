@@ -538,7 +538,7 @@ def check(case: Case, out: np.ndarray) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_numba_thread() -> Iterator[None]:
-    """Tiny inputs run single-threaded anyway (ops._threads_for); starting there saves the
+    """Tiny inputs run single-threaded anyway (ops.threads_for); starting there saves the
     switch back and forth on every kernel call, a third of a small aggregation's time."""
     previous = numba.get_num_threads()
     numba.set_num_threads(1)

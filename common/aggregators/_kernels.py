@@ -503,7 +503,7 @@ def _serial_twin(kernel, name):
     """`kernel`'s Python function compiled without `parallel`: its prange runs as a plain loop.
 
     For inputs of one chunk, where there is nothing to share: entering a parallel region (and
-    `ops._threads_for`'s switch to one thread around it) costs more than a 20 × 123 pass itself.
+    `ops.threads_for`'s switch to one thread around it) costs more than a 20 × 123 pass itself.
     Only for kernels compiled with fastmath off, whose chunks are independent: the twin then does
     the same operations in the same order, and its output is bitwise the kernel's (a test checks
     it). A kernel with reassociation (the Gram's) may vectorise differently when compiled serially,

@@ -44,10 +44,12 @@ def forced_backend(backend: Backend) -> Iterator[None]:
 
 
 @contextmanager
-def _threads_for(columns: int) -> Iterator[None]:
+def threads_for(columns: int) -> Iterator[None]:
     """One numba thread for inputs of a single chunk: there is no parallel work to share, and
     waking numba's pool between torch ops makes the two thread pools fight over the cores (seen
-    as a 30x slower simulator round on a 2-core machine)."""
+    as a 30x slower simulator round on a 2-core machine). The simulator wraps a whole round of a
+    small model in it, so the switch is paid once a round, not around each of its kernels
+    (their own `threads_for` then finds one thread and does nothing)."""
     previous = numba.get_num_threads()
     if columns > _kernels.CHUNK or previous == 1:
         yield
@@ -60,7 +62,7 @@ def _threads_for(columns: int) -> Iterator[None]:
 
 
 def _single_chunk(x: Tensor) -> bool:
-    """True when `_threads_for` would run x's pass on one thread: the serial twins of the
+    """True when `threads_for` would run x's pass on one thread: the serial twins of the
     kernels without reassociation (`_kernels._serial_twin`) then do it, bitwise the same, without
     entering a parallel region."""
     return x.shape[1] <= _kernels.CHUNK
@@ -97,7 +99,7 @@ def band_mean(
         else:
             kernel = _kernels.band_mean_serial if serial else _kernels.band_mean
             args = (x.numpy(), idx, wts, network, a, b, slide, block, out)
-        with nullcontext() if serial else _threads_for(x.shape[1]):
+        with nullcontext() if serial else threads_for(x.shape[1]):
             kernel(*args)
         return torch.from_numpy(out)
     rw_or_none = rw if exc.shape[0] > 0 else None
@@ -284,7 +286,7 @@ def _local_gram(x: Tensor, extra: Tensor | None, centre: Tensor | None) -> np.nd
         extra_data = data[:0] if extra is None else extra.numpy()
         origin = data[0, :0] if centre is None else centre.numpy()
         block = _kernels.gram_block(x.shape[0] + extra_data.shape[0])
-        with _threads_for(x.shape[1]):
+        with threads_for(x.shape[1]):
             return _kernels.centred_gram(data, extra_data, origin, block)
     if extra is None:
         extra = x[:0]
@@ -320,7 +322,7 @@ def sq_norms(x: Tensor) -> np.ndarray:
     NaN): the one pass the norm-based rules (cge, clip, arc) make over unmixed rows; on a
     shard, over every shard's columns."""
     if _use_numba(x) and x.shape[1] > 0:
-        with _threads_for(x.shape[1]):
+        with threads_for(x.shape[1]):
             return collective.all_sum(_kernels.sq_norms(x.numpy()))
     return collective.all_sum(x.double().square().sum(dim=1).cpu().numpy())
 
@@ -346,7 +348,7 @@ def combine(
         if _single_chunk(x):
             _kernels.combine_serial(data, weights, extra_data, extra_weights, out)
         else:
-            with _threads_for(x.shape[1]):
+            with threads_for(x.shape[1]):
                 _kernels.combine(data, weights, extra_data, extra_weights, out)
         return torch.from_numpy(out)
     acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
@@ -370,7 +372,7 @@ def mix_rows(x: Tensor, mix: np.ndarray) -> Tensor:
         data = x.numpy()
         out = np.empty((mix.shape[0], x.shape[1]), dtype=data.dtype)
         serial = _single_chunk(x)
-        with nullcontext() if serial else _threads_for(x.shape[1]):
+        with nullcontext() if serial else threads_for(x.shape[1]):
             if exc.shape[0] > 0:
                 kernel = _kernels.mix_rows_complement
                 kernel = _kernels.mix_rows_complement_serial if serial else kernel

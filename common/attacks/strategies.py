@@ -9,6 +9,7 @@ rather than the robust aggregator's statistics.
 
 from __future__ import annotations
 
+import functools
 import math
 from statistics import NormalDist
 
@@ -46,6 +47,7 @@ def _check_magnitude(attack: str, value: float, limit: float, limit_name: str) -
     return float(value)
 
 
+@functools.cache  # a run asks it every round with the same n and m
 def alie_z(n: int, m: int) -> float:
     """ALIE's z (Baruch et al. 2019): z = Φ⁻¹((n − m − s)/(n − m)), s = ⌊n/2 + 1⌋ − m.
 
