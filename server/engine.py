@@ -36,6 +36,7 @@ from torch import Tensor
 
 from byzps.common._state_kernels import changed_entries
 from byzps.common.aggregators.base import Aggregator
+from byzps.common.aggregators.verdict import Verdict
 from byzps.common.components import (
     build_run_aggregator,
     build_run_task,
@@ -132,10 +133,16 @@ class RoundEngine:
                 self._dirty.append(touched.clone())
         self.rule.absorb(rows, messages, self.round)
 
-    def close_round(self) -> Tensor:
-        """Aggregate, step the model, advance the round; returns the aggregate ĝ (a new tensor)."""
-        columns = self._dirty_columns()
-        if columns is None:
+    def close_round(self, aggregated: tuple[Tensor, Verdict | None] | None = None) -> Tensor:
+        """Aggregate, step the model, advance the round; returns the aggregate ĝ (a new tensor).
+
+        `aggregated`: ĝ of this round's candidates and its verdict, when they were computed
+        elsewhere — a batched simulation aggregates all its runs in one call
+        (`RowsAggregator.aggregate_runs`, bitwise this engine's own aggregation)."""
+        if aggregated is not None:
+            aggregate, self.aggregator.last_verdict = aggregated
+            delta = self._changes(aggregate) if self.delta_limit >= 0 else None
+        elif (columns := self._dirty_columns()) is None:
             aggregate = self.aggregator(self.rule.candidates)
             delta = self._changes(aggregate) if self.delta_limit >= 0 else None
         else:

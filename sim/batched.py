@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 
 from byzps.common.aggregators.ops import threads_for
+from byzps.common.aggregators.runs import NotBatched
+from byzps.common.aggregators.verdict import Verdict
 from byzps.common.attacks import build_attack
 from byzps.common.attacks.cohort import ByzantineCohort
 from byzps.common.components import (
@@ -215,14 +217,30 @@ class BatchedSimulation:
         self._count_bytes(messages, keep, h)
         if self.cohort is not None:
             self._byzantine_round(t)
-        aggregates = []
-        for run, engine in zip(self.runs, self.engines, strict=True):
-            if run.stopped is None:
-                aggregates.append(engine.close_round())
+        live = [r for r, run in enumerate(self.runs) if run.stopped is None]
+        aggregated = self._aggregate_runs(live)
+        aggregates = [self.engines[r].close_round(aggregated.get(r)) for r in live]
         if self.cohort is not None and aggregates:
             # Row-wise rules (ROW_WISE_RULES) close without reading the aggregate.
             self.cohort.close_round(torch.stack(aggregates), t)
         self.round += 1
+
+    def _aggregate_runs(self, live: list[int]) -> dict[int, tuple[Tensor, Verdict | None]]:
+        """The live runs' aggregates and verdicts in one call where the rule batches runs
+        (`RowsAggregator.aggregate_runs`: bitwise each engine's own); empty where it does not,
+        or where some run needs the one-run path this round: each engine then aggregates."""
+        aggregator = self.engines[0].aggregator
+        if not live or not getattr(aggregator, "batches_runs", False):
+            return {}
+        n = self.engines[0].num_workers
+        stacked = self.rule.candidates.view(self.size, n, -1)
+        if len(live) < self.size:
+            stacked = stacked.index_select(0, torch.tensor(live))
+        try:
+            aggregates, verdicts = aggregator.aggregate_runs(stacked)
+        except NotBatched:
+            return {}
+        return {r: (aggregates[i], verdicts[i]) for i, r in enumerate(live)}
 
     @property
     def running(self) -> bool:

@@ -47,6 +47,11 @@ CASES = {
         attack={"name": "alie", "knowledge": "cohort"},
     ),
     "no-attack": variant(attack={"name": "na"}),
+    # Rows of norm 1e30 make nnm's mean-centred Gram imprecise: the runs are aggregated one by
+    # one (aggregators/runs.NotBatched) in the rounds where they are.
+    "dm21-scale-nnm-meamed": variant(
+        attack={"name": "scale", "params": {"magnitude": 1e30}}, aggregator={"name": "meamed"}
+    ),
     # Perm-K's permutation is shared by a run's workers: each run's rows get their own.
     "dm21-permk": variant(compressor={"name": "permk", "k": None}),
     "quadratic-gauss": variant(
@@ -133,3 +138,38 @@ def test_only_seed_and_lr_may_differ() -> None:
     )
     with pytest.raises(ConfigError, match="reads the aggregate"):
         build_batched_simulation([marina], [build_run_task(marina)])
+
+
+@pytest.mark.parametrize(
+    ("case", "batched_rounds"),
+    [("dm21-alie-nnm-cm", range(25, 30)), ("dm21-scale-nnm-meamed", range(0, 1))],
+)
+def test_the_runs_are_aggregated_in_one_call_unless_one_needs_its_own(
+    case: str, batched_rounds: range, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's band rules aggregate all runs at once (aggregators/runs.py), and fall back to
+    one call per run in rounds where some run's inputs need it: round 0 here, where a run's
+    rows coincide (its Gram is then recentred on the median), and under the 1e30 rows of the
+    scale attack."""
+    from byzps.common.aggregators.rule import RowsAggregator
+    from byzps.common.aggregators.runs import NotBatched
+
+    outcomes: list[str] = []
+    batched = RowsAggregator.aggregate_runs
+
+    def counted(self: RowsAggregator, x: Any) -> Any:
+        try:
+            result = batched(self, x)
+        except NotBatched:
+            outcomes.append("refused")
+            raise
+        outcomes.append("batched")
+        return result
+
+    monkeypatch.setattr(RowsAggregator, "aggregate_runs", counted)
+    configs = configs_of(CASES[case])
+    batch = build_batched_simulation(configs, [build_run_task(c) for c in configs])
+    for _ in range(30):
+        batch.step()
+    assert len(outcomes) == 30 and outcomes[0] == "refused"
+    assert outcomes.count("batched") in batched_rounds

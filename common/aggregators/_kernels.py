@@ -301,6 +301,32 @@ def band_mean_complement(  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True, fastmath=False)
+def band_mean_runs(  # pragma: no cover - compiled
+    x, idx, wts, exc, rw, by_complement, network, a, b, slide, block, out
+):
+    """`band_mean` (or, where by_complement[r], `band_mean_complement`) of each of R runs at
+    once: out[r] from x[r] (n0, d) mixed by run r's lists idx[r], wts[r] (exc[r], rw[r]), one
+    parallel task per run and chunk. The lists are padded to the longest run's (zero weights,
+    −1 exclusions), which the mixing skips, so each run's output is bitwise what the two
+    kernels give it alone: the same `_band_chunk` on the same values (`aggregators.runs`)."""
+    no_exc = np.empty((0, 0), dtype=np.int64)
+    no_rw = np.empty(0, dtype=np.float64)
+    chunk = max(1, CHUNK // block) * block
+    chunks = (x.shape[2] + chunk - 1) // chunk
+    for task in prange(x.shape[0] * chunks):
+        r = task // chunks
+        c = task - r * chunks
+        if by_complement[r]:
+            _band_chunk(
+                x[r], idx[r], wts[r], exc[r], rw[r], network, a, b, slide, block, chunk, c, out[r]
+            )
+        else:
+            _band_chunk(
+                x[r], idx[r], wts[r], no_exc, no_rw, network, a, b, slide, block, chunk, c, out[r]
+            )
+
+
+@njit(parallel=True, cache=True, fastmath=False)
 def mix_rows_complement(x, idx, wts, exc, rw, out):  # pragma: no cover - compiled
     """out[i] = the mixed row i of `band_mean_complement` (same exactness rule, same values),
     NaN left as it is: in exact columns rw[i] · (total − Σ excluded), elsewhere Σ_k wts[i, k] ·
@@ -520,6 +546,7 @@ band_mean_serial = _serial_twin(band_mean, "band_mean_serial")
 band_mean_complement_serial = _serial_twin(band_mean_complement, "band_mean_complement_serial")
 mix_rows_complement_serial = _serial_twin(mix_rows_complement, "mix_rows_complement_serial")
 combine_serial = _serial_twin(combine, "combine_serial")
+band_mean_runs_serial = _serial_twin(band_mean_runs, "band_mean_runs_serial")
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})

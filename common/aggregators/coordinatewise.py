@@ -44,6 +44,7 @@ class _RankBandMean(MajorityRule):
     """
 
     coordinatewise = True
+    batches_runs = True
 
     @abstractmethod
     def band(self, n: int, f: int) -> tuple[int, int]:
@@ -111,6 +112,7 @@ class MeanAroundMedian(MajorityRule):
     """
 
     coordinatewise = True
+    batches_runs = True
 
     def aggregate(self, rows: Rows, f: int) -> Tensor:
         n = rows.n

@@ -17,9 +17,10 @@ from byzps.common.aggregators import _kernels
 
 def pairwise_sq_dists(gram: np.ndarray, far: np.ndarray | None = None) -> np.ndarray:
     """(n, n) matrix of ‖y_i − y_j‖² = G_ii + G_jj − 2 G_ij; +inf in the rows and columns of
-    `far` rows (bool mask), whose Gram entries carry no distance."""
-    diag = np.diag(gram)
-    dists = np.maximum(diag[:, None] + diag[None, :] - 2.0 * gram, 0.0)
+    `far` rows (bool mask), whose Gram entries carry no distance. A stack of Grams (R, n, n)
+    without far rows gives the stack of matrices, each entry the same operations as alone."""
+    diag = np.diagonal(gram, axis1=-2, axis2=-1)
+    dists = np.maximum(diag[..., :, None] + diag[..., None, :] - 2.0 * gram, 0.0)
     if far is not None and far.any():
         dists[far, :] = np.inf
         dists[:, far] = np.inf

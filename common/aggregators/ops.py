@@ -68,7 +68,7 @@ def _single_chunk(x: Tensor) -> bool:
     return x.shape[1] <= _kernels.CHUNK
 
 
-def _use_numba(x: Tensor) -> bool:
+def use_numba(x: Tensor) -> bool:
     backend = _BACKEND.get()
     eligible = x.is_cpu and x.dtype in _NUMBA_DTYPES
     if backend == "numba" and not eligible:
@@ -88,7 +88,7 @@ def band_mean(
     n = idx.shape[0] if idx.shape[0] > 0 else x.shape[0]
     network = window_network(n, a, b, slide)
     exc, rw = complement(x, idx, wts)
-    if _use_numba(x):
+    if use_numba(x):
         out = np.empty(x.shape[1], dtype=x.numpy().dtype)
         block = _kernels.block_size(n, x.element_size())
         serial = _single_chunk(x)
@@ -281,7 +281,7 @@ def _local_gram(x: Tensor, extra: Tensor | None, centre: Tensor | None) -> np.nd
     if x.shape[1] == 0:  # a shard may hold none of a column sample (dnc)
         m = x.shape[0] + (0 if extra is None else extra.shape[0])
         return np.zeros((m, m))
-    if _use_numba(x):
+    if use_numba(x):
         data = x.numpy()
         extra_data = data[:0] if extra is None else extra.numpy()
         origin = data[0, :0] if centre is None else centre.numpy()
@@ -321,7 +321,7 @@ def sq_norms(x: Tensor) -> np.ndarray:
     """(n,) float64 ‖x_i‖², summed in float64 (+inf for a row holding ±inf; NaN for one holding
     NaN): the one pass the norm-based rules (cge, clip, arc) make over unmixed rows; on a
     shard, over every shard's columns."""
-    if _use_numba(x) and x.shape[1] > 0:
+    if use_numba(x) and x.shape[1] > 0:
         with threads_for(x.shape[1]):
             return collective.all_sum(_kernels.sq_norms(x.numpy()))
     return collective.all_sum(x.double().square().sum(dim=1).cpu().numpy())
@@ -341,7 +341,7 @@ def combine(
     if extra is None or extra_weights is None:
         extra, extra_weights = None, np.zeros(0)
     extra_weights = np.ascontiguousarray(extra_weights, dtype=np.float64)
-    if _use_numba(x):
+    if use_numba(x):
         data = x.numpy()
         out = np.empty(x.shape[1], dtype=data.dtype)
         extra_data = data[:0] if extra is None else extra.numpy()
@@ -368,7 +368,7 @@ def mix_rows(x: Tensor, mix: np.ndarray) -> Tensor:
     subset sums are exact, w · (total − Σ excluded); elsewhere `combine`'s sum, bit for bit."""
     idx, wts = sparse_mix(mix)
     exc, rw = complement(x, idx, wts)
-    if _use_numba(x):
+    if use_numba(x):
         data = x.numpy()
         out = np.empty((mix.shape[0], x.shape[1]), dtype=data.dtype)
         serial = _single_chunk(x)

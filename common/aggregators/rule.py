@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from torch import Tensor
 
 from byzps.common.aggregators.base import AGGREGATORS, Aggregator
 from byzps.common.aggregators.rows import Rows, as_matrix
+from byzps.common.aggregators.runs import NotBatched, RunsRows
+from byzps.common.aggregators.verdict import Verdict
 from byzps.common.registry import Registry
 
 A = TypeVar("A", bound=type[Aggregator])
@@ -23,11 +25,25 @@ A = TypeVar("A", bound=type[Aggregator])
 class RowsAggregator(Aggregator):
     """An aggregator whose work is done by `aggregate(rows, f)`; `__call__` validates and wraps."""
 
+    #: True when `aggregate` asks only what `RunsRows` serves (a band of the rows, nnm's
+    #: distances) and keeps no state, so `aggregate_runs` can aggregate several runs at once.
+    batches_runs: ClassVar[bool] = False
+
     def __call__(self, x: Tensor) -> Tensor:
         rows = Rows(as_matrix(x))
         out = self.aggregate(rows, self.f)
         self.last_verdict = rows.verdict()
         return out
+
+    def aggregate_runs(self, x: Tensor) -> tuple[Tensor, list[Verdict | None]]:
+        """(R, d) the aggregates of R runs' inputs x (R, n, d), each bitwise `self(x[r])`, and
+        each run's verdict (what `last_verdict` would be); `NotBatched` when this rule, these
+        inputs or one run's values need the one-run path (byzps.common.aggregators.runs)."""
+        if not self.batches_runs:
+            raise NotBatched(f"{self.name} aggregates one run at a time")
+        rows = RunsRows(x)
+        out = self.aggregate(rows, self.f)  # type: ignore[arg-type]
+        return out, rows.verdicts()
 
     def check(self, n: int, f: int) -> None:
         """ValueError, naming f and n, when f Byzantine inputs among n exceed what the rule

@@ -70,14 +70,26 @@ class NearestNeighborMixing(Wrapper):
         first (its diagonal set to −inf), then its nearest, ties to the lower index; far rows'
         +inf distances sort last.
         """
-        n = rows.n
-        self.check(n, f)
-        dists = rows.pairwise_sq_dists()
-        dists.flat[:: n + 1] = -np.inf  # the diagonal
-        nearest = np.argsort(dists, axis=1, kind="stable")[:, : n - f]
-        mix = np.zeros((n, n))
-        mix[np.arange(n)[:, None], nearest] = 1.0 / (n - f)
-        return mix
+        self.check(rows.n, f)
+        return nearest_mix(rows.pairwise_sq_dists(), f)
+
+    @property
+    def batches_runs(self) -> bool:  # type: ignore[override]
+        """Mixing asks only for distances, which `RunsRows` serves: as the base rule batches."""
+        return self.base.batches_runs
+
+
+def nearest_mix(dists: np.ndarray, f: int) -> np.ndarray:
+    """nnm's mix from squared distances (n, n), or from a stack of them (R, n, n) (each its own
+    mix, as alone): 1/(n − f) on each row's n − f nearest, the row itself first, then by
+    distance, ties to the lower index (one stable argsort; `dists` is modified)."""
+    n = dists.shape[-1]
+    dists[..., np.arange(n), np.arange(n)] = -np.inf  # the diagonal
+    nearest = np.argsort(dists, axis=-1, kind="stable")[..., : n - f]
+    mix = np.zeros(dists.shape)
+    flat, chosen = mix.reshape(-1, n), nearest.reshape(-1, n - f)  # one fancy assignment
+    flat[np.arange(flat.shape[0])[:, None], chosen] = 1.0 / (n - f)
+    return mix
 
 
 @register("bucketing", WRAPPERS)

@@ -1,0 +1,82 @@
+"""Several runs aggregated in one call (`RowsAggregator.aggregate_runs`, aggregators/runs.py) give
+each run bitwise what the rule gives it alone, and refuse (NotBatched) what they cannot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from byzps.common.aggregators import build_aggregator
+from byzps.common.aggregators._kernels import CHUNK
+from byzps.common.aggregators.ops import forced_backend
+from byzps.common.aggregators.runs import NotBatched
+
+BATCHED = [("cm", []), ("cwtm", []), ("meamed", []), ("cm", ["nnm"]), ("cwtm", ["nnm"]),
+           ("meamed", ["nnm"])]  # fmt: skip
+
+
+def runs_input(runs: int, n: int, d: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """R runs' rows: gaussian, one run with a row 1e3 times larger (still a precise Gram), one
+    with small integers (ties in every column), one with ±inf and NaN entries."""
+    gen = torch.Generator().manual_seed(runs * n + d)
+    x = torch.randn(runs, n, d, generator=gen, dtype=dtype)
+    x[1, 2] *= 1e3
+    if runs > 2:
+        x[2] = torch.randint(-2, 3, (n, d), generator=gen).to(dtype)
+    if runs > 3:
+        x[3, 0, ::7] = torch.inf
+        x[3, 1, ::5] = torch.nan
+    return x
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().numpy().tobytes()
+
+
+@pytest.mark.parametrize(("name", "pre"), BATCHED, ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("n", "f", "d", "dtype"),
+    [(20, 8, 123, torch.float32), (7, 2, 3 * CHUNK + 5, torch.float32), (9, 3, 64, torch.float64)],
+    ids=["a9a-shape", "several-chunks", "float64"],
+)
+def test_each_run_gets_bitwise_its_own_aggregate_and_verdict(
+    name: str, pre: list[str], n: int, f: int, d: int, dtype: torch.dtype
+) -> None:
+    rule = build_aggregator(name, f, pre=pre, n=n)
+    x = runs_input(3 if "nnm" in pre else 4, n, d, dtype)  # nnm: inf rows are not batched
+    together, verdicts = rule.aggregate_runs(x)
+    for r in range(x.shape[0]):
+        alone = rule(x[r].clone())
+        assert bits(together[r]) == bits(alone), f"run {r}"
+        own = rule.last_verdict
+        assert own is not None and verdicts[r] is not None
+        assert bits(torch.from_numpy(verdicts[r].discount(x[r], None))) == bits(
+            torch.from_numpy(own.discount(x[r], None))
+        )
+
+
+@pytest.mark.parametrize(
+    ("why", "rule", "x"),
+    [
+        # One run's huge row makes its mean-centred Gram imprecise: Rows recentres it on the
+        # median, which RunsRows leaves to the one-run path.
+        ("median centre", ("cm", ["nnm"]), runs_input(3, 20, 123).index_put_(
+            (torch.tensor(1), torch.tensor(0)), torch.tensor(3e38))),
+        ("non-finite rows", ("cm", ["nnm"]), runs_input(4, 20, 123)),
+        ("not a band", ("gm", ["nnm"]), runs_input(2, 20, 123)),
+        ("bucketing's state", ("cm", ["bucketing"]), runs_input(2, 20, 123)),
+        ("the mean", ("mean", []), runs_input(2, 20, 123)),
+        ("not (R, n, d)", ("cm", []), torch.randn(20, 123)),
+    ],
+)  # fmt: skip
+def test_what_needs_the_one_run_path_is_refused(
+    why: str, rule: tuple[str, list[str]], x: torch.Tensor
+) -> None:
+    name, pre = rule
+    with pytest.raises(NotBatched):
+        build_aggregator(name, 2, pre=pre, n=x.shape[-2]).aggregate_runs(x)
+
+
+def test_the_torch_backend_is_left_to_the_one_run_path() -> None:
+    with forced_backend("torch"), pytest.raises(NotBatched):
+        build_aggregator("cm", 8, n=20).aggregate_runs(runs_input(2, 20, 123))
