@@ -266,3 +266,27 @@ def test_overflow_makes_a_state_non_finite_on_the_second_push() -> None:
     assert torch.equal(second.indices, first.indices)  # Top-k keeps the same coordinates
     server.absorb(rows, second, 1)
     assert not bool(torch.isfinite(server.candidates).all())
+
+
+@pytest.mark.parametrize("name", ["alie", "ipm", "sf", "gauss"])
+@pytest.mark.parametrize("d", [1, 123, 30_000])
+def test_several_runs_targets_are_bitwise_each_runs_own(name: str, d: int) -> None:
+    """`targets_runs` (a batched simulation's call) gives run after run exactly what each run's
+    view gives alone: alie and ipm reduce the runs' stacked honest rows together, the others
+    ask view by view."""
+    attack = build_attack(name)
+
+    def views() -> list[AttackView]:  # fresh ones: a view's generator is drawn from once
+        made = []
+        for r in range(5):
+            honest = torch.randn(12, d, generator=torch.Generator().manual_seed(r)) * 10.0 ** (
+                r - 2
+            )
+            made.append(AttackView(honest, honest[:0], torch.zeros(8, d), n=20, f=8,
+                                   generator=None, generator_keys=(r, "attack", 3)))  # fmt: skip
+        return made
+
+    together = attack.targets_runs(views())
+    alone = torch.cat([attack.targets(view) for view in views()])
+    assert together.shape == (5 * 8, d)
+    assert together.view(torch.int32).equal(alone.view(torch.int32))

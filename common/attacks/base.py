@@ -8,7 +8,7 @@ format as an honest worker. Attacks differ only in how they choose t_j from what
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -105,3 +105,11 @@ class Attack(ABC):
     @abstractmethod
     def targets(self, view: AttackView) -> Tensor:
         """(m, d) target candidates."""
+
+    def targets_runs(self, views: Sequence[AttackView]) -> Tensor:
+        """The targets of several runs' cohorts, run after run ((Σ m_r, d)): a batched
+        simulation's (byzps.sim.batched), bitwise each run's own. The default asks each view;
+        attacks whose targets are statistics of the honest rows compute all runs' at once."""
+        if len(views) == 1:
+            return self.targets(views[0])
+        return torch.cat([self.targets(view) for view in views])

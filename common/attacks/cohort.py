@@ -161,8 +161,7 @@ class ByzantineCohort:
             )
             for r, seed in enumerate(self.run_seeds)
         ]
-        found = [self.attack.targets(view) for view in views]
-        targets = found[0] if len(found) == 1 else torch.cat(found)
+        targets = self.attack.targets_runs(views)
         if start is not None and (self.knowledge != "omniscient" or aggregator_state is None):
             self._evaluator(start)(views[0].rows(targets))  # the copy steps once, as the server's
         delta = _deviation(targets, bases)

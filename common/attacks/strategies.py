@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 from statistics import NormalDist
 
 import torch
@@ -25,10 +26,24 @@ def _repeat(target: Tensor, m: int) -> Tensor:
 
 
 def _honest_std(honest: Tensor) -> Tensor:
-    """Coordinate-wise sample standard deviation (zero when fewer than two honest rows)."""
-    if honest.shape[0] < 2:
-        return torch.zeros_like(honest[0])
-    return honest.std(dim=0)
+    """Coordinate-wise sample standard deviation over the rows (dim −2 of (h, d), or of
+    (R, h, d) for R runs at once); zero when fewer than two honest rows."""
+    if honest.shape[-2] < 2:
+        return torch.zeros_like(honest[..., 0, :])
+    return honest.std(dim=-2)
+
+
+def _line_targets(
+    views: Sequence[AttackView], line: Callable[[Tensor], tuple[Tensor, Tensor]], scale: float
+) -> Tensor:
+    """Each run's colluding target origin + scale · direction on `line` of its honest rows,
+    repeated for its members, run after run. The runs' honest rows are reduced together as an
+    (R, h, d) stack: torch reduces each run's (h, d) slice over its rows exactly as alone (the
+    same outer reduction, the runs one more output dimension), and the rest is elementwise."""
+    if len({tuple(v.honest.shape) for v in views}) > 1:  # not one stack: run by run
+        return torch.cat([_line_targets([v], line, scale) for v in views])
+    origin, direction = line(torch.stack([v.honest for v in views]))
+    return (origin + scale * direction).repeat_interleave(views[0].bases.shape[0], dim=0)
 
 
 #: ipm's default ε, also the fixed scale that ipm-opt evaluates beside its search.
@@ -64,14 +79,14 @@ def alie_z(n: int, m: int) -> float:
 
 def alie_line(honest: Tensor) -> tuple[Tensor, Tensor]:
     """ALIE's family of targets μ + z·(−σ), as (origin μ, direction −σ); alie picks z = alie_z,
-    alie-opt searches it."""
-    return honest.mean(dim=0), -_honest_std(honest)
+    alie-opt searches it. Over the rows: (h, d) → (d,), or (R, h, d) → (R, d)."""
+    return honest.mean(dim=-2), -_honest_std(honest)
 
 
 def ipm_line(honest: Tensor) -> tuple[Tensor, Tensor]:
     """IPM's family of targets 0 + ε·(−μ), as (origin 0, direction −μ); ipm fixes ε, ipm-opt
-    searches it."""
-    mu = honest.mean(dim=0)
+    searches it. Over the rows: (h, d) → (d,), or (R, h, d) → (R, d)."""
+    mu = honest.mean(dim=-2)
     return torch.zeros_like(mu), -mu
 
 
@@ -93,9 +108,11 @@ class ALittleIsEnough(Attack):
         self.z = z
 
     def targets(self, view: AttackView) -> Tensor:
-        z = self.z if self.z is not None else alie_z(view.n, view.f)
-        origin, direction = alie_line(view.honest)
-        return _repeat(origin + z * direction, view.bases.shape[0])
+        return self.targets_runs([view])
+
+    def targets_runs(self, views: Sequence[AttackView]) -> Tensor:
+        z = self.z if self.z is not None else alie_z(views[0].n, views[0].f)
+        return _line_targets(views, alie_line, z)
 
 
 @ATTACKS.register("ipm")
@@ -108,8 +125,10 @@ class InnerProductManipulation(Attack):
         self.epsilon = epsilon
 
     def targets(self, view: AttackView) -> Tensor:
-        origin, direction = ipm_line(view.honest)
-        return _repeat(origin + self.epsilon * direction, view.bases.shape[0])
+        return self.targets_runs([view])
+
+    def targets_runs(self, views: Sequence[AttackView]) -> Tensor:
+        return _line_targets(views, ipm_line, self.epsilon)
 
 
 @ATTACKS.register("sf")
