@@ -28,6 +28,7 @@ is found by comparing ĝ with its predecessor (~0.5 ms per 1e6 entries).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,18 @@ def _bits_differ(a: Tensor, b: Tensor) -> Tensor:
     """Elementwise a ≠ b on the bit patterns (unlike `!=`, tells −0.0 from +0.0)."""
     bits = _SAME_WIDTH_INT[a.element_size()]
     return a.view(bits) != b.view(bits)
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """A round's aggregation done outside its engine — a batched simulation aggregates all its
+    runs in one call (`RowsAggregator.aggregate_runs`) — bitwise what the engine would compute:
+    ĝ of the round's candidates, the rule's verdict, and the discounts that verdict gives them
+    (None: the engine asks the verdict itself)."""
+
+    aggregate: Tensor
+    verdict: Verdict | None
+    discount: np.ndarray | None = None
 
 
 class RoundEngine:
@@ -133,21 +146,22 @@ class RoundEngine:
                 self._dirty.append(touched.clone())
         self.rule.absorb(rows, messages, self.round)
 
-    def close_round(self, aggregated: tuple[Tensor, Verdict | None] | None = None) -> Tensor:
+    def close_round(self, aggregated: Aggregated | None = None) -> Tensor:
         """Aggregate, step the model, advance the round; returns the aggregate ĝ (a new tensor).
-
-        `aggregated`: ĝ of this round's candidates and its verdict, when they were computed
-        elsewhere — a batched simulation aggregates all its runs in one call
-        (`RowsAggregator.aggregate_runs`, bitwise this engine's own aggregation)."""
+        `aggregated`: this round's aggregation, when it was done elsewhere (`Aggregated`)."""
+        discount = None
         if aggregated is not None:
-            aggregate, self.aggregator.last_verdict = aggregated
+            aggregate, self.aggregator.last_verdict = aggregated.aggregate, aggregated.verdict
+            discount = aggregated.discount
             delta = self._changes(aggregate) if self.delta_limit >= 0 else None
         elif (columns := self._dirty_columns()) is None:
             aggregate = self.aggregator(self.rule.candidates)
             delta = self._changes(aggregate) if self.delta_limit >= 0 else None
         else:
             aggregate, delta = self._aggregate_columns(columns)
-        self.suspicion.observe(self.aggregator.last_verdict, self.rule.candidates, self.round)
+        self.suspicion.observe(
+            self.aggregator.last_verdict, self.rule.candidates, self.round, discount
+        )
         apply_step(self.x, aggregate, self.lr)
         self.rule.close_round(aggregate, self.round)
         self.last_aggregate = aggregate

@@ -60,14 +60,22 @@ class SuspicionScores:
             return None
         return [round(float(v), 6) for v in self.scores]
 
-    def observe(self, verdict: Verdict | None, candidates: Tensor, round: int) -> None:
+    def observe(
+        self,
+        verdict: Verdict | None,
+        candidates: Tensor,
+        round: int,
+        discount: np.ndarray | None = None,
+    ) -> None:
         """Fold in the discounts `verdict` gives the aggregated `candidates` (n, d) of `round`;
-        a rule that recorded no verdict leaves the scores as they are."""
+        a rule that recorded no verdict leaves the scores as they are. `discount`: those
+        discounts, computed already (a batched simulation's, all its runs at once, over every
+        column: only where `scores_every_column`)."""
         if not self.enabled or verdict is None:
             return
-        if verdict.reads_columns:
+        if discount is None and verdict.reads_columns:
             discount = self._band_discount(verdict, candidates, round)
-        else:
+        elif discount is None:
             discount = verdict.discount(candidates, None)
         self._weighted = self.decay * self._weighted + discount
         self._total = self.decay * self._total + 1.0
@@ -90,6 +98,11 @@ class SuspicionScores:
             part[n] = mine.size
         summed = collective.all_sum(part)
         return summed[:n] / summed[n]
+
+    def scores_every_column(self, dim: int) -> bool:
+        """Whether a band is scored on all `dim` columns (no sample is drawn): then a verdict's
+        discount is the same whatever the round, and may be computed outside `observe`."""
+        return dim <= self.columns
 
     def sample(self, dim: int, round: int) -> np.ndarray | None:
         """The sorted columns a band rule is scored on in `round`: None (all of them) when d is

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from byzps.common.aggregators.ops import threads_for
 from byzps.common.aggregators.runs import NotBatched
-from byzps.common.aggregators.verdict import Verdict
+from byzps.common.aggregators.verdict import band_discounts
 from byzps.common.attacks import build_attack
 from byzps.common.attacks.cohort import ByzantineCohort
 from byzps.common.components import (
@@ -47,7 +47,7 @@ from byzps.common.estimators.base import Estimator, GradientOracle
 from byzps.common.server_rules import ServerRule, build_server_rule
 from byzps.common.sparse import SparseBatch
 from byzps.common.tasks.base import Task
-from byzps.server.engine import RoundEngine, build_engine
+from byzps.server.engine import Aggregated, RoundEngine, build_engine
 from byzps.server.results import uplink_per_worker
 from byzps.server.validation import Door
 from byzps.sim.simulation import NonFiniteMessage, check_finite
@@ -225,22 +225,31 @@ class BatchedSimulation:
             self.cohort.close_round(torch.stack(aggregates), t)
         self.round += 1
 
-    def _aggregate_runs(self, live: list[int]) -> dict[int, tuple[Tensor, Verdict | None]]:
-        """The live runs' aggregates and verdicts in one call where the rule batches runs
-        (`RowsAggregator.aggregate_runs`: bitwise each engine's own); empty where it does not,
-        or where some run needs the one-run path this round: each engine then aggregates."""
-        aggregator = self.engines[0].aggregator
-        if not live or not getattr(aggregator, "batches_runs", False):
+    def _aggregate_runs(self, live: list[int]) -> dict[int, Aggregated]:
+        """The live runs' aggregations in one call where the rule batches runs
+        (`RowsAggregator.aggregate_runs`, bitwise each engine's own), with their suspicion
+        discounts where those read every column (`verdict.band_discounts`); empty where the
+        rule does not batch, or where some run needs the one-run path this round: each engine
+        then aggregates its own."""
+        engines = [self.engines[r] for r in live]
+        if not engines or not getattr(engines[0].aggregator, "batches_runs", False):
             return {}
-        n = self.engines[0].num_workers
-        stacked = self.rule.candidates.view(self.size, n, -1)
+        stacked = self.rule.candidates.view(self.size, engines[0].num_workers, -1)
         if len(live) < self.size:
             stacked = stacked.index_select(0, torch.tensor(live))
         try:
-            aggregates, verdicts = aggregator.aggregate_runs(stacked)
+            aggregates, verdicts = engines[0].aggregator.aggregate_runs(stacked)
         except NotBatched:
             return {}
-        return {r: (aggregates[i], verdicts[i]) for i, r in enumerate(live)}
+        scored = all(
+            e.suspicion.enabled and e.suspicion.scores_every_column(stacked.shape[2])
+            for e in engines
+        )
+        discounts = band_discounts(verdicts, stacked) if scored else None
+        return {
+            r: Aggregated(aggregates[i], verdicts[i], None if discounts is None else discounts[i])
+            for i, r in enumerate(live)
+        }
 
     @property
     def running(self) -> bool:

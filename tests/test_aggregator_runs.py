@@ -3,6 +3,7 @@ each run bitwise what the rule gives it alone, and refuse (NotBatched) what they
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from byzps.common.aggregators import build_aggregator
 from byzps.common.aggregators._kernels import CHUNK
 from byzps.common.aggregators.ops import forced_backend
 from byzps.common.aggregators.runs import NotBatched
+from byzps.common.aggregators.verdict import Weighted, band_discounts
 
 BATCHED = [("cm", []), ("cwtm", []), ("meamed", []), ("cm", ["nnm"]), ("cwtm", ["nnm"]),
            ("meamed", ["nnm"])]  # fmt: skip
@@ -45,14 +47,25 @@ def test_each_run_gets_bitwise_its_own_aggregate_and_verdict(
     rule = build_aggregator(name, f, pre=pre, n=n)
     x = runs_input(3 if "nnm" in pre else 4, n, d, dtype)  # nnm: inf rows are not batched
     together, verdicts = rule.aggregate_runs(x)
+    discounts = band_discounts(verdicts, x)  # all runs' suspicion discounts in one call
+    assert discounts is not None
     for r in range(x.shape[0]):
         alone = rule(x[r].clone())
         assert bits(together[r]) == bits(alone), f"run {r}"
         own = rule.last_verdict
         assert own is not None and verdicts[r] is not None
-        assert bits(torch.from_numpy(verdicts[r].discount(x[r], None))) == bits(
-            torch.from_numpy(own.discount(x[r], None))
-        )
+        expected = own.discount(x[r], None).tobytes()
+        assert verdicts[r].discount(x[r], None).tobytes() == expected
+        assert discounts[r].tobytes() == expected
+
+
+def test_discounts_of_verdicts_that_are_not_one_band_are_left_to_each_verdict() -> None:
+    x = runs_input(2, 20, 123)
+    _, bands = build_aggregator("cm", 8, n=20).aggregate_runs(x)
+    _, other = build_aggregator("cwtm", 8, n=20).aggregate_runs(x)
+    weighted = Weighted(np.full(20, 0.05))
+    assert band_discounts([bands[0], other[1]], x) is None  # two bands
+    assert band_discounts([bands[0], weighted], x) is None
 
 
 @pytest.mark.parametrize(

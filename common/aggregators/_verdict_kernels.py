@@ -86,3 +86,14 @@ def band_discount(raw, mix, a, b, slide):  # pragma: no cover - compiled
     if count > 0:
         total /= count
     return total
+
+
+@njit(cache=True, fastmath=False)
+def band_discount_runs(raw, mix, a, b, slide):  # pragma: no cover - compiled
+    """(R, n0): `band_discount` of each run r — raw[r] (n0, s) mixed by mix[r] (n, n0; an
+    (R, 0, 0) mix: the rows themselves) — in one call for a batched simulation's R runs; the
+    same compiled kernel per run, so each row is bitwise that run's own."""
+    out = np.empty((raw.shape[0], raw.shape[1]))
+    for r in range(raw.shape[0]):
+        out[r] = band_discount(raw[r], mix[r], a, b, slide)
+    return out

@@ -29,6 +29,7 @@ coordinates (`discount(x, columns)`), which is what keeps suspicion scores cheap
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from byzps.common.aggregators._verdict_kernels import band_discount
+from byzps.common.aggregators._verdict_kernels import band_discount, band_discount_runs
 
 
 class Verdict(ABC):
@@ -103,3 +104,24 @@ class Banded(Verdict):
             raw = raw.astype(np.float64)
         mix = np.empty((0, 0)) if self.mix is None else np.ascontiguousarray(self.mix)
         return band_discount(np.ascontiguousarray(raw), mix, self.a, self.b, self.slide)
+
+
+def band_discounts(verdicts: Sequence[Verdict | None], x: Tensor) -> list[np.ndarray] | None:
+    """Each run's discount over all columns of its raw inputs x[r] (x: (R, n0, d) on the CPU) in
+    one kernel call, bitwise `verdicts[r].discount(x[r], None)` — for a batched simulation whose
+    runs all ended in the same band (the same a, b and slide, each its own mix or none); None
+    when they did not (each verdict is then asked alone)."""
+    bands = {(v.a, v.b, v.slide, v.mix is None) for v in verdicts if isinstance(v, Banded)}
+    if len(bands) != 1 or not all(isinstance(v, Banded) for v in verdicts) or not x.is_cpu:
+        return None
+    a, b, slide, unmixed = bands.pop()
+    raw = x.detach().numpy()
+    if raw.dtype not in (np.float32, np.float64):
+        return None
+    mixes = np.empty((len(verdicts), 0, 0))
+    if not unmixed:
+        shaped = [v.mix for v in verdicts]  # type: ignore[union-attr]
+        if len({m.shape for m in shaped}) != 1:
+            return None
+        mixes = np.ascontiguousarray(np.stack(shaped), dtype=np.float64)
+    return list(band_discount_runs(np.ascontiguousarray(raw), mixes, a, b, slide))
