@@ -804,3 +804,12 @@ def imprecise_gram(gram, gamma, resolution, far_sq, k):  # pragma: no cover - co
         if gamma * gram[i, i] > resolution * kth[i]:
             return True
     return False
+
+
+@njit(cache=True, fastmath=False)
+def imprecise_grams(grams, gamma, resolution, far_sq, k):  # pragma: no cover - compiled
+    """(R,) `imprecise_gram` of each Gram of a stack (R, n, n), in one call."""
+    out = np.empty(grams.shape[0], np.bool_)
+    for r in range(grams.shape[0]):
+        out[r] = imprecise_gram(grams[r], gamma, resolution, far_sq, k)
+    return out

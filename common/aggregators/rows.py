@@ -92,6 +92,14 @@ def imprecise(gram: np.ndarray, d: int) -> bool:
     return bool(_kernels.imprecise_gram(gram, gram_rounding(d), RESOLUTION, FAR_SQ_NORM, k))
 
 
+def imprecise_runs(grams: np.ndarray, d: int) -> np.ndarray:
+    """(R,) bool: `imprecise` of each Gram of a stack (R, n, n), in one call. A Gram that is
+    not imprecise has no far row either (its diagonal is below FAR_SQ_NORM)."""
+    grams = np.ascontiguousarray(grams, np.float64)
+    k = honest_rank(grams.shape[1])
+    return _kernels.imprecise_grams(grams, gram_rounding(d), RESOLUTION, FAR_SQ_NORM, k)
+
+
 def far_rows(gram: np.ndarray, n: int) -> np.ndarray:
     """(n,) bool: the first n rows of `gram` whose squared distance from the (finite) centre is
     not below FAR_SQ_NORM — non-finite rows, or float64 rows beyond ~1e150."""

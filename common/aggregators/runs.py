@@ -23,7 +23,7 @@ from torch import Tensor
 
 from byzps.common.aggregators import _kernels, ops
 from byzps.common.aggregators.gram import pairwise_sq_dists
-from byzps.common.aggregators.rows import far_rows, imprecise
+from byzps.common.aggregators.rows import imprecise_runs
 from byzps.common.aggregators.verdict import Banded, Verdict
 
 
@@ -63,11 +63,9 @@ class RunsRows:
         """(R, n, n) ‖row_i − row_j‖² of each run's raw rows (`Rows.pairwise_sq_dists`)."""
         if self.mix is not None:
             raise NotBatched("distances between mixed rows")
-        d = self.x.shape[2]
-        grams = np.stack([ops.centred_gram(run) for run in self.x])
-        for gram in grams:
-            if imprecise(gram, d) or far_rows(gram, self.n).any():
-                raise NotBatched("a run's Gram needs the median centre or has far rows")
+        grams = ops.centred_grams(self.x)
+        if imprecise_runs(grams, self.x.shape[2]).any():  # which also rules out far rows
+            raise NotBatched("a run's Gram needs the median centre or has far rows")
         return pairwise_sq_dists(grams)
 
     def band_mean(self, a: int, b: int, slide: int = 0) -> Tensor:
