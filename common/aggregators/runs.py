@@ -82,9 +82,9 @@ class RunsRows:
         with ops.threads_for(d):
             kernel(
                 self.x.numpy(),
-                *_padded([idx for idx, _ in lists], 0, np.int64),
-                *_padded([wts for _, wts in lists], 0.0, np.float64),
-                *_padded([exc for exc, _ in complements], -1, np.int64),
+                _padded([idx for idx, _ in lists], 0, np.int64),
+                _padded([wts for _, wts in lists], 0.0, np.float64),
+                _padded([exc for exc, _ in complements], -1, np.int64),
                 _stacked_rw([rw for _, rw in complements], self.n),
                 by_complement,
                 network,
@@ -102,7 +102,7 @@ class RunsRows:
         return list(self._verdicts)
 
 
-def _padded(lists: list[np.ndarray], fill: float, dtype: type) -> tuple[np.ndarray]:
+def _padded(lists: list[np.ndarray], fill: float, dtype: type) -> np.ndarray:
     """One (R, rows, width) array of per-run (rows, width_r) lists, padded with `fill` to the
     widest (runs without lists, (0, 0), stay empty: all padding, which the kernels skip)."""
     rows = max(a.shape[0] for a in lists)
@@ -110,7 +110,7 @@ def _padded(lists: list[np.ndarray], fill: float, dtype: type) -> tuple[np.ndarr
     out = np.full((len(lists), rows, width), fill, dtype=dtype)
     for r, a in enumerate(lists):
         out[r, : a.shape[0], : a.shape[1]] = a
-    return (out,)
+    return out
 
 
 def _stacked_rw(weights: list[np.ndarray], n: int) -> np.ndarray:
