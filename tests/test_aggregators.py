@@ -769,3 +769,28 @@ def test_squared_norms_keep_their_bits_and_values() -> None:
         assert np.array_equal(got, indexed(x), equal_nan=True), (n, d)
         want = np.square(x.astype(np.float64)).sum(axis=1)
         assert np.allclose(got, want, rtol=1e-12, equal_nan=True), (n, d)
+
+
+def test_kth_sq_dists_is_the_sorted_formulation() -> None:
+    """The k-th nearest squared distance by quickselect (`_kernels._select`) is the value a full
+    sort gives, ties, +inf (far rows) and NaN (sorted last, as numpy does) included."""
+    from byzps.common.aggregators._kernels import kth_sq_dists
+
+    rng = np.random.default_rng(0)
+    for trial in range(2000):
+        n = int(rng.integers(1, 30))
+        y = rng.standard_normal((n, 4)) * 10.0 ** int(rng.integers(-4, 5))
+        y = np.round(y) if trial % 3 == 0 else y  # ties
+        gram = y @ y.T
+        if trial % 7 == 0 and n > 2:
+            gram[1, 2] = gram[2, 1] = np.nan
+        far = rng.random(n) < (0.25 if trial % 4 == 0 else 0.0)
+        k = int(rng.integers(1, max(2, n)))
+        expected = np.full(n, np.inf)
+        for i in np.flatnonzero(~far):
+            others = [np.inf if far[j] else max(gram[i, i] + gram[j, j] - 2 * gram[i, j], 0.0)
+                      for j in range(n) if j != i]  # fmt: skip
+            if others:
+                expected[i] = np.sort(others)[min(k, n - 1) - 1]
+        got = kth_sq_dists(gram, far, k)
+        assert got.tobytes() == expected.tobytes(), (trial, got, expected)

@@ -120,10 +120,16 @@ def complement(x: Tensor, idx: np.ndarray, wts: np.ndarray) -> tuple[np.ndarray,
     Σ_i |exc_i| subtractions, against Σ_i |members_i| additions for the lists.
     """
     none = np.empty((0, 0), np.int64), np.empty(0)
-    if idx.shape[0] == 0 or x.dtype != torch.float32:
+    if idx.shape[0] == 0 or not may_mix_by_complement(x):
         return none
     ok, exc, rw = _kernels.complement_lists(idx, np.ascontiguousarray(wts, np.float64), x.shape[0])
     return (exc, rw) if ok else none
+
+
+def may_mix_by_complement(x: Tensor) -> bool:
+    """Whether `band_mean` may mix x's rows by complement at all: float32 inputs, the dtype
+    `_kernels.exact_sums` proves subset sums exact for."""
+    return x.dtype == torch.float32
 
 
 def sparse_mix(mix: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

@@ -70,52 +70,34 @@ class RunsRows:
 
     def band_mean(self, a: int, b: int, slide: int = 0) -> Tensor:
         """(R, d): per run, `Rows.band_mean` of its rows; records each run's verdict."""
-        runs, d = self.x.shape[0], self.x.shape[2]
-        mixes = [None] * runs if self.mix is None else list(self.mix)
-        lists = [ops.sparse_mix(mix) for mix in mixes]
-        complements = [ops.complement(x, *pair) for x, pair in zip(self.x, lists, strict=True)]
-        by_complement = np.array([exc.shape[0] > 0 for exc, _ in complements])
-        network = ops.window_network(self.n, a, b, slide)
-        block = _kernels.block_size(self.n, self.x.element_size())
+        runs, n0, d = self.x.shape
+        if self.mix is None:
+            idx, wts = np.zeros((runs, 0, 0), np.int64), np.zeros((runs, 0, 0))
+            by_complement, exc, rw = np.zeros(runs, np.bool_), idx, np.zeros((runs, 0))
+        else:
+            lists = _kernels.runs_lists(self.mix, n0, ops.may_mix_by_complement(self.x))
+            idx, wts, by_complement, exc, rw = lists
         out = np.empty((runs, d), dtype=self.x.numpy().dtype)
         kernel = _kernels.band_mean_runs_serial if d <= _kernels.CHUNK else _kernels.band_mean_runs
         with ops.threads_for(d):
             kernel(
                 self.x.numpy(),
-                _padded([idx for idx, _ in lists], 0, np.int64),
-                _padded([wts for _, wts in lists], 0.0, np.float64),
-                _padded([exc for exc, _ in complements], -1, np.int64),
-                _stacked_rw([rw for _, rw in complements], self.n),
+                idx,
+                wts,
+                exc,
+                rw,
                 by_complement,
-                network,
+                ops.window_network(self.n, a, b, slide),
                 a,
                 b,
                 slide,
-                block,
+                _kernels.block_size(self.n, self.x.element_size()),
                 out,
             )
+        mixes = [None] * runs if self.mix is None else list(self.mix)
         self._verdicts[:] = [Banded(mix, a, b, slide) for mix in mixes]
         return torch.from_numpy(out)
 
     def verdicts(self) -> list[Verdict | None]:
         """Each run's verdict of the last reduction (`Rows.verdict`); None before one ran."""
         return list(self._verdicts)
-
-
-def _padded(lists: list[np.ndarray], fill: float, dtype: type) -> np.ndarray:
-    """One (R, rows, width) array of per-run (rows, width_r) lists, padded with `fill` to the
-    widest (runs without lists, (0, 0), stay empty: all padding, which the kernels skip)."""
-    rows = max(a.shape[0] for a in lists)
-    width = max(a.shape[1] for a in lists)
-    out = np.full((len(lists), rows, width), fill, dtype=dtype)
-    for r, a in enumerate(lists):
-        out[r, : a.shape[0], : a.shape[1]] = a
-    return out
-
-
-def _stacked_rw(weights: list[np.ndarray], n: int) -> np.ndarray:
-    """(R, n) each run's complement weights (zeros for a run mixed member by member)."""
-    out = np.zeros((len(weights), n))
-    for r, w in enumerate(weights):
-        out[r, : w.shape[0]] = w
-    return out
