@@ -304,7 +304,10 @@ def _running(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(
+    not Path(f"/proc/self/task/{os.getpid()}/children").exists(),
+    reason="needs Linux /proc/<pid>/task/<tid>/children to find the sweep's pool",
+)
 def test_a_sweep_killed_with_sigkill_takes_its_pool_workers_with_it(tmp_path: Path) -> None:
     """Killed with SIGKILL, a sweep cannot stop its pool: each worker notices its parent is gone
     and exits within seconds, releasing its cell's lock, instead of running cells no one reads
