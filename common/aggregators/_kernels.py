@@ -317,14 +317,10 @@ def band_mean_runs(  # pragma: no cover - compiled
     for task in prange(x.shape[0] * chunks):
         r = task // chunks
         c = task - r * chunks
-        if by_complement[r]:
-            _band_chunk(
-                x[r], idx[r], wts[r], exc[r], rw[r], network, a, b, slide, block, chunk, c, out[r]
-            )
-        else:
-            _band_chunk(
-                x[r], idx[r], wts[r], no_exc, no_rw, network, a, b, slide, block, chunk, c, out[r]
-            )
+        own_exc, own_rw = (exc[r], rw[r]) if by_complement[r] else (no_exc, no_rw)
+        _band_chunk(
+            x[r], idx[r], wts[r], own_exc, own_rw, network, a, b, slide, block, chunk, c, out[r]
+        )
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -831,23 +827,18 @@ def runs_lists(mixes, n0, complement):  # pragma: no cover - compiled
     skip (and `complement_lists` too: it counts members by their weights). One call for a
     batched simulation's R runs where two calls per run cost ~270 µs at R = 16."""
     runs, n = mixes.shape[0], mixes.shape[1]
+    lists = List()
     width = 0
     for r in range(runs):
-        for i in range(n):
-            count = 0
-            for k in range(mixes.shape[2]):
-                count += mixes[r, i, k] != 0.0
-            width = max(width, count)
+        own = sparse_lists(mixes[r])
+        lists.append(own)
+        width = max(width, own[0].shape[1])
     idx = np.zeros((runs, n, width), np.int64)
     wts = np.zeros((runs, n, width), np.float64)
     for r in range(runs):
-        for i in range(n):
-            j = 0
-            for k in range(mixes.shape[2]):
-                if mixes[r, i, k] != 0.0:
-                    idx[r, i, j] = k
-                    wts[r, i, j] = mixes[r, i, k]
-                    j += 1
+        own_idx, own_wts = lists[r]
+        idx[r, :, : own_idx.shape[1]] = own_idx
+        wts[r, :, : own_wts.shape[1]] = own_wts
     by_complement = np.zeros(runs, np.bool_)
     excluded = List()
     rw = np.zeros((runs, n))
