@@ -149,16 +149,16 @@ class RoundEngine:
     def close_round(self, aggregated: Aggregated | None = None) -> Tensor:
         """Aggregate, step the model, advance the round; returns the aggregate ĝ (a new tensor).
         `aggregated`: this round's aggregation, when it was done elsewhere (`Aggregated`)."""
-        discount = None
-        if aggregated is not None:
-            aggregate, self.aggregator.last_verdict = aggregated.aggregate, aggregated.verdict
-            discount = aggregated.discount
-            delta = self._changes(aggregate) if self.delta_limit >= 0 else None
-        elif (columns := self._dirty_columns()) is None:
-            aggregate = self.aggregator(self.rule.candidates)
-            delta = self._changes(aggregate) if self.delta_limit >= 0 else None
-        else:
+        columns = self._dirty_columns() if aggregated is None else None
+        if columns is not None:
             aggregate, delta = self._aggregate_columns(columns)
+        else:
+            if aggregated is None:
+                aggregate = self.aggregator(self.rule.candidates)
+            else:
+                aggregate, self.aggregator.last_verdict = aggregated.aggregate, aggregated.verdict
+            delta = self._changes(aggregate) if self.delta_limit >= 0 else None
+        discount = None if aggregated is None else aggregated.discount
         self.suspicion.observe(
             self.aggregator.last_verdict, self.rule.candidates, self.round, discount
         )

@@ -109,7 +109,7 @@ class SuspicionScores:
         at most `columns`, else about `columns` distinct ones drawn from (seed, round) — drawn
         with replacement and deduplicated, which costs O(columns log columns) where an exact
         draw without replacement would permute all d (~5 ms at d = 1e6)."""
-        if dim <= self.columns:
+        if self.scores_every_column(dim):
             return None
         rng = np.random.default_rng(derive_seed(self.seed, "suspicion", round))
         return np.unique(rng.integers(0, dim, self.columns))
