@@ -127,8 +127,12 @@ class Selection:
         if SEED in self.keys:
             raise ReportError(f"tune: {SEED} is what settings are averaged over, not tuned")
 
-    def describe(self) -> str:
+    def describe(self, chosen: bool = True) -> str:
+        """The selection as the report states it; `chosen` False when no row tried more than one
+        setting, so that nothing was chosen and no seed's numbers can be favoured."""
         keys = ", ".join(self.keys)
+        if not chosen:
+            return f"every row tried one setting of {keys}, so nothing is chosen"
         if not self.seeds:
             return (
                 f"{keys} chosen on the same seeds the table reports (so the chosen setting's "
@@ -568,7 +572,8 @@ def render(
     out = [
         *heading,
         "",
-        f"**Selection rule:** {objective.rule()}; {selection.describe()}.",
+        f"**Selection rule:** {objective.rule()}; "
+        f"{selection.describe(chosen=any(row.settings_tried > 1 for row in rows))}.",
         "Table entries are the mean ± the half-width of its 95 % Student t interval over the "
         "reported seeds (a single seed shows its value alone) of the final evaluation at the "
         "chosen setting; `lr` lists the chosen value and every value tried (`chosen`: the "

@@ -30,6 +30,7 @@ from byzps.sim.report import (
     build_rows,
     load_runs,
     ordering,
+    render,
     seed_band,
     table,
     versus,
@@ -243,6 +244,21 @@ def test_selection_seeds_choose_and_the_other_seeds_are_reported(tmp_path: Path)
         build_rows(runs, Objective(), Selection(seeds=frozenset({0, 1, 2, 3})))
     with pytest.raises(ReportError, match="selection seeds: no run of"):
         build_rows(runs, Objective(), Selection(seeds=frozenset({9})))
+
+
+def test_the_selection_line_says_nothing_was_chosen_when_each_row_tried_one_setting(
+    tmp_path: Path,
+) -> None:
+    """One lr per row on three seeds: no seed's numbers can be favoured, and the report must not
+    call them biased; a second lr makes it a choice again."""
+    for seed in range(3):
+        write_method_run(tmp_path, "byz-dm21", 0.1, 0.1, seed, 0.3 + 0.01 * seed)
+    text = render(build_rows(load_runs(tmp_path), Objective()), Objective(), [], {})
+    assert "every row tried one setting of algorithm.lr, so nothing is chosen" in text
+    assert "biased" not in text
+    write_method_run(tmp_path, "byz-dm21", 0.01, 0.1, 0, 0.5)
+    text = render(build_rows(load_runs(tmp_path), Objective()), Objective(), [], {})
+    assert "biased in its favour" in text
 
 
 def test_eta_is_tuned_with_lr_and_leaves_the_setting_column(tmp_path: Path) -> None:
