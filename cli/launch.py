@@ -38,7 +38,7 @@ import click
 
 from byzps.cli.cluster import LISTENING, Child, Cluster, byzps_command
 from byzps.cli.options import config_options, device_option, downlink_option, load_config
-from byzps.cli.rundir import RunLock, claim
+from byzps.cli.rundir import claim, lock
 from byzps.common.config import RunConfig
 from byzps.common.credentials import issue_tokens, read_secret, token_file_name, write_secret
 
@@ -133,7 +133,7 @@ def launch(
 ) -> None:
     """Run server, workers and attackers of CONFIG as local processes until the run ends."""
     config = load_config(config_path, overrides, device)
-    lock = RunLock(out, "launch")
+    held = lock(out, "launch")
     claim(out, resume=resume, overwrite=overwrite, can_resume=True)
     secret = out / "secret"
     if not (resume and secret.exists()):
@@ -177,7 +177,7 @@ def launch(
         cluster.stop(grace=grace)
         for s, handler in previous.items():
             signal.signal(s, handler)
-        lock.release()
+        held.release()
     if code == 0:
         click.echo(f"done: results in {out}")
     raise SystemExit(code)

@@ -6,9 +6,9 @@ finished run — each silently. So every command that writes a run:
 
 * claims its directory (`claim`): an empty or new one is fine; one holding files is refused unless
   the user said --resume (continue it, where the command can) or --overwrite (replace it);
-* holds an advisory lock on it while it runs (`RunLock`, a `flock` on a lock file, released by
-  the kernel however the process ends, so it can never go stale), and writes its PID there, so a
-  second process is refused at once with the holder's PID.
+* holds an advisory lock on it while it runs (`lock`, a `common.runlock.RunLock`: a `flock`
+  released by the kernel however the process ends, so it can never go stale), and writes its
+  PID there, so a second process is refused at once with the holder's PID.
 
 `byzps launch` and the server it starts lock different files (launch.lock, server.lock) of the
 same directory: the launcher guards the whole run, its server guards its own checkpoints.
@@ -16,19 +16,13 @@ same directory: the launcher guards the whole run, its server guards its own che
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
-import os
 import shutil
 from collections.abc import Collection
 from pathlib import Path
-from typing import IO
 
 import click
 
-#: Files a run directory may hold that are not a run's results (the locks themselves).
-LOCK_SUFFIX = ".lock"
+from byzps.common.runlock import LOCK_SUFFIX, RunLock, RunLockError
 
 
 class RunDirError(click.ClickException):
@@ -81,55 +75,12 @@ def claim(
             path.unlink()
 
 
-class RunLock:
-    """An exclusive advisory lock on OUT/NAME.lock, held until `release` (or process exit).
-
-    RunDirError when another process holds it (naming its PID) or the directory is unwritable.
-    """
-
-    def __init__(self, out: Path, name: str) -> None:
-        self.path = out / f"{name}{LOCK_SUFFIX}"
-        #: The directory did not exist before: `release(tidy=True)` may remove it again.
-        self.created = not out.exists()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            self._file: IO[str] | None = self.path.open("a+")
-        except OSError as exc:
-            raise RunDirError(f"--out {out}: cannot write there ({exc.strerror})") from None
-        try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "?"
-            self._file.close()
-            self._file = None
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunDirError(
-                    f"--out {out} is in use by another byzps process (PID {holder}); stop it "
-                    "first or choose another --out"
-                ) from None
-            raise RunDirError(f"--out {out}: cannot lock {self.path} ({exc.strerror})") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"{os.getpid()}\n")
-        self._file.flush()
-
-    def release(self, *, tidy: bool = False) -> None:
-        """Unlock. With `tidy` (the command wrote nothing, e.g. its port was taken) also remove
-        the lock file, and the directory when this lock created it and it is empty — unlinked
-        while still locked, so no other process can take a lock on the old file meanwhile."""
-        if self._file is None:
-            return
-        if tidy:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-            if self.created:
-                with contextlib.suppress(OSError):
-                    self.path.parent.rmdir()
-        with contextlib.suppress(OSError):
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-        self._file.close()
-        self._file = None
+def lock(out: Path, name: str) -> RunLock:
+    """Lock OUT/NAME.lock for this command's run; a refusal is a RunDirError (one line, exit 2)."""
+    try:
+        return RunLock(out, name)
+    except RunLockError as exc:
+        raise RunDirError(str(exc)) from None
 
 
 def claim_server_dirs(
@@ -141,14 +92,14 @@ def claim_server_dirs(
     locks: list[RunLock] = []
     try:
         if out is not None:
-            locks.append(RunLock(out, "server"))
+            locks.append(lock(out, "server"))
             claim(out, resume=resume, overwrite=overwrite, can_resume=True,
                   owned=(*RESULT_FILES, "checkpoints"))  # fmt: skip
         if checkpoint_dir is not None and (out is None or checkpoint_dir != out / "checkpoints"):
-            locks.append(RunLock(checkpoint_dir, "server"))
+            locks.append(lock(checkpoint_dir, "server"))
             claim(checkpoint_dir, resume=resume, overwrite=overwrite, can_resume=True)
     except RunDirError:
-        for lock in locks:
-            lock.release(tidy=True)
+        for held in locks:
+            held.release(tidy=True)
         raise
     return locks

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from byzps.cli.options import config_options, device_option, load_config
-from byzps.cli.rundir import RESULT_FILES, RunLock, claim
+from byzps.cli.rundir import RESULT_FILES, claim, lock
 from byzps.common.config import ConfigError
 
 
@@ -79,12 +79,12 @@ def simulate(
         simulation = build_simulation(config, task)
     except ConfigError as exc:
         raise click.ClickException(f"{config_path}: {exc}") from None
-    lock = RunLock(out, "simulate")  # only now: a run that cannot start leaves nothing behind
+    held = lock(out, "simulate")  # only now: a run that cannot start leaves nothing behind
     claim(out, resume=resume, overwrite=overwrite, can_resume=True, owned=owned)
     with click.progressbar(length=config.run.rounds, label="starting", show_pos=True) as bar:
         progress = ProgressLine(bar)
         result = run_simulation(config, task, simulation, out, progress, checkpoints=True)
-    lock.release()
+    held.release()
     final = result.final
     if final.get("diverged"):
         raise click.ClickException(f"{config_path}: {final['diverged']} (results in {out})")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from byzps.common.config import ConfigError, RunConfig
+from byzps.common.runlock import RunLock
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -278,11 +279,9 @@ def run_cell(cell: Cell, out: Path) -> CellOutcome:
 
 @contextmanager
 def cell_locks(out: Path, cells: list[Cell]) -> Iterator[None]:
-    """Hold OUT/<name>.lock of every cell while they run (RunDirError, naming the holder's PID,
+    """Hold OUT/<name>.lock of every cell while they run (RunLockError, naming the holder's PID,
     when another process holds one): two processes never write one cell — a second sweep on the
     same directory, or a worker a killed sweep left behind, which goes on with its cell."""
-    from byzps.cli.rundir import RunLock  # the lock `byzps simulate` and `server` hold on --out
-
     locks: list[RunLock] = []
     try:
         for cell in cells:

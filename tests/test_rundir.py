@@ -19,7 +19,8 @@ from cluster_helpers import write_config as cluster_config
 from configs import write_config
 
 from byzps.cli.options import split_address
-from byzps.cli.rundir import RunDirError, RunLock, claim
+from byzps.cli.rundir import RunDirError, claim, lock
+from byzps.common.runlock import RunLock
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -56,17 +57,20 @@ def test_claim_refuses_a_run_unless_told_and_overwrite_removes_only_its_own(tmp_
 
 def test_a_lock_is_exclusive_names_its_holder_and_tidies_up(tmp_path: Path) -> None:
     out = tmp_path / "new"
-    lock = RunLock(out, "server")
+    held = lock(out, "server")
     assert (out / "server.lock").read_text().strip() == str(os.getpid())
     holder = subprocess.run(
-        [sys.executable, "-c", "from byzps.cli.rundir import RunLock; RunLock("
+        [sys.executable, "-c", "from byzps.common.runlock import RunLock; RunLock("
          f"__import__('pathlib').Path({str(out)!r}), 'server')"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert holder.returncode != 0 and f"in use by another byzps process (PID {os.getpid()})" in (
         holder.stderr
     )
-    lock.release(tidy=True)
+    refusal = rf"in use by another byzps process \(PID {os.getpid()}\)"
+    with pytest.raises(RunDirError, match=refusal):  # the CLI's: one line, exit 2
+        lock(out, "server")
+    held.release(tidy=True)
     assert not out.exists()  # it made the directory, wrote nothing else: gone again
     RunLock(out, "server").release()
 

@@ -235,7 +235,7 @@ def test_a_cell_another_process_runs_is_refused_and_left_alone(tmp_path: Path) -
     """Two processes never write one cell: a cell whose lock another process holds (a second
     sweep on the directory, or a worker a killed sweep left behind) fails here, naming the
     holder, and its directory — checkpoint and all — is not touched."""
-    from byzps.cli.rundir import RunLock
+    from byzps.common.runlock import RunLock
     from byzps.sim.grid import run_batch_of_cells
 
     config = RunConfig.from_dict(CONFIGS["dm21-nnm-cm-alie"])

@@ -312,8 +312,8 @@ def test_a_sweep_killed_with_sigkill_takes_its_pool_workers_with_it(tmp_path: Pa
     """Killed with SIGKILL, a sweep cannot stop its pool: each worker notices its parent is gone
     and exits within seconds, releasing its cell's lock, instead of running cells no one reads
     and refusing them to the next sweep (an orphaned worker used to run to the end)."""
-    from byzps.cli.rundir import RunLock
     from byzps.cli.sweep import PARENT_CHECK_SECONDS
+    from byzps.common.runlock import RunLock
 
     endless = TINY_GRID.replace("[fixed]", '[fixed]\n"run.rounds" = 100000000')
     grid = write_grid(tmp_path, endless)
