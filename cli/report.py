@@ -90,7 +90,8 @@ def selection_from(
     multiple=True,
     metavar="A:B",
     help="Add head-to-head verdicts of method A against method B in every aggregator x attack "
-    "cell (repeatable), e.g. byz-dm21:byz-ef21-sgdm.",
+    "cell, or of aggregator A against B in every method x attack cell (repeatable), e.g. "
+    "byz-dm21:byz-ef21-sgdm or nnm+cm:bulyan.",
 )
 def report(
     sweep_dir: Path,
@@ -116,7 +117,8 @@ def report(
         a, sep, b = pair.partition(":")
         if not (sep and a and b) or a == b:
             raise click.BadParameter(
-                f"expected two methods as A:B, got {pair!r}", param_hint="--versus"
+                f"expected two methods or two aggregators as A:B, got {pair!r}",
+                param_hint="--versus",
             )
         pairs.append((a, b))
     command = shlex.join(["byzps", "report", *where, *options])
@@ -126,7 +128,8 @@ def report(
         rows = write_report(sweep_dir, out, objective, command, selection, pending, pairs)
     except ReportError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"selection: {objective.rule()}; {selection.describe()}")
+    chosen = any(row.settings_tried > 1 for row in rows)
+    click.echo(f"selection: {objective.rule()}; {selection.describe(chosen)}")
     if pending:
         click.echo(f"{len(pending)} rows left out, not yet run on a reported seed", err=True)
     click.echo(f"{len(rows)} rows from {sum(len(r.runs) for r in rows)} runs: {out / 'report.md'}")

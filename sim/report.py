@@ -447,26 +447,30 @@ def matrices(rows: Sequence[Row], metric: str) -> list[str]:
 
 
 def versus(rows: Sequence[Row], objective: Objective, pair: tuple[str, str]) -> list[str]:
-    """Method a against method b in every aggregator × attack cell where both have a row: `a`
-    where a's interval lies entirely on the better side of b's, `b` the other way, `≈` where they
-    overlap; then the count of each. The only head-to-head verdicts the data supports."""
+    """A against B: two methods in every aggregator × attack cell where both have a row, or two
+    aggregators (as the rows name them, e.g. nnm+cm) in every method × attack cell. `a` where a's
+    interval lies entirely on the better side of b's, `b` the other way, `≈` where they overlap;
+    then the count of each. The only head-to-head verdicts the data supports."""
     a, b = pair
+    compared, across = _versus_axes(rows, pair)
     names = attacks(rows)
-    by_cell = {(row.method, row.aggregator, row.panel, row.attack): row for row in rows}
-    groups = list(dict.fromkeys((row.aggregator, row.panel) for row in rows))
+    by_cell = {
+        (getattr(row, compared), getattr(row, across), row.panel, row.attack): row for row in rows
+    }
+    groups = list(dict.fromkeys((getattr(row, across), row.panel) for row in rows))
     lines = [
-        f"**{a} against {b}** (final {objective.metric}: the better method where the 95 % "
+        f"**{a} against {b}** (final {objective.metric}: the better {compared} where the 95 % "
         "intervals are disjoint, ≈ where they overlap)",
         "",
-        "| aggregator | " + " | ".join(names) + " |",
+        f"| {across} | " + " | ".join(names) + " |",
         "|" + "---|" * (len(names) + 1),
     ]
     counts = {a: 0, b: 0, "≈": 0}
-    for aggregator, panel in groups:
+    for where_key, panel in groups:
         cells = []
         for attack in names:
-            first = by_cell.get((a, aggregator, panel, attack))
-            second = by_cell.get((b, aggregator, panel, attack))
+            first = by_cell.get((a, where_key, panel, attack))
+            second = by_cell.get((b, where_key, panel, attack))
             if first is None or second is None:
                 cells.append("—")
                 continue
@@ -478,11 +482,24 @@ def versus(rows: Sequence[Row], objective: Objective, pair: tuple[str, str]) -> 
             )  # fmt: skip
             counts[verdict] += 1
             cells.append(verdict)
-        where = _where(aggregator, panel)
-        lines.append(f"| {where} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_where(where_key, panel)} | " + " | ".join(cells) + " |")
     lines += ["", f"{a} better in {counts[a]}, {b} better in {counts[b]}, "
                   f"cannot tell in {counts['≈']} of {sum(counts.values())} cells."]  # fmt: skip
     return lines
+
+
+def _versus_axes(rows: Sequence[Row], pair: tuple[str, str]) -> tuple[str, str]:
+    """("method", "aggregator") when both names of `pair` are methods of `rows`, ("aggregator",
+    "method") when both are aggregators; ReportError naming the first name that is neither, or
+    the mixed pair."""
+    for compared, across in (("method", "aggregator"), ("aggregator", "method")):
+        if all(any(getattr(row, compared) == name for row in rows) for name in pair):
+            return compared, across
+    known = {row.method for row in rows} | {row.aggregator for row in rows}
+    unknown = [name for name in pair if name not in known]
+    if unknown:
+        raise ReportError(f"versus: no row of method or aggregator {unknown[0]!r}")
+    raise ReportError(f"versus: {pair[0]}:{pair[1]} pairs a method with an aggregator")
 
 
 def ordering(rows: Sequence[Row], objective: Objective) -> list[str]:
@@ -670,6 +687,8 @@ def write_report(
     if missing:
         raise ReportError(f"tune: some runs in {sweep_dir} have no {', '.join(missing)}")
     rows = build_rows(runs, objective, selection, pending)
+    for pair in pairs:
+        _versus_axes(rows, pair)  # refuses a bad pair before anything is written
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_names(objective.metric) if rows else {}  # every row pending: nothing to draw
     for x_axis, file in plots.items():
@@ -677,10 +696,6 @@ def write_report(
     made_by = sweep_commands(sweep_dir)
     title = heading(sweep_dir, runs, bool(made_by))
     commands = [*made_by, report_command]
-    methods = {row.method for row in rows}
-    unknown = [m for pair in pairs for m in pair if m not in methods]
-    if unknown:
-        raise ReportError(f"versus: no row of method {unknown[0]!r} in {sweep_dir}")
     text = render(rows, objective, commands, plots, title, selection, pending or [], pairs)
     text = "\n".join([text, *claims.section(rows, out), *suspicion.section(rows, out)])
     (out / "report.md").write_text(text + "\n")

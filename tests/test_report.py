@@ -209,10 +209,13 @@ def write_method_run(
     final_loss: float,
     compressor: str = "topk",
     batch: int = 1,
+    aggregator: str = "",
 ) -> None:
-    """A cell of `method` (lr, eta, seed, compressor, batch size) whose train_loss ends at
-    `final_loss`."""
+    """A cell of `method` (lr, eta, seed, compressor, batch size; `aggregator` alone, without
+    the default's pre-aggregator, when given) whose train_loss ends at `final_loss`."""
     config = RunConfig().to_dict()
+    if aggregator:
+        config["aggregator"]["name"], config["aggregator"]["pre"] = aggregator, []
     config["run"]["seed"], config["algorithm"]["lr"] = seed, lr
     config["algorithm"]["name"], config["algorithm"]["eta"] = method, eta
     config["compressor"]["name"], config["task"]["batch_size"] = compressor, batch
@@ -221,7 +224,7 @@ def write_method_run(
         {"round": 0, "train_loss": 0.7, "grad_norm_sq": 0.07, "bytes_uplink": 0},
         {"round": 10, "train_loss": final_loss, "grad_norm_sq": 0.01, "bytes_uplink": 80},
     ]
-    cell = out / f"{method}_{compressor}_b{batch}_lr{lr}_eta{eta}_seed{seed}"
+    cell = out / f"{method}_{compressor}_b{batch}{aggregator}_lr{lr}_eta{eta}_seed{seed}"
     cell.mkdir(parents=True)
     (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {"config": config, "config_digest": "x", "final": records[-1], "rounds": 10}
@@ -354,10 +357,28 @@ def test_versus_names_the_better_method_only_where_the_intervals_are_disjoint(
     assert verdict("byz-ef21-sgdm", "byz-ef21")[0] == "≈"
 
 
+def test_versus_compares_two_aggregators_in_every_method_cell(tmp_path: Path) -> None:
+    """Aggregators as the pair: cm better than krum for dm21 (disjoint), ≈ for ef21-sgdm."""
+    finals = {("byz-dm21", "cm"): [0.30, 0.301, 0.299], ("byz-dm21", "krum"): [0.40, 0.41, 0.39],
+              ("byz-ef21-sgdm", "cm"): [0.40, 0.42, 0.38],
+              ("byz-ef21-sgdm", "krum"): [0.41, 0.37, 0.44]}  # fmt: skip
+    for (method, rule), losses in finals.items():
+        for seed, loss in enumerate(losses):
+            write_method_run(tmp_path, method, 0.1, 0.1, seed, loss, aggregator=rule)
+    rows = build_rows(load_runs(tmp_path), Objective())
+    lines = versus(rows, Objective(), ("cm", "krum"))
+    assert lines[0].startswith("**cm against krum**") and "the better aggregator" in lines[0]
+    cells = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in lines[4:6]}
+    assert cells == {"byz-dm21": "cm", "byz-ef21-sgdm": "≈"}
+    assert lines[-1] == "cm better in 1, krum better in 0, cannot tell in 1 of 2 cells."
+
+
 @pytest.mark.parametrize(
     ("pair", "message"),
-    [("byz-dm21", "expected two methods as A:B"), ("byz-dm21:byz-dm21", "expected two methods"),
-     ("byz-dm21:nope", "no row of method 'nope'")],
+    [("byz-dm21", "expected two methods or two aggregators as A:B"),
+     ("byz-dm21:byz-dm21", "expected two methods"),
+     ("byz-dm21:nope", "no row of method or aggregator 'nope'"),
+     ("byz-dm21:cm", "pairs a method with an aggregator")],
 )  # fmt: skip
 def test_versus_refuses_a_bad_pair(hand_built: Path, pair: str, message: str) -> None:
     result = CliRunner().invoke(main, ["report", str(hand_built), "--versus", pair])
