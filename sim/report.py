@@ -17,7 +17,7 @@ import itertools
 import json
 import math
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,8 +318,8 @@ def build_rows(
                 attack=str(config[ATTACK]),
                 method=str(config[METHOD]),
                 aggregator=_aggregator_of(config),
-                setting=", ".join(f"{k}={_show(config[k])}" for k in extra),
-                panel=", ".join(f"{k}={_show(config[k])}" for k in panel_keys),
+                setting=_assignments(config, extra),
+                panel=_assignments(config, panel_keys),
                 variant=", ".join(
                     f"{k}={_show(config[k])}" for k, v in bound.items() if _show(config[k]) != v
                 ),
@@ -340,6 +340,13 @@ def _describe(by_setting: dict[tuple, list[Run]]) -> str:
 
 def _show(value: Any) -> str:
     return value if isinstance(value, str) else _canonical(value)
+
+
+def _assignments(config: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """A row's setting as "key=value, …" over `keys`, leaving out the keys it leaves unset (None,
+    or an empty table or list): a QSGD row reads "compressor.name=qsgd, compressor.params=…",
+    not "…, compressor.k=null, …" because the Top-k rows beside it set k."""
+    return ", ".join(f"{k}={_show(config[k])}" for k in keys if config[k] not in (None, {}, []))
 
 
 def _show_value(value: Any) -> str:

@@ -357,6 +357,26 @@ def test_versus_names_the_better_method_only_where_the_intervals_are_disjoint(
     assert verdict("byz-ef21-sgdm", "byz-ef21")[0] == "≈"
 
 
+def test_a_setting_names_only_the_keys_a_row_sets(tmp_path: Path) -> None:
+    """Top-k with k beside QSGD without one: the QSGD row's setting leaves k (null) and the
+    Top-k row's leaves params ({}) out, and the two still differ."""
+    write_method_run(tmp_path, "byz-dm21", 0.1, 0.1, 0, 0.3)  # topk
+    write_method_run(tmp_path, "byz-dm21", 0.1, 0.1, 0, 0.31, compressor="qsgd")
+    for summary in tmp_path.glob("*qsgd*/summary.json"):
+        data = json.loads(summary.read_text())
+        data["config"]["compressor"].update(k=None, params={"levels": 1})
+        summary.write_text(json.dumps(data))
+    for summary in tmp_path.glob("*topk*/summary.json"):
+        data = json.loads(summary.read_text())
+        data["config"]["compressor"].update(k=1, params={})
+        summary.write_text(json.dumps(data))
+    settings = sorted(row.setting for row in build_rows(load_runs(tmp_path), Objective()))
+    assert settings == [
+        'compressor.name=qsgd, compressor.params={"levels": 1}',
+        "compressor.name=topk, compressor.k=1",
+    ]
+
+
 def test_versus_compares_two_aggregators_in_every_method_cell(tmp_path: Path) -> None:
     """Aggregators as the pair: cm better than krum for dm21 (disjoint), ≈ for ef21-sgdm."""
     finals = {("byz-dm21", "cm"): [0.30, 0.301, 0.299], ("byz-dm21", "krum"): [0.40, 0.41, 0.39],
