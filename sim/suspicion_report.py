@@ -5,8 +5,9 @@ the Byzantine ids are the last f, so the scores can be judged as a detector: the
 probability that a Byzantine worker scores higher than an honest one (ties count one half) —
 1 separates them perfectly, 0.5 is chance, below 0.5 means the rule discounts the honest workers
 more. Per report row (method × aggregator × attack, at its chosen lr) the table gives the AUC's
-mean ± std over seeds and the mean scores of each side; a plot per run draws every worker's score
-over the rounds.
+mean ± the half-width of its 95 % t interval over seeds (the interval every other table of a
+report uses, so a comparison of two AUCs is read the same way) and the mean scores of each side;
+a plot per run draws every worker's score over the rounds.
 
 Why report it rather than act on it: an attack designed to sit inside the honest spread (ALIE)
 is not discounted by the rule, so a low AUC there is the rule's behaviour, measured — not a defect
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from byzps.sim.claims_report import interval
 
 #: Per-run plots are drawn for at most this many report rows (one run each, the lowest seed;
 #: evenly spaced over the rows when there are more), so a large sweep's report stays small.
@@ -69,11 +72,17 @@ def table(rows: Sequence[Any]) -> str | None:
             continue
         auc, honest, byzantine = np.array(found).T
         lines.append(
-            f"| {row.attack} | {row.method} | {row.aggregator} | "
-            f"{auc.mean():.3f} ± {auc.std():.2g} | {honest.mean():.3f} | "
-            f"{byzantine.mean():.3f} | {len(found)} |"
+            f"| {row.attack} | {row.method} | {row.aggregator} | {auc_text(auc)} | "
+            f"{honest.mean():.3f} | {byzantine.mean():.3f} | {len(found)} |"
         )
     return "\n".join(lines) if len(lines) > 2 else None
+
+
+def auc_text(aucs: Sequence[float]) -> str:
+    """The AUCs' mean ± the half-width of its 95 % t interval (one seed: its value alone). The
+    interval is not clipped to [0, 1]: it says how far the seeds let the mean move."""
+    mean, half = interval(aucs)
+    return f"{mean:.3f} ± {half:.2g}" if math.isfinite(half) else f"{mean:.3f}"
 
 
 def plot_run(run: Any, path: Path) -> bool:
@@ -121,9 +130,9 @@ def section(rows: Sequence[Any], out: Path) -> list[str]:
         "## Suspicion scores",
         "",
         "Final per-worker suspicion scores (how strongly the rule discounted each worker; "
-        "docs/algorithms.md) as a detector of the Byzantine ids: ROC AUC mean ± std over seeds "
-        "(1: every Byzantine worker scores above every honest one; 0.5: chance), and the mean "
-        "score of each side.",
+        "docs/algorithms.md) as a detector of the Byzantine ids: ROC AUC, the mean ± the "
+        "half-width of its 95 % t interval over seeds (1: every Byzantine worker scores above "
+        "every honest one; 0.5: chance), and the mean score of each side.",
         "",
         text,
     ]
