@@ -91,7 +91,7 @@ def selection_from(
     metavar="A:B",
     help="Add head-to-head verdicts of method A against method B in every aggregator x attack "
     "cell, or of aggregator A against B in every method x attack cell (repeatable), e.g. "
-    "byz-dm21:byz-ef21-sgdm or nnm+cm:bulyan.",
+    "byz-dm21:byz-ef21-sgdm or nnm∘cm:bulyan (or nnm+cm:bulyan).",
 )
 def report(
     sweep_dir: Path,
@@ -114,7 +114,8 @@ def report(
     options += [arg for pair in versus for arg in ("--versus", pair)]
     pairs = []
     for pair in versus:
-        a, sep, b = pair.partition(":")
+        # Aggregators as the docs write them (nnm∘cm) or as the rows name them (nnm+cm).
+        a, sep, b = pair.replace("∘", "+").partition(":")
         if not (sep and a and b) or a == b:
             raise click.BadParameter(
                 f"expected two methods or two aggregators as A:B, got {pair!r}",

@@ -393,6 +393,22 @@ def test_versus_compares_two_aggregators_in_every_method_cell(tmp_path: Path) ->
     assert lines[-1] == "cm better in 1, krum better in 0, cannot tell in 1 of 2 cells."
 
 
+def test_versus_takes_a_composed_aggregator_as_the_docs_write_it(tmp_path: Path) -> None:
+    """`--versus nnm∘cm:krum` is `nnm+cm:krum`, the name the rows carry."""
+    for seed in range(2):
+        write_method_run(tmp_path, "byz-dm21", 0.1, 0.1, seed, 0.3 + 0.001 * seed)
+        write_method_run(tmp_path, "byz-dm21", 0.1, 0.1, seed, 0.4, aggregator="krum")
+    for summary in tmp_path.glob("*_b1_lr*/summary.json"):  # the default cm, behind nnm
+        data = json.loads(summary.read_text())
+        data["config"]["aggregator"]["pre"] = ["nnm"]
+        summary.write_text(json.dumps(data))
+    result = CliRunner().invoke(
+        main, ["report", str(tmp_path), "--out", str(tmp_path / "r"), "--versus", "nnm∘cm:krum"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "**nnm+cm against krum**" in (tmp_path / "r" / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("pair", "message"),
     [("byz-dm21", "expected two methods or two aggregators as A:B"),
