@@ -16,6 +16,7 @@ from byzps.sim.report import (
     Objective,
     ReportError,
     Selection,
+    settings_were_chosen,
     write_report,
 )
 
@@ -129,7 +130,7 @@ def report(
         rows = write_report(sweep_dir, out, objective, command, selection, pending, pairs)
     except ReportError as exc:
         raise click.ClickException(str(exc)) from None
-    chosen = any(row.settings_tried > 1 for row in rows)
+    chosen = settings_were_chosen(rows, pending or [])
     click.echo(f"selection: {objective.rule()}; {selection.describe(chosen)}")
     if pending:
         click.echo(f"{len(pending)} rows left out, not yet run on a reported seed", err=True)

@@ -576,6 +576,12 @@ def plot(rows: Sequence[Row], metric: str, x_axis: str, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def settings_were_chosen(rows: Sequence[Row], pending: Sequence[str]) -> bool:
+    """Whether the report chose among settings: some row tried more than one, or rows wait for
+    their reported seeds (`pending` exists only when selection seeds chose their settings)."""
+    return bool(pending) or any(row.settings_tried > 1 for row in rows)
+
+
 def plot_names(metric: str) -> dict[str, str]:
     """Deterministic plot file names by x axis."""
     return {x: f"{metric}_vs_{x}.png" for x in ("rounds", "bits")}
@@ -597,7 +603,7 @@ def render(
         *heading,
         "",
         f"**Selection rule:** {objective.rule()}; "
-        f"{selection.describe(chosen=any(row.settings_tried > 1 for row in rows))}.",
+        f"{selection.describe(chosen=settings_were_chosen(rows, pending))}.",
         "Table entries are the mean ± the half-width of its 95 % Student t interval over the "
         "reported seeds (a single seed shows its value alone) of the final evaluation at the "
         "chosen setting; `lr` lists the chosen value and every value tried (`chosen`: the "

@@ -262,6 +262,14 @@ def test_the_selection_line_says_nothing_was_chosen_when_each_row_tried_one_sett
     write_method_run(tmp_path, "byz-dm21", 0.01, 0.1, 0, 0.5)
     text = render(build_rows(load_runs(tmp_path), Objective()), Objective(), [], {})
     assert "biased in its favour" in text
+    # A two-stage study before its second stage: every row pending, none to count settings on;
+    # its settings were still chosen, on the selection seeds.
+    pending: list[str] = []
+    selection = Selection(seeds=frozenset({0, 1, 2}))
+    rows = build_rows(load_runs(tmp_path), Objective(), selection, pending)
+    assert rows == [] and pending
+    text = render(rows, Objective(), [], {}, selection=selection, pending=pending)
+    assert "chosen on seeds 0, 1, 2 only" in text and "nothing is chosen" not in text
 
 
 def test_eta_is_tuned_with_lr_and_leaves_the_setting_column(tmp_path: Path) -> None:
