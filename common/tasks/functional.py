@@ -22,8 +22,11 @@ from byzps.common.tasks.sampling import Batches
 from byzps.common.tasks.sharded import ShardedTask
 from byzps.common.tasks.spec import DataSpec
 
-#: Rows per forward pass in full-data losses and gradients (bounds activation memory).
-CHUNK = 2000
+#: Rows per forward pass in full-data losses and gradients. It bounds activation memory, and its
+#: size matters for speed: SmallCNN's first activations for 2 000 rows (73 MB) spill out of cache,
+#: and the gradient over 6 000 rows on one thread took 2.85 s in chunks of 2 000 against 1.63 s
+#: in chunks of 500 (1.72 s vs 1.07 s on two threads; chunks of 250 and 125 were no faster).
+CHUNK = 500
 
 
 class FunctionalModel:
