@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from byzps.sim.figures import save_png
+
 BATCH = "task.batch_size"
 #: The plateau is the mean over this last fraction of a run's evaluation rounds.
 PLATEAU_FRACTION = 0.1
@@ -166,7 +168,7 @@ def plot_plateaus(found: dict[tuple[str, str, int], tuple[float, float]], path: 
         ax.set_ylabel(f"plateau of ‖∇f‖² (last {PLATEAU_FRACTION:.0%} of rounds)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
-    figure.savefig(path, dpi=110)
+    save_png(figure, path)
 
 
 def neighbourhood_section(rows: Sequence[Any], out: Path) -> list[str]:

@@ -47,6 +47,7 @@ from byzps.common.tasks.base import Task
 from byzps.common.tasks.regularizers import Regularizer
 from byzps.sim.batched import build_batched_simulation
 from byzps.sim.claims_report import t975
+from byzps.sim.figures import save_png
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -790,7 +791,7 @@ def plot_rounds(
     ax.set_ylabel("rounds to first hit")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    figure.savefig(path, dpi=110)
+    save_png(figure, path)
 
 
 def setting_lines(base: RunConfig, plan: Plan, notes: ReportNotes) -> list[str]:

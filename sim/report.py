@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import shlex
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 
 from byzps.sim import claims_report as claims
 from byzps.sim import suspicion_report as suspicion
+from byzps.sim.figures import save_png
 
 SEED, LR, ATTACK = "run.seed", "algorithm.lr", "attack.name"
 METHOD, AGGREGATOR, PRE = "algorithm.name", "aggregator.name", "aggregator.pre"
@@ -35,6 +37,8 @@ METRICS = ("train_loss", "test_accuracy", "loss_gap", "grad_norm_sq")
 #: Metrics where lower is better; they are also drawn on a log scale.
 LOWER_IS_BETTER = frozenset({"train_loss", "loss_gap", "grad_norm_sq"})
 SELECT_BY = ("final", "best")
+#: Characters per line of a plot panel's title (a 5-inch panel holds ~60 at the title's size).
+TITLE_WIDTH = 60
 
 
 class ReportError(ValueError):
@@ -564,7 +568,10 @@ def plot(rows: Sequence[Row], metric: str, x_axis: str, path: Path) -> None:
                 low = np.maximum(mean - half, mean * 1e-3) if log_y else mean - half
                 ax.fill_between(x, low, mean + half, color=colour, alpha=0.2, linewidth=0)
             where = _where(aggregator, panel)
-            ax.set_title(f"attack: {attack} | {where}", fontsize="medium")
+            # Wrapped: a panel is ~60 characters wide, and a setting such as a compressor's
+            # params would otherwise run into the next panel's title.
+            title = textwrap.fill(f"attack: {attack} | {where}", TITLE_WIDTH)
+            ax.set_title(title, fontsize="medium")
             ax.set_xlabel("round" if x_axis == "rounds" else "bits sent per worker (uplink)")
             ax.set_ylabel(metric)
             if log_y:
@@ -573,7 +580,7 @@ def plot(rows: Sequence[Row], metric: str, x_axis: str, path: Path) -> None:
             ax.grid(True, alpha=0.3)
             if mine:
                 ax.legend(fontsize="x-small")
-    figure.savefig(path, dpi=110)
+    save_png(figure, path)
 
 
 def settings_were_chosen(rows: Sequence[Row], pending: Sequence[str]) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from byzps.sim.claims_report import interval
+from byzps.sim.figures import save_png
 
 #: Per-run plots are drawn for at most this many report rows (one run each, the lowest seed;
 #: evenly spaced over the rows when there are more), so a large sweep's report stays small.
@@ -115,7 +116,7 @@ def plot_run(run: Any, path: Path) -> bool:
     ax.set_title(run.name, fontsize="small")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    figure.savefig(path, dpi=80)
+    save_png(figure, path, dpi=80)
     return True
 
 
