@@ -65,8 +65,9 @@ from byzps.cli.daemon_common import (
     multiple=True,
     metavar="NAME",
     help="Also run this protocol-level attack beside the gradient attack, with the members' own "
-    "credentials, until the run ends (repeatable): longpoll-flood, push-storm, slow-reader, "
-    "slowloris, padded, register-storm, deadline (byzps.worker.byzantine.protocol).",
+    "credentials, until the run ends, against the server or every shard of a sharded one "
+    "(repeatable): longpoll-flood, push-storm, slow-reader, slowloris, padded, register-storm, "
+    "deadline (byzps.worker.byzantine.protocol).",
 )
 @click.option(
     "--protocol-param",
@@ -92,10 +93,13 @@ def attack(
 ) -> None:
     """Hold COUNT Byzantine identities and attack the run at --server until it ends."""
     from byzps.worker.byzantine.daemon import run_attack
-    from byzps.worker.byzantine.protocol import build_protocol_attacks
+    from byzps.worker.byzantine.protocol import ProtocolAttack, build_protocol_attacks
+
+    def make_protocols() -> list[ProtocolAttack]:  # a fresh set per server (shard) attacked
+        return build_protocol_attacks(protocol_names, protocol_params)
 
     try:
-        protocols = build_protocol_attacks(protocol_names, protocol_params)
+        make_protocols()  # bad names and parameters are refused before anything connects
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     setup_logging(log_level, "attack")
@@ -112,6 +116,6 @@ def attack(
             force_cohort=force_cohort,
             ledger_path=ledger,
             client_options=client_options,
-            protocols=protocols,
+            make_protocols=make_protocols,
         )
     )

@@ -11,6 +11,7 @@ each owning 1/S of the coordinates, real worker and attack processes pushing to 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -458,6 +459,49 @@ def test_a_member_flooding_one_shard_takes_only_its_share_of_that_shard(
     run.finish(rounds)
     assert time.monotonic() - began < rounds * (deadline + 3) + 30  # + the flood's 2 s checks
     assert np.isfinite(np.load(tmp_path / "shard-0" / "params.npy")).all()  # the whole model
+
+
+def attacked_sharded_run(tmp: Path, procs: Processes, rounds: int, *protocol: str) -> np.ndarray:
+    """The two-shard run with member 4 as a `byzps attack` process (its gradient attack, bf, and
+    the given --protocol arguments); rounds close when all five have pushed, so the result is
+    deterministic. Asserts that every process exits cleanly and no acknowledged seq is lost."""
+    tmp.mkdir()
+    run = start_sharded_run(tmp, procs, rounds, deadline=600.0)
+    attack = procs.start(
+        byzps("attack", "--server", ",".join(run.addresses), "--count", "1", "--first-id", "4",
+              "--token-dir", str(tmp / "tokens"), "--threads", "1", *protocol),
+        log=run.logs / "attack.log",
+    )  # fmt: skip
+    run.processes.append(attack)
+    run.finish(rounds)
+    return np.load(tmp / "shard-0" / "params.npy")
+
+
+@pytest.mark.slow  # two sharded runs
+def test_a_protocol_attack_turns_on_every_shard_and_changes_nothing(
+    tmp_path: Path, procs: Processes
+) -> None:
+    """`byzps attack --protocol` on a sharded run attacks every shard, each with forgeries built
+    on that shard's own slice: replays come back DUPLICATE, gaps FAILED_PRECONDITION, broken
+    parts INVALID_ARGUMENT, from shard 0 and from shard 1 — with the whole model's registration
+    (the attack's old aim, shard 0 alone) every plausible forgery was refused for its width
+    instead, and the seq checks were never reached. None is applied: the run ends on the bits
+    of the same run without the protocol attack."""
+    rounds = 6
+    baseline = attacked_sharded_run(tmp_path / "baseline", procs, rounds)
+    params = attacked_sharded_run(
+        tmp_path / "storm", procs, rounds, "--protocol", "push-storm", "--protocol-param",
+        "calls=12",
+    )  # fmt: skip
+    log = (tmp_path / "storm" / "logs" / "attack.log").read_text()
+    for rank in range(2):
+        found = re.search(rf"protocol attack push-storm on shard {rank}: \d+ calls: (.*)", log)
+        assert found, f"no tally for shard {rank}:\n{log[-3000:]}"
+        counts = {k: int(v) for k, v in (p.rsplit(" ", 1) for p in found.group(1).split(", "))}
+        assert "ACCEPTED" not in counts, (rank, counts)
+        for status in ("DUPLICATE", "FAILED_PRECONDITION", "INVALID_ARGUMENT"):
+            assert counts.get(status, 0) > 0, (rank, status, counts)
+    assert params.tobytes() == baseline.tobytes()
 
 
 def test_a_shard_serving_tls_must_be_told_how_to_check_its_peers(tmp_path: Path) -> None:

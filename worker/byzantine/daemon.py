@@ -59,7 +59,7 @@ from byzps.worker.session import (
     commit_applied,
     encode_row,
 )
-from byzps.worker.shard_client import ShardedClient, connect, split_addresses
+from byzps.worker.shard_client import ShardedClient, connect
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +191,12 @@ def run_attack(
     force_cohort: bool = False,
     ledger_path: Path | None = None,
     client_options: dict[str, Any] | None = None,
-    protocols: Sequence[ProtocolAttack] = (),
+    make_protocols: Callable[[], list[ProtocolAttack]] = list,
 ) -> None:
     """Register F = `count` identities, ids first_id … first_id + F − 1 (`byzps launch` uses
     h … n − 1), build the cohort from the server's config and attack until the run ends, with
-    the `protocols` attacks (byzps.worker.byzantine.protocol) running beside it until then.
+    the protocol attacks `make_protocols` builds (byzps.worker.byzantine.protocol) running
+    beside it until then, against the server or each of its shards (one fresh set per server).
 
     The ids are the caller's to give: this process registers under no other id, not even to read
     the run config (see `_read_config`). `credential`: the members' own tokens (by id; `byzps
@@ -261,10 +262,7 @@ def run_attack(
                 [s + 1 for s in daemon.last_seq],
             )
         log.info("attack %s: members %s registered at %s", attack.name, ids, address)
-        # Protocol attacks go to one server; on a sharded one, to shard 0 (each shard's door
-        # and fair share are its own, so one stands for all).
-        first = split_addresses(address)[0]
-        campaign = campaign_for(daemon, protocols, first, client_options, priority)
+        campaign = campaign_for(daemon, make_protocols, client_options, priority)
         campaign.start()
         try:
             daemon.run()

@@ -54,6 +54,7 @@ from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
 from byzps.worker.byzantine import forge, h2
 from byzps.worker.client import PUSH_PATH, ParameterServerClient, wire_push
+from byzps.worker.shard_client import ShardedClient
 
 if TYPE_CHECKING:
     from byzps.worker.byzantine.daemon import ByzantineDaemon
@@ -803,88 +804,133 @@ def build_protocol_attacks(names: Sequence[str], params: Sequence[str]) -> list[
     return [PROTOCOL_ATTACKS.build(name, **kwargs) for name, kwargs in chosen.items()]
 
 
+@dataclass
+class Front:
+    """One server a campaign attacks: its context (address, registration, the members' clients
+    to it) and attack instances of its own, so each server's tallies are its own."""
+
+    ctx: ProtocolContext
+    attacks: list[ProtocolAttack]
+    #: How the logs name this server: "" for a lone server, " on shard K" for shard K.
+    label: str = ""
+
+
 class ProtocolCampaign:
     """Runs protocol attacks beside the cohort: starts their threads, holds the cohort's pushes
-    for them, and stops everything (stop event, then every channel and socket closed) at the
-    end of the run. An attack thread that fails is logged and ends; it never ends the daemon."""
+    for them, and stops everything (stop events, then every channel and socket closed) at the
+    end of the run. On a sharded server every shard is a front of its own: each shard has its
+    own door and fair shares, and an attacker is free to turn on all of them at once. An attack
+    thread that fails is logged and ends; it never ends the daemon."""
 
-    def __init__(self, attacks: Sequence[ProtocolAttack], ctx: ProtocolContext) -> None:
-        self.attacks = list(attacks)
-        self.ctx = ctx
+    def __init__(self, fronts: Sequence[Front]) -> None:
+        self.fronts = list(fronts)
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        for attack in self.attacks:
-            bodies = attack.bodies(self.ctx)
-            for k, body in enumerate(bodies):
-                thread = threading.Thread(
-                    target=self._guarded, args=(attack, body), name=f"{attack.name}-{k}",
-                    daemon=True,
+        for front in self.fronts:
+            for attack in front.attacks:
+                bodies = attack.bodies(front.ctx)
+                for k, body in enumerate(bodies):
+                    thread = threading.Thread(
+                        target=self._guarded, args=(front, attack, body),
+                        name=f"{attack.name}-{k}", daemon=True,
+                    )  # fmt: skip
+                    thread.start()
+                    self._threads.append(thread)
+                log.info(
+                    "protocol attack %s%s: started (%d threads)", attack.name, front.label,
+                    len(bodies),
                 )  # fmt: skip
-                thread.start()
-                self._threads.append(thread)
-            log.info("protocol attack %s: started (%d threads)", attack.name, len(bodies))
 
     def hold_push(self, round: int, arrived: float) -> None:
-        for attack in self.attacks:
-            attack.hold_push(self.ctx, round, arrived)
+        for front in self.fronts:
+            for attack in front.attacks:
+                attack.hold_push(front.ctx, round, arrived)
 
     def stop(self, grace: float = 5.0) -> None:
-        self.ctx.stop.set()
-        self.ctx.close_all()
+        for front in self.fronts:
+            front.ctx.stop.set()
+            front.ctx.close_all()
         deadline = time.monotonic() + grace
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         stuck = sum(t.is_alive() for t in self._threads)
         if stuck:
             log.warning("protocol attacks: %d threads still running at exit (daemon)", stuck)
-        for attack in self.attacks:
-            log.info("protocol attack %s: %s", attack.name, attack.tally.summary())
-            accepted = attack.tally.counts().get("ACCEPTED", 0)
-            if accepted and not attack.expects_accepted():
-                log.error(
-                    "protocol attack %s: the server ACCEPTED %d updates it must not apply",
-                    attack.name, accepted,
-                )  # fmt: skip
+        for front in self.fronts:
+            for attack in front.attacks:
+                log.info(
+                    "protocol attack %s%s: %s", attack.name, front.label, attack.tally.summary()
+                )
+                accepted = attack.tally.counts().get("ACCEPTED", 0)
+                if accepted and not attack.expects_accepted():
+                    log.error(
+                        "protocol attack %s%s: the server ACCEPTED %d updates it must not apply",
+                        attack.name, front.label, accepted,
+                    )  # fmt: skip
 
-    def _guarded(self, attack: ProtocolAttack, body: Callable[[], None]) -> None:
-        while not self.ctx.stop.is_set():
+    def _guarded(self, front: Front, attack: ProtocolAttack, body: Callable[[], None]) -> None:
+        while not front.ctx.stop.is_set():
             try:
                 body()
                 return
             except _Stopped:
                 return
             except Exception:
-                if self.ctx.stop.is_set():
+                if front.ctx.stop.is_set():
                     return  # a call cut short by the campaign's own close
-                log.exception("protocol attack %s: a thread failed; restarting it", attack.name)
+                log.exception(
+                    "protocol attack %s%s: a thread failed; restarting it", attack.name, front.label
+                )
                 attack.tally.add("THREAD_FAILED")
-                self.ctx.stop.wait(_BACKOFF)
+                front.ctx.stop.wait(_BACKOFF)
 
 
 def campaign_for(
     daemon: ByzantineDaemon,
-    attacks: Sequence[ProtocolAttack],
-    address: str,
+    make_attacks: Callable[[], list[ProtocolAttack]],
     client_options: dict[str, Any] | None = None,
     priority: Priority | None = None,
 ) -> ProtocolCampaign:
-    """A campaign of `attacks` over the daemon's members (their clients, tokens, registration and
-    acknowledged seqs), holding the daemon's pushes for them; not yet started. `priority`: the
-    one whose `backoff` the members' clients sleep with."""
+    """A campaign over the daemon's members (their clients, tokens, registrations and
+    acknowledged seqs), holding the daemon's pushes for it; not yet started. `make_attacks`
+    builds one fresh set of attacks per server attacked: the one server, or every shard of a
+    sharded one, each with its members' clients to that shard and that shard's own
+    registration (so a forged update is built on its slice, and refused for what it means to
+    test, not for its width). `priority`: the one whose `backoff` the members' clients sleep
+    with, shared by every front."""
     options = client_options or {}
-    registration = daemon.clients[0].registration
-    assert registration is not None, "the members register before the campaign starts"
-    ctx = ProtocolContext(
-        address,
-        daemon.clients,
-        registration,
-        daemon.run_info.rounds,
-        last_seq=lambda i: daemon.last_seq[i],
-        credentials=options.get("credentials"),
-        tls_server_name=options.get("tls_server_name"),
-        priority=priority or Priority(),
-    )
-    campaign = ProtocolCampaign(attacks, ctx)
+    priority = priority or Priority()
+    fronts = []
+    for label, members in _servers(daemon.clients):
+        registration = members[0].registration
+        assert registration is not None, "the members register before the campaign starts"
+        ctx = ProtocolContext(
+            members[0].address,
+            members,
+            registration,
+            daemon.run_info.rounds,
+            last_seq=lambda i: daemon.last_seq[i],
+            credentials=options.get("credentials"),
+            tls_server_name=options.get("tls_server_name"),
+            priority=priority,
+        )
+        fronts.append(Front(ctx, make_attacks(), label))
+    campaign = ProtocolCampaign(fronts)
     daemon.before_push = campaign.hold_push
     return campaign
+
+
+def _servers(
+    clients: Sequence[ParameterServerClient | ShardedClient],
+) -> list[tuple[str, list[ParameterServerClient]]]:
+    """(label, the members' clients to it) for each server the members talk to: the one server,
+    or each shard in rank order."""
+    first = clients[0]
+    if not isinstance(first, ShardedClient):
+        return [("", [c for c in clients if isinstance(c, ParameterServerClient)])]
+    sharded = [c for c in clients if isinstance(c, ShardedClient)]
+    return [
+        (f" on shard {rank}", [c.shards[rank] for c in sharded])
+        for rank in range(len(first.shards))
+    ]
