@@ -124,3 +124,12 @@ def ledger_seqs(path: Path) -> dict[str, list[int]]:
         entry = json.loads(line)
         seqs.setdefault(entry["worker"], []).append(int(entry["seq"]))
     return seqs
+
+
+def protocol_tally(attack_log: str, name: str, label: str = "") -> dict[str, int]:
+    """How a protocol attack's calls ended, by status, as `byzps attack` logs it when it stops
+    ("protocol attack NAME[ on shard K]: N calls: STATUS count, …"); `label` is " on shard K"
+    for one shard of a sharded run. Fails naming the attack when the log holds no such line."""
+    match = re.search(rf"protocol attack {re.escape(name + label)}: \d+ calls: (.*)", attack_log)
+    assert match, f"no summary of {name}{label} in the attack log:\n{attack_log[-3000:]}"
+    return {k: int(v) for k, v in (part.rsplit(" ", 1) for part in match.group(1).split(", "))}

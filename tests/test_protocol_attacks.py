@@ -18,7 +18,6 @@ Priority), so the cohort's gradient pushes still land in their rounds and result
 
 from __future__ import annotations
 
-import re
 import socket
 import subprocess
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from cluster_helpers import Processes, byzps
+from cluster_helpers import Processes, byzps, protocol_tally
 from configs import small_config
 
 from byzps.cli.main import main
@@ -141,10 +140,7 @@ def attacked(root: Path, config: Path, name: str, *params: str) -> Outcome:
 
 def calls_made(outcome: Outcome, name: str) -> dict[str, int]:
     """The attack's own count of how its calls ended (logged when it stops)."""
-    match = re.search(rf"protocol attack {re.escape(name)}: (\d+) calls: (.*)", outcome.attack_log)
-    assert match, f"no summary of {name} in the attack log:\n{outcome.attack_log[-3000:]}"
-    counts = dict(part.rsplit(" ", 1) for part in match.group(2).split(", "))
-    return {k: int(v) for k, v in counts.items()}
+    return protocol_tally(outcome.attack_log, name)
 
 
 def assert_same_params(outcome: Outcome, baseline: np.ndarray) -> None:

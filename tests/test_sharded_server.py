@@ -11,7 +11,6 @@ each owning 1/S of the coordinates, real worker and attack processes pushing to 
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from cluster_helpers import (
     ledger_seqs,
     leftovers,
     metrics,
+    protocol_tally,
     wait_for,
     wait_listening,
 )
@@ -495,9 +495,7 @@ def test_a_protocol_attack_turns_on_every_shard_and_changes_nothing(
     )  # fmt: skip
     log = (tmp_path / "storm" / "logs" / "attack.log").read_text()
     for rank in range(2):
-        found = re.search(rf"protocol attack push-storm on shard {rank}: \d+ calls: (.*)", log)
-        assert found, f"no tally for shard {rank}:\n{log[-3000:]}"
-        counts = {k: int(v) for k, v in (p.rsplit(" ", 1) for p in found.group(1).split(", "))}
+        counts = protocol_tally(log, "push-storm", f" on shard {rank}")
         assert "ACCEPTED" not in counts, (rank, counts)
         for status in ("DUPLICATE", "FAILED_PRECONDITION", "INVALID_ARGUMENT"):
             assert counts.get(status, 0) > 0, (rank, status, counts)
