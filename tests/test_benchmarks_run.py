@@ -43,6 +43,13 @@ def test_bench_durability_runs_every_policy(
         assert policy in out, out
 
 
+def test_bench_running_sum_prints_a_row_per_size(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_benchmark("bench_running_sum")
+    bench.main(["--dims", "5000", "20000", "--workers", "4", "--repeats", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split()[1] for row in rows[1:]] == ["5e+03", "2e+04"], rows
+
+
 @pytest.mark.slow  # two launches
 def test_bench_shards_prints_a_row_per_shard_count_with_the_same_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
