@@ -141,6 +141,10 @@ def section(rows: Sequence[Any], out: Path) -> list[str]:
     step = max(1, math.ceil(len(scored) / MAX_PLOTS))
     runs = [row.runs[0] for row in scored[::step]]
     folder = out / "suspicion"
+    # The folder is the report's own: plots of an earlier report whose rows changed would
+    # otherwise linger beside the new ones, referenced by nothing.
+    for stale in folder.glob("*.png"):
+        stale.unlink()
     drawn = []
     for run in runs:
         folder.mkdir(parents=True, exist_ok=True)
@@ -148,6 +152,6 @@ def section(rows: Sequence[Any], out: Path) -> list[str]:
             drawn.append(run.name)
     if drawn:
         lines += ["", "Per worker, over the rounds (Byzantine ids dashed; one run per row"
-                  f"{'' if step == 1 else f', every {step}th row'}):", ""]  # fmt: skip
+                  f"{'' if step == 1 else f', one row in {step}'}):", ""]  # fmt: skip
         lines += [f"![suspicion: {name}](suspicion/{name}.png)" for name in drawn]
     return lines

@@ -69,6 +69,9 @@ def mean_std(text: str) -> tuple[float, float]:
 
 def test_report_table_holds_the_mean_over_seeds_and_valid_pngs(swept: Path) -> None:
     report_dir = swept.parent / "report"
+    stale = report_dir / "suspicion" / "an-earlier-report-row.png"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(PNG_MAGIC)
     args = [sys.executable, "-m", "byzps.cli.main", "report", str(swept), "--out", str(report_dir)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
@@ -106,6 +109,7 @@ def test_report_table_holds_the_mean_over_seeds_and_valid_pngs(swept: Path) -> N
     seed0 = sorted(f"suspicion/{p.parent.name}.png" for p in swept.glob("*seed0*/summary.json"))
     assert len(seed0) == 2  # one suspicion plot per report row: its lowest seed's run
     assert sorted(embedded) == sorted(curves + seed0)
+    assert not stale.exists()  # the report owns its suspicion folder: no orphaned plots
     suspicion = text.split("## Suspicion scores")[1]
     for method in ("byz-dm21", "br-csgd"):
         assert f"| alie | {method} | nnm+cm |" in suspicion
