@@ -11,7 +11,7 @@ from oracles import ReplayOracle
 
 from byzps.common.attacks import ATTACKS, AttackView, build_attack
 from byzps.common.attacks.cohort import ByzantineCohort
-from byzps.common.attacks.strategies import FLT_MAX, alie_z
+from byzps.common.attacks.strategies import FLT_MAX, _honest_std, alie_z
 from byzps.common.codec import decode_sparse, encode_sparse
 from byzps.common.compressors import build_compressor
 from byzps.common.estimators import build_estimator
@@ -33,6 +33,30 @@ def make_view(h: int = 12, m: int = 8, seed: int = 0) -> AttackView:
 
 def test_alie_z_for_paper_setting() -> None:
     assert alie_z(20, 8) == pytest.approx(0.6745, abs=1e-3)
+
+
+def test_the_compiled_spread_is_torchs_bit_for_bit() -> None:
+    """ALIE's σ on CPU float32 comes from a compiled kernel, not torch.std; over stacks of
+    every scale (1e-8 … 1e8, offsets up to 1e3 times the spread), one run and many, and
+    columns holding inf, −inf, NaN or values near the float32 limit, it returns the very bits
+    torch.std does, so swapping it in moved no run."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        shape = (12, 123) if trial % 2 else (5, 7, 31)
+        scale = 10.0 ** torch.empty(1).uniform_(-8, 8, generator=gen).item()
+        offset = scale * 10.0 ** torch.empty(1).uniform_(-2, 3, generator=gen).item()
+        honest = torch.randn(*shape, generator=gen) * scale + offset
+        assert torch.equal(_honest_std(honest), honest.std(dim=-2))
+    edges = torch.randn(2, 6, 5, generator=gen)
+    edges[0, 1, 0], edges[0, 2, 1], edges[0, 3, 2] = math.inf, -math.inf, math.nan
+    edges[1, :3, 3], edges[1, 3:, 3] = FLT_MAX, -FLT_MAX  # a spread beyond float32: inf
+    edges[1, :, 4] = 1.5  # no spread: exactly 0
+    expected = edges.std(dim=-2)
+    assert torch.equal(_honest_std(edges).isnan(), expected.isnan())
+    assert torch.equal(_honest_std(edges).nan_to_num(), expected.nan_to_num())
+    assert torch.isinf(expected[1, 3]) and expected[1, 4] == 0
+    strided = edges.transpose(-1, -2).contiguous().transpose(-1, -2)  # not row-major
+    assert torch.equal(_honest_std(strided).nan_to_num(), expected.nan_to_num())
 
 
 def test_alie_target_is_mean_minus_z_std() -> None:
