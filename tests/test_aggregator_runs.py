@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from byzps.common.aggregators import build_aggregator
+from byzps.common.aggregators import build_aggregator, ops
 from byzps.common.aggregators._kernels import CHUNK
 from byzps.common.aggregators.ops import forced_backend
 from byzps.common.aggregators.runs import NotBatched
@@ -57,6 +57,18 @@ def test_each_run_gets_bitwise_its_own_aggregate_and_verdict(
         expected = own.discount(x[r], None).tobytes()
         assert verdicts[r].discount(x[r], None).tobytes() == expected
         assert discounts[r].tobytes() == expected
+
+
+@pytest.mark.parametrize("d", [1, 123, 2 * CHUNK + 3])
+def test_the_runs_grams_are_each_runs_own_bit_for_bit(d: int) -> None:
+    """`ops.centred_grams` (one compiled loop over the runs) gives each run the Gram its own
+    `centred_gram` call gives, over one chunk or several, float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        x = runs_input(4, 20, d, dtype)
+        grams = ops.centred_grams(x)
+        for r in range(x.shape[0]):
+            alone = ops.centred_gram(x[r].clone())
+            assert grams[r].tobytes() == alone.tobytes(), (r, dtype)
 
 
 def test_discounts_of_verdicts_that_are_not_one_band_are_left_to_each_verdict() -> None:

@@ -799,3 +799,29 @@ def test_kth_sq_dists_is_the_sorted_formulation() -> None:
                 expected[i] = np.sort(others)[min(k, n - 1) - 1]
         got = kth_sq_dists(gram, far, k)
         assert got.tobytes() == expected.tobytes(), (trial, got, expected)
+
+
+def test_nnm_neighbourhoods_are_a_stable_sorts_first_rows() -> None:
+    """nnm's mix (`wrappers.nearest_mix`, an insertion sort per row) puts 1/(n − f) on the
+    n − f entries that numpy's stable argsort puts first, each row's own entry counted as −inf:
+    ties to the lower index, +inf (far rows) and NaN (numpy's last) included, alone or stacked."""
+    from byzps.common.aggregators.wrappers import nearest_mix
+
+    rng = np.random.default_rng(2)
+    for trial in range(1500):
+        n, runs = int(rng.integers(1, 25)), int(rng.integers(1, 4))
+        f = int(rng.integers(0, n))
+        dists = rng.standard_normal((runs, n, n)) ** 2
+        if trial % 3 == 1:
+            dists = rng.integers(0, 3, (runs, n, n)).astype(float)  # ties
+        if trial % 3 == 2:
+            dists[rng.random(dists.shape) < 0.2] = np.inf
+            dists[rng.random(dists.shape) < 0.1] = np.nan
+        keys = dists.copy()
+        keys[:, np.arange(n), np.arange(n)] = -np.inf
+        nearest = np.argsort(keys, axis=-1, kind="stable")[..., : n - f]
+        expected = np.zeros(dists.shape)
+        np.put_along_axis(expected, nearest, 1.0 / (n - f), axis=-1)
+        assert nearest_mix(dists, f).tobytes() == expected.tobytes(), trial
+        if runs == 1:
+            assert nearest_mix(dists[0], f).tobytes() == expected[0].tobytes(), trial

@@ -43,21 +43,22 @@ def band_discount(raw, mix, a, b, slide):  # pragma: no cover - compiled
                 rows[j, t] = acc[t]  # rounded to raw's dtype, as band_mean's mixing does
     # NaN as +inf; then every row's stable rank in its column, counted for all columns side by
     # side (j's rank: the rows below it, and the rows before it that tie with it), which is the
-    # position a stable sort gives it; `order` inverts the ranks.
+    # position a stable sort gives it; `order` inverts the ranks. Without NaN, "i before j" is
+    # the complement of "j before i", so each pair is compared once and counts for one of them.
     values = np.empty((n, count), raw.dtype)
     for j in range(n):
         for t in range(count):
             v = rows[j, t]
             values[j, t] = v if v < np.inf else np.inf
-    rank = np.zeros((n, count), np.int64)
+    rank = np.zeros((n, count), np.int32)
     for j in range(n):
-        for i in range(n):
-            if i < j:
-                for t in range(count):
-                    rank[j, t] += values[i, t] <= values[j, t]
-            elif i > j:
-                for t in range(count):
-                    rank[j, t] += values[i, t] < values[j, t]
+        vj, rj = values[j], rank[j]
+        for i in range(j):  # each pair once: i < j is below j iff v_i ≤ v_j (no NaN left)
+            vi, ri = values[i], rank[i]
+            for t in range(count):
+                below = np.int32(vi[t] <= vj[t])
+                rj[t] += below
+                ri[t] += 1 - below
     order = np.empty((n, count), np.int64)
     for j in range(n):
         for t in range(count):

@@ -285,13 +285,12 @@ def centred_gram(
 
 def centred_grams(x: Tensor) -> np.ndarray:
     """(R, n, n): `centred_gram` of each of R runs' rows x[r] (x (R, n, d), whole runs, not a
-    shard's columns), by the same kernel call per run with the dispatch done once (a batched
+    shard's columns), by the same kernel called per run from one compiled loop (a batched
     simulation's `aggregators.runs`)."""
     if not use_numba(x) or x.shape[2] == 0:
         return np.stack([centred_gram(run) for run in x])
-    block = _kernels.gram_block(x.shape[1])
     with threads_for(x.shape[2]):
-        return np.stack([_kernels.centred_gram(r, r[:0], r[0, :0], block) for r in x.numpy()])
+        return _kernels.centred_grams_runs(x.numpy(), _kernels.gram_block(x.shape[1]))
 
 
 def _local_gram(x: Tensor, extra: Tensor | None, centre: Tensor | None) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from byzps.common.aggregators import _kernels
 from byzps.common.aggregators.rows import Rows
 from byzps.common.aggregators.rule import RowsAggregator, register, require
 from byzps.common.registry import Registry
@@ -66,9 +67,9 @@ class NearestNeighborMixing(Wrapper):
     def mixing(self, rows: Rows, f: int) -> np.ndarray:
         """The (n, n) row-stochastic M with y = M x: 1/(n − f) on each row's N_i.
 
-        One stable argsort of the whole distance matrix (its own copy) finds every N_i: x_i
-        first (its diagonal set to −inf), then its nearest, ties to the lower index; far rows'
-        +inf distances sort last.
+        Each N_i is the first n − f of row i of the distance matrix in a stable sort: x_i
+        first (its own entry counted as −inf), then its nearest, ties to the lower index; far
+        rows' +inf distances sort last (`nearest_mix`).
         """
         self.check(rows.n, f)
         return nearest_mix(rows.pairwise_sq_dists(), f)
@@ -82,14 +83,10 @@ class NearestNeighborMixing(Wrapper):
 def nearest_mix(dists: np.ndarray, f: int) -> np.ndarray:
     """nnm's mix from squared distances (n, n), or from a stack of them (R, n, n) (each its own
     mix, as alone): 1/(n − f) on each row's n − f nearest, the row itself first, then by
-    distance, ties to the lower index (one stable argsort; `dists` is modified)."""
+    distance, ties to the lower index — the order of a stable sort (`_kernels.nearest_mixes`)."""
     n = dists.shape[-1]
-    dists[..., np.arange(n), np.arange(n)] = -np.inf  # the diagonal
-    nearest = np.argsort(dists, axis=-1, kind="stable")[..., : n - f]
-    mix = np.zeros(dists.shape)
-    flat, chosen = mix.reshape(-1, n), nearest.reshape(-1, n - f)  # one fancy assignment
-    flat[np.arange(flat.shape[0])[:, None], chosen] = 1.0 / (n - f)
-    return mix
+    stack = np.ascontiguousarray(dists, np.float64).reshape(-1, n, n)
+    return _kernels.nearest_mixes(stack, f).reshape(dists.shape)
 
 
 @register("bucketing", WRAPPERS)

@@ -147,11 +147,12 @@ class ByzantineCohort:
             honest = shadow
         bases = self._sent.bases(self._rows)
         start = self._aggregator_start(aggregator_state)
+        runs = len(self.run_seeds)
         views = [
             AttackView(
-                honest=part(honest, r, len(self.run_seeds)),
-                shadow=part(shadow, r, len(self.run_seeds)),
-                bases=part(bases, r, len(self.run_seeds)),
+                honest=own_honest,
+                shadow=own_shadow,
+                bases=own_bases,
                 n=self.num_workers,
                 f=self.size,
                 generator=None,  # seeded on first use (AttackView.generator_keys)
@@ -159,7 +160,13 @@ class ByzantineCohort:
                 gain=self._gain(round),
                 aggregate=None if start is None else self._evaluator(start),
             )
-            for r, seed in enumerate(self.run_seeds)
+            for seed, own_honest, own_shadow, own_bases in zip(
+                self.run_seeds,
+                parts(honest, runs),
+                parts(shadow, runs),
+                parts(bases, runs),
+                strict=True,
+            )
         ]
         targets = self.attack.targets_runs(views)
         if start is not None and (self.knowledge != "omniscient" or aggregator_state is None):
@@ -256,12 +263,13 @@ class ByzantineCohort:
             self.aggregator.load_state_dict(state["aggregator"])
 
 
-def part(rows: Tensor, run: int, runs: int) -> Tensor:
-    """Run `run`'s block of `rows` (R equal blocks stacked, one per run); all of it for R = 1."""
+def parts(rows: Tensor, runs: int) -> Sequence[Tensor]:
+    """Each run's block of `rows` (R equal blocks stacked, one per run), as views: all of it for
+    R = 1. One `unbind` of the (R, rows/R, …) view, where slicing each block cost a call per
+    run and tensor (48 a round at R = 16)."""
     if runs == 1:
-        return rows
-    size = rows.shape[0] // runs
-    return rows[run * size : (run + 1) * size]
+        return (rows,)
+    return rows.unflatten(0, (runs, rows.shape[0] // runs)).unbind(0)
 
 
 def _deviation(targets: Tensor, bases: Tensor) -> Tensor:
