@@ -18,11 +18,13 @@ Incremental aggregation. Most rounds change the candidates only on U = the union
 messages' supports (`ServerRule.touched`). For a coordinate-wise aggregator (mean, cm, cwtm;
 `Aggregator.coordinatewise`) ĝ_t depends on column t alone, so the new aggregate equals the old
 one outside U and only the |U| columns need recomputing — the same operations on the same values,
-hence bit-identical to a full recompute. Gathering columns costs more per column than one
-contiguous pass, so this is done only when |U| ≤ `incremental_limit` · d (measured at n = 20,
-d = 1e6: cm takes 5.0 ms in full, 1.1 ms on 1% of the columns, 2.9 ms on 2%, 6.0 ms on 5%).
-With Top-1% messages from 20 workers |U| is ~17% of d, so a full pass is cheaper and the delta
-is found by comparing ĝ with its predecessor (~0.5 ms per 1e6 entries).
+hence bit-identical to a full recompute. Reading scattered columns costs more per column than
+one contiguous pass, so this is done only when |U| ≤ `incremental_limit` · d, by default the
+rule's measured break-even (`Aggregator.column_share`): the band rules read the columns in
+place and gain up to |U| ≈ 80 % of d (n = 20: cm on 18 % of the columns of 1e7 took 74 ms
+against 283 ms in full), so they take it up to half; the mean gathers them, which costs more
+than its whole (memory-bound) sum beyond ~1 %. Otherwise the delta is found by comparing ĝ
+with its predecessor (~0.5 ms per 1e6 entries).
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from byzps.common._state_kernels import changed_entries
+from byzps.common._state_kernels import (
+    changed_entries,
+    mark_columns,
+    rewrite_columns,
+    take_marked,
+)
 from byzps.common.aggregators.base import Aggregator
 from byzps.common.aggregators.verdict import Verdict
 from byzps.common.components import (
@@ -74,6 +81,58 @@ class Aggregated:
     discount: np.ndarray | None = None
 
 
+class _DirtyColumns:
+    """The union U of the columns a round's messages touched (`ServerRule.touched`), as a
+    bitset kept from round to round: each absorb marks its columns (O(k), no copy of the
+    message), and reading U clears it again (`_state_kernels.mark_columns`, `take_marked`).
+    Tracking stops for the round once U cannot stay within `limit` · d: a message touching
+    more than that alone, or more touches than 4 · limit · d (repeats counted)."""
+
+    def __init__(self, dim: int, limit: float) -> None:
+        self.dim = dim
+        self.limit = limit
+        #: False: U is unknown this round (or too large), aggregate in full.
+        self.tracking = False
+        self._bits: np.ndarray | None = None
+        self._touches = 0
+        self._stale = False  # marks not taken by `union` (an abandoned or unread round)
+
+    def restart(self, tracking: bool) -> None:
+        """A new round: track its columns or not."""
+        self.tracking = tracking
+        self._touches = 0
+        if self._stale and self._bits is not None:
+            self._bits.fill(0)
+        self._stale = False
+        if tracking and self._bits is None:
+            self._bits = np.zeros((self.dim + 63) // 64, dtype=np.uint64)
+
+    def add(self, touched: Tensor | None) -> None:
+        """Mark the columns one absorb changed (None: it does not say, so U is unknown)."""
+        assert self._bits is not None
+        count = -1 if touched is None else touched.numel()
+        self._touches += count
+        if count < 0 or count > self.limit * self.dim or self._touches > 4 * self.limit * self.dim:
+            self.tracking = False
+            return
+        self._stale = True
+        if not mark_columns(self._bits, touched.cpu().numpy(), self.dim):
+            raise IndexError(f"a touched column outside [0, {self.dim})")
+
+    def union(self) -> Tensor | None:
+        """U, sorted (a CPU tensor), when tracked and within the limit; None otherwise."""
+        if not self.tracking or self._bits is None:
+            return None
+        if self._touches == 0:
+            return torch.empty(0, dtype=torch.long)
+        # A bitset, not unique(): one cheap pass where sorting n·k indices is not.
+        columns = take_marked(self._bits)
+        self._stale = False
+        if columns.size > self.limit * self.dim:
+            return None
+        return torch.from_numpy(columns)
+
+
 class RoundEngine:
     """Runs rounds:  absorb messages → ĝ = ARAgg(candidates) → x ← x − γ ĝ.
 
@@ -84,11 +143,11 @@ class RoundEngine:
     `delta_limit` is the largest |Δ| / d for which the change of ĝ is recorded in `last_delta`
     (8 bytes per changed entry against 4 per dense entry, hence 0.5); a negative value turns the
     sparse downlink off. `incremental_limit` is the largest |U| / d aggregated on the dirty
-    columns only (see the module doc); negative: never.
+    columns only (see the module doc); negative: never; None: the aggregator's own measured
+    break-even (`Aggregator.column_share`).
     """
 
     DELTA_LIMIT = 0.5
-    INCREMENTAL_LIMIT = 0.03
 
     def __init__(
         self,
@@ -98,13 +157,15 @@ class RoundEngine:
         lr: float,
         *,
         delta_limit: float = DELTA_LIMIT,
-        incremental_limit: float = INCREMENTAL_LIMIT,
+        incremental_limit: float | None = None,
         suspicion: SuspicionScores | None = None,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         self.delta_limit = delta_limit
-        self.incremental_limit = incremental_limit
+        self.incremental_limit = (
+            aggregator.column_share if incremental_limit is None else incremental_limit
+        )
         self.x = x0.clone()
         self.rule = rule
         self.aggregator = aggregator
@@ -119,9 +180,8 @@ class RoundEngine:
         self.last_aggregate = torch.zeros_like(self.x)
         #: The change of ĝ in the last closed round; None when not recorded (too large, or off).
         self.last_delta: AggregateDelta | None = None
-        # Coordinates touched since the last aggregation; None: unknown or too many to be worth
-        # a union, aggregate in full.
-        self._dirty: list[Tensor] | None = None
+        # Coordinates touched since the last aggregation (off until a round has closed in full).
+        self._dirty = _DirtyColumns(self.x.numel(), self.incremental_limit)
 
     @property
     def device(self) -> torch.device:
@@ -135,15 +195,8 @@ class RoundEngine:
 
     def absorb(self, rows: Tensor, messages: SparseBatch) -> None:
         """Apply one message per listed worker row to the current round's states, exactly once."""
-        if self._dirty is not None:
-            touched = self.rule.touched(rows, messages)
-            # Too many touches (repeats counted) for the union to be small: stop collecting them
-            # (at Top-1 % from 20 workers, keeping them cost a 16 MB copy a round at d = 1e7).
-            cap = 4 * self.incremental_limit * self.x.numel()
-            if touched is None or touched.numel() + sum(t.numel() for t in self._dirty) > cap:
-                self._dirty = None
-            else:  # a copy: the caller owns the message and may reuse its buffers
-                self._dirty.append(touched.clone())
+        if self._dirty.tracking:
+            self._dirty.add(self.rule.touched(rows, messages))
         self.rule.absorb(rows, messages, self.round)
 
     def close_round(self, aggregated: Aggregated | None = None) -> Tensor:
@@ -174,32 +227,30 @@ class RoundEngine:
         # Dirty columns are tracked only when they can be used: with incremental aggregation off
         # (a negative limit), or absorbs that bypass `absorb` (a batched simulation writes the
         # states of all its runs at once), every round aggregates in full.
-        tracked = self.aggregator.coordinatewise and self.incremental_limit >= 0
-        self._dirty = [] if tracked else None
+        self._dirty.restart(self.aggregator.coordinatewise and self.incremental_limit >= 0)
         return aggregate
 
     def _dirty_columns(self) -> Tensor | None:
         """The sorted dirty columns when an incremental aggregation applies, else None."""
-        if self._dirty is None or not self.aggregator.coordinatewise:
+        if not self.aggregator.coordinatewise:
             return None
-        if not self._dirty:
-            return torch.empty(0, dtype=torch.long)
-        # A numpy mask, not unique(): one cheap O(d) pass where sorting n·k indices is not
-        # (and torch's bool index_put/nonzero measured ~30x slower than numpy's here).
-        mask = np.zeros(self.x.numel(), dtype=bool)
-        for touched in self._dirty:
-            mask[touched.cpu().numpy()] = True
-        columns = torch.from_numpy(np.flatnonzero(mask)).to(self.x.device)  # sorted
-        if columns.numel() > self.incremental_limit * self.x.numel():
-            return None
-        return columns
+        columns = self._dirty.union()
+        return None if columns is None else columns.to(self.x.device)
 
     def _aggregate_columns(self, columns: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """ĝ with only `columns` recomputed, and (indices, values) where its bits changed."""
         values = self.aggregator.aggregate_columns(self.rule.candidates, columns)
-        changed = _bits_differ(values, self.last_aggregate[columns])
-        indices, values = columns[changed], values[changed]
         aggregate = self.last_aggregate.clone()  # callers may keep the previous ĝ
+        if aggregate.device.type == "cpu" and values.dtype == aggregate.dtype:
+            bits = _SAME_WIDTH_INT[aggregate.element_size()]  # one compiled pass
+            new, old = values.view(bits).numpy(), aggregate.view(bits).numpy()
+            indices, changed = rewrite_columns(old, columns.numpy(), new)
+            return aggregate, (
+                torch.from_numpy(indices),
+                torch.from_numpy(changed).view(values.dtype),
+            )
+        differ = _bits_differ(values, aggregate[columns])
+        indices, values = columns[differ], values[differ]
         aggregate[indices] = values
         return aggregate, (indices.to(INDEX_DTYPE), values)
 
@@ -239,7 +290,7 @@ class RoundEngine:
         self.lr = float(state["lr"])
         self.last_aggregate = state["last_aggregate"].to(self.device, copy=True)
         self.last_delta = None
-        self._dirty = None  # the next aggregation re-establishes ĝ = ARAgg(candidates) in full
+        self._dirty.restart(False)  # the next aggregation re-establishes ĝ in full
         self.rule.load_state_dict(state["rule"])
         self.aggregator.load_state_dict(state["aggregator"])
         if "suspicion" in state:  # checkpoints written before the scores existed start them anew
@@ -281,7 +332,7 @@ def build_engine(
         build_run_aggregator(config, dim=None if shard is not None else task.dim),
         config.algorithm.lr,
         delta_limit=RoundEngine.DELTA_LIMIT if sparse_downlink else -1.0,
-        incremental_limit=RoundEngine.INCREMENTAL_LIMIT if sparse_downlink else -1.0,
+        incremental_limit=None if sparse_downlink else -1.0,
         suspicion=SuspicionScores(
             config.cluster.workers,
             config.aggregator.suspicion_halflife,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -80,11 +81,15 @@ def mirror_check(e: RoundEngine):
 
 
 def random_batch(gen: torch.Generator, rows: int, k: int) -> SparseBatch:
-    idx = torch.stack([torch.randperm(D, generator=gen)[:k].sort().values for _ in range(rows)])
+    return random_batch_of(gen, rows, k, D)
+
+
+def random_batch_of(gen: torch.Generator, rows: int, k: int, dim: int) -> SparseBatch:
+    idx = torch.stack([torch.randperm(dim, generator=gen)[:k].sort().values for _ in range(rows)])
     values = torch.randn(rows, k, generator=gen)
     values[torch.rand(rows, k, generator=gen) < 0.1] = 0.0
     values[torch.rand(rows, k, generator=gen) < 0.05] = -0.0
-    return SparseBatch(idx.to(torch.int32), values, D)
+    return SparseBatch(idx.to(torch.int32), values, dim)
 
 
 def play(engines: list[RoundEngine], seed: int, on_close=None) -> None:
@@ -111,7 +116,7 @@ def play(engines: list[RoundEngine], seed: int, on_close=None) -> None:
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])
 @pytest.mark.parametrize("rule", ["state", "message"])
-@pytest.mark.parametrize("aggregator", ["mean", "cm", "cwtm"])
+@pytest.mark.parametrize("aggregator", ["mean", "cm", "cwtm", "meamed"])
 def test_incremental_is_bit_identical_to_full(aggregator: str, rule: str, backend: str) -> None:
     fast, full = engine(rule, aggregator), engine(rule, aggregator, full=True)
     incremental = count_incremental(fast)
@@ -177,8 +182,9 @@ def test_the_compiled_comparison_finds_every_changed_bit_up_to_its_limit(over: i
 
 
 def test_full_aggregations_still_give_exact_deltas() -> None:
-    """The default limits at a scale where the union is too large for the incremental path:
-    the change of ĝ comes from comparing it with its predecessor, and a mirror stays exact."""
+    """The default limits with a union too large for the incremental path (20 messages of
+    20 % of the columns cover ~99 %, past cm's half): the change of ĝ comes from comparing it
+    with its predecessor, and a mirror stays exact."""
     x0 = torch.zeros(20_000)
     e = RoundEngine(x0, build_server_rule("state", 20, 20_000), build_aggregator("cm", 4), 0.1)
     incremental = count_incremental(e)
@@ -186,11 +192,11 @@ def test_full_aggregations_still_give_exact_deltas() -> None:
     gen = torch.Generator().manual_seed(9)
     for _ in range(6):
         idx = torch.stack(
-            [torch.randperm(20_000, generator=gen)[:200].sort().values for _ in range(20)]
+            [torch.randperm(20_000, generator=gen)[:4000].sort().values for _ in range(20)]
         )
         e.absorb(
             torch.arange(20),
-            SparseBatch(idx.to(torch.int32), torch.randn(20, 200, generator=gen), 20_000),
+            SparseBatch(idx.to(torch.int32), torch.randn(20, 4000, generator=gen), 20_000),
         )
         e.close_round()
         follow()
@@ -233,3 +239,75 @@ def test_checkpoint_restore_aggregates_in_full_once() -> None:
     play([e, restored], seed=8)  # message supports unknown after restore: the fallback is exact
     assert torch.equal(bits(e.x), bits(restored.x))
     assert restored.last_delta is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("a", "b", "slide"), [(9, 11, 0), (4, 16, 0), (0, 12, 8)])
+def test_a_band_read_at_some_columns_is_the_full_bands_entries(
+    dtype: torch.dtype, a: int, b: int, slide: int
+) -> None:
+    """`ops.band_mean_columns` (the columns read in place, over one chunk or several) gives
+    bitwise band_mean(x)[columns]: ties, ±inf, NaN, ±0.0 included; a column outside x is an
+    IndexError, not a read past the states."""
+    from byzps.common.aggregators import ops
+    from byzps.common.aggregators._kernels import CHUNK
+
+    gen = torch.Generator().manual_seed(a + b + slide)
+    d = 3 * CHUNK + 5
+    x = torch.randn(20, d, generator=gen, dtype=dtype)
+    x[:, ::3] = torch.randint(-2, 3, (20, len(range(0, d, 3))), generator=gen).to(dtype)
+    x[0, ::7], x[1, ::11], x[2, ::13], x[3, ::17] = torch.inf, -torch.inf, torch.nan, -0.0
+    empty = np.empty((0, 0), np.int64), np.empty((0, 0), np.float64)
+    full = ops.band_mean(x, *empty, a, b, slide)
+    for count in (0, 1, 500, 2 * CHUNK + 1):
+        columns = torch.randperm(d, generator=gen)[:count].sort().values
+        got = ops.band_mean_columns(x, columns, a, b, slide)
+        assert got.numpy().tobytes() == full[columns].numpy().tobytes(), count
+    with pytest.raises(IndexError):
+        ops.band_mean_columns(x, torch.tensor([0, d]), a, b, slide)
+
+
+def test_a_dense_message_turns_the_union_off_for_its_round() -> None:
+    """One message touching more than the limit alone makes the round a full one; the next
+    round's union holds only that round's columns."""
+    e = RoundEngine(
+        torch.zeros(1000), build_server_rule("state", 4, 1000), build_aggregator("cm", 1), 0.1
+    )
+    incremental = count_incremental(e)
+    gen = torch.Generator().manual_seed(4)
+    e.absorb(torch.arange(4), random_batch_of(gen, 4, 10, 1000))
+    e.close_round()  # the first round is always full
+    e.absorb(torch.tensor([0]), random_batch_of(gen, 1, 10, 1000))
+    e.absorb(torch.tensor([1]), random_batch_of(gen, 1, 600, 1000))  # > cm's half of d alone
+    e.close_round()
+    assert incremental[0] == 0
+    seen: list[Tensor] = []
+    inner = e.aggregator.aggregate_columns
+    e.aggregator.aggregate_columns = lambda x, c: (seen.append(c), inner(x, c))[1]  # type: ignore[method-assign]
+    batch = random_batch_of(gen, 1, 10, 1000)
+    e.absorb(torch.tensor([2]), batch)
+    e.close_round()
+    assert len(seen) == 1 and torch.equal(seen[0], batch.indices[0].long().sort().values)
+
+
+def test_marks_a_round_did_not_read_do_not_reach_the_next() -> None:
+    """The union is a bitset kept between rounds: marks of a round closed without reading it
+    (an aggregation done elsewhere, or one abandoned past the limit) are cleared, never
+    carried into the next round's union; an index outside the columns marks nothing."""
+    from byzps.server.engine import _DirtyColumns
+
+    dirty = _DirtyColumns(200, 0.5)
+    dirty.restart(True)
+    dirty.add(torch.tensor([3, 150, 64]))
+    dirty.restart(True)  # the round closed without reading its union
+    dirty.add(torch.tensor([7, 63, 64]))
+    assert dirty.union().tolist() == [7, 63, 64]
+    dirty.restart(True)
+    dirty.add(torch.tensor([5]))
+    dirty.add(torch.arange(150))  # past the limit alone: the round is a full one
+    assert dirty.union() is None
+    dirty.restart(True)
+    with pytest.raises(IndexError):
+        dirty.add(torch.tensor([1, 200]))
+    dirty.add(torch.tensor([199]))
+    assert dirty.union().tolist() == [199]

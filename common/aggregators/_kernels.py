@@ -156,6 +156,34 @@ def _band_chunk(
             out[s + t] = acc[t] * scale
 
 
+@njit(parallel=True, cache=True, fastmath=False)
+def band_mean_columns(x, columns, network, a, b, slide, block, out):  # pragma: no cover
+    """out[u] = `band_mean` of the raw rows of x (no mix) at column columns[u]: the same
+    comparators and the same float64 band sum on the same values, read in place from the
+    columns (a server's incremental round, which recomputes only the columns its messages
+    touched). Gathering them first cost a copy of |U| · n values, ~2x the band itself; read
+    in place, 18 % of the columns of (20, 1e7) take about a quarter of the full pass."""
+    n, m = x.shape[0], columns.shape[0]
+    chunk = max(1, CHUNK // block) * block
+    scale = 1.0 / (b - a)
+    for c in prange((m + chunk - 1) // chunk):
+        buf = np.empty((n, block), dtype=x.dtype)
+        acc = np.empty(block, dtype=np.float64)
+        med = np.empty(block, dtype=np.float64)
+        shift = np.empty(block, dtype=np.int64)
+        stop = min(m, (c + 1) * chunk)
+        for s in range(c * chunk, stop, block):
+            w = min(block, stop - s)
+            for i in range(n):
+                row = x[i]
+                for t in range(w):
+                    v = row[columns[s + t]]
+                    buf[i, t] = v if v < np.inf else np.inf
+            _band_of_block(buf, network, a, b, slide, w, med, shift, acc)
+            for t in range(w):
+                out[s + t] = acc[t] * scale
+
+
 @njit(cache=True, fastmath=False)
 def _complement_row(x, exc, i, s, w, total, acc):  # pragma: no cover - compiled
     """acc[:w] = total[:w] − Σ_e x[exc[i, e], s:s+w] in float64 (exc padded with −1)."""
@@ -559,6 +587,7 @@ band_mean_complement_serial = _serial_twin(band_mean_complement, "band_mean_comp
 mix_rows_complement_serial = _serial_twin(mix_rows_complement, "mix_rows_complement_serial")
 combine_serial = _serial_twin(combine, "combine_serial")
 band_mean_runs_serial = _serial_twin(band_mean_runs, "band_mean_runs_serial")
+band_mean_columns_serial = _serial_twin(band_mean_columns, "band_mean_columns_serial")
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})

@@ -45,6 +45,9 @@ class _RankBandMean(MajorityRule):
 
     coordinatewise = True
     batches_runs = True
+    #: Read in place (`ColumnRows`), a band on 40 % of the columns took half the full pass's
+    #: time, on 80 % all of it.
+    column_share = 0.5
 
     @abstractmethod
     def band(self, n: int, f: int) -> tuple[int, int]:
@@ -113,6 +116,7 @@ class MeanAroundMedian(MajorityRule):
 
     coordinatewise = True
     batches_runs = True
+    column_share = 0.5  # as the bands' (`_RankBandMean`)
 
     def aggregate(self, rows: Rows, f: int) -> Tensor:
         n = rows.n

@@ -110,6 +110,36 @@ def band_mean(
     return _band_mean_torch(x, idx, wts, network, a, b, slide, rw_or_none)
 
 
+def band_mean_columns(x: Tensor, columns: Tensor, a: int, b: int, slide: int = 0) -> Tensor:
+    """`band_mean` of x's raw rows restricted to `columns` (int64 indices into x's columns):
+    bitwise band_mean(x)[columns]. The numba kernel reads the columns in place
+    (`_kernels.band_mean_columns`); other backends gather them first."""
+    if not use_numba(x):
+        empty = np.empty((0, 0), np.int64), np.empty((0, 0), np.float64)
+        return band_mean(take_columns(x, columns), *empty, a, b, slide)
+    cols = np.ascontiguousarray(columns.numpy(), dtype=np.int64)
+    if cols.size and (cols.min() < 0 or cols.max() >= x.shape[1]):
+        raise IndexError(f"a column outside [0, {x.shape[1]})")
+    n = x.shape[0]
+    data = x.detach().numpy()
+    out = np.empty(cols.shape[0], dtype=data.dtype)
+    args = (data, cols, window_network(n, a, b, slide), a, b, slide)
+    block = _kernels.block_size(n, x.element_size())
+    if cols.shape[0] <= _kernels.CHUNK:
+        _kernels.band_mean_columns_serial(*args, block, out)
+    else:
+        with threads_for(cols.shape[0]):
+            _kernels.band_mean_columns(*args, block, out)
+    return torch.from_numpy(out)
+
+
+def take_columns(x: Tensor, columns: Tensor) -> Tensor:
+    """x[:, columns] as a new tensor (numpy's fancy gather on the CPU, ~3x index_select's)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(x.detach().numpy()[:, columns.numpy()])
+    return x.index_select(1, columns)
+
+
 def complement(x: Tensor, idx: np.ndarray, wts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(exc, rw) when `band_mean` mixes the rows (idx, wts) by complement, else two empty arrays.
 

@@ -14,6 +14,7 @@ from typing import ClassVar, TypeVar
 from torch import Tensor
 
 from byzps.common.aggregators.base import AGGREGATORS, Aggregator
+from byzps.common.aggregators.columns import ColumnRows
 from byzps.common.aggregators.rows import Rows, as_matrix
 from byzps.common.aggregators.runs import NotBatched, RunsRows
 from byzps.common.aggregators.verdict import Verdict
@@ -32,6 +33,16 @@ class RowsAggregator(Aggregator):
     def __call__(self, x: Tensor) -> Tensor:
         rows = Rows(as_matrix(x))
         out = self.aggregate(rows, self.f)
+        self.last_verdict = rows.verdict()
+        return out
+
+    def aggregate_columns(self, x: Tensor, columns: Tensor) -> Tensor:
+        """self(x)[columns] from those columns alone (`Aggregator.aggregate_columns`), through
+        `ColumnRows`: the band rules read the columns in place."""
+        if not self.coordinatewise:
+            raise TypeError(f"{self.name} is not coordinate-wise: it cannot aggregate columns")
+        rows = ColumnRows(as_matrix(x), columns)
+        out = self.aggregate(rows, self.f)  # type: ignore[arg-type]
         self.last_verdict = rows.verdict()
         return out
 
