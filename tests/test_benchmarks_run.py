@@ -63,3 +63,10 @@ def test_bench_shards_prints_a_row_per_shard_count_with_the_same_model(
     rows = [row for row in rows if row[:1] == ["cm"]]
     assert [row[1] for row in rows] == ["1", "2"]
     assert all(row[-3:] == ["bit", "for", "bit"] for row in rows), rows
+
+
+def test_bench_column_share_prints_a_row_per_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_benchmark("bench_column_share")
+    bench.main(["--dims", "3000", "--workers", "7", "--shares", "0.1", "0.6", "--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3e+03")]
+    assert [row.split("|")[2].strip() for row in rows] == ["cm", "meamed", "mean"], rows
