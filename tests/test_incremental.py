@@ -311,3 +311,27 @@ def test_marks_a_round_did_not_read_do_not_reach_the_next() -> None:
         dirty.add(torch.tensor([1, 200]))
     dirty.add(torch.tensor([199]))
     assert dirty.union().tolist() == [199]
+
+
+def test_a_returned_aggregate_holds_until_two_more_closes_and_only_ours_are_reused() -> None:
+    """An incremental round writes ĝ over the memory of the ĝ before last: each returned ĝ must
+    stay intact through the next close, and a tensor the aggregator returned (a full round's)
+    must never be written over, however many incremental rounds follow."""
+    e = engine("state", "cm")
+    gen = torch.Generator().manual_seed(7)
+    returned: list[tuple[Tensor, Tensor, bool]] = []
+    incremental = count_incremental(e)
+    for t in range(12):
+        before = incremental[0]
+        e.absorb(torch.arange(N), random_batch(gen, N, 150 if t in (0, 5) else 3))
+        g = e.close_round()
+        returned.append((g, g.clone(), incremental[0] == before))
+        if len(returned) >= 2:
+            previous, kept, _ = returned[-2]
+            assert torch.equal(bits(previous), bits(kept))
+    assert incremental[0] >= 8
+    full_outputs = [(g, kept) for g, kept, full in returned if full]
+    assert full_outputs, "some round must have aggregated in full"
+    for g, kept in full_outputs:
+        assert torch.equal(bits(g), bits(kept))
+    assert any(not torch.equal(bits(g), bits(kept)) for g, kept, _ in returned[:-2])

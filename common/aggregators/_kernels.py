@@ -86,10 +86,9 @@ def band_mean(x, idx, wts, network, a, b, slide, block, out):  # pragma: no cove
     NaN becomes +inf as a value enters the buffer (`v if v < inf else inf`, one vminps): a
     comparator cannot order NaN — it would stay on its wire and silently corrupt the ranks of the
     finite values around it — so NaN sorts as +inf. Each comparator (i, j) of `network` then
-    swaps wires i and j when  hi < lo , leaving the smaller value on wire i, in place (indexing
-    the buffer by wire vectorises to one compare and two blends per vector; writing two scratch
-    rows and copying them back, as this kernel first did, stored every value twice and was
-    1.4-1.7x slower on AMD EPYC at n = 20 and 100).
+    swaps wires i and j when  hi < lo , leaving the smaller value on wire i (`_band_of_block`:
+    the maxima in place, the minima through one scratch row, which keeps LLVM from a masked
+    store that is microcoded on AMD Zen).
     """
     no_exc = np.empty((0, 0), dtype=np.int64)
     no_rw = np.empty(0, dtype=np.float64)
@@ -106,6 +105,7 @@ def _band_chunk(
     n = idx.shape[0] if idx.shape[0] > 0 else x.shape[0]
     scale = 1.0 / (b - a)
     buf = np.empty((n, block), dtype=x.dtype)
+    low = np.empty(block, dtype=x.dtype)
     acc = np.empty(block, dtype=np.float64)
     med = np.empty(block, dtype=np.float64)
     shift = np.empty(block, dtype=np.int64)
@@ -151,7 +151,7 @@ def _band_chunk(
                 for t in range(w):
                     v = src[t]
                     buf[i, t] = v if v < np.inf else np.inf
-        _band_of_block(buf, network, a, b, slide, w, med, shift, acc)
+        _band_of_block(buf, low, network, a, b, slide, w, med, shift, acc)
         for t in range(w):
             out[s + t] = acc[t] * scale
 
@@ -168,6 +168,7 @@ def band_mean_columns(x, columns, network, a, b, slide, block, out):  # pragma: 
     scale = 1.0 / (b - a)
     for c in prange((m + chunk - 1) // chunk):
         buf = np.empty((n, block), dtype=x.dtype)
+        low = np.empty(block, dtype=x.dtype)
         acc = np.empty(block, dtype=np.float64)
         med = np.empty(block, dtype=np.float64)
         shift = np.empty(block, dtype=np.int64)
@@ -179,7 +180,7 @@ def band_mean_columns(x, columns, network, a, b, slide, block, out):  # pragma: 
                 for t in range(w):
                     v = row[columns[s + t]]
                     buf[i, t] = v if v < np.inf else np.inf
-            _band_of_block(buf, network, a, b, slide, w, med, shift, acc)
+            _band_of_block(buf, low, network, a, b, slide, w, med, shift, acc)
             for t in range(w):
                 out[s + t] = acc[t] * scale
 
@@ -211,19 +212,28 @@ def _mixed_row(x, idx, wts, i, s, w, acc):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=False)
-def _band_of_block(buf, network, a, b, slide, w, med, shift, acc):  # pragma: no cover
+def _band_of_block(buf, low, network, a, b, slide, w, med, shift, acc):  # pragma: no cover
     """Sort the wires of `buf` (n, ≥ w) by `network` (comparator (i, j) leaves the smaller value
-    on wire i, in place), then acc[:w] = the sum of the band a..b-1
-    (with slide > 0, of the window `_window_sum` picks), in float64, in rank order."""
+    on wire i), then acc[:w] = the sum of the band a..b-1 (with slide > 0, of the window
+    `_window_sum` picks), in float64, in rank order.
+
+    Each comparator writes its minima to the scratch row `low` (≥ w) and copies them to wire i
+    afterwards. Written in place, `buf[i] = v if swap else u` stores what wire i already holds
+    wherever swap is false, and LLVM turns it into a masked store (`vmaskmovps`), microcoded on
+    AMD Zen: 0.53 ns per comparator and column at n = 20 on an EPYC (Zen 3), scalar speed. The
+    extra copy costs far less: 0.16 ns. The maxima are stored in place (LLVM emits `vmaxps`
+    and a plain store for them)."""
     for q in range(network.shape[0]):
-        i = network[q, 0]
-        j = network[q, 1]
+        lo_wire = buf[network[q, 0]]
+        hi_wire = buf[network[q, 1]]
         for t in range(w):
-            u = buf[i, t]
-            v = buf[j, t]
+            u = lo_wire[t]
+            v = hi_wire[t]
             swap = v < u
-            buf[i, t] = v if swap else u
-            buf[j, t] = u if swap else v
+            low[t] = v if swap else u
+            hi_wire[t] = u if swap else v
+        for t in range(w):
+            lo_wire[t] = low[t]
     if slide > 0:
         _window_sum(buf, a, b, slide, w, med, shift, acc)
     else:
