@@ -88,7 +88,7 @@ def test_exactness_is_refused_where_a_value_is_non_finite_or_out_of_scale(value:
     x[3, ::2] = value
     got = ops.exact_columns(torch.from_numpy(x)).numpy()
     assert not got[::2].any() and got[1::2].all()
-    total, big, small, exact = np.empty(64), np.empty(64), np.empty(64), np.empty(64, np.bool_)
+    total, big, small, exact = np.empty(64), np.empty(128), np.empty(128), np.empty(64, np.bool_)
     assert not _kernels.exact_sums(x, 0, 64, total, big, small, exact)
     np.testing.assert_array_equal(exact, got)
 

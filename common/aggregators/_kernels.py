@@ -110,8 +110,8 @@ def _band_chunk(
     med = np.empty(block, dtype=np.float64)
     shift = np.empty(block, dtype=np.int64)
     total = np.empty(block, dtype=np.float64)
-    big = np.empty(block, dtype=np.float64)
-    small = np.empty(block, dtype=np.float64)
+    big = np.empty(2 * block, dtype=np.float64)
+    small = np.empty(2 * block, dtype=np.float64)
     exact = np.empty(block, dtype=np.bool_)
     stop = min(x.shape[1], (c + 1) * chunk)
     for s in range(c * chunk, stop, block):
@@ -291,23 +291,40 @@ def exact_sums(x, s, w, total, big, small, exact):  # pragma: no cover - compile
     non-finite, hence not exact; zeros constrain nothing. Honest rows of comparable size pass
     unless a column holds a value ~10⁻⁷ times its largest; a Byzantine 3e38 next to honest
     values of 1 fails, as does any column with a non-finite value.
+
+    `big` and `small` hold at least 2 · w entries each: the running max and min alternate
+    between their two halves row by row. Updated in place (`big[t] = m if m > big[t] else
+    big[t]`), LLVM stores only where the value changes, as a masked store (`vmaskmovpd`) that
+    is microcoded on AMD Zen; alternating halves made this pass 1.9x faster there (31 → 17 ms
+    at (20, 1e6), one thread).
     """
     n0 = x.shape[0]
+    half = big.shape[0] // 2
+    if half < w or small.shape[0] // 2 < w:
+        raise ValueError("exact_sums needs big and small of at least 2 * w entries")
     for t in range(w):
         total[t] = 0.0
         big[t] = 0.0
         small[t] = np.inf
     for k in range(n0):
         src = x[k, s : s + w]
+        read = (k % 2) * half
+        write = half - read
+        big_in, big_out = big[read : read + w], big[write : write + w]
+        small_in, small_out = small[read : read + w], small[write : write + w]
         for t in range(w):
             v = np.float64(src[t])
             total[t] += v
             m = abs(v)
-            big[t] = max(big[t], m)
-            small[t] = min(small[t], m if m > 0.0 else np.inf)
+            b = big_in[t]
+            big_out[t] = m if m > b else b
+            nonzero = m if m > 0.0 else np.inf
+            least = small_in[t]
+            small_out[t] = nonzero if nonzero < least else least
+    last = (n0 % 2) * half
     every = True
     for t in range(w):
-        ok = total[t] - total[t] == 0.0 and big[t] * n0 <= EXACT_SPAN * small[t]
+        ok = total[t] - total[t] == 0.0 and big[last + t] * n0 <= EXACT_SPAN * small[last + t]
         exact[t] = ok
         every = every and ok
     return every
@@ -373,8 +390,8 @@ def mix_rows_complement(x, idx, wts, exc, rw, out):  # pragma: no cover - compil
     for c in prange((d + chunk - 1) // chunk):
         acc = np.empty(block, dtype=np.float64)
         total = np.empty(block, dtype=np.float64)
-        big = np.empty(block, dtype=np.float64)
-        small = np.empty(block, dtype=np.float64)
+        big = np.empty(2 * block, dtype=np.float64)
+        small = np.empty(2 * block, dtype=np.float64)
         exact = np.empty(block, dtype=np.bool_)
         stop = min(d, (c + 1) * chunk)
         for s in range(c * chunk, stop, block):
@@ -409,9 +426,8 @@ def _window_sum(buf, a, b, slide, w, med, shift, acc):  # pragma: no cover - com
     for j in range(slide):
         left = buf[a + j]
         right = buf[b + j]
-        for t in range(w):
-            if right[t] - med[t] < med[t] - left[t]:
-                shift[t] += 1
+        for t in range(w):  # an unconditional store: `if …: shift[t] += 1` became a masked one
+            shift[t] += 1 if right[t] - med[t] < med[t] - left[t] else 0
     for r in range(a, b + slide):
         row = buf[r]
         for t in range(w):
