@@ -45,8 +45,8 @@ class _RankBandMean(MajorityRule):
 
     coordinatewise = True
     batches_runs = True
-    #: Read in place (`ColumnRows`), a band on 40 % of the columns took half the full pass's
-    #: time, on 80 % all of it.
+    #: Read in place (`ColumnRows`), a band on 40 % of the columns took 0.73 of the full pass's
+    #: time, on 60 % all of it (`benchmarks/bench_column_share.py`, d = 1e7).
     column_share = 0.5
 
     @abstractmethod
