@@ -21,10 +21,10 @@ one outside U and only the |U| columns need recomputing — the same operations 
 hence bit-identical to a full recompute. Reading scattered columns costs more per column than
 one contiguous pass, so this is done only when |U| ≤ `incremental_limit` · d, by default the
 rule's measured break-even (`Aggregator.column_share`): the band rules read the columns in
-place and gain up to |U| ≈ 80 % of d (n = 20: cm on 18 % of the columns of 1e7 took 74 ms
-against 283 ms in full), so they take it up to half; the mean gathers them, which costs more
-than its whole (memory-bound) sum beyond ~1 %. Otherwise the delta is found by comparing ĝ
-with its predecessor (~0.5 ms per 1e6 entries).
+place and gain up to |U| ≈ 40–60 % of d (n = 20: cm on 18 % of the columns of 1e7 took about
+half of the full pass's time), so they take it up to 0.4–0.5 · d; the mean gathers them, which
+costs more than its whole (memory-bound) sum beyond ~1 %. Otherwise the delta is found by
+comparing ĝ with its predecessor (~0.5 ms per 1e6 entries).
 """
 
 from __future__ import annotations

@@ -87,8 +87,8 @@ def band_mean(x, idx, wts, network, a, b, slide, block, out):  # pragma: no cove
     comparator cannot order NaN — it would stay on its wire and silently corrupt the ranks of the
     finite values around it — so NaN sorts as +inf. Each comparator (i, j) of `network` then
     swaps wires i and j when  hi < lo , leaving the smaller value on wire i (`_band_of_block`:
-    the maxima in place, the minima through one scratch row, which keeps LLVM from a masked
-    store that is microcoded on AMD Zen).
+    the maxima in place, the minima into a scratch row that becomes wire i's, which keeps LLVM
+    from a masked store that is microcoded on AMD Zen).
     """
     no_exc = np.empty((0, 0), dtype=np.int64)
     no_rw = np.empty(0, dtype=np.float64)
@@ -104,8 +104,8 @@ def _band_chunk(
     """`band_mean`'s (exc empty) or `band_mean_complement`'s work on chunk c of the columns."""
     n = idx.shape[0] if idx.shape[0] > 0 else x.shape[0]
     scale = 1.0 / (b - a)
-    buf = np.empty((n, block), dtype=x.dtype)
-    low = np.empty(block, dtype=x.dtype)
+    buf = np.empty((n + 1, block), dtype=x.dtype)
+    low = np.empty(n + 1, dtype=np.int64)
     acc = np.empty(block, dtype=np.float64)
     med = np.empty(block, dtype=np.float64)
     shift = np.empty(block, dtype=np.int64)
@@ -167,8 +167,8 @@ def band_mean_columns(x, columns, network, a, b, slide, block, out):  # pragma: 
     chunk = max(1, CHUNK // block) * block
     scale = 1.0 / (b - a)
     for c in prange((m + chunk - 1) // chunk):
-        buf = np.empty((n, block), dtype=x.dtype)
-        low = np.empty(block, dtype=x.dtype)
+        buf = np.empty((n + 1, block), dtype=x.dtype)
+        low = np.empty(n + 1, dtype=np.int64)
         acc = np.empty(block, dtype=np.float64)
         med = np.empty(block, dtype=np.float64)
         shift = np.empty(block, dtype=np.int64)
@@ -213,35 +213,44 @@ def _mixed_row(x, idx, wts, i, s, w, acc):  # pragma: no cover - compiled
 
 @njit(cache=True, fastmath=False)
 def _band_of_block(buf, low, network, a, b, slide, w, med, shift, acc):  # pragma: no cover
-    """Sort the wires of `buf` (n, ≥ w) by `network` (comparator (i, j) leaves the smaller value
-    on wire i), then acc[:w] = the sum of the band a..b-1 (with slide > 0, of the window
-    `_window_sum` picks), in float64, in rank order.
+    """Sort the wires of `buf` (n + 1, ≥ w; row n is scratch) by `network` (comparator (i, j)
+    leaves the smaller value on wire i), then acc[:w] = the sum of the band a..b-1 (with
+    slide > 0, of the window `_window_sum` picks), in float64, in rank order.
 
-    Each comparator writes its minima to the scratch row `low` (≥ w) and copies them to wire i
-    afterwards. Written in place, `buf[i] = v if swap else u` stores what wire i already holds
-    wherever swap is false, and LLVM turns it into a masked store (`vmaskmovps`), microcoded on
-    AMD Zen: 0.53 ns per comparator and column at n = 20 on an EPYC (Zen 3), scalar speed. The
-    extra copy costs far less: 0.16 ns. The maxima are stored in place (LLVM emits `vmaxps`
-    and a plain store for them)."""
+    Wire k lives in row low[k] (low: n + 1 int64, reset here). Each comparator writes its
+    minima to the scratch row and makes that row wire i's, the old row of wire i the scratch.
+    Written in place, `buf[i] = v if swap else u` stores what wire i already holds wherever
+    swap is false, and LLVM turns it into a masked store (`vmaskmovps`), microcoded on AMD Zen:
+    0.53 ns per comparator and column at n = 20 on an EPYC (Zen 3), scalar speed; this way,
+    0.14 ns. The maxima are stored in place (LLVM emits `vmaxps` and a plain store for them)."""
+    n = buf.shape[0] - 1
+    for k in range(n + 1):
+        low[k] = k
     for q in range(network.shape[0]):
-        lo_wire = buf[network[q, 0]]
-        hi_wire = buf[network[q, 1]]
+        i = network[q, 0]
+        lo_row = low[i]
+        scratch = low[n]
+        lo_wire = buf[lo_row]
+        hi_wire = buf[low[network[q, 1]]]
+        out = buf[scratch]
         for t in range(w):
             u = lo_wire[t]
             v = hi_wire[t]
             swap = v < u
-            low[t] = v if swap else u
+            out[t] = v if swap else u
             hi_wire[t] = u if swap else v
-        for t in range(w):
-            lo_wire[t] = low[t]
+        low[i] = scratch
+        low[n] = lo_row
     if slide > 0:
-        _window_sum(buf, a, b, slide, w, med, shift, acc)
+        _window_sum(buf, low, a, b, slide, w, med, shift, acc)
     else:
+        first = buf[low[a]]
         for t in range(w):
-            acc[t] = buf[a, t]
+            acc[t] = first[t]
         for r in range(a + 1, b):
+            row = buf[low[r]]
             for t in range(w):
-                acc[t] += buf[r, t]
+                acc[t] += row[t]
 
 
 @njit(cache=True, fastmath=False)
@@ -256,7 +265,7 @@ def _mix_inexact(x, idx, wts, s, w, exact, acc, buf):  # pragma: no cover - comp
     if 8 * bad <= w:
         for t in range(w):
             if not exact[t]:
-                for i in range(buf.shape[0]):
+                for i in range(idx.shape[0]):
                     v = 0.0
                     for k in range(idx.shape[1]):
                         weight = wts[i, k]
@@ -264,7 +273,7 @@ def _mix_inexact(x, idx, wts, s, w, exact, acc, buf):  # pragma: no cover - comp
                             v += weight * x[idx[i, k], s + t]
                     buf[i, t] = v if v < np.inf else np.inf
         return
-    for i in range(buf.shape[0]):
+    for i in range(idx.shape[0]):
         _mixed_row(x, idx, wts, i, s, w, acc)
         for t in range(w):
             if not exact[t]:
@@ -411,25 +420,26 @@ def mix_rows_complement(x, idx, wts, exc, rw, out):  # pragma: no cover - compil
 
 
 @njit(cache=True, fastmath=False)
-def _window_sum(buf, a, b, slide, w, med, shift, acc):  # pragma: no cover - compiled
-    """acc[t] = Σ of the sorted wires a+s_t..b+s_t-1 (band_mean's sliding window), in float64,
-    added in rank order over a..b+slide-1 (a rank outside the window adds 0.0). The slide may
-    exceed the window's width (Bulyan: 2f past a window of n − 4f). The torch fallback
-    (`ops._window_sum_torch`) adds in the same order."""
-    n = buf.shape[0]
-    lo_mid = buf[(n - 1) // 2]
-    hi_mid = buf[n // 2]
+def _window_sum(buf, wire, a, b, slide, w, med, shift, acc):  # pragma: no cover - compiled
+    """acc[t] = Σ of the sorted wires a+s_t..b+s_t-1 (band_mean's sliding window; wire k in row
+    wire[k] of buf, whose last row is scratch), in float64, added in rank order over
+    a..b+slide-1 (a rank outside the window adds 0.0). The slide may exceed the window's width
+    (Bulyan: 2f past a window of n − 4f). The torch fallback (`ops._window_sum_torch`) adds in
+    the same order."""
+    n = buf.shape[0] - 1
+    lo_mid = buf[wire[(n - 1) // 2]]
+    hi_mid = buf[wire[n // 2]]
     for t in range(w):
         med[t] = 0.5 * (np.float64(lo_mid[t]) + np.float64(hi_mid[t]))
         shift[t] = 0
         acc[t] = 0.0
     for j in range(slide):
-        left = buf[a + j]
-        right = buf[b + j]
+        left = buf[wire[a + j]]
+        right = buf[wire[b + j]]
         for t in range(w):  # an unconditional store: `if …: shift[t] += 1` became a masked one
             shift[t] += 1 if right[t] - med[t] < med[t] - left[t] else 0
     for r in range(a, b + slide):
-        row = buf[r]
+        row = buf[wire[r]]
         for t in range(w):
             inside = a + shift[t] <= r and r < b + shift[t]
             acc[t] += row[t] if inside else 0.0

@@ -45,9 +45,10 @@ class _RankBandMean(MajorityRule):
 
     coordinatewise = True
     batches_runs = True
-    #: Read in place (`ColumnRows`), a band on 40 % of the columns took 0.73 of the full pass's
-    #: time, on 60 % all of it (`benchmarks/bench_column_share.py`, d = 1e7).
-    column_share = 0.5
+    #: Read in place (`ColumnRows`), cm on 18 % of the columns took about half of the full
+    #: pass's time, on 40 % 0.83-0.94 of it, on 60 % more than all of it
+    #: (`benchmarks/bench_column_share.py`, d = 1e6 and 1e7).
+    column_share = 0.4
 
     @abstractmethod
     def band(self, n: int, f: int) -> tuple[int, int]:
@@ -116,7 +117,9 @@ class MeanAroundMedian(MajorityRule):
 
     coordinatewise = True
     batches_runs = True
-    column_share = 0.5  # as the bands' (`_RankBandMean`)
+    #: More comparators than cm's per column, so a partial read pays longer: on 60 % of the
+    #: columns 0.98-1.0 of the full pass (`benchmarks/bench_column_share.py`).
+    column_share = 0.5
 
     def aggregate(self, rows: Rows, f: int) -> Tensor:
         n = rows.n
