@@ -16,24 +16,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
+from timing import best_ms
 
 from byzps.common.aggregators import build_aggregator
-
-
-def best_ms(fn: Callable[[], object], repeats: int) -> float:
-    """The fastest of `repeats` calls of `fn`, in ms, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
 
 
 def main(argv: list[str] | None = None) -> None:
