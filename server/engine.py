@@ -270,10 +270,7 @@ class RoundEngine:
         most of it the kernel zeroing its pages on first touch; a copy into memory already
         mapped, 3-4 ms."""
         spare, self._spare = self._spare, None
-        last = self.last_aggregate
-        if spare is None or spare.shape != last.shape or spare.dtype != last.dtype:
-            return last.clone()
-        return spare.copy_(last)
+        return self.last_aggregate.clone() if spare is None else spare.copy_(self.last_aggregate)
 
     def _changes(self, aggregate: Tensor) -> tuple[Tensor, Tensor] | None:
         """(indices, values) where `aggregate`'s bits differ from the last ĝ's, or None when

@@ -105,7 +105,7 @@ def _band_chunk(
     n = idx.shape[0] if idx.shape[0] > 0 else x.shape[0]
     scale = 1.0 / (b - a)
     buf = np.empty((n + 1, block), dtype=x.dtype)
-    low = np.empty(n + 1, dtype=np.int64)
+    wire = np.empty(n + 1, dtype=np.int64)
     acc = np.empty(block, dtype=np.float64)
     med = np.empty(block, dtype=np.float64)
     shift = np.empty(block, dtype=np.int64)
@@ -151,7 +151,7 @@ def _band_chunk(
                 for t in range(w):
                     v = src[t]
                     buf[i, t] = v if v < np.inf else np.inf
-        _band_of_block(buf, low, network, a, b, slide, w, med, shift, acc)
+        _band_of_block(buf, wire, network, a, b, slide, w, med, shift, acc)
         for t in range(w):
             out[s + t] = acc[t] * scale
 
@@ -168,7 +168,7 @@ def band_mean_columns(x, columns, network, a, b, slide, block, out):  # pragma: 
     scale = 1.0 / (b - a)
     for c in prange((m + chunk - 1) // chunk):
         buf = np.empty((n + 1, block), dtype=x.dtype)
-        low = np.empty(n + 1, dtype=np.int64)
+        wire = np.empty(n + 1, dtype=np.int64)
         acc = np.empty(block, dtype=np.float64)
         med = np.empty(block, dtype=np.float64)
         shift = np.empty(block, dtype=np.int64)
@@ -180,7 +180,7 @@ def band_mean_columns(x, columns, network, a, b, slide, block, out):  # pragma: 
                 for t in range(w):
                     v = row[columns[s + t]]
                     buf[i, t] = v if v < np.inf else np.inf
-            _band_of_block(buf, low, network, a, b, slide, w, med, shift, acc)
+            _band_of_block(buf, wire, network, a, b, slide, w, med, shift, acc)
             for t in range(w):
                 out[s + t] = acc[t] * scale
 
@@ -212,12 +212,12 @@ def _mixed_row(x, idx, wts, i, s, w, acc):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=False)
-def _band_of_block(buf, low, network, a, b, slide, w, med, shift, acc):  # pragma: no cover
+def _band_of_block(buf, wire, network, a, b, slide, w, med, shift, acc):  # pragma: no cover
     """Sort the wires of `buf` (n + 1, ≥ w; row n is scratch) by `network` (comparator (i, j)
     leaves the smaller value on wire i), then acc[:w] = the sum of the band a..b-1 (with
     slide > 0, of the window `_window_sum` picks), in float64, in rank order.
 
-    Wire k lives in row low[k] (low: n + 1 int64, reset here). Each comparator writes its
+    Wire k lives in row wire[k] (wire: n + 1 int64, reset here). Each comparator writes its
     minima to the scratch row and makes that row wire i's, the old row of wire i the scratch.
     Written in place, `buf[i] = v if swap else u` stores what wire i already holds wherever
     swap is false, and LLVM turns it into a masked store (`vmaskmovps`), microcoded on AMD Zen:
@@ -225,30 +225,30 @@ def _band_of_block(buf, low, network, a, b, slide, w, med, shift, acc):  # pragm
     0.14 ns. The maxima are stored in place (LLVM emits `vmaxps` and a plain store for them)."""
     n = buf.shape[0] - 1
     for k in range(n + 1):
-        low[k] = k
+        wire[k] = k
     for q in range(network.shape[0]):
         i = network[q, 0]
-        lo_row = low[i]
-        scratch = low[n]
-        lo_wire = buf[lo_row]
-        hi_wire = buf[low[network[q, 1]]]
-        out = buf[scratch]
+        lo_row = wire[i]
+        scratch = wire[n]
+        lower = buf[lo_row]
+        upper = buf[wire[network[q, 1]]]
+        minima = buf[scratch]
         for t in range(w):
-            u = lo_wire[t]
-            v = hi_wire[t]
+            u = lower[t]
+            v = upper[t]
             swap = v < u
-            out[t] = v if swap else u
-            hi_wire[t] = u if swap else v
-        low[i] = scratch
-        low[n] = lo_row
+            minima[t] = v if swap else u
+            upper[t] = u if swap else v
+        wire[i] = scratch
+        wire[n] = lo_row
     if slide > 0:
-        _window_sum(buf, low, a, b, slide, w, med, shift, acc)
+        _window_sum(buf, wire, a, b, slide, w, med, shift, acc)
     else:
-        first = buf[low[a]]
+        first = buf[wire[a]]
         for t in range(w):
             acc[t] = first[t]
         for r in range(a + 1, b):
-            row = buf[low[r]]
+            row = buf[wire[r]]
             for t in range(w):
                 acc[t] += row[t]
 
