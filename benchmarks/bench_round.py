@@ -37,6 +37,10 @@ on the same server, i.e. the transport's floor for the broadcast, measured in th
 Wire bytes per update: serialized uplink SparseUpdate / (8·k) (goal ≤ 1.05). Times are medians
 over the timed rounds, in ms. For whole rounds with 20 worker processes see
 benchmarks/bench_cluster.py.
+The process keeps freed memory as the server daemon does at the largest d
+(`keep_freed_memory(server_heap_blocks(d))`); the in-process worker decode and raw receiver share
+that heap, where a real worker takes blocks up to 32 MiB only (at d = 1e7 that favours their
+decode of a dense 40 MB answer; a Top-1 % answer's blocks are smaller).
 """
 
 from __future__ import annotations
@@ -317,7 +321,6 @@ def run_pair(
 
 
 def main(argv: list[str] | None = None) -> None:
-    as_the_daemons_run()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--rounds", type=int, nargs="+", default=[4, 2], help="per size")
@@ -328,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=40, help="untimed rounds after round 0")
     parser.add_argument("--device", default="cpu", help="the server's run.device (workers: CPU)")
     args = parser.parse_args(argv)
+    as_the_daemons_run(max(args.sizes))  # in-process, the server's heap and the workers' share it
 
     print("$ python " + shlex.join(["benchmarks/bench_round.py", *sys.argv[1:]]))
     print(

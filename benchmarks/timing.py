@@ -31,11 +31,17 @@ def best_ms(fn: Callable[[], object], repeats: int) -> float:
     return min(call_times_ms(fn, repeats))
 
 
-def as_the_daemons_run() -> None:
-    """Re-run this script with OMP_WAIT_POLICY=PASSIVE unless it is set: the byzps daemons run
-    so (byzps.cli.daemon_common.quiet_idle_threads), and spinning OpenMP threads would otherwise
-    slow the benchmark's own gRPC threads. Must run before any timing; torch may be imported."""
+def as_the_daemons_run(dim: int | None = None) -> None:
+    """Run this script's process as the byzps daemons run their own (byzps.cli.daemon_common):
+    re-run it with OMP_WAIT_POLICY=PASSIVE unless that is set (`quiet_idle_threads`: spinning
+    OpenMP threads would otherwise slow the benchmark's own gRPC threads), and keep freed memory
+    in the heap (`keep_freed_memory`: large buffers reused instead of mapped and zero-filled anew
+    each round), up to the server's largest block at dimension `dim` where one is given
+    (`server_heap_blocks`). Must run before any timing; torch may be imported."""
     if "OMP_WAIT_POLICY" not in os.environ:
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
         sys.stdout.flush()
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    from byzps.cli.daemon_common import HEAP_BLOCKS, keep_freed_memory, server_heap_blocks
+
+    keep_freed_memory(HEAP_BLOCKS if dim is None else server_heap_blocks(dim))

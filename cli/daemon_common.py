@@ -38,21 +38,25 @@ def quiet_idle_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-#: glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets.
+#: glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD = 32 << 20  # the most glibc accepts (half its 64 MiB heap size)
+#: The largest block a daemon takes from its heap unless told otherwise: what every glibc accepts
+#: (its manual gives half the 64 MiB heap size as the limit; glibc 2.36 takes more).
+HEAP_BLOCKS = 32 << 20
 _TRIM_THRESHOLD = 1 << 30
 
 
-def keep_freed_memory() -> bool:
-    """Let glibc serve blocks up to 32 MiB from its heap and keep up to 1 GiB freed there,
-    instead of mapping fresh zeroed pages for every large block and unmapping them on free.
+def keep_freed_memory(largest_block: int = HEAP_BLOCKS) -> bool:
+    """Let glibc serve blocks up to `largest_block` from its heap and keep up to 1 GiB freed
+    there, instead of mapping fresh zeroed pages for every large block and unmapping them on
+    free. Where glibc refuses `largest_block`, HEAP_BLOCKS. Callable again to raise the limit.
 
     Why: a round allocates and frees many d-sized buffers (received messages, parsed protobufs,
-    encoded replies, checkpoint data). By default glibc maps blocks this large anew each time,
-    and the kernel zero-fills every 4 KiB page at first touch: at d = 1e6, 20 dense workers and a
-    server on 2 cores spent about a third of their CPU on it (0.95 → 0.57 s per round measured
-    with these settings). The price is that a daemon's resident memory stays at its peak.
+    encoded replies, the new ĝ, checkpoint data). By default glibc maps blocks this large anew
+    each time, and the kernel zero-fills every 4 KiB page at first touch: at d = 1e6, 20 dense
+    workers and a server on 2 cores spent about a third of their CPU on it (0.95 → 0.57 s per
+    round measured with these settings). The price is that a daemon's resident memory stays at
+    its peak, which is why only the server goes past HEAP_BLOCKS (`server_heap_blocks`).
     Returns False where the C library has no mallopt (musl, macOS): nothing changes there.
     """
     import ctypes
@@ -63,8 +67,25 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+    ok = any(
+        mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+        for threshold in dict.fromkeys((largest_block, HEAP_BLOCKS))
+    )
     return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
+
+
+def server_heap_blocks(dim: int) -> int:
+    """The largest block a server of dimension `dim` takes from its heap: one d-sized vector of
+    8-byte entries (int64 indices, float64 sums) and 1 MiB more, at least HEAP_BLOCKS.
+
+    Why: at d = 1e7 ĝ alone is 40 MB, above HEAP_BLOCKS, so every full close mapped and zeroed
+    it anew: the sparse-downlink close of the mean took 70-110 ms, and 51-54 ms with ĝ's block
+    reused. Only the server, one process, goes this far (twenty workers on one machine each
+    holding their peak raised a d = 1e7 cluster past the machine's memory), and only up to a
+    vector: its n × d states and their checkpoint snapshots are still mapped apart, and their
+    memory returned when freed.
+    """
+    return max(HEAP_BLOCKS, 8 * dim + (1 << 20))
 
 
 def set_threads(ctx: click.Context, param: click.Parameter, threads: int | None) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from byzps.cli.daemon_common import setup_logging
+from byzps.cli.daemon_common import keep_freed_memory, server_heap_blocks, setup_logging
 from byzps.cli.options import (
     Address,
     check_bindable,
@@ -266,6 +266,7 @@ def server(
         )
     except ConfigError as exc:
         raise ServerUsageError(f"{config_path}: {exc}") from None
+    keep_freed_memory(server_heap_blocks(task.dim))  # after the states are made: mapped apart
     locks = claim_server_dirs(out, checkpoint_dir, resume=resume, overwrite=overwrite)
 
     def ready(address: str) -> None:

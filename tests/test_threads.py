@@ -62,3 +62,52 @@ def test_daemons_keep_freed_memory_where_the_c_library_allows_it() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == str(platform.libc_ver()[0] == "glibc")
+
+
+#: A child that prints, for blocks of 48 MiB (ĝ's size class at d = 1e7, above the 32 MiB every
+#: glibc allows) and of 88 MiB (above a d = 1e7 server's limit), whether glibc maps them apart
+#: from its heap (mallinfo2's hblkhd): with a daemon's default setting, then with a d = 1e7
+#: server's.
+_MAPPED_APART = """
+import ctypes
+from byzps.cli.daemon_common import keep_freed_memory, server_heap_blocks
+
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mapped_apart(size):
+    block = libc.malloc(size)
+    mapped = libc.mallinfo2().hblkhd
+    libc.free(block)
+    return mapped >= size
+
+for setting in (lambda: keep_freed_memory(), lambda: keep_freed_memory(server_heap_blocks(10**7))):
+    setting()
+    print(mapped_apart(48 << 20), mapped_apart(88 << 20))
+"""
+
+
+def test_a_server_takes_vectors_not_states_from_its_heap() -> None:
+    """Where glibc takes thresholds above 32 MiB (2.36 does): a daemon's default keeps mapping a
+    48 MiB block apart (twenty workers on one machine must not each hold their peak); a d = 1e7
+    server's setting serves it from the heap (ĝ's size class there) while a block past one
+    d-sized int64 vector, such as its n × d states, is still mapped apart."""
+    import platform
+
+    lib, version = platform.libc_ver()
+    if lib != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 33):
+        pytest.skip(f"needs glibc >= 2.33 (mallinfo2); have {lib} {version}")
+    takes = "import ctypes; print(ctypes.CDLL(None).mallopt(-3, 1 << 30))"
+    taken = subprocess.run([sys.executable, "-c", takes], capture_output=True, text=True).stdout
+    if taken != "1\n":
+        pytest.skip(f"glibc {version} refuses heap blocks above 32 MiB: the server keeps 32 MiB")
+    out = subprocess.run(
+        [sys.executable, "-c", _MAPPED_APART], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["True", "True", "False", "True"]
