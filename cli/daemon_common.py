@@ -76,7 +76,8 @@ def keep_freed_memory(largest_block: int = HEAP_BLOCKS) -> bool:
 
 def server_heap_blocks(dim: int) -> int:
     """The largest block a server of dimension `dim` takes from its heap: one d-sized vector of
-    8-byte entries (int64 indices, float64 sums) and 1 MiB more, at least HEAP_BLOCKS.
+    8-byte entries (int64 indices, float64 sums) and 1 MiB more, at least HEAP_BLOCKS and at
+    most the 1 GiB kept freed (mallopt takes a C int).
 
     Why: at d = 1e7 ĝ alone is 40 MB, above HEAP_BLOCKS, so every full close mapped and zeroed
     it anew: the sparse-downlink close of the mean took 70-110 ms, and 51-54 ms with ĝ's block
@@ -85,7 +86,7 @@ def server_heap_blocks(dim: int) -> int:
     vector: its n × d states and their checkpoint snapshots are still mapped apart, and their
     memory returned when freed.
     """
-    return max(HEAP_BLOCKS, 8 * dim + (1 << 20))
+    return min(_TRIM_THRESHOLD, max(HEAP_BLOCKS, 8 * dim + (1 << 20)))
 
 
 def set_threads(ctx: click.Context, param: click.Parameter, threads: int | None) -> None:
