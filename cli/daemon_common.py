@@ -80,11 +80,11 @@ def server_heap_blocks(dim: int) -> int:
     most the 1 GiB kept freed (mallopt takes a C int).
 
     Why: at d = 1e7 ĝ alone is 40 MB, above HEAP_BLOCKS, so every full close mapped and zeroed
-    it anew: the sparse-downlink close of the mean took 70-110 ms, and 51-54 ms with ĝ's block
-    reused. Only the server, one process, goes this far (twenty workers on one machine each
-    holding their peak raised a d = 1e7 cluster past the machine's memory), and only up to a
-    vector: its n × d states and their checkpoint snapshots are still mapped apart, and their
-    memory returned when freed.
+    it anew: the sparse-downlink close of the mean took 70-110 ms, and 53-59 ms with ĝ's block
+    reused (medians of 10 rounds, docs/performance.md). Only the server, one process, goes this
+    far (twenty workers on one machine each holding their peak raised a d = 1e7 cluster past the
+    machine's memory), and only up to a vector: its n × d states and their checkpoint snapshots
+    are still mapped apart, and their memory returned when freed.
     """
     return min(_TRIM_THRESHOLD, max(HEAP_BLOCKS, 8 * dim + (1 << 20)))
 
