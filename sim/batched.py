@@ -143,6 +143,8 @@ class BatchedSimulation:
     runs: list[RunState] = field(default_factory=list)
     #: The round the batch is in (a stopped run's engine stays at the round it stopped in).
     round: int = 0
+    #: Rounds run under `torch.inference_mode` (`Task.analytic_gradients`).
+    inference: bool = False
 
     def __post_init__(self) -> None:
         self.runs = [RunState() for _ in self.engines]
@@ -200,7 +202,7 @@ class BatchedSimulation:
 
     def step(self) -> None:
         """One round of every run still running."""
-        with threads_for(self.engines[0].x.numel()):
+        with threads_for(self.x(0).numel()), torch.inference_mode(self.inference):
             self._step()
 
     def _step(self) -> None:
@@ -208,12 +210,12 @@ class BatchedSimulation:
         h = self.honest_rows.numel() // self.size
         messages = self.honest.message(self._models(h), self.honest_oracle, t)
         refused = self.door.refused_rows(self.rule, self.honest_rows, messages, t)
-        live = self._stop_refused(messages, refused, h, t)
-        rows = torch.arange(messages.num_rows)
-        keep = rows[live[self._run_of(rows, h)]]
-        accepted = messages if keep.numel() == messages.num_rows else messages.take(keep)
-        self.rule.absorb(self.honest_rows[keep], accepted, t)
-        self.honest.commit(accepted, rows=None if keep.numel() == rows.numel() else keep.tolist())
+        self._stop_refused(messages, refused, h, t)
+        keep = self._live_rows(messages.num_rows, h)
+        accepted = messages if keep is None else messages.take(keep)
+        rows = self.honest_rows if keep is None else self.honest_rows[keep]
+        self.rule.absorb(rows, accepted, t)
+        self.honest.commit(accepted, rows=None if keep is None else keep.tolist())
         self._count_bytes(messages, keep, h)
         if self.cohort is not None:
             self._byzantine_round(t)
@@ -224,6 +226,15 @@ class BatchedSimulation:
             # Row-wise rules (ROW_WISE_RULES) close without reading the aggregate.
             self.cohort.close_round(torch.stack(aggregates), t)
         self.round += 1
+
+    def _live_rows(self, count: int, per_run: int) -> Tensor | None:
+        """Of `count` rows, per_run per run, those of the runs still running; None while every
+        run is (the common case, which then takes no index tensors at all)."""
+        live = [run.stopped is None for run in self.runs]
+        if all(live):
+            return None
+        rows = torch.arange(count)
+        return rows[torch.tensor(live)[self._run_of(rows, per_run)]]
 
     def _aggregate_runs(self, live: list[int]) -> dict[int, Aggregated]:
         """The live runs' aggregations in one call where the rule batches runs
@@ -255,9 +266,11 @@ class BatchedSimulation:
     def running(self) -> bool:
         return any(run.stopped is None for run in self.runs)
 
-    def _stop_refused(self, messages: SparseBatch, refused: Tensor, h: int, t: int) -> Tensor:
-        """(R,) bool: runs still running; a run whose honest message the door refused stops
-        there, with the error it raises alone (`check_finite` on its own rows)."""
+    def _stop_refused(self, messages: SparseBatch, refused: Tensor, h: int, t: int) -> None:
+        """A run whose honest message the door refused stops there, with the error it raises
+        alone (`check_finite` on its own rows)."""
+        if not refused.numel():
+            return
         for run in self._run_of(refused, h).unique().tolist():
             if self.runs[run].stopped is not None:
                 continue
@@ -272,13 +285,16 @@ class BatchedSimulation:
                 )
             except NonFiniteMessage as exc:
                 self.runs[run].stopped = exc
-        return torch.tensor([run.stopped is None for run in self.runs])
 
-    def _count_bytes(self, messages: SparseBatch, keep: Tensor, per_run: int) -> None:
+    def _count_bytes(self, messages: SparseBatch, keep: Tensor | None, per_run: int) -> None:
+        """Add the payload of the kept rows (`keep` None: all) to their runs' totals."""
         if not messages.num_rows:
             return
         per_row = self.honest.compressor.payload_bytes(messages) // messages.num_rows
-        counts = torch.bincount(self._run_of(keep, per_run), minlength=self.size).tolist()
+        if keep is None:
+            counts = [per_run] * self.size
+        else:
+            counts = torch.bincount(self._run_of(keep, per_run), minlength=self.size).tolist()
         for run, count in zip(self.runs, counts, strict=True):
             run.bytes_total += per_row * count
 
@@ -288,23 +304,22 @@ class BatchedSimulation:
         honest_now = self.rule.candidates.index_select(0, self.honest_rows)
         messages = self.cohort.messages(self._models(f), self.cohort_oracle, t, honest=honest_now)
         bad = self.door.refused_rows(self.rule, self.byzantine_rows, messages, t)
-        members = torch.arange(messages.num_rows)
-        live = torch.tensor([run.stopped is None for run in self.runs])
-        admitted = ~torch.isin(members, bad) & live[self._run_of(members, f)]
-        for run, count in zip(
-            self.runs,
-            torch.bincount(self._run_of(bad, f), minlength=self.size).tolist(),
-            strict=True,
-        ):
-            run.refused += count
-        keep = members[admitted]
-        if not keep.numel():
-            return
-        accepted = messages if keep.numel() == messages.num_rows else messages.take(keep)
-        self.rule.absorb(self.byzantine_rows[keep], accepted, t)
-        self.cohort.commit(
-            accepted, rows=None if keep.numel() == members.numel() else keep.tolist()
-        )
+        keep = self._live_rows(messages.num_rows, f)
+        if bad.numel():
+            for run, count in zip(
+                self.runs,
+                torch.bincount(self._run_of(bad, f), minlength=self.size).tolist(),
+                strict=True,
+            ):
+                run.refused += count
+            members = torch.arange(messages.num_rows) if keep is None else keep
+            keep = members[~torch.isin(members, bad)]
+            if not keep.numel():
+                return
+        accepted = messages if keep is None else messages.take(keep)
+        rows = self.byzantine_rows if keep is None else self.byzantine_rows[keep]
+        self.rule.absorb(rows, accepted, t)
+        self.cohort.commit(accepted, rows=None if keep is None else keep.tolist())
         self._count_bytes(messages, keep, f)
 
 
@@ -355,6 +370,7 @@ def build_batched_simulation(
             [t.oracle(honest_ids, s) for t, s in zip(tasks, seeds, strict=True)]
         ),
         "honest_rows": torch.tensor(honest_ids * runs) + offsets,
+        "inference": task.analytic_gradients,
     }
     if h == n:
         return BatchedSimulation(**parts)

@@ -49,6 +49,7 @@ def build_simulation(config: RunConfig, task: Task | None = None) -> Simulation:
         "honest": honest,
         "honest_oracle": task.oracle(honest_ids, seed),
         "honest_rows": torch.tensor(honest_ids, dtype=torch.long),
+        "inference": task.analytic_gradients,
     }
     if h == n:
         return Simulation(engine=engine, **honest_part)

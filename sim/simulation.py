@@ -85,6 +85,8 @@ class Simulation:
     bytes_total: int = 0
     #: Byzantine messages the door refused (one per member and round).
     refused: int = 0
+    #: Rounds run under `torch.inference_mode` (`Task.analytic_gradients`).
+    inference: bool = False
 
     def __post_init__(self) -> None:
         if (self.cohort is None) != (self.cohort_oracle is None):
@@ -126,7 +128,7 @@ class Simulation:
 
     def step(self) -> Tensor:
         """Run one round; returns the aggregate ĝ."""
-        with threads_for(self.engine.x.numel()):
+        with threads_for(self.engine.x.numel()), torch.inference_mode(self.inference):
             return self._step()
 
     def _step(self) -> Tensor:

@@ -85,8 +85,9 @@ def test_single_run_speed_ups_keep_the_a9a_trajectory_bit_for_bit(
 ) -> None:
     """Issue 11's speed-ups of a single run (Top-k's batched select, the omniscient cohort's
     skipped shadows, the serial band_mean/combine kernels, numpy for the door's per-message
-    checks, index_put_ for small scatters) against the paths they bypass: the same x, bit for
-    bit, on the paper's a9a setting (Byz-DM21, Top-1, NNM∘cm, omniscient ALIE)."""
+    checks, index_put_ for small scatters, rounds under inference mode, batch 1's product for
+    the gradient's bmm) against the paths they bypass: the same x, bit for bit, on the paper's
+    a9a setting (Byz-DM21, Top-1, NNM∘cm, omniscient ALIE)."""
     import torch
 
     from byzps.common import server_rules
@@ -94,6 +95,8 @@ def test_single_run_speed_ups_keep_the_a9a_trajectory_bit_for_bit(
     from byzps.common.attacks.cohort import ByzantineCohort
     from byzps.common.compressors import sparsifiers
     from byzps.common.config import RunConfig
+    from byzps.common.tasks import a9a
+    from byzps.common.tasks.a9a import A9aLogRegTask
     from byzps.sim.build import build_simulation
 
     config = RunConfig.load(A9A, [])
@@ -101,6 +104,7 @@ def test_single_run_speed_ups_keep_the_a9a_trajectory_bit_for_bit(
 
     def trajectory() -> list[torch.Tensor]:
         simulation = build_simulation(config)
+        assert simulation.inference is A9aLogRegTask.analytic_gradients
         return [simulation.step().clone() for _ in range(rounds)] + [simulation.x.clone()]
 
     fast = trajectory()
@@ -110,6 +114,8 @@ def test_single_run_speed_ups_keep_the_a9a_trajectory_bit_for_bit(
         slow.setattr(server_rules, "_numpy_view", lambda t: False)
         slow.setattr(server_rules, "SMALL_SCATTER", -1)
         slow.setattr(sparsifiers, "_topk_select", sparsifiers._topk_sort)
+        slow.setattr(A9aLogRegTask, "analytic_gradients", False)
+        slow.setattr(a9a, "_weighted_rows", a9a._bmm_weighted_rows)
         reference = trajectory()
     for t, (a, b) in enumerate(zip(fast, reference, strict=True)):
         assert torch.equal(a, b), f"round {t}" if t < rounds else "final x"

@@ -288,6 +288,20 @@ def test_registered_tasks_and_factory_errors() -> None:
         build_task("a9a-logreg", DataSpec(num_workers=4, seed=0, batch_size=1, split="random"))
 
 
+@pytest.mark.parametrize(("name", "params"), [("a9a-logreg", {}), ("quadratic", {"dim": 40})])
+def test_analytic_oracles_give_the_same_bits_under_inference_mode(name: str, params: dict) -> None:
+    """The tasks whose simulated rounds run under torch.inference_mode (`analytic_gradients`):
+    their gradients there are bitwise those computed outside it."""
+    task = build_task(name, DataSpec(num_workers=4, seed=0, batch_size=2), **params)
+    assert task.analytic_gradients
+    oracle = task.oracle([0, 2, 3], seed=1)
+    x = torch.randn(task.dim, generator=torch.Generator().manual_seed(7)).to(task.init_params(0))
+    outside = (oracle.grad(x, oracle.sample(3)), oracle.full_grad(x))
+    with torch.inference_mode():
+        inside = (oracle.grad(x, oracle.sample(3)), oracle.full_grad(x))
+    assert all(torch.equal(a, b) for a, b in zip(outside, inside, strict=True))
+
+
 # ---------------------------------------------------------------- neural-network tasks
 
 
@@ -324,6 +338,15 @@ def test_nn_full_grad_matches_shard_gradient(nn_task) -> None:
     logits = nn_task.model.logits(xr, nn_task.inputs[shard])
     (expected,) = torch.autograd.grad(F.cross_entropy(logits, nn_task.targets[shard]), xr)
     torch.testing.assert_close(oracle.full_grad(x)[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_nn_tasks_keep_autograd(nn_task) -> None:
+    """Why `analytic_gradients` is off for them: their full gradient calls autograd, which
+    inference mode refuses, so a simulated round of theirs must not enter it."""
+    assert not nn_task.analytic_gradients
+    oracle = nn_task.oracle([1], seed=0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="does not require grad"):
+        oracle.full_grad(nn_task.init_params(0))
 
 
 def test_nn_layout_and_init(nn_task) -> None:

@@ -121,6 +121,20 @@ def _row_sigmoid(z: Tensor) -> Tensor:
     return padded.sigmoid_()[:, :b]
 
 
+def _weighted_rows(residual: Tensor, rows: Tensor) -> Tensor:
+    """(w, d): Σ_j residual[i, j] · rows[i, j] for each worker i (rows (w, b, d)). With one row
+    per worker (the paper's batch 1) a plain product, the same bits as the bmm's one-term sum:
+    that bmm computes w separate 1 × d products, 126 µs at w = 192 (a batched simulation's
+    honest rows) against 7 µs for the product."""
+    if rows.shape[1] == 1:
+        return rows.squeeze(1) * residual
+    return _bmm_weighted_rows(residual, rows)
+
+
+def _bmm_weighted_rows(residual: Tensor, rows: Tensor) -> Tensor:
+    return torch.bmm(residual.unsqueeze(1), rows).squeeze(1)
+
+
 class LogisticOracle:
     """Stochastic and full shard gradients of the regularised BCE for w workers at once."""
 
@@ -183,7 +197,7 @@ class LogisticOracle:
         rows = self._features.index_select(0, flat).view(*batch.shape, self.dim)  # (w, b, d)
         residual = _row_sigmoid(torch.bmm(rows, xs.unsqueeze(2)).squeeze(2))  # (w, b)
         residual.sub_(self._labels.index_select(0, flat).view(batch.shape))
-        grads = torch.bmm(residual.unsqueeze(1), rows).squeeze(1)  # (w, d)
+        grads = _weighted_rows(residual, rows)  # (w, d)
         return grads.mul_(1.0 / batch.shape[1]).add_(self._reg.grad(xs))
 
     @cached_property
@@ -224,6 +238,7 @@ class A9aLogRegTask(ShardedTask):
 
     num_classes = 2
     stacks_oracles = True
+    analytic_gradients = True
 
     def __init__(
         self,

@@ -25,6 +25,11 @@ class Task(ABC):
     #: True when the task's oracles stack (`Oracle.stack`: the rows of several runs, each with
     #: its own model) — what a batched simulation of several runs needs (sim/batched.py).
     stacks_oracles: ClassVar[bool] = False
+    #: True when the task's oracles compute their gradients in closed form, never through
+    #: autograd: a simulated round then runs under `torch.inference_mode`, which skips autograd's
+    #: bookkeeping on each of its few hundred small ops (~8 % of an a9a round; sim/simulation.py).
+    #: An oracle that calls `torch.autograd.grad` fails there, hence the default.
+    analytic_gradients: ClassVar[bool] = False
     #: Where the task's data lives and its oracles compute (`to`); the estimators built for it
     #: keep their states there too (`components.build_run_estimator`).
     device: torch.device = torch.device("cpu")

@@ -123,6 +123,7 @@ class QuadraticTask(Task):
 
     num_classes = 2
     stacks_oracles = True
+    analytic_gradients = True
 
     def __init__(
         self,
