@@ -228,7 +228,7 @@ class LogisticOracle:
         rows, labels, weights = self._full
         residual = torch.sigmoid(torch.bmm(rows, xs.unsqueeze(2)).squeeze(2))  # (w, m)
         residual.sub_(labels).mul_(weights)  # 0 on padding
-        grads = torch.bmm(residual.unsqueeze(1), rows).squeeze(1)
+        grads = _weighted_rows(residual, rows)
         return grads.add_(self._reg.grad(xs))
 
 
