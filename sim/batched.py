@@ -193,9 +193,9 @@ class BatchedSimulation:
     def bytes_uplink(self, run: int) -> float:
         return uplink_per_worker(self.runs[run].bytes_total, self.engines[run].num_workers)
 
-    def _models(self, per_run: int) -> Tensor:
-        """(R·per_run, d): each run's model repeated for its rows."""
-        return torch.stack([e.x for e in self.engines]).repeat_interleave(per_run, dim=0)
+    def _models(self) -> Tensor:
+        """(R, d): each run's model, stacked once a round for the rows that read it."""
+        return torch.stack([e.x for e in self.engines])
 
     def _run_of(self, rows: Tensor, per_run: int) -> Tensor:
         return torch.div(rows, per_run, rounding_mode="floor")
@@ -208,7 +208,8 @@ class BatchedSimulation:
     def _step(self) -> None:
         t = self.round
         h = self.honest_rows.numel() // self.size
-        messages = self.honest.message(self._models(h), self.honest_oracle, t)
+        models = self._models()
+        messages = self.honest.message(models.repeat_interleave(h, dim=0), self.honest_oracle, t)
         refused = self.door.refused_rows(self.rule, self.honest_rows, messages, t)
         self._stop_refused(messages, refused, h, t)
         keep = self._live_rows(messages.num_rows, h)
@@ -218,7 +219,7 @@ class BatchedSimulation:
         self.honest.commit(accepted, rows=None if keep is None else keep.tolist())
         self._count_bytes(messages, keep, h)
         if self.cohort is not None:
-            self._byzantine_round(t)
+            self._byzantine_round(models, t)
         live = [r for r, run in enumerate(self.runs) if run.stopped is None]
         aggregated = self._aggregate_runs(live)
         aggregates = [self.engines[r].close_round(aggregated.get(r)) for r in live]
@@ -258,8 +259,8 @@ class BatchedSimulation:
         )
         discounts = band_discounts(verdicts, stacked) if scored else None
         return {
-            r: Aggregated(aggregates[i], verdicts[i], None if discounts is None else discounts[i])
-            for i, r in enumerate(live)
+            r: Aggregated(aggregate, verdicts[i], None if discounts is None else discounts[i])
+            for i, (r, aggregate) in enumerate(zip(live, aggregates.unbind(0), strict=True))
         }
 
     @property
@@ -298,11 +299,14 @@ class BatchedSimulation:
         for run, count in zip(self.runs, counts, strict=True):
             run.bytes_total += per_row * count
 
-    def _byzantine_round(self, t: int) -> None:
+    def _byzantine_round(self, models: Tensor, t: int) -> None:
+        """The cohort's round; `models` (R, d) are the runs' models, which only its members'
+        honest shadows read (`runs_shadows`): ALIE on the true honest rows reads none."""
         assert self.cohort is not None and self.byzantine_rows is not None
         f = self.byzantine_rows.numel() // self.size
         honest_now = self.rule.candidates.index_select(0, self.honest_rows)
-        messages = self.cohort.messages(self._models(f), self.cohort_oracle, t, honest=honest_now)
+        members = models.repeat_interleave(f, dim=0) if self.cohort.runs_shadows else models[:0]
+        messages = self.cohort.messages(members, self.cohort_oracle, t, honest=honest_now)
         bad = self.door.refused_rows(self.rule, self.byzantine_rows, messages, t)
         keep = self._live_rows(messages.num_rows, f)
         if bad.numel():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from byzps.common.aggregators import build_aggregator, ops
+from byzps.common.aggregators import _kernels, build_aggregator, ops
 from byzps.common.aggregators._kernels import CHUNK
 from byzps.common.aggregators.ops import forced_backend
 from byzps.common.aggregators.runs import NotBatched
@@ -105,3 +105,42 @@ def test_what_needs_the_one_run_path_is_refused(
 def test_the_torch_backend_is_left_to_the_one_run_path() -> None:
     with forced_backend("torch"), pytest.raises(NotBatched):
         build_aggregator("cm", 8, n=20).aggregate_runs(runs_input(2, 20, 123))
+
+
+def test_the_runs_lists_are_each_runs_own_lists_padded() -> None:
+    """`runs_lists` (the batch's band lists in one call) is, run by run, `sparse_lists` of its
+    mix padded with (0, 0.0) to the longest run's, and `complement_lists` of those padded with
+    −1: mixes of equal weights (the complement applies), of unequal ones (it does not), of
+    different widths across runs, and with NaN entries."""
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        runs, n, n0 = int(rng.integers(1, 5)), int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        members = rng.random((runs, n, n0)) < rng.uniform(0.2, 1.0)
+        members[:, :, 0] |= ~members.any(axis=2)  # every row has a member
+        weights = np.where(members, 1.0 / members.sum(axis=2, keepdims=True), 0.0)
+        if trial % 3 == 1:
+            weights = np.where(members, rng.random((runs, n, n0)), 0.0)
+        if trial % 3 == 2:
+            weights[0, 0, 0] = np.nan
+        mixes = np.ascontiguousarray(weights)
+        for complement in (True, False):
+            idx, wts, by_complement, exc, rw = _kernels.runs_lists(mixes, n0, complement)
+            width = max(_kernels.sparse_lists(mix)[0].shape[1] for mix in mixes)
+            assert idx.shape == wts.shape == (runs, n, width)
+            most = 1
+            for r, mix in enumerate(mixes):
+                own_idx, own_wts = _kernels.sparse_lists(mix)
+                assert np.array_equal(idx[r, :, : own_idx.shape[1]], own_idx)
+                assert np.array_equal(wts[r, :, : own_wts.shape[1]], own_wts, equal_nan=True)
+                assert not idx[r, :, own_idx.shape[1] :].any()
+                assert not wts[r, :, own_wts.shape[1] :].any()
+                ok, own_exc, own_rw = _kernels.complement_lists(idx[r], wts[r], n0)
+                assert by_complement[r] == (complement and ok)
+                if by_complement[r]:
+                    assert np.array_equal(rw[r], own_rw)
+                    assert np.array_equal(exc[r, :, : own_exc.shape[1]], own_exc)
+                    assert (exc[r, :, own_exc.shape[1] :] == -1).all()
+                    most = max(most, own_exc.shape[1])
+                else:
+                    assert (exc[r] == -1).all() and not rw[r].any()
+            assert exc.shape == (runs, n, most)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from oracles import ReplayOracle
 
-from byzps.common.attacks import ATTACKS, AttackView, build_attack
+from byzps.common.attacks import ATTACKS, AttackView, RunsView, build_attack
 from byzps.common.attacks.cohort import ByzantineCohort
 from byzps.common.attacks.strategies import FLT_MAX, _honest_std, alie_z
 from byzps.common.codec import decode_sparse, encode_sparse
@@ -297,20 +297,29 @@ def test_overflow_makes_a_state_non_finite_on_the_second_push() -> None:
 def test_several_runs_targets_are_bitwise_each_runs_own(name: str, d: int) -> None:
     """`targets_runs` (a batched simulation's call) gives run after run exactly what each run's
     view gives alone: alie and ipm reduce the runs' stacked honest rows together, the others
-    ask view by view."""
+    ask view by view; each run's view holds its own blocks and its own generator keys."""
     attack = build_attack(name)
+    runs = 5
+    honest = torch.cat(
+        [
+            torch.randn(12, d, generator=torch.Generator().manual_seed(r)) * 10.0 ** (r - 2)
+            for r in range(runs)
+        ]
+    )
+    bases = torch.randn(runs * 8, d, generator=torch.Generator().manual_seed(99))
 
-    def views() -> list[AttackView]:  # fresh ones: a view's generator is drawn from once
-        made = []
-        for r in range(5):
-            honest = torch.randn(12, d, generator=torch.Generator().manual_seed(r)) * 10.0 ** (
-                r - 2
-            )
-            made.append(AttackView(honest, honest[:0], torch.zeros(8, d), n=20, f=8,
-                                   generator=None, generator_keys=(r, "attack", 3)))  # fmt: skip
-        return made
+    def stacked() -> RunsView:  # fresh ones: a view's generator is drawn from once
+        seeds = [10 + r for r in range(runs)]
+        return RunsView(honest, honest[:0], bases, seeds=seeds, round=3, n=20, f=8)
 
-    together = attack.targets_runs(views())
-    alone = torch.cat([attack.targets(view) for view in views()])
-    assert together.shape == (5 * 8, d)
-    assert together.view(torch.int32).equal(alone.view(torch.int32))
+    together = attack.targets_runs(stacked())
+    alone = []
+    for r in range(runs):
+        own, members = honest[12 * r : 12 * (r + 1)], bases[8 * r : 8 * (r + 1)]
+        view = AttackView(own, honest[:0], members, n=20, f=8, generator=None,
+                          generator_keys=(10 + r, "attack", 3))  # fmt: skip
+        alone.append(attack.targets(view))
+        assert torch.equal(stacked().view(r).bases, view.bases)
+        assert stacked().view(r).generator_keys == view.generator_keys
+    assert together.shape == (runs * 8, d)
+    assert together.view(torch.int32).equal(torch.cat(alone).view(torch.int32))

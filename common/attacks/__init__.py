@@ -2,9 +2,9 @@
 
 from byzps.common.attacks import optimal as _optimal  # noqa: F401  (registers alie-opt, ipm-opt)
 from byzps.common.attacks import strategies as _strategies  # noqa: F401  (registers the attacks)
-from byzps.common.attacks.base import ATTACKS, Attack, AttackView
+from byzps.common.attacks.base import ATTACKS, Attack, AttackView, RunsView
 
-__all__ = ["ATTACKS", "Attack", "AttackView", "build_attack"]
+__all__ = ["ATTACKS", "Attack", "AttackView", "RunsView", "build_attack"]
 
 
 def build_attack(name: str, **params: object) -> Attack:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from byzps.common.aggregators.base import Aggregator
-from byzps.common.attacks.base import Attack, AttackView
+from byzps.common.attacks.base import Attack, RunsView
 from byzps.common.compressors import dense_batch
 from byzps.common.estimators.base import GradientOracle
 from byzps.common.estimators.core import BatchedEstimator
@@ -147,30 +147,21 @@ class ByzantineCohort:
             honest = shadow
         bases = self._sent.bases(self._rows)
         start = self._aggregator_start(aggregator_state)
-        runs = len(self.run_seeds)
-        views = [
-            AttackView(
-                honest=own_honest,
-                shadow=own_shadow,
-                bases=own_bases,
-                n=self.num_workers,
-                f=self.size,
-                generator=None,  # seeded on first use (AttackView.generator_keys)
-                generator_keys=(seed, "attack", round),
-                gain=self._gain(round),
-                aggregate=None if start is None else self._evaluator(start),
-            )
-            for seed, own_honest, own_shadow, own_bases in zip(
-                self.run_seeds,
-                parts(honest, runs),
-                parts(shadow, runs),
-                parts(bases, runs),
-                strict=True,
-            )
-        ]
-        targets = self.attack.targets_runs(views)
+        runs = RunsView(
+            honest=honest,
+            shadow=shadow,
+            bases=bases,
+            seeds=self.run_seeds,
+            round=round,
+            n=self.num_workers,
+            f=self.size,
+            gain=self._gain(round),
+            aggregate=None if start is None else self._evaluator(start),
+        )
+        targets = self.attack.targets_runs(runs)
         if start is not None and (self.knowledge != "omniscient" or aggregator_state is None):
-            self._evaluator(start)(views[0].rows(targets))  # the copy steps once, as the server's
+            # the copy steps once, as the server's aggregator does
+            self._evaluator(start)(runs.view(0).rows(targets))
         delta = _deviation(targets, bases)
         self._round = round
         message = self._compress(delta, round)
@@ -261,15 +252,6 @@ class ByzantineCohort:
         self._round = state["round"]
         if self.aggregator is not None and state.get("aggregator") is not None:
             self.aggregator.load_state_dict(state["aggregator"])
-
-
-def parts(rows: Tensor, runs: int) -> Sequence[Tensor]:
-    """Each run's block of `rows` (R equal blocks stacked, one per run), as views: all of it for
-    R = 1. One `unbind` of the (R, rows/R, …) view, where slicing each block cost a call per
-    run and tensor (48 a round at R = 16)."""
-    if runs == 1:
-        return (rows,)
-    return rows.unflatten(0, (runs, rows.shape[0] // runs)).unbind(0)
 
 
 def _deviation(targets: Tensor, bases: Tensor) -> Tensor:

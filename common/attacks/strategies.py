@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from statistics import NormalDist
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from byzps.common.attacks._kernels import sample_std
-from byzps.common.attacks.base import ATTACKS, Attack, AttackView
+from byzps.common.attacks.base import ATTACKS, Attack, AttackView, RunsView
 
 
 def _repeat(target: Tensor, m: int) -> Tensor:
@@ -41,16 +41,23 @@ def _honest_std(honest: Tensor) -> Tensor:
 
 
 def _line_targets(
-    views: Sequence[AttackView], line: Callable[[Tensor], tuple[Tensor, Tensor]], scale: float
+    honest: Tensor, members: int, line: Callable[[Tensor], tuple[Tensor, Tensor]], scale: float
 ) -> Tensor:
-    """Each run's colluding target origin + scale · direction on `line` of its honest rows,
-    repeated for its members, run after run. The runs' honest rows are reduced together as an
-    (R, h, d) stack: torch reduces each run's (h, d) slice over its rows exactly as alone (the
-    same outer reduction, the runs one more output dimension), and the rest is elementwise."""
-    if len({tuple(v.honest.shape) for v in views}) > 1:  # not one stack: run by run
-        return torch.cat([_line_targets([v], line, scale) for v in views])
-    origin, direction = line(torch.stack([v.honest for v in views]))
-    return (origin + scale * direction).repeat_interleave(views[0].bases.shape[0], dim=0)
+    """Each run's colluding target origin + scale · direction on `line` of its honest rows
+    (honest: (R, h, d), one run's rows per slice), repeated for its `members`, run after run.
+    The runs are reduced together: torch reduces each (h, d) slice over its rows exactly as
+    alone (the same outer reduction, the runs one more output dimension), and the rest is
+    elementwise."""
+    origin, direction = line(honest.contiguous())
+    return (origin + scale * direction).repeat_interleave(members, dim=0)
+
+
+def _run_line_targets(
+    runs: RunsView, line: Callable[[Tensor], tuple[Tensor, Tensor]], scale: float
+) -> Tensor:
+    """`_line_targets` of every run of `runs`, from its stacked honest rows."""
+    members = runs.bases.shape[0] // runs.runs
+    return _line_targets(runs.stacked(runs.honest, runs.runs), members, line, scale)
 
 
 #: ipm's default ε, also the fixed scale that ipm-opt evaluates beside its search.
@@ -115,11 +122,14 @@ class ALittleIsEnough(Attack):
         self.z = z
 
     def targets(self, view: AttackView) -> Tensor:
-        return self.targets_runs([view])
+        z = self._z(view.n, view.f)
+        return _line_targets(view.honest[None], view.bases.shape[0], alie_line, z)
 
-    def targets_runs(self, views: Sequence[AttackView]) -> Tensor:
-        z = self.z if self.z is not None else alie_z(views[0].n, views[0].f)
-        return _line_targets(views, alie_line, z)
+    def targets_runs(self, runs: RunsView) -> Tensor:
+        return _run_line_targets(runs, alie_line, self._z(runs.n, runs.f))
+
+    def _z(self, n: int, f: int) -> float:
+        return self.z if self.z is not None else alie_z(n, f)
 
 
 @ATTACKS.register("ipm")
@@ -132,10 +142,10 @@ class InnerProductManipulation(Attack):
         self.epsilon = epsilon
 
     def targets(self, view: AttackView) -> Tensor:
-        return self.targets_runs([view])
+        return _line_targets(view.honest[None], view.bases.shape[0], ipm_line, self.epsilon)
 
-    def targets_runs(self, views: Sequence[AttackView]) -> Tensor:
-        return _line_targets(views, ipm_line, self.epsilon)
+    def targets_runs(self, runs: RunsView) -> Tensor:
+        return _run_line_targets(runs, ipm_line, self.epsilon)
 
 
 @ATTACKS.register("sf")
