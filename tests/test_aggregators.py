@@ -738,6 +738,47 @@ def test_the_compiled_precision_check_is_the_numpy_one() -> None:
     assert seen == {True, False}
 
 
+def test_the_precision_check_counts_past_the_kth_distance_as_selecting_it_would() -> None:
+    """`_kernels.imprecise_gram` counts how many of a row's distances lie below its rounding
+    instead of selecting the k-th: the same decision as `gamma · G_ii > resolution · kth_i` with
+    kth_i taken from numpy's sort (NaN last), over Grams with tied rows, ±0, inf and NaN entries,
+    every k from 1 to past n − 1, and gammas on both sides of the boundary."""
+    from byzps.common.aggregators import _kernels
+
+    def selected(gram: np.ndarray, gamma: float, resolution: float, k: int) -> bool:
+        n = gram.shape[0]
+        diag = np.diag(gram)
+        if not np.all(diag < 1e300):
+            return True
+        for i in range(n):
+            others = [max(gram[i, i] + gram[j, j] - 2.0 * gram[i, j], 0.0)
+                      for j in range(n) if j != i]  # fmt: skip
+            kth = np.sort(np.array(others))[min(k, n - 1) - 1] if others else np.inf
+            if gamma * gram[i, i] > resolution * kth:
+                return True
+        return False
+
+    rng = np.random.default_rng(17)
+    seen = set()
+    for trial in range(600):
+        n = int(rng.integers(1, 24))
+        rows = rng.standard_normal((n, 6))
+        if trial % 5 == 1:
+            rows[: n // 2] = rows[0]  # tied rows: zero distances
+        gram = rows @ rows.T
+        if trial % 5 == 2:
+            gram[rng.integers(0, n), rng.integers(0, n)] = np.nan
+        if trial % 5 == 3:
+            gram = rng.choice([0.0, -0.0, 1.0, 1e-30, 1e30, np.inf], (n, n))
+        gram = np.ascontiguousarray(gram)
+        for gamma in (0.0, 1e-9, 1e-3, 1.0):
+            for k in range(1, n + 2):
+                got = bool(_kernels.imprecise_gram(gram, gamma, 2.0**-20, 1e300, k))
+                assert got == selected(gram, gamma, 2.0**-20, k), (trial, gamma, k)
+                seen.add(got)
+    assert seen == {True, False}
+
+
 def test_squared_norms_keep_their_bits_and_values() -> None:
     """`_kernels.sq_norms` reads each chunk's rows through slices now; its sums must be bitwise
     those of the indexed loop it replaced (compiled here as it was), and match float64 numpy to
