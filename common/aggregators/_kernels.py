@@ -867,23 +867,36 @@ def sparse_lists(mix):  # pragma: no cover - compiled
     with (0, 0.0) to the longest row (NaN counts as nonzero). `ops.sparse_mix`'s lists, built
     in one pass: at a9a's size the numpy formulation (argsort, two gathers) cost ~50 µs a call,
     several times a simulated round."""
-    n, n0 = mix.shape
+    n = mix.shape[0]
+    idx = np.zeros((n, _list_width(mix)), np.int64)
+    wts = np.zeros((n, idx.shape[1]), np.float64)
+    _fill_lists(mix, idx, wts)
+    return idx, wts
+
+
+@njit(cache=True)
+def _list_width(mix):  # pragma: no cover - compiled
+    """The most nonzero entries (NaN included) in a row of `mix` (n, n0)."""
     width = 0
-    for i in range(n):
+    for i in range(mix.shape[0]):
         count = 0
-        for k in range(n0):
+        for k in range(mix.shape[1]):
             count += mix[i, k] != 0.0
         width = max(width, count)
-    idx = np.zeros((n, width), np.int64)
-    wts = np.zeros((n, width), np.float64)
-    for i in range(n):
+    return width
+
+
+@njit(cache=True)
+def _fill_lists(mix, idx, wts):  # pragma: no cover - compiled
+    """idx[i, :m], wts[i, :m] = the columns and values of row i's m nonzero entries, ascending;
+    the rest of idx and wts is left as it is (their zero padding)."""
+    for i in range(mix.shape[0]):
         j = 0
-        for k in range(n0):
+        for k in range(mix.shape[1]):
             if mix[i, k] != 0.0:
                 idx[i, j] = k
                 wts[i, j] = mix[i, k]
                 j += 1
-    return idx, wts
 
 
 @njit(cache=True)
@@ -942,28 +955,16 @@ def runs_lists(mixes, n0, complement):  # pragma: no cover - compiled
     runs, n = mixes.shape[0], mixes.shape[1]
     width = 0
     for r in range(runs):
-        for i in range(n):
-            count = 0
-            for k in range(n0):
-                count += mixes[r, i, k] != 0.0
-            width = max(width, count)
+        width = max(width, _list_width(mixes[r]))
     idx = np.zeros((runs, n, width), np.int64)
     wts = np.zeros((runs, n, width), np.float64)
     for r in range(runs):
-        for i in range(n):
-            j = 0
-            for k in range(n0):
-                if mixes[r, i, k] != 0.0:
-                    idx[r, i, j] = k
-                    wts[r, i, j] = mixes[r, i, k]
-                    j += 1
+        _fill_lists(mixes[r], idx[r], wts[r])
     by_complement = np.zeros(runs, np.bool_)
     excluded = np.full((runs, n, max(1, n0)), -1, np.int64)
     rw = np.zeros((runs, n))
     most = 1
-    for r in range(runs):
-        if not complement:
-            break
+    for r in range(runs if complement else 0):
         ok, exc, weights = complement_lists(idx[r], wts[r], n0)
         by_complement[r] = ok
         if ok:
@@ -977,7 +978,7 @@ def runs_lists(mixes, n0, complement):  # pragma: no cover - compiled
 def imprecise_gram(gram, gamma, resolution, far_sq, k):  # pragma: no cover - compiled
     """`rows.imprecise` in one call: some diagonal entry not below `far_sq`, or some row's
     rounding gamma · G_ii above `resolution` times its k-th nearest squared distance (no row
-    counted far), as `kth_sq_dists` gives it.
+    counted far), as `kth_sq_dists` gives it (k ≥ 1).
 
     The k-th distance is not selected but counted past: resolution · kth_i < gamma · G_ii
     exactly when at least k of row i's other distances s_ij have resolution · s_ij below it —
