@@ -127,7 +127,8 @@ def band_reference(x: np.ndarray, mix: np.ndarray | None, a: int, b: int, slide:
         order = sorted(range(len(values)), key=lambda j: values[j])  # stable
         v = values[order].astype(np.float64)
         median = (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
-        shift = sum(v[b + j] - median < median - v[a + j] for j in range(slide))
+        with np.errstate(invalid="ignore"):  # inf − inf at an infinite median: NaN, never <
+            shift = sum(v[b + j] - median < median - v[a + j] for j in range(slide))
         rows = np.eye(n0) if mix is None else mix
         weights = sum(rows[j] for j in order[a + shift : b + shift]) / (b - a)
         total += 1 - np.clip(n0 * weights, 0, 1)
