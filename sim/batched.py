@@ -213,11 +213,7 @@ class BatchedSimulation:
         refused = self.door.refused_rows(self.rule, self.honest_rows, messages, t)
         self._stop_refused(messages, refused, h, t)
         keep = self._live_rows(messages.num_rows, h)
-        accepted = messages if keep is None else messages.take(keep)
-        rows = self.honest_rows if keep is None else self.honest_rows[keep]
-        self.rule.absorb(rows, accepted, t)
-        self.honest.commit(accepted, rows=None if keep is None else keep.tolist())
-        self._count_bytes(messages, keep, h)
+        self._absorb(self.honest_rows, messages, keep, self.honest, h, t)
         if self.cohort is not None:
             self._byzantine_round(models, t)
         live = [r for r, run in enumerate(self.runs) if run.stopped is None]
@@ -305,8 +301,9 @@ class BatchedSimulation:
         assert self.cohort is not None and self.byzantine_rows is not None
         f = self.byzantine_rows.numel() // self.size
         honest_now = self.rule.candidates.index_select(0, self.honest_rows)
-        members = models.repeat_interleave(f, dim=0) if self.cohort.runs_shadows else models[:0]
-        messages = self.cohort.messages(members, self.cohort_oracle, t, honest=honest_now)
+        shadows = self.cohort.runs_shadows  # only the members' honest shadows read the models
+        member_x = models.repeat_interleave(f, dim=0) if shadows else models[:0]
+        messages = self.cohort.messages(member_x, self.cohort_oracle, t, honest=honest_now)
         bad = self.door.refused_rows(self.rule, self.byzantine_rows, messages, t)
         keep = self._live_rows(messages.num_rows, f)
         if bad.numel():
@@ -320,11 +317,23 @@ class BatchedSimulation:
             keep = members[~torch.isin(members, bad)]
             if not keep.numel():
                 return
+        self._absorb(self.byzantine_rows, messages, keep, self.cohort, f, t)
+
+    def _absorb(
+        self,
+        rows: Tensor,
+        messages: SparseBatch,
+        keep: Tensor | None,
+        sender: Estimator | ByzantineCohort,
+        per_run: int,
+        t: int,
+    ) -> None:
+        """The server absorbs the kept messages (`keep`: their indices; None: all) into their
+        `rows`, the `sender` commits them, and their runs count their bytes."""
         accepted = messages if keep is None else messages.take(keep)
-        rows = self.byzantine_rows if keep is None else self.byzantine_rows[keep]
-        self.rule.absorb(rows, accepted, t)
-        self.cohort.commit(accepted, rows=None if keep is None else keep.tolist())
-        self._count_bytes(messages, keep, f)
+        self.rule.absorb(rows if keep is None else rows[keep], accepted, t)
+        sender.commit(accepted, rows=None if keep is None else keep.tolist())
+        self._count_bytes(messages, keep, per_run)
 
 
 def check_batchable(configs: Sequence[RunConfig]) -> None:

@@ -991,6 +991,8 @@ def imprecise_gram(gram, gamma, resolution, far_sq, k):  # pragma: no cover - co
     for i in range(n):
         if not gram[i, i] < far_sq:
             return True
+    if n < 2:  # no distances: the k-th is +inf, which no rounding exceeds
+        return False
     need = min(k, n - 1)
     for i in range(n):
         limit = gamma * gram[i, i]
@@ -998,7 +1000,7 @@ def imprecise_gram(gram, gamma, resolution, far_sq, k):  # pragma: no cover - co
         for j in range(n):
             sq = gram[i, i] + gram[j, j] - 2.0 * gram[i, j]
             below += (j != i) & (resolution * max(sq, 0.0) < limit)
-        if n > 1 and below >= need:
+        if below >= need:
             return True
     return False
 
