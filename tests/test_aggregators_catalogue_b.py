@@ -215,19 +215,34 @@ def test_matches_the_numpy_reference(rule: str, pre: tuple[str, ...]) -> None:
 @pytest.mark.parametrize("rule", RULES)
 def test_the_torch_fallback_agrees_bitwise(rule: str, pre: tuple[str, ...], dtype) -> None:
     """The torch path (the GPU's) chooses the same rows from its own Gram and combines them in
-    the same order; bulyan's coordinate stage sums its window in the kernel's order."""
+    the same order; bulyan's coordinate stage sums its window in the kernel's order.
+
+    caf is the exception, as gm and cclip are in test_aggregators: its weights are a continuous
+    function of the Gram (each step scales them by 1 − τ_i / max τ), and the two backends' Grams
+    differ in rounding (numba's blocked sum against torch's matmul, whose order follows the
+    CPU's vector width: on an AVX-512 machine the outputs differed by one float32 ulp). So for
+    caf the rows it keeps must be the same and the output equal to within rounding."""
     rng = np.random.default_rng(5)
     x = torch.from_numpy(rng.standard_normal((15, 300))).to(dtype)
     x[2, 10:] *= 1e4
     x[4, :5] = torch.inf
     params = {"subsample": 16} if rule == "dnc" else {}
     f = 1 if rule == "bulyan" and pre else 2  # bucketing leaves n' = 8 ≥ 4f + 3
-    outs = []
+    outs, verdicts = [], []
     for backend in ("numba", "torch"):
         with forced_backend(backend):
-            outs.append(build_aggregator(rule, f, pre=pre, params=params, seed=1)(x))
+            aggregator = build_aggregator(rule, f, pre=pre, params=params, seed=1)
+            outs.append(aggregator(x))
+            verdicts.append(aggregator.last_verdict)
     assert torch.isfinite(outs[0]).all()
-    assert torch.equal(outs[0], outs[1])
+    if rule != "caf":
+        assert torch.equal(outs[0], outs[1])
+        return
+    kept = [np.flatnonzero(verdict.weights) for verdict in verdicts]
+    np.testing.assert_array_equal(kept[0], kept[1])
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    scale = float(x[x.isfinite()].abs().max())
+    torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol * scale)
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])
