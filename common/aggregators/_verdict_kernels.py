@@ -11,6 +11,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+#: Columns per 512-bit vector of float32: the width the rank count's rows are padded to.
+LANES = 16
+
 
 @njit(cache=True, fastmath=False)
 def band_discount(raw, mix, a, b, slide):  # pragma: no cover - compiled
@@ -24,14 +27,17 @@ def band_discount(raw, mix, a, b, slide):  # pragma: no cover - compiled
     of dependent float64 additions, and running the columns side by side (not one column's n
     rows after another) lets them overlap — ~3x faster at (20, 123), the same terms added in the
     same order, so the same bits. Likewise the ranks: counted for all columns at once instead of
-    an insertion sort per column (the same stable order, ties in row order)."""
+    an insertion sort per column (the same stable order, ties in row order). The rows are laid
+    out `LANES` columns wide (padding that nothing reads), so that counting takes whole vectors
+    without a scalar tail, and each band row's share mix[j]/(b − a) is divided once, not once
+    per column (the same quotient): 10.6 → 8.3 µs at a9a's (20, 123) under nnm."""
     n0, count = raw.shape
     mixed = mix.shape[0] > 0
     n = mix.shape[0] if mixed else n0
     width = b - a
-    rows = raw
+    padded = (count + LANES - 1) // LANES * LANES
+    values = np.zeros((n, padded), raw.dtype)
     if mixed:
-        rows = np.empty((n, count), raw.dtype)
         acc = np.empty(count)
         for j in range(n):
             acc[:] = 0.0
@@ -39,23 +45,26 @@ def band_discount(raw, mix, a, b, slide):  # pragma: no cover - compiled
                 if mix[j, k] != 0.0:
                     for t in range(count):
                         acc[t] += mix[j, k] * np.float64(raw[k, t])
+            row = values[j]
             for t in range(count):
-                rows[j, t] = acc[t]  # rounded to raw's dtype, as band_mean's mixing does
+                row[t] = acc[t]  # rounded to raw's dtype, as band_mean's mixing does
+    else:
+        values[:, :count] = raw
     # NaN as +inf; then every row's stable rank in its column, counted for all columns side by
     # side (j's rank: the rows below it, and the rows before it that tie with it), which is the
     # position a stable sort gives it; `order` inverts the ranks. Without NaN, "i before j" is
     # the complement of "j before i", so each pair is compared once and counts for one of them.
-    values = np.empty((n, count), raw.dtype)
     for j in range(n):
+        row = values[j]
         for t in range(count):
-            v = rows[j, t]
-            values[j, t] = v if v < np.inf else np.inf
-    rank = np.zeros((n, count), np.int32)
+            v = row[t]
+            row[t] = v if v < np.inf else np.inf
+    rank = np.zeros((n, padded), np.int32)
     for j in range(n):
         vj, rj = values[j], rank[j]
         for i in range(j):  # each pair once: i < j is below j iff v_i ≤ v_j (no NaN left)
             vi, ri = values[i], rank[i]
-            for t in range(count):
+            for t in range(padded):
                 below = np.int32(vi[t] <= vj[t])
                 rj[t] += below
                 ri[t] += 1 - below
@@ -63,6 +72,10 @@ def band_discount(raw, mix, a, b, slide):  # pragma: no cover - compiled
     for j in range(n):
         for t in range(count):
             order[rank[j, t], t] = j
+    share = np.empty((n, n0))
+    for j in range(n if mixed else 0):
+        for k in range(n0):
+            share[j, k] = mix[j, k] / width
     weights = np.empty(n0)
     total = np.zeros(n0)
     for t in range(count):
@@ -77,13 +90,14 @@ def band_discount(raw, mix, a, b, slide):  # pragma: no cover - compiled
         for r in range(a + shift, b + shift):
             j = order[r, t]
             if mixed:
+                own = share[j]
                 for k in range(n0):
-                    weights[k] += mix[j, k] / width
+                    weights[k] += own[k]
             else:
                 weights[j] += 1.0 / width
         for k in range(n0):
-            share = n0 * weights[k]
-            total[k] += 1.0 - min(1.0, max(0.0, share))
+            part = n0 * weights[k]
+            total[k] += 1.0 - min(1.0, max(0.0, part))
     if count > 0:
         total /= count
     return total
