@@ -39,6 +39,8 @@ from numba import njit, prange
 CHUNK = 16384
 #: Bytes of the per-block working buffer: sized to stay in a 32–48 KiB L1 data cache.
 _BUFFER_BYTES = 32 * 1024
+#: Columns per block of `combine`: its float64 sums fill the buffer (a divisor of CHUNK).
+COMBINE_BLOCK = _BUFFER_BYTES // 8
 
 
 def _l1_block(rows: int, itemsize: int) -> int:
@@ -580,9 +582,14 @@ def combine(x, weights, extra, extra_weights, out):  # pragma: no cover - compil
 
     Rows with weight zero are skipped (Krum reads one row, not n). Terms are added in row order,
     which the torch fallback repeats exactly.
+
+    Blocks of `COMBINE_BLOCK` columns: the float64 sums fill `_BUFFER_BYTES`, and each row is
+    read in runs of 16 KB. With 1,024 columns (4 KB runs from each of 20 rows in turn) the pass
+    over (20, 1e7) float32 took 47 ms on two threads of an AMD EPYC (Zen 5), against 36 ms with
+    4,096; the block changes no sum's terms or order, so not the bits.
     """
     n, d = x.shape
-    block = 1024
+    block = COMBINE_BLOCK
     chunk = max(1, CHUNK // block) * block
     for c in prange((d + chunk - 1) // chunk):
         acc = np.empty(block)
