@@ -219,9 +219,10 @@ def test_the_torch_fallback_agrees_bitwise(rule: str, pre: tuple[str, ...], dtyp
 
     caf is the exception, as gm and cclip are in test_aggregators: its weights are a continuous
     function of the Gram (each step scales them by 1 − τ_i / max τ), and the two backends' Grams
-    differ in rounding (numba's blocked sum against torch's matmul, whose order follows the
-    CPU's vector width: on an AVX-512 machine the outputs differed by one float32 ulp). So for
-    caf the rows it keeps must be the same and the output equal to within rounding."""
+    differ in rounding (numba's blocked sum against torch's matmul). Bitwise equality held on
+    the project's earlier AVX2 machines by chance; on an AVX-512 one (Zen 5) the outputs
+    differed by one float32 ulp. So for caf the rows it keeps must be the same and the output
+    equal to within rounding."""
     rng = np.random.default_rng(5)
     x = torch.from_numpy(rng.standard_normal((15, 300))).to(dtype)
     x[2, 10:] *= 1e4
