@@ -301,7 +301,7 @@ class BatchedSimulation:
         assert self.cohort is not None and self.byzantine_rows is not None
         f = self.byzantine_rows.numel() // self.size
         honest_now = self.rule.candidates.index_select(0, self.honest_rows)
-        shadows = self.cohort.runs_shadows  # only the members' honest shadows read the models
+        shadows = self.cohort.runs_shadows
         member_x = models.repeat_interleave(f, dim=0) if shadows else models[:0]
         messages = self.cohort.messages(member_x, self.cohort_oracle, t, honest=honest_now)
         bad = self.door.refused_rows(self.rule, self.byzantine_rows, messages, t)

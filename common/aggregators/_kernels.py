@@ -734,6 +734,13 @@ def weiszfeld(gram, base, beta, usable, nu, threshold, cap):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=False)
+def _sq_dist(gram, i, j):  # pragma: no cover - compiled
+    """‖x_i − x_j‖² from the Gram, clamped at 0 against cancellation: one formula for
+    `kth_sq_dists` and `imprecise_gram`, whose decisions must agree bit for bit."""
+    return max(gram[i, i] + gram[j, j] - 2.0 * gram[i, j], 0.0)
+
+
+@njit(cache=True, fastmath=False)
 def kth_sq_dists(gram, far, k):  # pragma: no cover - compiled
     """(n,) squared distance of each row to its k-th nearest other row (k ≥ 1), from the Gram;
     +inf to and from `far` rows.
@@ -752,8 +759,7 @@ def kth_sq_dists(gram, far, k):  # pragma: no cover - compiled
         m = 0
         for j in range(n):
             if j != i:
-                sq = gram[i, i] + gram[j, j] - 2.0 * gram[i, j]
-                others[m] = np.inf if far[j] else max(sq, 0.0)
+                others[m] = np.inf if far[j] else _sq_dist(gram, i, j)
                 m += 1
         kth[i] = _select(others, min(k, n - 1) - 1)
     return kth
@@ -1005,8 +1011,7 @@ def imprecise_gram(gram, gamma, resolution, far_sq, k):  # pragma: no cover - co
         limit = gamma * gram[i, i]
         below = 0
         for j in range(n):
-            sq = gram[i, i] + gram[j, j] - 2.0 * gram[i, j]
-            below += (j != i) & (resolution * max(sq, 0.0) < limit)
+            below += (j != i) & (resolution * _sq_dist(gram, i, j) < limit)
         if below >= need:
             return True
     return False

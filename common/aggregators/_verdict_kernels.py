@@ -72,10 +72,7 @@ def band_discount(raw, mix, a, b, slide):  # pragma: no cover - compiled
     for j in range(n):
         for t in range(count):
             order[rank[j, t], t] = j
-    share = np.empty((n, n0))
-    for j in range(n if mixed else 0):
-        for k in range(n0):
-            share[j, k] = mix[j, k] / width
+    share = mix / width  # each band row's weight per raw input, divided once
     weights = np.empty(n0)
     total = np.zeros(n0)
     for t in range(count):
