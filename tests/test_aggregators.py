@@ -22,7 +22,7 @@ from byzps.common.aggregators import (
     build_aggregator,
     forced_backend,
 )
-from byzps.common.aggregators._networks import band_network
+from byzps.common.aggregators._networks import band_network, ranked_network
 
 SETTINGS = settings(max_examples=40, deadline=None)
 #: The rules this file has references for; the catalogue's rules are checked against their own
@@ -528,6 +528,27 @@ def test_band_networks_select_every_band(n):
         for i, j in band_network(n, a, b):
             wires[i], wires[j] = np.minimum(wires[i], wires[j]), np.maximum(wires[i], wires[j])
         np.testing.assert_array_equal(wires[a:b].sum(axis=0), expected[a:b].sum(axis=0))
+
+
+@pytest.mark.parametrize("n", range(1, 22))
+def test_ranked_networks_put_each_read_rank_and_its_row_on_its_wire(n):
+    """`ranked_network` over (value, row) pairs — a swap when the second value is smaller or
+    equal with a smaller row — leaves on wire r the row a stable sort puts at rank r, for every
+    rank the discount reads: each rank of the window a..b+slide−1 and, with a slide, the two
+    middle ones. Inputs full of ties, where a set-only band or a pruning bug would show."""
+    rng = np.random.default_rng(100 + n)
+    x = rng.integers(0, 3, (n, 500)).astype(float)
+    stable = np.argsort(x, axis=0, kind="stable")
+    cases = {(a, b, s) for a in range(n) for b in range(a + 1, n + 1) for s in (0, 1, 2)}
+    for a, b, slide in sorted(c for c in cases if c[1] + c[2] <= n):
+        values, rows = x.copy(), np.repeat(np.arange(n, dtype=float)[:, None], 500, axis=1)
+        for i, j in ranked_network(n, a, b, slide):
+            swap = (values[j] < values[i]) | ((values[j] == values[i]) & (rows[j] < rows[i]))
+            for arr in (values, rows):
+                arr[i], arr[j] = np.where(swap, arr[j], arr[i]), np.where(swap, arr[i], arr[j])
+        read = set(range(a, b + slide)) | ({(n - 1) // 2, n // 2} if slide else set())
+        for r in read:
+            np.testing.assert_array_equal(rows[r], stable[r], err_msg=f"{(a, b, slide)} rank {r}")
 
 
 @pytest.mark.parametrize("rule", BASES)

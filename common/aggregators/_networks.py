@@ -89,3 +89,17 @@ def band_network(n: int, a: int, b: int, exact: tuple[int, ...] = ()) -> np.ndar
     network = np.array(best, dtype=np.int64).reshape(-1, 2)
     network.setflags(write=False)
     return network
+
+
+@lru_cache(maxsize=256)
+def ranked_network(n: int, a: int, b: int, slide: int = 0) -> np.ndarray:
+    """Comparators after which every rank a band's discount reads holds that rank on its own
+    wire: the window's ranks a..b+slide−1 and, with slide > 0, the two middle ranks its median is
+    taken from (`_verdict_kernels.band_discount`). Unlike `band_network`'s band, which is only
+    a set, the discount needs each rank's row: which rows the band kept, added in rank order."""
+    if slide < 0 or not 0 <= a < b <= b + slide <= n:
+        raise ValueError(f"need 0 <= a < b, 0 <= slide, b + slide <= n, got {a=}, {b=}, {slide=}")
+    ranks = set(range(a, b + slide))
+    if slide > 0:
+        ranks |= {(n - 1) // 2, n // 2}
+    return band_network(n, min(ranks), max(ranks) + 1, tuple(sorted(ranks)))

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from byzps.common.aggregators._networks import ranked_network
 from byzps.common.aggregators._verdict_kernels import band_discount, band_discount_runs
 
 
@@ -103,7 +104,8 @@ class Banded(Verdict):
         if raw.dtype not in (np.float32, np.float64):
             raw = raw.astype(np.float64)
         mix = np.empty((0, 0)) if self.mix is None else np.ascontiguousarray(self.mix)
-        return band_discount(np.ascontiguousarray(raw), mix, self.a, self.b, self.slide)
+        network = ranked_network(mix.shape[0] or raw.shape[0], self.a, self.b, self.slide)
+        return band_discount(np.ascontiguousarray(raw), mix, network, self.a, self.b, self.slide)
 
 
 def band_discounts(verdicts: Sequence[Verdict | None], x: Tensor) -> list[np.ndarray] | None:
@@ -124,4 +126,5 @@ def band_discounts(verdicts: Sequence[Verdict | None], x: Tensor) -> list[np.nda
         if len({m.shape for m in shaped}) != 1:
             return None
         mixes = np.ascontiguousarray(np.stack(shaped), dtype=np.float64)
-    return list(band_discount_runs(np.ascontiguousarray(raw), mixes, a, b, slide))
+    network = ranked_network(mixes.shape[1] or raw.shape[1], a, b, slide)
+    return list(band_discount_runs(np.ascontiguousarray(raw), mixes, network, a, b, slide))
