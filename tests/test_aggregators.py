@@ -864,9 +864,10 @@ def test_kth_sq_dists_is_the_sorted_formulation() -> None:
 
 
 def test_nnm_neighbourhoods_are_a_stable_sorts_first_rows() -> None:
-    """nnm's mix (`wrappers.nearest_mix`, an insertion sort per row) puts 1/(n − f) on the
-    n − f entries that numpy's stable argsort puts first, each row's own entry counted as −inf:
-    ties to the lower index, +inf (far rows) and NaN (numpy's last) included, alone or stacked."""
+    """nnm's mix (`wrappers.nearest_mix`, a comparator network over all rows at once) puts
+    1/(n − f) on the n − f entries that numpy's stable argsort puts first, each row's own entry
+    counted as −inf: ties to the lower index, +inf (far rows) and NaN (numpy's last) included,
+    alone or stacked."""
     from byzps.common.aggregators.wrappers import nearest_mix
 
     rng = np.random.default_rng(2)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-#: Columns per 512-bit vector of float32: the width the rank count's rows are padded to.
-LANES = 16
+from byzps.common.aggregators._kernels import LANES
 
 
 @njit(cache=True, fastmath=False)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from byzps.common.aggregators import _kernels
+from byzps.common.aggregators._networks import band_network
 from byzps.common.aggregators.rows import Rows
 from byzps.common.aggregators.rule import RowsAggregator, register, require
 from byzps.common.registry import Registry
@@ -86,7 +87,7 @@ def nearest_mix(dists: np.ndarray, f: int) -> np.ndarray:
     distance, ties to the lower index — the order of a stable sort (`_kernels.nearest_mixes`)."""
     n = dists.shape[-1]
     stack = np.ascontiguousarray(dists, np.float64).reshape(-1, n, n)
-    return _kernels.nearest_mixes(stack, f).reshape(dists.shape)
+    return _kernels.nearest_mixes(stack, f, band_network(n, 0, n - f)).reshape(dists.shape)
 
 
 @register("bucketing", WRAPPERS)
