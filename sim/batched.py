@@ -148,6 +148,13 @@ class BatchedSimulation:
 
     def __post_init__(self) -> None:
         self.runs = [RunState() for _ in self.engines]
+        #: Whether every run's suspicion scores read every column of a band's discount, so the
+        #: batch computes the discounts at once (`_aggregate_runs`). Fixed by the runs' shared
+        #: config and d, so decided once here, not per run each round.
+        self.scores_every_column = all(
+            e.suspicion.enabled and e.suspicion.scores_every_column(e.x.numel())
+            for e in self.engines
+        )
 
     @property
     def size(self) -> int:
@@ -249,11 +256,7 @@ class BatchedSimulation:
             aggregates, verdicts = engines[0].aggregator.aggregate_runs(stacked)
         except NotBatched:
             return {}
-        scored = all(
-            e.suspicion.enabled and e.suspicion.scores_every_column(stacked.shape[2])
-            for e in engines
-        )
-        discounts = band_discounts(verdicts, stacked) if scored else None
+        discounts = band_discounts(verdicts, stacked) if self.scores_every_column else None
         return {
             r: Aggregated(aggregate, verdicts[i], None if discounts is None else discounts[i])
             for i, (r, aggregate) in enumerate(zip(live, aggregates.unbind(0), strict=True))
