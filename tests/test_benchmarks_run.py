@@ -70,3 +70,14 @@ def test_bench_column_share_prints_a_row_per_rule(capsys: pytest.CaptureFixture[
     bench.main(["--dims", "3000", "--workers", "7", "--shares", "0.1", "0.6", "--repeats", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3e+03")]
     assert [row.split("|")[2].strip() for row in rows] == ["cm", "meamed", "mean"], rows
+
+
+def test_bench_simulator_ab_times_two_trees_in_turn(capsys: pytest.CaptureFixture[str]) -> None:
+    """This tree against itself: both sides start, import the tree they were given (the script
+    stops otherwise), take turns, and every summary row appears."""
+    bench = load_benchmark("bench_simulator_ab")
+    tree = Path(bench.__file__).resolve().parents[1]
+    bench.main(["--old", str(tree), "--blocks", "2", "--rounds", "2", "--runs", "2"])
+    out = capsys.readouterr().out
+    for start in ("old ", "new ", "old / new, one run:", "old / new, batched:"):
+        assert any(line.startswith(start) for line in out.splitlines()), out
