@@ -814,6 +814,41 @@ def _select(values, rank):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=False)
+def sort_keyed(kind, value, label, network):  # pragma: no cover - compiled
+    """Run `network` (comparators (i, j): the smaller key to wire i) over every lane (column) of
+    the key arrays (n + 2, lanes), compared as (kind, value, label) — or as (value, label) when
+    `kind` is None, a branch numba prunes while compiling — so with distinct labels, ties keep
+    label order, as a stable sort does; returns `wire`, where wire k now lives in row wire[k].
+    Rows n and n + 1 are scratch: each comparator writes both of its outputs to the scratch
+    rows and makes them its wires' rows (`_band_of_block`'s reason: a select stored in place is
+    a masked store, microcoded on AMD Zen), so its loop over the lanes is a few vector
+    operations without branches. nnm's neighbourhoods and the suspicion discount's ranks
+    (`_verdict_kernels.band_discount`) both sort this way; a kind of all zeros instead of None
+    cost the discount ~1.5 µs a run at (20, 123)."""
+    n = value.shape[0] - 2
+    wire = np.arange(n + 2)
+    for q in range(network.shape[0]):
+        lo, hi = network[q, 0], network[q, 1]
+        low, high, least, most = wire[lo], wire[hi], wire[n], wire[n + 1]
+        for t in range(value.shape[1]):
+            u, v = value[low, t], value[high, t]
+            cu, cv = label[low, t], label[high, t]
+            if kind is None:
+                swap = (v < u) | ((v == u) & (cv < cu))
+            else:
+                ku, kv = kind[low, t], kind[high, t]
+                swap = (kv < ku) | ((kv == ku) & ((v < u) | ((v == u) & (cv < cu))))
+                kind[least, t] = kv if swap else ku
+                kind[most, t] = ku if swap else kv
+            value[least, t] = v if swap else u
+            label[least, t] = cv if swap else cu
+            value[most, t] = u if swap else v
+            label[most, t] = cu if swap else cv
+        wire[lo], wire[hi], wire[n], wire[n + 1] = least, most, low, high
+    return wire
+
+
+@njit(cache=True, fastmath=False)
 def nearest_mixes(dists, f, network):  # pragma: no cover - compiled
     """(R, n, n) nnm mixes of a stack of squared distances (R, n, n): 1/(n − f) on the n − f
     entries of each row that a stable ascending sort puts first, the row's own entry before all
@@ -821,12 +856,11 @@ def nearest_mixes(dists, f, network):  # pragma: no cover - compiled
     `_networks.band_network(n, 0, n − f)`, whose first n − f wires end up holding the n − f
     smallest entries (as a set: the mix needs no order among them).
 
-    The network runs over (class, value, column) keys — class −1 for the row's own entry, 1 for
-    NaN, 0 for any other value — compared in that order, so its comparators order entries as the
+    The network runs over (class, value, column) keys (`sort_keyed`) — class −1 for the row's
+    own entry, 1 for NaN, 0 for any other value — so its comparators order entries as the
     stable sort does (ties by column). Each of the R·n rows is one lane: the keys are laid out
     column-major, `LANES` lanes padded, so a comparator is a few vector operations over all rows
-    of all runs at once, without branches; each writes its outputs to two scratch rows
-    (`_band_of_block`'s reason). An insertion sort per row took ~n²/4 steps a row, its branches
+    of all runs at once. An insertion sort per row took ~n²/4 steps a row, its branches
     mispredicted on each round's fresh distances: 5.0–5.7 µs a run at n = 20, f = 8 against
     1.6–2.1 µs for the network (16 runs of a captured round, rescaled at random per call,
     old and new interleaved in one process on a Zen 5 EPYC)."""
@@ -849,22 +883,7 @@ def nearest_mixes(dists, f, network):  # pragma: no cover - compiled
                 else:
                     value[j, lane] = v
                 column[j, lane] = j
-    wire = np.arange(n + 2)
-    for q in range(network.shape[0]):
-        lo, hi = network[q, 0], network[q, 1]
-        low, high, least, most = wire[lo], wire[hi], wire[n], wire[n + 1]
-        for t in range(width):
-            ku, kv = kind[low, t], kind[high, t]
-            u, v = value[low, t], value[high, t]
-            cu, cv = column[low, t], column[high, t]
-            swap = (kv < ku) | ((kv == ku) & ((v < u) | ((v == u) & (cv < cu))))
-            kind[least, t] = kv if swap else ku
-            value[least, t] = v if swap else u
-            column[least, t] = cv if swap else cu
-            kind[most, t] = ku if swap else kv
-            value[most, t] = u if swap else v
-            column[most, t] = cu if swap else cv
-        wire[lo], wire[hi], wire[n], wire[n + 1] = least, most, low, high
+    wire = sort_keyed(kind, value, column, network)
     mix = np.zeros((runs, n, n))
     for r in range(runs):
         for i in range(n):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from byzps.common.aggregators._kernels import LANES
+from byzps.common.aggregators._kernels import LANES, sort_keyed
 
 
 @njit(cache=True, fastmath=False)
@@ -30,16 +30,15 @@ def band_discount(raw, mix, network, a, b, slide):  # pragma: no cover - compile
     ((acc + w₁x₁) + w₂x₂) + …, which loads and stores acc a quarter as often.
 
     The ranks are then found for all columns at once by a comparator network over (value, row)
-    pairs. A comparator swaps when the second value is smaller, or equal with a smaller row, so
-    ties keep row order as a stable sort does; the network leaves each rank the discount reads
-    (the window's, and the median's) on a wire of its own, with the row it came from. The rows
-    are laid out `LANES` columns wide (padding that nothing reads), so each comparator runs
-    whole vectors without a scalar tail, and each writes both outputs to scratch rows
-    (`_kernels._band_of_block`'s reason: a select stored in place is a masked store, microcoded
-    on AMD Zen). At a9a's (20, 123) under nnm∘cm this network of 83 comparators took the place
-    of counting every row's rank over all 190 pairs of rows and scattering the ranks into an
-    order. With the four-member passes: 8.4–8.6 → 6.2–6.3 µs a run on a Zen 5 EPYC (16 runs of
-    a captured round, old and new interleaved in one process)."""
+    pairs (`_kernels.sort_keyed`). A comparator swaps when the second value is smaller, or equal
+    with a smaller row, so ties keep row order as a stable sort does; the network leaves each
+    rank the discount reads (the window's, and the median's) on a wire of its own, with the row
+    it came from. The rows are laid out `LANES` columns wide (padding that nothing reads), so
+    each comparator runs whole vectors without a scalar tail. At a9a's (20, 123) under nnm∘cm
+    this network of 83 comparators took the place of counting every row's rank over all 190
+    pairs of rows and scattering the ranks into an order. With the four-member passes: 8.4–8.6
+    → 6.2–6.3 µs a run on a Zen 5 EPYC (16 runs of a captured round, old and new interleaved
+    in one process)."""
     n0, count = raw.shape
     mixed = mix.shape[0] > 0
     n = mix.shape[0] if mixed else n0
@@ -83,19 +82,7 @@ def band_discount(raw, mix, network, a, b, slide):  # pragma: no cover - compile
             v = row[t]
             row[t] = v if v < np.inf else np.inf  # NaN as +inf
         rows[j, :] = j
-    wire = np.arange(n + 2)  # wire k's values and rows live in row wire[k]; n, n + 1 scratch
-    for q in range(network.shape[0]):
-        lo, hi = network[q, 0], network[q, 1]
-        low, high, least, most = wire[lo], wire[hi], wire[n], wire[n + 1]
-        for t in range(padded):
-            u, v = values[low, t], values[high, t]
-            ru, rv = rows[low, t], rows[high, t]
-            swap = (v < u) | ((v == u) & (rv < ru))
-            values[least, t] = v if swap else u
-            rows[least, t] = rv if swap else ru
-            values[most, t] = u if swap else v
-            rows[most, t] = ru if swap else rv
-        wire[lo], wire[hi], wire[n], wire[n + 1] = least, most, low, high
+    wire = sort_keyed(None, values, rows, network)  # wire k's values and rows: row wire[k]
     share = mix / width  # each band row's weight per raw input, divided once
     weights = np.empty(n0)
     total = np.zeros(n0)
