@@ -61,9 +61,11 @@ def side(tree: Path, runs: int, rounds: int) -> None:
         print(*times, flush=True)
 
 
-def start_side(tree: Path, links: Path, args: argparse.Namespace) -> subprocess.Popen[str]:
-    """The process of `tree`, importing it as `byzps` through a link in a directory of its own."""
-    home = links / str(len(list(links.iterdir())))
+def start_side(
+    name: str, tree: Path, links: Path, args: argparse.Namespace
+) -> subprocess.Popen[str]:
+    """The process of `tree`, importing it as `byzps` through a link in links/`name`."""
+    home = links / name
     home.mkdir()
     (home / "byzps").symlink_to(tree.resolve(), target_is_directory=True)
     env = dict(os.environ, PYTHONPATH=str(home))
@@ -105,11 +107,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.old is None:
         parser.error("--old is required")
-    trees = {"old": args.old, "new": args.new}
+    trees = {"old": args.old.resolve(), "new": args.new.resolve()}  # the sides run elsewhere
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
+    sides: dict[str, subprocess.Popen[str]] = {}
     with tempfile.TemporaryDirectory() as links:
-        sides = {name: start_side(tree, Path(links), args) for name, tree in trees.items()}
-        try:
+        try:  # inside: a side that fails to start stops the one already running too
+            for name, tree in trees.items():
+                sides[name] = start_side(name, tree, Path(links), args)
             for b in range(args.blocks):
                 for name in ("old", "new") if b % 2 == 0 else ("new", "old"):
                     times[name].append(block(sides[name]))
