@@ -590,7 +590,7 @@ class Coordinator:
     def _close_replayed_shard(self, sums: bytes) -> None:
         """A logged close of a shard, redone from the sums it received."""
         assert self._shards is not None
-        collective = self._shards.replay(sums)
+        collective = self._shards.replay(self.engine.round, sums)
         self._close_through(collective)
         if not collective.exhausted:
             raise ValueError("the logged close received more sums than its replay used")

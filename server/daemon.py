@@ -401,11 +401,11 @@ async def _run(
     stop: threading.Event,
     linger: float,
 ) -> int:
-    """Tick until the run finished (then linger), a signal arrives, or storage failed."""
+    """Tick until the run finished (then linger), a signal arrives, or the log or a peer failed."""
     while not stop.is_set():
         await asyncio.sleep(TICK_SECONDS)
         if coordinator.failure is not None:
-            log.error("stopping after a storage failure: %s", coordinator.failure)
+            log.error("stopping (the log or a peer shard failed): %s", coordinator.failure)
             return 1
         if coordinator.finished:
             await _sleep_unless(stop, linger)

@@ -357,17 +357,33 @@ class WireCollective(Collective):
 
 
 class ReplayCollective(Collective):
-    """The sums a logged close received, handed back in order (replay needs no peers)."""
+    """The sums a logged close received, handed back in order (replay needs no peers).
 
-    def __init__(self, shard: ShardRange, widths: Sequence[int], sums: Sequence[np.ndarray]):
+    With an `outbox`, each part is published again under (round, step), as the live close
+    published it: the peers need not have fetched this shard's last part of that close before
+    it was killed (it logs the close once it has theirs), and without it on the resumed shard
+    they would wait at the barrier until their peer timeout and stop."""
+
+    def __init__(
+        self,
+        shard: ShardRange,
+        widths: Sequence[int],
+        sums: Sequence[np.ndarray],
+        outbox: Outbox | None = None,
+        round: int = 0,
+    ):
         super().__init__(shard.rank, widths)
         self._sums = list(sums)
         self._next = 0
+        self._outbox = outbox
+        self._round = round
 
     def all_sum(self, part: np.ndarray) -> np.ndarray:
         if self._next >= len(self._sums):
             raise ValueError("the logged close received fewer sums than its replay asks for")
         total = self._sums[self._next]
+        if self._outbox is not None:
+            self._outbox.put(COLLECTIVE, self._round, self._next, np.ascontiguousarray(part))
         self._next += 1
         if total.shape != np.shape(part):
             raise ValueError(f"a logged sum of shape {total.shape} for a part of {np.shape(part)}")
@@ -443,8 +459,10 @@ class ShardContext:
     def __post_init__(self) -> None:
         self.collective = WireCollective(self.shard, self.widths, self.outbox, self.peers)
 
-    def replay(self, sums: bytes) -> ReplayCollective:
-        return ReplayCollective(self.shard, self.widths, unpack_arrays(sums) if sums else [])
+    def replay(self, round: int, sums: bytes) -> ReplayCollective:
+        """The collective of round `round`'s logged close: its `sums`, its parts republished."""
+        arrays = unpack_arrays(sums) if sums else []
+        return ReplayCollective(self.shard, self.widths, arrays, self.outbox, round)
 
     def gather_model(self, round: int, mine: np.ndarray) -> np.ndarray:
         """The whole x of `round` (rank 0, for evaluation): every peer's published slice."""

@@ -85,6 +85,21 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def log_digest(logs: Path, tail: int = 8) -> str:
+    """Every log in `logs`, named, as its warnings and errors and its last `tail` lines: what a
+    failed multi-process test prints, so that CI's output names the process that failed and
+    why (a list of raw log tails is cut in the middle by pytest, hiding both)."""
+    parts = []
+    for path in sorted(logs.iterdir()):
+        lines = path.read_text(errors="replace").splitlines()
+        notable = [line for line in lines[:-tail] if " WARNING " in line or " ERROR " in line]
+        parts.append(f"--- {path.name} ---")
+        parts.extend(notable[-20:])
+        parts.append("...")
+        parts.extend(lines[-tail:])
+    return "\n".join(parts)
+
+
 def metrics(out: Path) -> list[dict[str, Any]]:
     path = out / "metrics.jsonl"
     if not path.exists():

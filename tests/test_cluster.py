@@ -25,6 +25,7 @@ from cluster_helpers import (
     byzps,
     ledger_seqs,
     leftovers,
+    log_digest,
     metrics,
     pid_of,
     wait_for,
@@ -198,7 +199,7 @@ def test_a_killed_server_resumes_without_losing_or_repeating_updates(
     )
     assert second.wait(timeout=60) == 0
     for proc in workers:
-        assert proc.wait(timeout=60) == 0, [p.read_text()[-2000:] for p in logs.iterdir()]
+        assert proc.wait(timeout=60) == 0, log_digest(logs)
 
     acked: dict[str, list[int]] = {}
     for ledger in (tmp_path / "ledgers").iterdir():

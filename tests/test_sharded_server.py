@@ -12,6 +12,7 @@ each owning 1/S of the coordinates, real worker and attack processes pushing to 
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from cluster_helpers import (
     byzps,
     ledger_seqs,
     leftovers,
+    log_digest,
     metrics,
     protocol_tally,
     wait_for,
@@ -35,6 +37,7 @@ from cluster_helpers import (
 from server_support import Client, code_of, finished_code
 
 from byzps.common.config import to_toml
+from byzps.common.credentials import TOKEN_METADATA_KEY
 
 COORDINATEWISE = {"mean", "cm", "cwtm", "meamed"}
 
@@ -220,7 +223,7 @@ def test_a_killed_shard_resumes_without_losing_or_repeating_updates(
     assert wait_listening(servers[1]) == addresses[1]
 
     for proc in [*servers, *clients]:
-        assert proc.wait(timeout=240) == 0, [p.read_text()[-2000:] for p in logs.iterdir()]
+        assert proc.wait(timeout=240) == 0, log_digest(logs)
     acked: dict[str, list[int]] = {}
     for ledger in tmp_path.glob("*.jsonl"):
         acked.update(ledger_seqs(ledger))
@@ -229,6 +232,64 @@ def test_a_killed_shard_resumes_without_losing_or_repeating_updates(
     assert metrics(tmp_path / "shard-0")[-1]["round"] == rounds
     assert np.array_equal(np.load(tmp_path / "shard-0" / "params.npy"), reference)
     assert "resum" in (logs / "shard-1.log").read_text().lower()
+
+
+class PeerRelay:
+    """A ShardPeer service on 127.0.0.1 that forwards each FetchPart to `target` (a shard), with
+    the caller's token, and records the (round, step) of every collective part it forwards.
+    `hold(round, step)` answers that part "not ready" until `release()`: the peer fetching it
+    keeps asking, as it would of a shard that has not published it yet. Why: to stop a close
+    half-way at the step a test chooses, with no hook in the server."""
+
+    def __init__(self, target: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from byzps.proto.v1 import shard_peer_pb2_grpc as peer_grpc
+
+        self.steps: dict[int, set[int]] = {}
+        self._held: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        backoff = [
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 500),
+        ]
+        self._channel = grpc.insecure_channel(target, options=backoff)
+        self._upstream = peer_grpc.ShardPeerStub(self._channel)
+        self._server = grpc.server(ThreadPoolExecutor(8))
+        peer_grpc.add_ShardPeerServicer_to_server(self, self._server)
+        self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+        self._server.start()
+
+    def hold(self, round: int, step: int) -> None:
+        with self._lock:
+            self._held = (round, step)
+
+    def release(self) -> None:
+        with self._lock:
+            self._held = None
+
+    def FetchPart(self, request: Any, context: grpc.ServicerContext) -> Any:
+        from byzps.proto.v1 import shard_peer_pb2 as peer_pb
+        from byzps.server.shard_peer import COLLECTIVE
+
+        with self._lock:
+            held = self._held == (request.round, request.step) and request.kind == COLLECTIVE
+        if held:
+            time.sleep(min(request.wait_ms, 1000) / 1000)
+            return peer_pb.PartReply(ready=False)
+        token = [(k, v) for k, v in context.invocation_metadata() if k == TOKEN_METADATA_KEY]
+        try:
+            reply = self._upstream.FetchPart(request, metadata=token, timeout=5.0)
+        except grpc.RpcError as exc:
+            context.abort(exc.code(), exc.details() or "")
+        if reply.ready and request.kind == COLLECTIVE:
+            with self._lock:
+                self.steps.setdefault(request.round, set()).add(request.step)
+        return reply
+
+    def close(self) -> None:
+        self._server.stop(0)
+        self._channel.close()
 
 
 @dataclass
@@ -240,6 +301,7 @@ class ShardedRun:
     addresses: list[str]
     processes: list[subprocess.Popen]
     logs: Path
+    relay: PeerRelay | None = None  # how shard 0 reaches shard 1, when the test holds parts
 
     def member_token(self) -> str:
         return (self.tmp / "tokens" / "worker-4.token").read_text().strip()
@@ -248,7 +310,7 @@ class ShardedRun:
         """Every process exits cleanly, and each honest worker's acknowledged seqs are 1, 2, …
         with none lost or repeated (the last may miss the end: RUN_FINISHED)."""
         for proc in self.processes:
-            assert proc.wait(timeout=120) == 0, [p.read_text()[-2000:] for p in self.logs.iterdir()]
+            assert proc.wait(timeout=120) == 0, log_digest(self.logs)
         for k in range(4):
             seqs = ledger_seqs(self.tmp / f"w{k}.jsonl")[str(k)]
             assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= rounds - 1, seqs
@@ -269,18 +331,29 @@ def shard_server(
     return procs.start(argv, stdout=subprocess.PIPE, stderr=log)
 
 
-def start_sharded_run(tmp: Path, procs: Processes, rounds: int, deadline: float) -> ShardedRun:
+def start_sharded_run(
+    tmp: Path,
+    procs: Processes,
+    rounds: int,
+    deadline: float,
+    *,
+    relayed: bool = False,
+    **sections: dict[str, Any],
+) -> ShardedRun:
     """Shards that close each round on the quorum once `deadline` s pass, so a member that
-    withholds or misbehaves costs at most the deadline per round."""
+    withholds or misbehaves costs at most the deadline per round. `relayed`: shard 0 reaches
+    shard 1 through `ShardedRun.relay` (the workers reach it directly)."""
     from byzps.common.credentials import issue_tokens
 
-    run_config(tmp / "run.toml", 2, rounds)
+    run_config(tmp / "run.toml", 2, rounds, **sections)
     (tmp / "secret").write_text("test-secret")
     issue_tokens(b"test-secret", list(range(5)), tmp / "tokens")
     (tmp / "logs").mkdir()
     servers = [shard_server(procs, tmp, rank, "127.0.0.1:0", deadline) for rank in range(2)]
     addresses = [wait_listening(s) for s in servers]
-    (tmp / "shards.txt").write_text("\n".join(addresses) + "\n")
+    relay = PeerRelay(addresses[1]) if relayed else None
+    peers = addresses if relay is None else [addresses[0], relay.address]
+    (tmp / "shards.txt").write_text("\n".join(peers) + "\n")
     logs = tmp / "logs"
     workers = [
         procs.start(
@@ -291,7 +364,7 @@ def start_sharded_run(tmp: Path, procs: Processes, rounds: int, deadline: float)
         )
         for k in range(4)
     ]  # fmt: skip
-    return ShardedRun(tmp, addresses, [*servers, *workers], logs)
+    return ShardedRun(tmp, addresses, [*servers, *workers], logs, relay)
 
 
 @pytest.mark.slow  # a shard killed and resumed
@@ -344,6 +417,71 @@ def test_a_shard_killed_at_the_barrier_resumes_listening_and_closes_the_round(
         round += 1
     member.close()
     run.finish(rounds)
+    assert metrics(tmp_path / "shard-0")[-1]["round"] == rounds
+    assert "resum" in (run.logs / "shard-1.log").read_text().lower()
+
+
+@pytest.mark.slow  # a shard killed and resumed
+def test_a_shard_resumed_after_a_close_serves_the_part_its_peer_had_not_fetched(
+    tmp_path: Path, procs: Processes
+) -> None:
+    """Shard 0 reaches shard 1 through a relay that, in round 1, holds back shard 1's last part
+    of the close: shard 1 has shard 0's every part, closes the round and logs the close, while
+    shard 0 still waits for that one. Killed there (SIGKILL) and resumed, shard 1 replays the
+    close from its log, and must serve its part of it again once the relay lets it through:
+    otherwise shard 0 waits at the barrier until its peer timeout (60 s) and stops (the cause
+    of a failed CI run of the killed-shard test). Shard 0's close then completes within
+    seconds, and the run ends with every update applied once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from byzps.worker.byzantine.forge import plausible_update
+    from byzps.worker.client import Pushed
+    from byzps.worker.shard_client import ShardedClient
+
+    rounds, deadline = 4, 600.0
+    run = start_sharded_run(tmp_path, procs, rounds, deadline, relayed=True)
+    relay = run.relay
+    assert relay is not None
+    try:
+        member = ShardedClient(run.addresses, "4", token=run.member_token())
+        update = plausible_update(member.register())
+        assert member.layout is not None
+        assert member.push(0, 1, update) is Pushed.ACCEPTED
+        assert member.get_model(1)[0] == 1  # round 0 closed through the relay
+        relay.hold(1, max(relay.steps[0]))  # the last step, as round 0's close had it
+        honest = {str(k) for k in range(4)}
+        for shard in member.shards:
+            wait_for(
+                lambda s=shard: {w.worker_id for w in s.status().workers if w.last_seq >= 2}
+                >= honest,
+                60, "the honest pushes of round 1",
+            )  # fmt: skip
+        parts = member.layout.split(update)
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(member.shards[0].push, 1, 2, parts[0])  # closes, then waits
+            # Acknowledged once the close this push caused is on shard 1's disk.
+            assert member.shards[1].push(1, 2, parts[1]) is Pushed.ACCEPTED
+            time.sleep(1.0)
+            assert not held.done(), "shard 0 closed round 1 without shard 1's last part"
+            killed = run.processes[1]
+            killed.kill()
+            killed.wait(timeout=10)
+            run.processes[1] = shard_server(
+                procs, tmp_path, 1, run.addresses[1], deadline, "--resume"
+            )
+            assert wait_listening(run.processes[1], timeout=30) == run.addresses[1]
+            began = time.monotonic()
+            relay.release()
+            assert held.result(timeout=30) is Pushed.ACCEPTED
+            print(f"shard 0 closed round 1 {time.monotonic() - began:.1f} s after the release")
+        round = 2
+        while (round := member.get_model(round)[0]) < rounds:
+            assert member.push(round, round + 1, update) in (Pushed.ACCEPTED, Pushed.RUN_FINISHED)
+            round += 1
+        member.close()
+        run.finish(rounds)
+    finally:
+        relay.close()
     assert metrics(tmp_path / "shard-0")[-1]["round"] == rounds
     assert "resum" in (run.logs / "shard-1.log").read_text().lower()
 

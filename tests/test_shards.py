@@ -185,11 +185,15 @@ def test_a_close_record_keeps_the_sums_its_replay_hands_back() -> None:
     record = _decode_body(encode_record(CloseRecord(17, blob))[8:])
     assert record == CloseRecord(17, blob)
     assert _decode_body(encode_record(CloseRecord(3))[8:]) == CloseRecord(3)  # unsharded
-    replay = ReplayCollective(ShardLayout(4, 2).shard(1), [2, 2], unpack_arrays(blob))
-    for expected in sums:
-        got = replay.all_sum(np.zeros_like(expected))
+    outbox = Outbox()
+    replay = ReplayCollective(ShardLayout(4, 2).shard(1), [2, 2], unpack_arrays(blob), outbox, 17)
+    for step, expected in enumerate(sums):
+        part = np.full_like(expected, step + 0.5)
+        got = replay.all_sum(part)
         assert got.dtype == expected.dtype and np.array_equal(got, expected)
-    assert replay.exhausted
+        # Published again as the live close published it, for a peer that had not fetched it.
+        assert np.array_equal(outbox.get(COLLECTIVE, 17, step), part)
+    assert replay.exhausted and outbox.round == 17
     with pytest.raises(ValueError, match="fewer sums"):
         replay.all_sum(np.zeros(1))
     for broken in (blob[:-1], blob + b"\x00", b"\x01\x00\x00\x00\x02\x01\x00\x00\x00"):
