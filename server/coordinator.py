@@ -189,6 +189,9 @@ class Coordinator:
         with self._lock:
             if recovered is not None and recovered.state is not None:
                 self._load_state(recovered.state)
+                # Rank 0 evaluates beside the rounds, so it may not have fetched the checkpoint
+                # round's slice yet; the replay below publishes only the rounds after it.
+                self._publish_slice()
             if recovered is not None:
                 for record in recovered.records:
                     self._replay(record)
@@ -615,11 +618,15 @@ class Coordinator:
         """The run finished here but its results could not be written (rank 0 only)."""
         return self.finished and self._metrics is not None and self._metrics.results_missing
 
-    def _record_metrics(self) -> None:
+    def _publish_slice(self) -> None:
+        """On a shard, its slice of x when this round gets a metrics record: rank 0 evaluates
+        the whole model, fetching every shard's slice."""
         if self._shards is not None and evaluation_due(self.config, self.engine.round):
-            # Rank 0 evaluates the whole model: every shard publishes its slice of it.
             part = self.engine.x.detach().cpu().numpy().copy()
             self._shards.outbox.put(MODEL, self.engine.round, 0, part)
+
+    def _record_metrics(self) -> None:
+        self._publish_slice()
         if self._metrics is not None:
             self._metrics.record(
                 self.engine.round, self.engine.x, self.bytes_uplink, self.engine.suspicion.report()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from server_support import Client, code_of, finished_code
 
 from byzps.common.config import to_toml
 from byzps.common.credentials import TOKEN_METADATA_KEY
+from byzps.server.shard_peer import COLLECTIVE, MODEL
 
 COORDINATEWISE = {"mean", "cm", "cwtm", "meamed"}
 
@@ -237,9 +238,10 @@ def test_a_killed_shard_resumes_without_losing_or_repeating_updates(
 class PeerRelay:
     """A ShardPeer service on 127.0.0.1 that forwards each FetchPart to `target` (a shard), with
     the caller's token, and records the (round, step) of every collective part it forwards.
-    `hold(round, step)` answers that part "not ready" until `release()`: the peer fetching it
-    keeps asking, as it would of a shard that has not published it yet. Why: to stop a close
-    half-way at the step a test chooses, with no hook in the server."""
+    `hold(kind, round, step)` answers that part "not ready" until `release()`: the peer
+    fetching it keeps asking, as it would of a shard that has not published it yet. Why: to
+    stop a close half-way at the step a test chooses, or an evaluation at its round, with no
+    hook in the server."""
 
     def __init__(self, target: str) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -247,7 +249,7 @@ class PeerRelay:
         from byzps.proto.v1 import shard_peer_pb2_grpc as peer_grpc
 
         self.steps: dict[int, set[int]] = {}
-        self._held: tuple[int, int] | None = None
+        self._held: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
         backoff = [
             ("grpc.initial_reconnect_backoff_ms", 100),
@@ -260,9 +262,9 @@ class PeerRelay:
         self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
         self._server.start()
 
-    def hold(self, round: int, step: int) -> None:
+    def hold(self, kind: int, round: int, step: int) -> None:
         with self._lock:
-            self._held = (round, step)
+            self._held = (kind, round, step)
 
     def release(self) -> None:
         with self._lock:
@@ -270,10 +272,9 @@ class PeerRelay:
 
     def FetchPart(self, request: Any, context: grpc.ServicerContext) -> Any:
         from byzps.proto.v1 import shard_peer_pb2 as peer_pb
-        from byzps.server.shard_peer import COLLECTIVE
 
         with self._lock:
-            held = self._held == (request.round, request.step) and request.kind == COLLECTIVE
+            held = self._held == (request.kind, request.round, request.step)
         if held:
             time.sleep(min(request.wait_ms, 1000) / 1000)
             return peer_pb.PartReply(ready=False)
@@ -338,18 +339,22 @@ def start_sharded_run(
     deadline: float,
     *,
     relayed: bool = False,
+    shard_args: Sequence[str] = (),
     **sections: dict[str, Any],
 ) -> ShardedRun:
     """Shards that close each round on the quorum once `deadline` s pass, so a member that
     withholds or misbehaves costs at most the deadline per round. `relayed`: shard 0 reaches
-    shard 1 through `ShardedRun.relay` (the workers reach it directly)."""
+    shard 1 through `ShardedRun.relay` (the workers reach it directly); `shard_args`: more
+    `byzps server` options for both shards."""
     from byzps.common.credentials import issue_tokens
 
     run_config(tmp / "run.toml", 2, rounds, **sections)
     (tmp / "secret").write_text("test-secret")
     issue_tokens(b"test-secret", list(range(5)), tmp / "tokens")
     (tmp / "logs").mkdir()
-    servers = [shard_server(procs, tmp, rank, "127.0.0.1:0", deadline) for rank in range(2)]
+    servers = [
+        shard_server(procs, tmp, rank, "127.0.0.1:0", deadline, *shard_args) for rank in range(2)
+    ]
     addresses = [wait_listening(s) for s in servers]
     relay = PeerRelay(addresses[1]) if relayed else None
     peers = addresses if relay is None else [addresses[0], relay.address]
@@ -448,7 +453,7 @@ def test_a_shard_resumed_after_a_close_serves_the_part_its_peer_had_not_fetched(
         assert member.layout is not None
         assert member.push(0, 1, update) is Pushed.ACCEPTED
         assert member.get_model(1)[0] == 1  # round 0 closed through the relay
-        relay.hold(1, max(relay.steps[0]))  # the last step, as round 0's close had it
+        relay.hold(COLLECTIVE, 1, max(relay.steps[0]))  # the last step, as in round 0
         honest = {str(k) for k in range(4)}
         for shard in member.shards:
             wait_for(
@@ -484,6 +489,52 @@ def test_a_shard_resumed_after_a_close_serves_the_part_its_peer_had_not_fetched(
         relay.close()
     assert metrics(tmp_path / "shard-0")[-1]["round"] == rounds
     assert "resum" in (run.logs / "shard-1.log").read_text().lower()
+
+
+@pytest.mark.slow  # a shard killed and resumed
+def test_a_shard_resumed_from_a_checkpoint_publishes_its_slice_for_rank_0(
+    tmp_path: Path, procs: Processes
+) -> None:
+    """Rank 0 evaluates the whole model beside the rounds, fetching shard 1's slice of each
+    evaluated round (here every 2, checkpoints too); a relay holds back shard 1's slice of
+    round 2. Shard 1 checkpoints round 2, closes it, and is killed (SIGKILL). Resumed from that
+    checkpoint, it replays round 2's close, and must publish round 2's slice from the
+    checkpoint: the replay publishes only the rounds after it, and without it rank 0's record
+    of round 2 is lost ("no metrics record of round 2") once shard 1 is past that round."""
+    from byzps.worker.byzantine.forge import plausible_update
+    from byzps.worker.client import Pushed
+    from byzps.worker.shard_client import ShardedClient
+
+    rounds, deadline, every = 4, 600.0, ["--checkpoint-every", "2"]
+    run = start_sharded_run(
+        tmp_path, procs, rounds, deadline, relayed=True, shard_args=every, run={"eval_every": 2}
+    )
+    relay = run.relay
+    assert relay is not None
+    relay.hold(MODEL, 2, 0)
+    try:
+        member = ShardedClient(run.addresses, "4", token=run.member_token())
+        update = plausible_update(member.register())
+        for round in range(3):
+            assert member.push(round, round + 1, update) is Pushed.ACCEPTED
+            assert member.get_model(round + 1)[0] == round + 1  # the close is on disk
+        log = run.logs / "shard-1.log"
+        wait_for(lambda: ".pt at round 2" in log.read_text(), 30, "shard 1's checkpoint")
+        killed = run.processes[1]
+        killed.kill()
+        killed.wait(timeout=10)
+        run.processes[1] = shard_server(
+            procs, tmp_path, 1, run.addresses[1], deadline, *every, "--resume"
+        )
+        assert wait_listening(run.processes[1], timeout=30) == run.addresses[1]
+        relay.release()
+        assert member.push(3, 4, update) in (Pushed.ACCEPTED, Pushed.RUN_FINISHED)
+        member.close()
+        run.finish(rounds)
+    finally:
+        relay.close()
+    assert "checkpoint of round 2" in log.read_text()
+    assert [r["round"] for r in metrics(tmp_path / "shard-0")] == [0, 2, 4]
 
 
 @pytest.mark.slow  # rounds that wait for their deadline
