@@ -307,6 +307,19 @@ class ShardedRun:
     def member_token(self) -> str:
         return (self.tmp / "tokens" / "worker-4.token").read_text().strip()
 
+    def kill_and_resume_shard_1(self, procs: Processes, deadline: float, *extra: str) -> float:
+        """SIGKILL shard 1, restart it with --resume (and `extra`) on its address; the seconds
+        from the restart until it listens."""
+        killed = self.processes[1]
+        killed.kill()
+        killed.wait(timeout=10)
+        began = time.monotonic()
+        address = self.addresses[1]
+        restarted = shard_server(procs, self.tmp, 1, address, deadline, *extra, "--resume")
+        self.processes[1] = restarted
+        assert wait_listening(restarted, timeout=30) == address
+        return time.monotonic() - began
+
     def finish(self, rounds: int) -> None:
         """Every process exits cleanly, and each honest worker's acknowledged seqs are 1, 2, …
         with none lost or repeated (the last may miss the end: RUN_FINISHED)."""
@@ -405,13 +418,8 @@ def test_a_shard_killed_at_the_barrier_resumes_listening_and_closes_the_round(
         pushed = pool.submit(member.shards[1].push, 0, 1, first)  # held at the barrier
         time.sleep(2.0)  # its record reaches the disk first (milliseconds; well before 8 s)
         assert not pushed.done(), "shard 1 closed round 0 without shard 0"
-        killed = run.processes[1]
-        killed.kill()
-        killed.wait(timeout=10)
-        began = time.monotonic()
-        run.processes[1] = shard_server(procs, tmp_path, 1, run.addresses[1], deadline, "--resume")
-        assert wait_listening(run.processes[1], timeout=30) == run.addresses[1]
-        print(f"shard 1 listening {time.monotonic() - began:.1f} s after the restart")
+        listening = run.kill_and_resume_shard_1(procs, deadline)
+        print(f"shard 1 listening {listening:.1f} s after the restart")
         assert pushed.result(timeout=60) is Pushed.DUPLICATE
     round, seqs = 1, [0, 1]  # each shard's own: shard 0 never had round 0's part
     while (round := member.get_model(round)[0]) < rounds:
@@ -468,13 +476,7 @@ def test_a_shard_resumed_after_a_close_serves_the_part_its_peer_had_not_fetched(
             assert member.shards[1].push(1, 2, parts[1]) is Pushed.ACCEPTED
             time.sleep(1.0)
             assert not held.done(), "shard 0 closed round 1 without shard 1's last part"
-            killed = run.processes[1]
-            killed.kill()
-            killed.wait(timeout=10)
-            run.processes[1] = shard_server(
-                procs, tmp_path, 1, run.addresses[1], deadline, "--resume"
-            )
-            assert wait_listening(run.processes[1], timeout=30) == run.addresses[1]
+            run.kill_and_resume_shard_1(procs, deadline)
             began = time.monotonic()
             relay.release()
             assert held.result(timeout=30) is Pushed.ACCEPTED
@@ -520,13 +522,7 @@ def test_a_shard_resumed_from_a_checkpoint_publishes_its_slice_for_rank_0(
             assert member.get_model(round + 1)[0] == round + 1  # the close is on disk
         log = run.logs / "shard-1.log"
         wait_for(lambda: ".pt at round 2" in log.read_text(), 30, "shard 1's checkpoint")
-        killed = run.processes[1]
-        killed.kill()
-        killed.wait(timeout=10)
-        run.processes[1] = shard_server(
-            procs, tmp_path, 1, run.addresses[1], deadline, *every, "--resume"
-        )
-        assert wait_listening(run.processes[1], timeout=30) == run.addresses[1]
+        run.kill_and_resume_shard_1(procs, deadline, *every)
         relay.release()
         assert member.push(3, 4, update) in (Pushed.ACCEPTED, Pushed.RUN_FINISHED)
         member.close()
