@@ -357,9 +357,8 @@ class WireCollective(Collective):
 
 
 class ReplayCollective(Collective):
-    """The sums a logged close received, handed back in order (replay needs no peers).
-
-    With an `outbox`, each part is published again under (round, step), as the live close
+    """The sums round `round`'s logged close received, handed back in order (replay needs no
+    peers), and each part published again in `outbox` under (round, step), as the live close
     published it: the peers need not have fetched this shard's last part of that close before
     it was killed (it logs the close once it has theirs), and without it on the resumed shard
     they would wait at the barrier until their peer timeout and stop."""
@@ -369,8 +368,8 @@ class ReplayCollective(Collective):
         shard: ShardRange,
         widths: Sequence[int],
         sums: Sequence[np.ndarray],
-        outbox: Outbox | None = None,
-        round: int = 0,
+        outbox: Outbox,
+        round: int,
     ):
         super().__init__(shard.rank, widths)
         self._sums = list(sums)
@@ -382,11 +381,10 @@ class ReplayCollective(Collective):
         if self._next >= len(self._sums):
             raise ValueError("the logged close received fewer sums than its replay asks for")
         total = self._sums[self._next]
-        if self._outbox is not None:
-            self._outbox.put(COLLECTIVE, self._round, self._next, np.ascontiguousarray(part))
-        self._next += 1
         if total.shape != np.shape(part):
             raise ValueError(f"a logged sum of shape {total.shape} for a part of {np.shape(part)}")
+        self._outbox.put(COLLECTIVE, self._round, self._next, np.ascontiguousarray(part))
+        self._next += 1
         return total.astype(np.asarray(part).dtype, copy=True)
 
     @property
