@@ -81,3 +81,23 @@ def test_bench_simulator_ab_times_two_trees_in_turn(capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     for start in ("old ", "new ", "old / new, one run:", "old / new, batched:"):
         assert any(line.startswith(start) for line in out.splitlines()), out
+
+
+def test_bench_batch_slope_prints_every_phase_and_the_fit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bench = load_benchmark("bench_batch_slope")
+    bench.main(["--runs", "1", "2", "--rounds", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == [*bench.PHASES, "other", "round"], out
+    assert "needs c ≤" in out, out
+
+
+def test_bench_state_layout_prints_a_row_per_size(capsys: pytest.CaptureFixture[str]) -> None:
+    """The prototype's band means are checked against the server's kernel inside the script."""
+    bench = load_benchmark("bench_state_layout")
+    bench.main(["--dims", "3000", "20000", "--workers", "7", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("|")[1].strip() for line in lines if line.startswith("| ")]
+    assert rows[1:] == ["3e+03", "2e+04"], lines
