@@ -75,29 +75,25 @@ def band_mean_columns_by_column(  # pragma: no cover - compiled
     `ahead` > 0: prefetch the column that many ahead in `columns` before reading each one."""
     n, m = xt.shape[1], columns.shape[0]
     flat = xt.reshape(-1)
-    chunk = max(1, _kernels.CHUNK // block) * block
     scale = 1.0 / (b - a)
-    for c in prange((m + chunk - 1) // chunk):
+    for k in prange((m + block - 1) // block):  # one task a block (the server's: a chunk of them)
+        first, w = k * block, min(block, m - k * block)
         buf = np.empty((n + 1, block), dtype=xt.dtype)
-        wire = np.empty(n + 1, dtype=np.int64)
         acc = np.empty(block, dtype=np.float64)
-        med = np.empty(block, dtype=np.float64)
-        shift = np.empty(block, dtype=np.int64)
-        stop = min(m, (c + 1) * chunk)
-        for s in range(c * chunk, stop, block):
-            w = min(block, stop - s)
-            for t in range(w):
-                if ahead and s + t + ahead < m:
-                    later = columns[s + t + ahead] * n
-                    prefetch(flat, later)
-                    prefetch(flat, later + n - 1)  # a column may straddle two cache lines
-                column = columns[s + t]
-                for i in range(n):
-                    v = xt[column, i]
-                    buf[i, t] = v if v < np.inf else np.inf
-            _kernels._band_of_block(buf, wire, network, a, b, slide, w, med, shift, acc)
-            for t in range(w):
-                out[s + t] = acc[t] * scale
+        for t in range(w):
+            if ahead and first + t + ahead < m:
+                later = columns[first + t + ahead] * n
+                prefetch(flat, later)
+                prefetch(flat, later + n - 1)  # a column may straddle two cache lines
+            for i in range(n):
+                v = flat[columns[first + t] * n + i]
+                buf[i, t] = v if v < np.inf else np.inf
+        wire, med = np.empty(n + 1, dtype=np.int64), np.empty(block, dtype=np.float64)
+        _kernels._band_of_block(
+            buf, wire, network, a, b, slide, w, med, np.empty(block, np.int64), acc
+        )
+        for t in range(w):
+            out[first + t] = acc[t] * scale
 
 
 def layout_times(
