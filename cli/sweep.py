@@ -132,7 +132,9 @@ def _line(outcome: CellOutcome) -> str:
     show_default=True,
     type=click.IntRange(min=1),
     help="Most runs advanced together by one batched simulation (cells that differ only in "
-    "run.seed and algorithm.lr; bit-identical to running them alone); 1 runs every cell alone.",
+    "run.seed and algorithm.lr; bit-identical to running them alone); 1 runs every cell alone. "
+    "Groups are cut into near-equal batches, and into smaller ones while there are fewer "
+    "batches than --jobs.",
 )
 def sweep(grid_path: Path, out: Path, jobs: int, batch_size: int) -> None:
     """Run every cell of a grid; cells already finished with the same config are skipped."""
@@ -156,7 +158,7 @@ def sweep(grid_path: Path, out: Path, jobs: int, batch_size: int) -> None:
         if cell.name not in pending:
             click.echo(f"skipped {cell.name}  (finished, same config)")
     failed = 0
-    for outcome in _run_all(plan_batches(todo, batch_size), out, jobs):
+    for outcome in _run_all(plan_batches(todo, batch_size, jobs), out, jobs):
         failed += outcome.status == "failed"
         click.echo(_line(outcome), err=outcome.status == "failed")
     click.echo(f"sweep {out}: {len(todo) - failed} run, {skipped} skipped, {failed} failed")

@@ -292,10 +292,18 @@ def cell_locks(out: Path, cells: list[Cell]) -> Iterator[None]:
             lock.release()
 
 
-def plan_batches(cells: list[Cell], size: int) -> list[list[Cell]]:
+def plan_batches(cells: list[Cell], size: int, jobs: int = 1) -> list[list[Cell]]:
     """The cells grouped into batches of at most `size` runs that one batched simulation can
     advance together (sim/batched.py: equal configs but for seed and lr); a cell that cannot
-    share a batch, or `size` 1, makes a batch of its own. Grid order is kept within a batch."""
+    share a batch, or `size` 1, makes a batch of its own. Grid order is kept within a batch.
+
+    A group is cut into near-equal batches (17 cells at `size` 16: 9 and 8, not 16 and 1), and
+    into more of them while there are fewer batches than `jobs` (16 cells on 2 jobs: two of
+    8). A batch runs in one process on one thread, and its round costs a fixed part plus a part
+    per run (`benchmarks/bench_batch_slope.py`), so R runs split over J idle cores finish in
+    about (o + R·c/J) per round instead of (o + R·c); on one core near-equal batches cost what
+    full ones do. The plan depends on `jobs`: a sweep resumed with another --jobs may cut its
+    unfinished cells differently, and redoes the unfinished runs of a batch it no longer has."""
     from byzps.sim.batched import batch_key, batchable, seeds_may_differ
 
     groups: dict[str, list[Cell]] = {}
@@ -306,7 +314,26 @@ def plan_batches(cells: list[Cell], size: int) -> list[list[Cell]]:
         else:
             key = batch_key(config) + ("" if seeds_may_differ(config) else f"|{config.run.seed}")
         groups.setdefault(key, []).append(cell)
-    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+    members = list(groups.values())
+    parts = [-(-len(group) // size) for group in members]  # ceil: no batch above `size`
+    while members and sum(parts) < jobs:
+        # One more batch for the group whose batches are largest, while any has two cells.
+        widest = max(range(len(members)), key=lambda g: -(-len(members[g]) // parts[g]))
+        if len(members[widest]) <= parts[widest]:
+            break
+        parts[widest] += 1
+    return [batch for group, k in zip(members, parts, strict=True) for batch in _cut(group, k)]
+
+
+def _cut(group: list[Cell], parts: int) -> list[list[Cell]]:
+    """`group` in `parts` consecutive pieces whose sizes differ by at most one, larger first."""
+    base, extra = divmod(len(group), parts)
+    pieces, start = [], 0
+    for i in range(parts):
+        end = start + base + (i < extra)
+        pieces.append(group[start:end])
+        start = end
+    return pieces
 
 
 def run_batch_of_cells(cells: list[Cell], out: Path) -> list[CellOutcome]:

@@ -268,11 +268,38 @@ base = "base.toml"
     assert all(len(m) == 1 for m in methods)  # never two methods in a batch
     sizes = {name: sorted(len(b) for b, m in zip(batches, methods, strict=True) if m == {name})
              for name in ("byz-dm21", "byz-dasha-page", "byz-vr-marina")}  # fmt: skip
-    assert sizes["byz-dm21"] == [2, 4]  # 6 cells, at most 4 a batch
+    assert sizes["byz-dm21"] == [3, 3]  # 6 cells, at most 4 a batch, cut evenly
     assert sizes["byz-dasha-page"] == [2, 2, 2]  # a run-wide coin: one seed per batch
     assert sizes["byz-vr-marina"] == [1] * 6  # its server rule reads the aggregate
     assert sorted(c.name for b in batches for c in b) == sorted(c.name for c in cells)
     assert all(len(b) == 1 for b in plan_batches(cells, 1))
+
+
+def test_batches_are_cut_evenly_and_fill_the_jobs(tmp_path: Path) -> None:
+    """17 seeds of one cell at --batch 16 make batches of 9 and 8 (not 16 and 1); with more
+    jobs than batches, the batches are cut further, evenly, down to one run each; cells that
+    cannot share a batch stay alone; no cell is lost or repeated and grid order is kept."""
+    grid = write_grid(
+        tmp_path,
+        """
+base = "base.toml"
+[axes]
+"run.seed" = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+""",
+    )
+    cells = expand(load_grid(grid))
+
+    def sizes(batches: list[list], planned: list = cells) -> list[int]:
+        assert [c.name for b in batches for c in b] == [c.name for c in planned]  # order, once
+        return [len(b) for b in batches]
+
+    assert sizes(plan_batches(cells, 16)) == [9, 8]
+    assert sizes(plan_batches(cells, 16, jobs=2)) == [9, 8]
+    assert sizes(plan_batches(cells, 16, jobs=3)) == [6, 6, 5]
+    assert sizes(plan_batches(cells, 4, jobs=2)) == [4, 4, 3, 3, 3]
+    assert sizes(plan_batches(cells[:3], 16, jobs=8), cells[:3]) == [1, 1, 1]
+    assert sizes(plan_batches(cells, 1, jobs=4)) == [1] * 17
+    assert plan_batches([], 16, jobs=4) == []
 
 
 def test_a_batch_that_fails_falls_back_to_its_cells_alone(
