@@ -10,14 +10,13 @@ of every row holds a touched column, so that pass reads about all n·d values wh
 (d, n) layout would read only U's columns, n contiguous values each. This times, for the
 median's band:
 
-- **row-major**: the server's pass over (n, d) states, in place;
+- **row-major**: the server's pass over (n, d) states, in place, each row's reads asking for
+  the column `AHEAD` further on (`common/_prefetch.py`);
 - **column-major**: the same comparators and band sum over a (d, n) copy (a prototype kernel,
   here only), its output checked bitwise against the row-major one;
-- **column-major, prefetched**: the same, asking for the column `PREFETCH_AHEAD` columns ahead
-  before reading this one (LLVM's prefetch intrinsic): U's columns are far apart, so the plain
-  loop waits on one cache miss after another;
-- **read all states**: `x.sum(0)` over (n, d), the memory traffic the row-major pass cannot
-  avoid;
+- **column-major, prefetched**: the same, asking for the column `AHEAD` further on before
+  reading each one;
+- **`x.sum(0)`**: torch reading every state once, for scale;
 - **network alone**: the row-major kernel on U's columns gathered beforehand into a contiguous
   (n, |U|) array, i.e. the comparators without the gather.
 
@@ -32,38 +31,11 @@ import sys
 
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 from timing import median_ms
 
+from byzps.common._prefetch import AHEAD, prefetch
 from byzps.common.aggregators import _kernels, ops
-
-#: How many of U's columns ahead the prefetched prototype asks for.
-PREFETCH_AHEAD = 16
-
-
-@intrinsic
-def prefetch(typingctx, array, index):  # type: ignore[no-untyped-def]  # pragma: no cover
-    """A hint to load array[index] (1-D) into the caches: LLVM's `llvm.prefetch` (read, high
-    locality), which numba does not expose."""
-    signature = types.void(array, index)
-
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        array_type = sig.args[0]
-        view = context.make_array(array_type)(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(
-            context, builder, array_type, view, [args[1]], wraparound=False
-        )
-        byte = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        hint = ir.FunctionType(ir.VoidType(), [byte, i32, i32, i32])
-        function = cgutils.get_or_insert_function(builder.module, hint, "llvm.prefetch.p0i8")
-        builder.call(function, [builder.bitcast(pointer, byte), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return signature, codegen
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -114,9 +86,7 @@ def layout_times(
     passes = (
         lambda: _kernels.band_mean_columns(x, columns, network, a, b, 0, block, rows_out),
         lambda: band_mean_columns_by_column(xt, columns, network, a, b, 0, block, 0, cols_out),
-        lambda: band_mean_columns_by_column(
-            xt, columns, network, a, b, 0, block, PREFETCH_AHEAD, ahead_out
-        ),
+        lambda: band_mean_columns_by_column(xt, columns, network, a, b, 0, block, AHEAD, ahead_out),
         lambda: states.sum(0),
         lambda: _kernels.band_mean(gathered, no_idx, no_wts, network, a, b, 0, block, net_out),
     )
@@ -137,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"n = {args.workers}, cm (the median's band), |U|/d = {args.share}")
     print(
         "| d | row-major (server) | column-major (prototype) | column-major, prefetched"
-        " | read all states | network alone |"
+        " | x.sum(0) | network alone |"
     )
     print("|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)

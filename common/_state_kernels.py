@@ -18,6 +18,8 @@ import numpy as np
 from numba import njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from byzps.common._prefetch import AHEAD, prefetch
+
 
 @njit(cache=True, nogil=True)
 def within(indices, bound):  # pragma: no cover - compiled
@@ -34,9 +36,7 @@ def within(indices, bound):  # pragma: no cover - compiled
 def scatter_add_rows(target, rows, indices, values):  # pragma: no cover - compiled
     """target[rows[i], indices[i, j]] += values[i, j], in batch order (rows may repeat)."""
     for i in range(indices.shape[0]):
-        row = target[rows[i]]
-        for j in range(indices.shape[1]):
-            row[indices[i, j]] += values[i, j]
+        _add_into_row(target[rows[i]], indices[i], values[i])
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -44,9 +44,20 @@ def scatter_add_distinct_rows(target, rows, indices, values):  # pragma: no cove
     """`scatter_add_rows` with the rows shared between threads: only for distinct `rows` (two
     threads adding into one row would race)."""
     for i in prange(indices.shape[0]):
-        row = target[rows[i]]
-        for j in range(indices.shape[1]):
-            row[indices[i, j]] += values[i, j]
+        _add_into_row(target[rows[i]], indices[i], values[i])
+
+
+@njit(cache=True, fastmath=False, nogil=True)
+def _add_into_row(row, indices, values):  # pragma: no cover - compiled
+    """row[indices[j]] += values[j] in order, asking for the entry `AHEAD` further on first
+    (`common/_prefetch.py`): 20 Top-1 % messages into (20, 10⁷) states, 6.5 → 5.7 ms."""
+    k = indices.shape[0]
+    ahead = max(0, k - AHEAD)
+    for j in range(ahead):
+        prefetch(row, indices[j + AHEAD])
+        row[indices[j]] += values[j]
+    for j in range(ahead, k):
+        row[indices[j]] += values[j]
 
 
 @njit(cache=True, fastmath=False, nogil=True)
@@ -113,15 +124,22 @@ def rewrite_columns(aggregate, columns, values):  # pragma: no cover - compiled
     returning (indices int32, values) of the entries whose bits changed: an incremental
     round's change of ĝ in one pass over its |U| columns (`columns` within the aggregate,
     checked by the caller), where a gather, a comparison, two boolean selections and a scatter
-    were five."""
+    were five. Both passes ask for the column `AHEAD` further on (`common/_prefetch.py`): at
+    |U| = 16.5 % of 10⁷ the first pass took 7.9 ms plain, 4.4 with it."""
     m = columns.shape[0]
+    ahead = max(0, m - AHEAD)  # the reads with a column AHEAD on to ask for (`_prefetch`)
     count = 0
-    for u in range(m):
+    for u in range(ahead):
+        prefetch(aggregate, columns[u + AHEAD])
+        count += aggregate[columns[u]] != values[u]
+    for u in range(ahead, m):
         count += aggregate[columns[u]] != values[u]
     indices = np.empty(count + 1, np.int32)
     changed = np.empty(count + 1, values.dtype)
     count = 0
     for u in range(m):
+        if u < ahead:
+            prefetch(aggregate, columns[u + AHEAD])
         t = columns[u]
         v = values[u]
         indices[count] = t

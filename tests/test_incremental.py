@@ -249,6 +249,7 @@ def test_a_band_read_at_some_columns_is_the_full_bands_entries(
     """`ops.band_mean_columns` (the columns read in place, over one chunk or several) gives
     bitwise band_mean(x)[columns]: ties, ±inf, NaN, ±0.0 included; a column outside x is an
     IndexError, not a read past the states."""
+    from byzps.common._prefetch import AHEAD
     from byzps.common.aggregators import ops
     from byzps.common.aggregators._kernels import CHUNK
 
@@ -259,8 +260,10 @@ def test_a_band_read_at_some_columns_is_the_full_bands_entries(
     x[0, ::7], x[1, ::11], x[2, ::13], x[3, ::17] = torch.inf, -torch.inf, torch.nan, -0.0
     empty = np.empty((0, 0), np.int64), np.empty((0, 0), np.float64)
     full = ops.band_mean(x, *empty, a, b, slide)
-    for count in (0, 1, 500, 2 * CHUNK + 1):
+    for count in (0, 1, AHEAD - 1, AHEAD, AHEAD + 1, 500, 2 * CHUNK + 1):
         columns = torch.randperm(d, generator=gen)[:count].sort().values
+        if count:  # the last column too: the prefetched reads run up to it (`_prefetch.AHEAD`)
+            columns = torch.cat([columns[columns != d - 1], torch.tensor([d - 1])])
         got = ops.band_mean_columns(x, columns, a, b, slide)
         assert got.numpy().tobytes() == full[columns].numpy().tobytes(), count
     with pytest.raises(IndexError):

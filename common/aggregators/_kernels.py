@@ -35,6 +35,8 @@ import types
 import numpy as np
 from numba import njit, prange
 
+from byzps.common._prefetch import AHEAD, prefetch
+
 #: Columns per parallel task; fixed so that results do not depend on the number of threads.
 CHUNK = 16384
 #: Bytes of the per-block working buffer: sized to stay in a 32–48 KiB L1 data cache.
@@ -165,7 +167,11 @@ def band_mean_columns(x, columns, network, a, b, slide, block, out):  # pragma: 
     comparators and the same float64 band sum on the same values, read in place from the
     columns (a server's incremental round, which recomputes only the columns its messages
     touched). Gathering them first cost a copy of |U| · n values, ~2x the band itself; read
-    in place, 18 % of the columns of (20, 1e7) take about a quarter of the full pass."""
+    in place, 18 % of the columns of (20, 1e7) take about a quarter of the full pass.
+    Each row's reads ask for the column `AHEAD` further on first (`common/_prefetch.py`): U's
+    columns lie too irregularly apart for the hardware to fetch them in time, and the loop
+    waited on each miss (55-65 -> 31-34 ms at (20, 1e7), |U| = 16.5 %). The same reads in the
+    same order, so the same bits."""
     n, m = x.shape[0], columns.shape[0]
     chunk = max(1, CHUNK // block) * block
     scale = 1.0 / (b - a)
@@ -178,9 +184,14 @@ def band_mean_columns(x, columns, network, a, b, slide, block, out):  # pragma: 
         stop = min(m, (c + 1) * chunk)
         for s in range(c * chunk, stop, block):
             w = min(block, stop - s)
+            ahead = min(w, max(0, m - s - AHEAD))  # the block's reads with a column AHEAD on
             for i in range(n):
                 row = x[i]
-                for t in range(w):
+                for t in range(ahead):
+                    prefetch(row, columns[s + t + AHEAD])
+                    v = row[columns[s + t]]
+                    buf[i, t] = v if v < np.inf else np.inf
+                for t in range(ahead, w):
                     v = row[columns[s + t]]
                     buf[i, t] = v if v < np.inf else np.inf
             _band_of_block(buf, wire, network, a, b, slide, w, med, shift, acc)
