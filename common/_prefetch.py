@@ -6,7 +6,7 @@ on the union U of a round's touched columns, the rewrite of ĝ at those columns.
 read at ascending but irregular offsets, too far apart for the hardware's stream prefetchers and
 too close for them to give up, and the loops waited on one cache miss after another: at
 d = 10⁷ with |U| = 16.5 % the band took 55–65 ms, and asking 128 columns ahead takes it to
-31–34 ms (`benchmarks/bench_state_layout.py`). The loops read the same values in the same
+27–34 ms (`benchmarks/bench_state_layout.py`). The loops read the same values in the same
 order, so results are bitwise unchanged.
 
 numba exposes no prefetch, so this lowers to LLVM's `llvm.prefetch` (read, high locality,

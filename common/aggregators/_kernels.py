@@ -170,7 +170,7 @@ def band_mean_columns(x, columns, network, a, b, slide, block, out):  # pragma: 
     in place, 18 % of the columns of (20, 1e7) take about a quarter of the full pass.
     Each row's reads ask for the column `AHEAD` further on first (`common/_prefetch.py`): U's
     columns lie too irregularly apart for the hardware to fetch them in time, and the loop
-    waited on each miss (55-65 -> 31-34 ms at (20, 1e7), |U| = 16.5 %). The same reads in the
+    waited on each miss (55-65 -> 27-34 ms at (20, 1e7), |U| = 16.5 %). The same reads in the
     same order, so the same bits."""
     n, m = x.shape[0], columns.shape[0]
     chunk = max(1, CHUNK // block) * block
