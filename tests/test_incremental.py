@@ -270,6 +270,33 @@ def test_a_band_read_at_some_columns_is_the_full_bands_entries(
         ops.band_mean_columns(x, torch.tensor([0, d]), a, b, slide)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_weighted_sum_read_at_some_columns_is_the_full_sums_entries(dtype: torch.dtype) -> None:
+    """`ops.combine_columns` (the mean's incremental round, read in place over one chunk or
+    several, prefetching `AHEAD` columns on) gives bitwise combine(x, w)[columns]: ±inf, NaN,
+    −0.0 and zero weights included, every length around `AHEAD`, up to the last column; a
+    column outside x is an IndexError, not a read past the states."""
+    from byzps.common._prefetch import AHEAD
+    from byzps.common.aggregators import ops
+    from byzps.common.aggregators._kernels import CHUNK
+
+    gen = torch.Generator().manual_seed(5)
+    d = 3 * CHUNK + 5
+    x = torch.randn(20, d, generator=gen, dtype=dtype)
+    x[0, ::7], x[1, ::11], x[2, ::13], x[3, ::17] = torch.inf, -torch.inf, torch.nan, -0.0
+    for weights in (np.full(20, 1 / 20), np.where(np.arange(20) % 3 == 0, 0.0, 0.25)):
+        full = ops.combine(x, weights)
+        for count in (0, 1, AHEAD - 1, AHEAD, AHEAD + 1, 500, 2 * CHUNK + 1):
+            columns = torch.randperm(d - 1, generator=gen)[: max(0, count - 1)]
+            if count:
+                columns = torch.cat([columns, torch.tensor([d - 1])])
+            columns = columns.sort().values
+            got = ops.combine_columns(x, columns, weights)
+            assert got.numpy().tobytes() == full[columns].numpy().tobytes(), count
+    with pytest.raises(IndexError):
+        ops.combine_columns(x, torch.tensor([0, d]), np.full(20, 1 / 20))
+
+
 def test_a_dense_message_turns_the_union_off_for_its_round() -> None:
     """One message touching more than the limit alone makes the round a full one; the next
     round's union holds only that round's columns."""

@@ -75,6 +75,7 @@ def test_the_passes_compile_the_hint() -> None:
         (_kernels.band_mean_columns_serial, (x, columns, network, 1, 2, 0, 16, x[0].copy())),
         (_state_kernels.rewrite_columns, (np.zeros(10, np.int32), columns, np.ones(10, np.int32))),
         (_state_kernels._add_into_row, (x[0].copy(), columns, np.ones(10, np.float32))),
+        (_kernels._weighted_columns, (x, columns, np.ones(3), 0, 10, np.empty(10))),
     )
     for kernel, args in calls:
         fresh = njit(cache=False)(kernel.py_func)

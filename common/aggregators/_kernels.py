@@ -633,6 +633,40 @@ def combine(x, weights, extra, extra_weights, out):  # pragma: no cover - compil
                 out[s + t] = acc[t]
 
 
+@njit(parallel=True, cache=True, fastmath=False)
+def combine_columns(x, columns, weights, out):  # pragma: no cover - compiled
+    """out[u] = Σ_k weights[k] x[k, columns[u]], accumulated in float64 in row order: `combine`
+    restricted to some columns, bitwise its entries there (the same terms in the same order),
+    read in place (a server's incremental round of the mean), one parallel task per chunk of
+    `columns`."""
+    m = columns.shape[0]
+    chunk = max(1, CHUNK // COMBINE_BLOCK) * COMBINE_BLOCK
+    for c in prange((m + chunk - 1) // chunk):
+        acc = np.empty(COMBINE_BLOCK)
+        for s in range(c * chunk, min(m, (c + 1) * chunk), COMBINE_BLOCK):
+            _weighted_columns(x, columns, weights, s, min(COMBINE_BLOCK, m - s), acc)
+            for t in range(min(COMBINE_BLOCK, m - s)):
+                out[s + t] = acc[t]
+
+
+@njit(cache=True, fastmath=False)
+def _weighted_columns(x, columns, weights, s, w, acc):  # pragma: no cover - compiled
+    """acc[:w] = Σ_k weights[k] x[k, columns[s + t]] in float64, rows in order, zero weights
+    skipped; each row's reads ask for the column `AHEAD` further on first
+    (`common/_prefetch.py`), as `band_mean_columns` does."""
+    ahead = min(w, max(0, columns.shape[0] - s - AHEAD))
+    acc[:w] = 0.0
+    for k in range(x.shape[0]):
+        weight = weights[k]
+        if weight != 0.0:
+            row = x[k]
+            for t in range(ahead):
+                prefetch(row, columns[s + t + AHEAD])
+                acc[t] += weight * row[columns[s + t]]
+            for t in range(ahead, w):
+                acc[t] += weight * row[columns[s + t]]
+
+
 def _serial_twin(kernel, name):
     """`kernel`'s Python function compiled without `parallel`: its prange runs as a plain loop.
 
@@ -656,6 +690,7 @@ mix_rows_complement_serial = _serial_twin(mix_rows_complement, "mix_rows_complem
 combine_serial = _serial_twin(combine, "combine_serial")
 band_mean_runs_serial = _serial_twin(band_mean_runs, "band_mean_runs_serial")
 band_mean_columns_serial = _serial_twin(band_mean_columns, "band_mean_columns_serial")
+combine_columns_serial = _serial_twin(combine_columns, "combine_columns_serial")
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})

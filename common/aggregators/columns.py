@@ -1,21 +1,21 @@
 """`ColumnRows`: some columns of the raw rows, for a coordinate-wise rule's incremental round.
 
 Why: a server round whose messages touched |U| of the d columns recomputes ĝ there only
-(server/engine.py). The band rules (cm, cwtm, meamed) read those columns in place in one
-compiled pass (`ops.band_mean_columns`), where gathering them into a new (n, |U|) tensor first
-cost about twice the band itself; the mean gathers them (its full pass is a plain sum, and
-cheaper than the gather beyond a few percent of the columns: `Aggregator.column_share`).
+(server/engine.py). The band rules (cm, cwtm, meamed) and the mean read those columns in place
+in one compiled pass each (`ops.band_mean_columns`, `ops.combine_columns`), where gathering them
+into a new (n, |U|) tensor first cost about twice the band itself, and made the mean's columns
+dearer than its full pass beyond a few percent of d.
 Either way each entry is bitwise the full aggregate's there: the same operations on the same
 values (tests/test_incremental.py).
 """
 
 from __future__ import annotations
 
+import numpy as np
 from torch import Tensor
 
 from byzps.common.aggregators import ops
-from byzps.common.aggregators.rows import Rows
-from byzps.common.aggregators.verdict import Banded, Verdict
+from byzps.common.aggregators.verdict import Banded, Verdict, Weighted
 
 
 class ColumnRows:
@@ -37,11 +37,11 @@ class ColumnRows:
         return ops.band_mean_columns(self.x, self.columns, a, b, slide)
 
     def mean(self) -> Tensor:
-        """`Rows.mean` of the gathered columns."""
-        rows = Rows(ops.take_columns(self.x, self.columns))
-        out = rows.mean()
-        self._verdict = rows.verdict()
-        return out
+        """`Rows.mean` of the rows at the columns, read in place: the same weights and the same
+        verdict as `Rows.mean`."""
+        weights = np.full(self.n, 1.0 / self.n)
+        self._verdict = Weighted(weights)
+        return ops.combine_columns(self.x, self.columns, weights)
 
     def verdict(self) -> Verdict | None:
         """What the last reduction did to each row (`Rows.verdict`)."""

@@ -117,9 +117,7 @@ def band_mean_columns(x: Tensor, columns: Tensor, a: int, b: int, slide: int = 0
     if not use_numba(x):
         empty = np.empty((0, 0), np.int64), np.empty((0, 0), np.float64)
         return band_mean(take_columns(x, columns), *empty, a, b, slide)
-    cols = np.ascontiguousarray(columns.numpy(), dtype=np.int64)
-    if cols.size and (cols.min() < 0 or cols.max() >= x.shape[1]):
-        raise IndexError(f"a column outside [0, {x.shape[1]})")
+    cols = _checked_columns(x, columns)
     n = x.shape[0]
     data = x.detach().numpy()
     out = np.empty(cols.shape[0], dtype=data.dtype)
@@ -131,6 +129,33 @@ def band_mean_columns(x: Tensor, columns: Tensor, a: int, b: int, slide: int = 0
         with threads_for(cols.shape[0]):
             _kernels.band_mean_columns(*args, block, out)
     return torch.from_numpy(out)
+
+
+def combine_columns(x: Tensor, columns: Tensor, weights: np.ndarray) -> Tensor:
+    """`combine(x, weights)` restricted to `columns` (int64 indices into x's columns): bitwise
+    its entries there. The numba kernel reads the columns in place
+    (`_kernels.combine_columns`); other backends gather them first."""
+    weights = np.ascontiguousarray(weights, dtype=np.float64)
+    if not use_numba(x):
+        return combine(take_columns(x, columns), weights)
+    cols = _checked_columns(x, columns)
+    data = x.detach().numpy()
+    out = np.empty(cols.shape[0], dtype=data.dtype)
+    if cols.shape[0] <= _kernels.CHUNK:
+        _kernels.combine_columns_serial(data, cols, weights, out)
+    else:
+        with threads_for(cols.shape[0]):
+            _kernels.combine_columns(data, cols, weights, out)
+    return torch.from_numpy(out)
+
+
+def _checked_columns(x: Tensor, columns: Tensor) -> np.ndarray:
+    """`columns` as contiguous int64, or IndexError when one falls outside x's columns (the
+    compiled passes do not check their subscripts)."""
+    cols = np.ascontiguousarray(columns.numpy(), dtype=np.int64)
+    if cols.size and (cols.min() < 0 or cols.max() >= x.shape[1]):
+        raise IndexError(f"a column outside [0, {x.shape[1]})")
+    return cols
 
 
 def take_columns(x: Tensor, columns: Tensor) -> Tensor:
