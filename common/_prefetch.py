@@ -22,7 +22,7 @@ files), or their cached machine code keeps the old ones. A fresh install compile
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -52,3 +52,11 @@ def prefetch(typingctx, array, index):  # type: ignore[no-untyped-def]  # pragma
         return context.get_dummy_value()
 
     return signature, codegen
+
+
+@njit(cache=True, inline="always")
+def prefetch_ahead(array, indices, i):  # pragma: no cover - compiled
+    """Hint that array[indices[i + AHEAD]] will be read soon: the read `AHEAD` places on in a
+    loop over `indices` (1-D), or, for the last `AHEAD` places, the last one again (a repeated
+    hint costs nothing), so the loop needs no second copy of its body for the end."""
+    prefetch(array, indices[min(i + AHEAD, indices.shape[0] - 1)])

@@ -35,7 +35,7 @@ import types
 import numpy as np
 from numba import njit, prange
 
-from byzps.common._prefetch import AHEAD, prefetch
+from byzps.common._prefetch import prefetch_ahead
 
 #: Columns per parallel task; fixed so that results do not depend on the number of threads.
 CHUNK = 16384
@@ -184,14 +184,10 @@ def band_mean_columns(x, columns, network, a, b, slide, block, out):  # pragma: 
         stop = min(m, (c + 1) * chunk)
         for s in range(c * chunk, stop, block):
             w = min(block, stop - s)
-            ahead = min(w, max(0, m - s - AHEAD))  # the block's reads with a column AHEAD on
             for i in range(n):
                 row = x[i]
-                for t in range(ahead):
-                    prefetch(row, columns[s + t + AHEAD])
-                    v = row[columns[s + t]]
-                    buf[i, t] = v if v < np.inf else np.inf
-                for t in range(ahead, w):
+                for t in range(w):
+                    prefetch_ahead(row, columns, s + t)
                     v = row[columns[s + t]]
                     buf[i, t] = v if v < np.inf else np.inf
             _band_of_block(buf, wire, network, a, b, slide, w, med, shift, acc)
@@ -654,16 +650,13 @@ def _weighted_columns(x, columns, weights, s, w, acc):  # pragma: no cover - com
     """acc[:w] = Σ_k weights[k] x[k, columns[s + t]] in float64, rows in order, zero weights
     skipped; each row's reads ask for the column `AHEAD` further on first
     (`common/_prefetch.py`), as `band_mean_columns` does."""
-    ahead = min(w, max(0, columns.shape[0] - s - AHEAD))
     acc[:w] = 0.0
     for k in range(x.shape[0]):
         weight = weights[k]
         if weight != 0.0:
             row = x[k]
-            for t in range(ahead):
-                prefetch(row, columns[s + t + AHEAD])
-                acc[t] += weight * row[columns[s + t]]
-            for t in range(ahead, w):
+            for t in range(w):
+                prefetch_ahead(row, columns, s + t)
                 acc[t] += weight * row[columns[s + t]]
 
 
