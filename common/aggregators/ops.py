@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from byzps.common._state_kernels import within
 from byzps.common.aggregators import _kernels, _triton, collective
 from byzps.common.aggregators._networks import band_network
 
@@ -151,9 +152,9 @@ def combine_columns(x: Tensor, columns: Tensor, weights: np.ndarray) -> Tensor:
 
 def _checked_columns(x: Tensor, columns: Tensor) -> np.ndarray:
     """`columns` as contiguous int64, or IndexError when one falls outside x's columns (the
-    compiled passes do not check their subscripts)."""
+    compiled passes do not check their subscripts): the states' own check, `within`."""
     cols = np.ascontiguousarray(columns.numpy(), dtype=np.int64)
-    if cols.size and (cols.min() < 0 or cols.max() >= x.shape[1]):
+    if not within(cols, x.shape[1]):
         raise IndexError(f"a column outside [0, {x.shape[1]})")
     return cols
 
