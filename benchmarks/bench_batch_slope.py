@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timing import block_seconds, interleaved_blocks
 
 from byzps.common.components import build_run_task
 from byzps.common.config import RunConfig
@@ -89,24 +90,11 @@ def configs(runs: int) -> list[RunConfig]:
     return [RunConfig.load(SETTING, [f"run.seed={seed}"]) for seed in range(runs)]
 
 
-def block_us(step: Callable[[], None], rounds: int) -> float:
-    """µs a round of `rounds` calls of `step`."""
-    start = time.perf_counter()
-    for _ in range(rounds):
-        step()
-    return (time.perf_counter() - start) / rounds * 1e6
-
-
 def interleaved_us(steps: dict[Any, Callable[[], None]], rounds: int, repeats: int) -> dict:
     """Median µs a round of each step over `repeats` blocks of `rounds` rounds, the steps taking
-    turns block by block (after a warm-up block each), so that all see the machine alike."""
-    for step in steps.values():
-        block_us(step, rounds)
-    blocks: dict[Any, list[float]] = {key: [] for key in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():
-            blocks[key].append(block_us(step, rounds))
-    return {key: statistics.median(values) for key, values in blocks.items()}
+    turns block by block (`timing.interleaved_blocks`, after a warm-up block each)."""
+    times = interleaved_blocks(steps, rounds, repeats, warmup=rounds)
+    return {key: statistics.median(block) * 1e6 for key, block in times.items()}
 
 
 def phase_split(
@@ -117,13 +105,13 @@ def phase_split(
     over `repeats` blocks, the batches taking turns."""
     clocks = {runs: clocked(batch) for runs, batch in batches.items()}
     for batch in batches.values():
-        block_us(batch.step, rounds)
+        block_seconds(batch.step, rounds)
     blocks = {runs: {name: [] for name in (*PHASES, "other")} for runs in batches}
     for _ in range(repeats):
         for runs, batch in batches.items():
             clock = clocks[runs]
             clock.reset()
-            wrapped = block_us(batch.step, rounds)
+            wrapped = block_seconds(batch.step, rounds) * 1e6
             parts = {name: seconds / rounds * 1e6 for name, seconds in clock.seconds.items()}
             parts["other"] = wrapped - sum(parts.values())
             for name, value in parts.items():

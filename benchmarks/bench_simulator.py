@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from numpy_reference import NumpyA9aRun
+from timing import block_seconds, interleaved_blocks
 
 from byzps.common.attacks.strategies import alie_z
 from byzps.common.components import build_run_estimator, build_run_task
@@ -62,10 +62,7 @@ def per_worker_step(simulation: Simulation, workers: list, oracles: list) -> Non
 def seconds_per_round(step, rounds: int) -> float:
     for _ in range(max(3, rounds // 20)):  # warm-up: numba compilation, caches
         step()
-    started = time.perf_counter()
-    for _ in range(rounds):
-        step()
-    return (time.perf_counter() - started) / rounds
+    return block_seconds(step, rounds)
 
 
 def numpy_reference(config: RunConfig, task) -> NumpyA9aRun:
@@ -88,18 +85,9 @@ def numpy_reference(config: RunConfig, task) -> NumpyA9aRun:
 def interleaved(steps: dict[str, Callable[[], None]], rounds: int, blocks: int) -> dict[str, float]:
     """Seconds each step took over `blocks` alternating blocks of rounds/blocks calls (after a
     warm-up: numba compilation, caches), so all of them see the same machine load."""
-    for step in steps.values():
-        for _ in range(max(3, rounds // 20)):
-            step()
     per_block = max(1, rounds // blocks)
-    seconds = dict.fromkeys(steps, 0.0)
-    for _ in range(blocks):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            for _ in range(per_block):
-                step()
-            seconds[name] += time.perf_counter() - started
-    return seconds
+    times = interleaved_blocks(steps, per_block, blocks, warmup=max(3, rounds // 20))
+    return {name: sum(block) * per_block for name, block in times.items()}
 
 
 def against_reference(rounds: int, blocks: int = 10) -> None:

@@ -7,7 +7,8 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 
 def call_times_ms(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -29,6 +30,30 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
     """The fastest of `repeats` calls of `fn()`, in ms, after one warm-up call."""
     return min(call_times_ms(fn, repeats))
+
+
+def block_seconds(step: Callable[[], object], calls: int) -> float:
+    """Seconds per call over `calls` calls of `step()` in a row."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved_blocks(
+    steps: Mapping[Any, Callable[[], object]], calls: int, blocks: int, warmup: int
+) -> dict[Any, list[float]]:
+    """Seconds per call of each of `steps` in each of `blocks` blocks of `calls` calls, after
+    `warmup` calls of each: the steps take turns block by block, so that a machine whose speed
+    drifts slows all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[Any, list[float]] = {key: [] for key in steps}
+    for _ in range(blocks):
+        for key, step in steps.items():
+            times[key].append(block_seconds(step, calls))
+    return times
 
 
 def as_the_daemons_run(dim: int | None = None) -> None:
