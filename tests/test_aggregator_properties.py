@@ -21,9 +21,9 @@ honest base rows around μ_H:
 
 * cm, cwtm (f < n/2): the band of ranks [f, n − f) (cm: the middle) lies between honest values,
   so lo_t ≤ x̂_t ≤ hi_t.
-* krum, multikrum (n > 2f + 2, m ≤ n − f): n − f rows score ≤ (n − f − 2) D², so does every chosen
-  row, and its n − f − 2 nearest include ≥ n − 2f − 2 ≥ 1 honest row within √score:
-  ‖x̂ − μ_H‖ ≤ √(n − f − 2) · D + r.
+* krum, multikrum (n ≥ 2f + 2, m ≤ n − f): n − f rows score ≤ (n − f − 2) D², so does every
+  chosen row, and a chosen Byzantine row's n − f − 2 nearest include ≥ n − 2f − 1 ≥ 1 honest row
+  within √score: ‖x̂ − μ_H‖ ≤ √(n − f − 2) · D + r.
 * gm (f < n/2), stopped at ‖∇F_ν(z)‖ ≤ g = tol (n − 2f): projecting the gradient on the unit
   vector from μ_H to z, each honest term gives ≥ (R − r)/max(ν, R + r), each other term ≥ −1,
   so R = ‖x̂ − μ_H‖ ≤ max(r (n + g)/(n − 2f − g), r + ν (f + g)/(n − f))
@@ -177,8 +177,8 @@ class Case:
 
 def max_f(rule: str, n: int) -> int:
     """The largest f for which `rule`'s guarantee holds on n rows (-1 if none): f < n/2, and
-    n > 2f + 2 for krum (which *accepts* up to n − 3 but guarantees nothing beyond)."""
-    return (n - 3) // 2 if rule in ("krum", "multikrum") else (n - 1) // 2
+    n ≥ 2f + 2 with n − f − 2 ≥ 1 for krum (what its check accepts: the boundary is tested)."""
+    return min((n - 2) // 2, n - 3) if rule in ("krum", "multikrum") else (n - 1) // 2
 
 
 def signs(rng: np.random.Generator, shape) -> np.ndarray:

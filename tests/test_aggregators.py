@@ -140,7 +140,7 @@ def minimiser_is_unique(rule: str, rows: np.ndarray) -> bool:
 def max_f(rule: str, n: int) -> int:
     """The largest f that `rule` accepts for n inputs (-1 if none)."""
     if rule in ("krum", "multikrum"):
-        return n - 3
+        return min((n - 2) // 2, n - 3)  # n ≥ 2f + 2 and n − f − 2 ≥ 1
     if rule == "mean":
         return n - 1
     return (n - 1) // 2
@@ -191,6 +191,35 @@ def test_multikrum_m_parameter():
     x = sample(3, 11, 5)
     out = build_aggregator("multikrum", 2, params={"m": 4})(x)
     close(out, ref_multikrum(x.numpy(), 2, m=4), torch.float64)
+
+
+@pytest.mark.parametrize("name", ["krum", "multikrum"])
+@pytest.mark.parametrize("f", [2, 3, 4])  # at f = 1, n = 3 has no neighbours to score by at all
+def test_krum_refuses_n_2f_plus_1_where_f_copies_always_win(name: str, f: int) -> None:
+    """At n = 2f + 1 a row's n − f − 2 = f − 1 nearest others can all be Byzantine: f copies of
+    one state score 0 and are chosen wherever they lie. The check (also the config's, through
+    `build_aggregator(..., n=)`) refuses that n; at n = 2f + 2 the same copies stay within the
+    guarantee's √(n − f − 2)·D_H + r_H of the honest mean."""
+    with pytest.raises(ValueError, match=rf"{name} needs n ≥ 2f \+ 2, got f={f}, n={2 * f + 1}"):
+        build_aggregator(name, f, n=2 * f + 1)
+    with pytest.raises(ValueError, match=rf"{name} needs n ≥ 2f \+ 2, got f={f}, n={2 * f + 1}"):
+        build_aggregator(name, f, pre=["nnm"], n=2 * f + 1)
+    n = 2 * f + 2
+    honest = sample(f, n - f, 4)
+    x = torch.cat([honest, torch.full((f, 4), 1e30, dtype=honest.dtype)])
+    out = build_aggregator(name, f, n=n)(x).numpy()
+    h = honest.numpy()
+    centre = h.mean(0)
+    diameter = max(np.linalg.norm(a - b) for a in h for b in h)
+    radius = max(np.linalg.norm(a - centre) for a in h)
+    assert np.linalg.norm(out - centre) <= np.sqrt(n - f - 2) * diameter + radius
+
+
+def test_multikrum_refuses_m_above_n_minus_f() -> None:
+    """Beyond the n − f best scores a Byzantine row may be chosen: m > n − f is refused."""
+    with pytest.raises(ValueError, match=r"at most n − f = 8 inputs \(m=9, f=3, n=11\)"):
+        build_aggregator("multikrum", 3, params={"m": 9}, n=11)
+    build_aggregator("multikrum", 3, params={"m": 8}, n=11)
 
 
 def test_gm_and_cclip_parameters_reach_the_rule():
@@ -560,10 +589,12 @@ def test_torch_fallback_equals_numba(rule, pre, dtype):
     x[2, 10:] *= 1e4
     if rule in ("cm", "cwtm") and not pre:
         x[2, :10] = torch.inf  # the comparator networks must move infinities like any value
+    # krum on 7 buckets of 13 rows tolerates f = 2 (n ≥ 2f + 2), every other pairing f = 3
+    f = 2 if "bucketing" in pre and rule in ("krum", "multikrum") else 3
     outs = []
     for backend in ("numba", "torch"):
         with forced_backend(backend):
-            outs.append(build_aggregator(rule, 3, pre=pre, seed=1)(x))
+            outs.append(build_aggregator(rule, f, pre=pre, seed=1)(x))
     if rule in ("gm", "cclip"):
         # The two Grams round differently and the iterations pass it on: ~eps · max|x| absolute.
         tol = 1e-12 if dtype == torch.float64 else 1e-6

@@ -229,7 +229,9 @@ def test_neighbours_convention_is_validated() -> None:
         build_aggregator("krum", 1, params={"neighbours": "n-f"})
     with pytest.raises(ValueError, match="n − f − 1 ≥ 1"):
         build_aggregator("multikrum", 2, params={"neighbours": "n-f-1"}, n=3)
-    build_aggregator("multikrum", 2, params={"neighbours": "n-f-1"}, n=4)  # n − f − 2 = 0 is fine
+    with pytest.raises(ValueError, match="n ≥ 2f \\+ 1"):  # f copies would score 0 at n = 2f
+        build_aggregator("multikrum", 2, params={"neighbours": "n-f-1"}, n=4)
+    build_aggregator("multikrum", 2, params={"neighbours": "n-f-1"}, n=5)  # 2f + 1: fine
 
 
 def test_byzfl_caf_returns_none_without_byzantine_inputs() -> None:

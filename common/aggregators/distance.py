@@ -55,18 +55,23 @@ class MultiKrum(RowsAggregator):
 
         score_j = Σ_{i ∈ N_j} ‖x_i − x_j‖²,  N_j = the n − f − 2 nearest other inputs of x_j.
 
-    Ties go to the lower index. m defaults to n − f. Needs n − f − 2 ≥ 1. Non-finite rows have
-    score +inf and are never selected: S holds at most as many rows as are finite.
+    Ties go to the lower index. m defaults to n − f and may not exceed it; n ≥ 2f + 2 (and
+    n − f − 2 ≥ 1). Non-finite rows have score +inf and are never selected: S holds at most as
+    many rows as are finite.
 
     `neighbours` = "n-f-2" is Blanchard et al.'s count (NeurIPS 2017, "Machine learning with
     adversaries: Byzantine tolerant gradient descent"); "n-f-1" is ByzFL's (its Krum and MultiKrum
     score by the n − f − 1 nearest others), offered so a run can reproduce ByzFL's choices. The
-    guarantee below holds for either with n − f − k in place of n − f − 2 (k = 2 or 1).
+    guarantee below holds for either with k in place of 2 (k = 2 or 1): n − f − k neighbours,
+    n ≥ 2f + k.
 
-    Guarantee (n > 2f + 2, m ≤ n − f): an honest row's n − f − 2 nearest others are within D_H,
-    so n − f rows score at most (n − f − 2) D_H² and so does every selected row; a selected row's
-    neighbourhood holds at least n − 2f − 2 ≥ 1 honest rows, each within √score of it. Every
-    selected row, hence x̂, lies within √(n − f − 2) · D_H + r_H of μ_H.
+    Guarantee (n ≥ 2f + 2, m ≤ n − f): an honest row's n − f − 2 nearest others are within D_H,
+    so n − f rows score at most (n − f − 2) D_H² and so does every selected row; a selected
+    Byzantine row's n − f − 2 neighbours hold at most f − 1 Byzantine ones, so at least
+    n − 2f − 1 ≥ 1 honest ones, each within √score of it. Every selected row, hence x̂, lies within
+    √(n − f − 2) · D_H + r_H of μ_H. Both conditions are checked, because each bound is tight:
+    at n = 2f + 1, f copies of one Byzantine state score 0 (each other's neighbourhoods) and are
+    chosen wherever they lie; with m > n − f the last rows chosen may be any.
     """
 
     def __init__(self, f: int = 0, m: int | None = None, neighbours: str = "n-f-2") -> None:
@@ -80,10 +85,15 @@ class MultiKrum(RowsAggregator):
         self.spare = NEIGHBOURS[neighbours]
 
     def check(self, n: int, f: int) -> None:
-        require(n - f - self.spare >= 1, self.name, f"n − f − {self.spare} ≥ 1", f, n)
+        k = self.spare
+        require(n - f - k >= 1, self.name, f"n − f − {k} ≥ 1", f, n)
+        require(n >= 2 * f + k, self.name, f"n ≥ 2f + {k}", f, n)
         m = n - f if self.m is None else self.m
-        if m > n:
-            raise ValueError(f"{self.name} cannot select m={m} of n={n} inputs")
+        if m > n - f:
+            raise ValueError(
+                f"{self.name} averages at most n − f = {n - f} inputs (m={m}, f={f}, n={n}):"
+                " beyond them a Byzantine row may be chosen"
+            )
 
     def aggregate(self, rows: Rows, f: int) -> Tensor:
         n = rows.n
@@ -105,7 +115,7 @@ class MultiKrum(RowsAggregator):
 class Krum(MultiKrum):
     """x̂ = x_j* with j* = argmin_j score_j (multikrum with m = 1); never a non-finite row.
 
-    Guarantee (n > 2f + 2): ‖x̂ − μ_H‖ ≤ √(n − f − 2) · D_H + r_H (see multikrum).
+    Guarantee (n ≥ 2f + 2): ‖x̂ − μ_H‖ ≤ √(n − f − 2) · D_H + r_H (see multikrum).
     """
 
     def __init__(self, f: int = 0, neighbours: str = "n-f-2") -> None:
