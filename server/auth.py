@@ -35,6 +35,19 @@ from byzps.common.credentials import (
 )
 from byzps.server.validation import Refusal, Rejected
 
+#: The most characters of a caller's worker id that a refusal message repeats.
+SHOWN_ID_CHARS = 40
+
+
+def shown(worker_id: str) -> str:
+    """`worker_id` as a refusal message quotes it: cut to SHOWN_ID_CHARS, since the id is
+    whatever the caller sent, and a status message must fit in gRPC's header limit (8 KiB by
+    default): a 16 KB id echoed whole would turn the refusal into the client's
+    RESOURCE_EXHAUSTED instead of its real code."""
+    if len(worker_id) <= SHOWN_ID_CHARS:
+        return repr(worker_id)
+    return f"{worker_id[:SHOWN_ID_CHARS]!r}… ({len(worker_id)} characters)"
+
 
 def parse_worker_id(worker_id: str, num_workers: int) -> int:
     """The row of `worker_id`, which must be a canonical decimal in [0, n): PERMISSION_DENIED
@@ -48,13 +61,13 @@ def parse_worker_id(worker_id: str, num_workers: int) -> int:
     if not canonical:
         raise Rejected(
             Refusal.PERMISSION_DENIED,
-            f"worker id {worker_id!r} is not a worker of this run",
+            f"worker id {shown(worker_id)} is not a worker of this run",
         )
     row = int(worker_id)
     if row >= num_workers:
         raise Rejected(
             Refusal.PERMISSION_DENIED,
-            f"worker id {worker_id!r} is outside [0, {num_workers})",
+            f"worker id {shown(worker_id)} is outside [0, {num_workers})",
         )
     return row
 
@@ -92,7 +105,7 @@ def check_certificate(peer: Mapping[str, Sequence[bytes]] | None, worker_id: str
     if holder != worker_id:
         raise Rejected(
             Refusal.PERMISSION_DENIED,
-            f"the certificate of worker {holder!r} cannot call as worker {worker_id!r}",
+            f"the certificate of worker {shown(holder)} cannot call as worker {shown(worker_id)}",
         )
 
 
@@ -140,7 +153,7 @@ class Authenticator:
                 raise Rejected(Refusal.UNAUTHENTICATED, f"missing {TOKEN_METADATA_KEY} metadata")
             expected = token_for(self.secret, worker_id).encode()
             if not hmac.compare_digest(presented, expected):
-                raise Rejected(Refusal.UNAUTHENTICATED, f"bad token for worker {worker_id!r}")
+                raise Rejected(Refusal.UNAUTHENTICATED, f"bad token for worker {shown(worker_id)}")
         return parse_worker_id(worker_id, self.num_workers)
 
     def holder(

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from byzps.common.components import build_run_compressor
 from byzps.common.config import RunConfig
@@ -52,6 +51,7 @@ from byzps.server.shard_peer import (
     ShardPeerServicer,
     add_peer_service,
 )
+from byzps.server.side_services import add_side_services
 from byzps.server.validation import Door
 from byzps.server.wal import FsyncPolicy
 
@@ -212,17 +212,10 @@ def bind(
 def add_services(
     server: grpc.aio.Server, servicer: ParameterServerServicer
 ) -> health.aio.HealthServicer:
-    """Our service, grpc.health.v1 and server reflection on `server` (before it starts)."""
+    """Our service, grpc.health.v1 and server reflection on `server` (before it starts), the
+    latter two within the share of callers without a credential (byzps.server.side_services)."""
     add_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        SERVICE_NAME,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(names, server)
-    return health_servicer
+    return add_side_services(server, servicer.admission, (SERVICE_NAME,))
 
 
 @contextmanager

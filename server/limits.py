@@ -61,6 +61,9 @@ class Limits:
     status_rows_per_call: int = 64
     #: Status calls per second without a credential, all callers together.
     anonymous_per_second: float = 20.0
+    #: Health watches and reflection streams open at once, all callers together (they need no
+    #: credential; each also ends after `max_poll_seconds`: byzps.server.side_services).
+    anonymous_streams: int = 8
     #: Longest a long-poll is held on the server; the client then asks again.
     max_poll_seconds: float = 20.0
     #: Longest one reply message may wait for the reader's flow-control window before the call
@@ -110,8 +113,8 @@ class Limits:
                 raise ValueError(f"{name} must be positive")
         if self.status_rows_per_call < 1:
             raise ValueError("status_rows_per_call must be at least 1")
-        if self.in_flight < 1:
-            raise ValueError("in_flight must be at least 1")
+        if self.in_flight < 1 or self.anonymous_streams < 1:
+            raise ValueError("in_flight and anonymous_streams must be at least 1")
         if self.min_per_second < 0:
             raise ValueError("min_per_second must be non-negative")
         if self.per_round < 0:
@@ -164,8 +167,40 @@ class Admission:
         anonymous = limits.anonymous_per_second
         self._anonymous = TokenBucket(anonymous, 2 * anonymous, clock)
         self._in_flight: dict[tuple[int, Group], int] = {}
+        self._anonymous_streams = 0
         #: Calls refused so far, by reason (exposed for tests and benchmarks).
-        self.refused = {"in_flight": 0, "rate": 0, "anonymous": 0}
+        self.refused = {"in_flight": 0, "rate": 0, "anonymous": 0, "anonymous_streams": 0}
+
+    def take_anonymous(self) -> None:
+        """Spend one token of the bucket all callers without a credential share, or
+        Rejected(RESOURCE_EXHAUSTED) with a retry hint."""
+        if not self._anonymous.take():
+            self.refused["anonymous"] += 1
+            raise Rejected(
+                Refusal.RESOURCE_EXHAUSTED,
+                "too many calls without a credential; retry later",
+                retry_after=1.0 / self.limits.anonymous_per_second,
+            )
+
+    @contextmanager
+    def anonymous_stream(self) -> Iterator[None]:
+        """Hold one of the `Limits.anonymous_streams` slots that every caller without a
+        credential shares, for a stream it keeps open (a health watch, a reflection stream);
+        opening one also takes an anonymous token. Rejected(RESOURCE_EXHAUSTED) when all are
+        held: a flood of them can hold only these few, never the server's memory."""
+        if self._anonymous_streams >= self.limits.anonymous_streams:
+            self.refused["anonymous_streams"] += 1
+            raise Rejected(
+                Refusal.RESOURCE_EXHAUSTED,
+                f"{self._anonymous_streams} streams without a credential are open; retry later",
+                retry_after=IN_FLIGHT_RETRY_SECONDS,
+            )
+        self.take_anonymous()
+        self._anonymous_streams += 1
+        try:
+            yield
+        finally:
+            self._anonymous_streams -= 1
 
     def round_closed(self) -> None:
         """Every worker earns `per_round` more calls."""
@@ -178,13 +213,7 @@ class Admission:
         anonymous call); Rejected(RESOURCE_EXHAUSTED) when over the share. `cost`: the tokens
         the call takes from `row`'s bucket (`Limits.status_cost`; anonymous calls take one)."""
         if row is None:
-            if not self._anonymous.take():
-                self.refused["anonymous"] += 1
-                raise Rejected(
-                    Refusal.RESOURCE_EXHAUSTED,
-                    "too many calls without a credential; retry later",
-                    retry_after=1.0 / self.limits.anonymous_per_second,
-                )
+            self.take_anonymous()
             yield
             return
         key = (row, group)

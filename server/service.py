@@ -68,6 +68,15 @@ class Malformed:
         self.error = error
 
 
+async def abort(context: grpc.aio.ServicerContext, refusal: Rejected) -> None:
+    """End the call with the refusal's status and reason, and its retry hint (the
+    `byzps-retry-after-ms` trailing metadata) when it has one; raises grpc.aio.AbortError."""
+    if refusal.retry_after is not None:
+        millis = str(max(1, round(refusal.retry_after * 1000)))
+        context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, millis),))
+    await context.abort(getattr(grpc.StatusCode, refusal.code.name), refusal.reason)
+
+
 def _parser(
     cls: type[Message], limit: int, received: Callable[[int], None]
 ) -> Callable[[bytes], Message | Malformed]:
@@ -178,7 +187,7 @@ class ParameterServerServicer:
     # --- RPCs -----------------------------------------------------------------------------
 
     async def Register(self, request: Any, context: grpc.aio.ServicerContext) -> pb.RegisterReply:
-        async with self._serving(request, context, Group.REGISTER, request.token) as row:
+        async with self._serving(request, context, Group.REGISTER, by_token=True) as row:
             if request.config_digest and request.config_digest != self.digest:
                 raise Rejected(
                     Refusal.FAILED_PRECONDITION,
@@ -271,8 +280,8 @@ class ParameterServerServicer:
         request: Any,
         context: grpc.aio.ServicerContext,
         group: Group,
-        token: bytes = b"",
         *,
+        by_token: bool = False,
         anonymous: bool = False,
         cost: float = 1.0,
     ) -> AsyncIterator[int | None]:
@@ -282,7 +291,9 @@ class ParameterServerServicer:
         Yields the caller's row: the worker it authenticated as, or for `anonymous` calls the
         row of any credential it presented (None: none). Every call is counted in `metrics`
         by its method group, its status and (once authenticated) its worker. `cost`: the
-        tokens an authenticated caller's call takes from its budget (byzps.server.limits)."""
+        tokens an authenticated caller's call takes from its budget (byzps.server.limits).
+        `by_token`: the request carries the caller's token (Register), read only once the
+        request is known to have parsed — a Malformed one has no fields to read."""
         connection, code, row = context.peer(), OK, None
         self.metrics.call_started(group.value, connection)
         try:
@@ -293,15 +304,13 @@ class ParameterServerServicer:
             if anonymous:
                 row = self.auth.holder(metadata, peer)
             else:
+                token = request.token if by_token else b""
                 row = self.auth.check(metadata, request.worker_id, token, peer)
             with self.admission.enter(row, group, cost):
                 yield row
         except Rejected as exc:
             code = exc.code.name
-            if exc.retry_after is not None:
-                millis = str(max(1, round(exc.retry_after * 1000)))
-                context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, millis),))
-            await context.abort(getattr(grpc.StatusCode, exc.code.name), exc.reason)
+            await abort(context, exc)
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:

@@ -21,6 +21,7 @@ from byzps.common.compressors import (
     randk_indices,
     topk_indices,
 )
+from byzps.common.compressors._permutation import randperm_head
 from byzps.common.compressors._topk_scan import SAMPLE, scan_row
 from byzps.common.sparse import INDEX_DTYPE
 
@@ -280,6 +281,38 @@ def test_randk_scaling_and_regeneration() -> None:
     tampered = type(batch)(batch.indices, batch.values, d, (12, *seeds[1:]))
     assert not comp.check(tampered)
     assert not torch.equal(randk_indices(d, k, 1), randk_indices(d, k, 2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dim=st.integers(1, 50_000),
+    share=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**63 - 1),
+)
+def test_randperm_head_is_torchs_permutation_head(dim: int, share: float, seed: int) -> None:
+    """Rand-k's O(k) regeneration gives torch.randperm's first k entries, bit for bit: the
+    indices every worker and server drew before it existed (seeds past 32 bits included)."""
+    k = round(share * dim)
+    generator = torch.Generator().manual_seed(seed)
+    assert torch.equal(randperm_head(dim, k, seed), torch.randperm(dim, generator=generator)[:k])
+
+
+def test_randperm_head_falls_back_to_torch_where_its_draws_differ(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another torch may shuffle differently: then (the once-per-process check fails) the
+    head is torch's own, so Rand-k's indices never depend on which path drew them."""
+    import byzps.common.compressors._permutation as permutation
+
+    assert permutation.head_matches_torch()  # this torch: the fast path is the one tested above
+    monkeypatch.setattr(permutation, "head_matches_torch", lambda: False)
+    calls: list[int] = []
+    monkeypatch.setattr(permutation, "_head", lambda *a: calls.append(1))  # must not be used
+    generator = torch.Generator().manual_seed(11)
+    assert torch.equal(randperm_head(1000, 30, 11), torch.randperm(1000, generator=generator)[:30])
+    assert not calls
+    with pytest.raises(ValueError, match="k must be in"):
+        randperm_head(10, 11, 0)
 
 
 def test_randk_needs_one_seed_per_row() -> None:

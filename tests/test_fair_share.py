@@ -225,6 +225,27 @@ def test_tokens_of_the_secret_are_what_the_limits_key_on() -> None:
     assert info.value.code == Refusal.PERMISSION_DENIED
 
 
+def test_a_long_worker_id_is_refused_with_its_own_code_and_a_short_message() -> None:
+    """A refusal quotes the caller's worker id cut short: echoed whole, a 16 KB id made the
+    status message exceed gRPC's header limit, and the client saw RESOURCE_EXHAUSTED (no retry
+    hint) instead of why it was refused."""
+    from byzps.common.credentials import TOKEN_METADATA_KEY, token_for
+    from byzps.server.auth import Authenticator
+
+    long_id = "7" * 16_000
+    cases = [
+        (Authenticator(SECRET, 5), [(TOKEN_METADATA_KEY, "00")], Refusal.UNAUTHENTICATED),
+        (Authenticator(SECRET, 5), [(TOKEN_METADATA_KEY, token_for(SECRET, long_id))],
+         Refusal.PERMISSION_DENIED),
+        (Authenticator(None, 5), [], Refusal.PERMISSION_DENIED),
+    ]  # fmt: skip
+    for auth, meta, code in cases:
+        with pytest.raises(Rejected) as info:
+            auth.check(meta, long_id)
+        assert info.value.code == code
+        assert len(info.value.reason) < 200 and "16000 characters" in info.value.reason
+
+
 def test_only_share_refusals_invite_a_retry() -> None:
     """Over its share, a caller is told when to come back (byzps-retry-after-ms); a request too
     large is RESOURCE_EXHAUSTED too but final, and the worker client raises it at once."""
@@ -263,3 +284,45 @@ def test_only_share_refusals_invite_a_retry() -> None:
             assert time.monotonic() - started < SERVED  # final: not retried for 30 s
         finally:
             worker.close()
+
+
+def test_health_watches_and_reflection_streams_take_only_the_anonymous_share() -> None:
+    """Health and reflection need no credential, and their streams stay open as long as the
+    caller likes. A flood of them holds at most `anonymous_streams` at once (the rest refused at
+    once), each ends by the server's own bound, a reflection stream's requests are metered by
+    the anonymous bucket, and a health Check and the workers are served meanwhile."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    limits = Limits(anonymous_streams=2, max_poll_seconds=2.0, anonymous_per_second=5.0)
+    with in_process(tiny_config(k=1), limits=limits) as srv:
+        client = Client(srv.address)
+        try:
+            health = health_pb2_grpc.HealthStub(client.channel)
+            started = time.monotonic()
+            held = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(2)]
+            for stream in held:
+                next(stream)  # the current status: the stream is open and holds its slot
+            flood = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(6)]
+            assert [code_of(lambda s=s: next(s)) for s in flood] == [C.RESOURCE_EXHAUSTED] * 6
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=SERVED)
+            others_are_served(client)
+            for stream in held:  # ended by the server at max_poll_seconds, with OK
+                assert list(stream) == []
+                assert stream.code() == C.OK
+            assert time.monotonic() - started < 2.0 + SERVED
+            assert srv.server.servicer.admission.refused["anonymous_streams"] == 6
+
+            reflect = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            replies = reflect.ServerReflectionInfo(iter([ask] * 40), timeout=30)
+            answered = []
+            with pytest.raises(grpc.RpcError) as info:
+                for reply in replies:
+                    answered.append(reply)
+            assert info.value.code() == C.RESOURCE_EXHAUSTED
+            assert 1 <= len(answered) <= 12  # the bucket's 2 × 5 tokens, and what refilled
+            services = {s.name for s in answered[0].list_services_response.service}
+            assert "byzps.v1.ParameterServer" in services
+        finally:
+            client.close()

@@ -113,7 +113,7 @@ def test_an_honest_worker_at_n_1000_is_never_throttled() -> None:
             with adm.enter(3, group):
                 pass
         adm.round_closed()
-    assert adm.refused == {"in_flight": 0, "rate": 0, "anonymous": 0}
+    assert not any(adm.refused.values())
 
 
 def test_the_server_raises_its_open_file_limit_for_n_workers() -> None:

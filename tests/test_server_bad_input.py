@@ -188,6 +188,21 @@ CASES: dict[str, tuple[Case, grpc.StatusCode]] = {
         ),
         C.INVALID_ARGUMENT,
     ),
+    # A Register's token is a field of its own: it is read only once the bytes parsed.
+    "garbage register bytes": (
+        lambda c: c.channel.unary_unary("/byzps.v1.ParameterServer/Register")(
+            b"\xff\xff\xff", metadata=c.meta("1"), timeout=10
+        ),
+        C.INVALID_ARGUMENT,
+    ),
+    "register over its size limit": (
+        lambda c: c.channel.unary_unary("/byzps.v1.ParameterServer/Register")(
+            with_unknown_field(pb.RegisterRequest(worker_id="1").SerializeToString(), 4096),
+            metadata=c.meta("1"),
+            timeout=10,
+        ),
+        C.RESOURCE_EXHAUSTED,
+    ),
     "register with another config digest": (
         lambda c: c.register("1", digest="0" * 64),
         C.FAILED_PRECONDITION,

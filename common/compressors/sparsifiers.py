@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from byzps.common.compressors._permutation import randperm_head
 from byzps.common.compressors._topk_scan import scan_row
 from byzps.common.compressors.base import (
     COMPRESSORS,
@@ -277,11 +278,11 @@ class TopK(Compressor):
 
 
 def randk_indices(dim: int, k: int, seed: int, device: str | torch.device = "cpu") -> Tensor:
-    """The k coordinates (ascending, int32) that Rand-k draws for `seed`: a server regenerates them
-    from the seed in a message to check it. Drawn on CPU so every device agrees."""
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(seed))
-    idx = torch.randperm(dim, generator=gen)[:k]
+    """The k coordinates (ascending, int32) that Rand-k draws for `seed`: the first k of the
+    seed's permutation of the d coordinates (torch.randperm's, on a CPU generator, so every
+    device agrees). A server regenerates them from the seed in a message to check it, in O(k):
+    `_permutation.randperm_head`."""
+    idx = randperm_head(dim, k, seed)
     return torch.sort(idx).values.to(device=device, dtype=INDEX_DTYPE)
 
 
