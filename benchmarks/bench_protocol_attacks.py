@@ -2,15 +2,17 @@
 
 Usage:  python benchmarks/bench_protocol_attacks.py [--attacks longpoll-flood push-storm ...]
             [--honest 8] [--f 2] [--rounds 30] [--dim 1200000] [--round-deadline 2]
+            [--compressor topk|randk]
             [--protocol-param NAME.KEY=VALUE ...] [--out /tmp/byzps-bench-protocol]
         python benchmarks/bench_protocol_attacks.py --load 200 [--load-rounds 30]
             [--load-dim 10000] [--per-process 25]
 
 Attack mode. Every cell is one small cluster on 127.0.0.1 — a `byzps server`, `--honest` honest
 `byzps worker` processes and one `byzps attack` process holding the f Byzantine identities
-(bit flip), Byz-DM21 with Top-k (k = d/1000) and NNM∘cm on the `quadratic` task of dimension d
-(default 1.2e6, so the model streams as two 4 MiB chunks and `slow-reader` has a write to
-stall) — run once per attack with `--protocol NAME` (the attack's defaults; `deadline` gets
+(bit flip), Byz-DM21 with Top-k (k = d/1000; `--compressor randk`: Rand-k, whose pushes with a
+forged seed make the server regenerate their indices) and NNM∘cm on the `quadratic` task of
+dimension d (default 1.2e6, so the model streams as two 4 MiB chunks and `slow-reader` has a
+write to stall) — run once per attack with `--protocol NAME` (the attack's defaults; `deadline` gets
 deadline = --round-deadline), and without a protocol attack once before and once after them
 (pooled: the machine's drift between the two is printed too). Round times are the honest rounds'
 durations, closed − opened, from the server's OUT/rounds.jsonl (one line per closed round,
@@ -72,7 +74,7 @@ def attack_config(args: argparse.Namespace) -> dict:
         "task": {"name": "quadratic", "params": {"dim": args.dim, "noise": 1.0}},
         "cluster": {"workers": args.honest + args.f, "byzantine": args.f},
         "algorithm": {"name": "byz-dm21", "lr": 0.1, "eta": 0.1},
-        "compressor": {"name": "topk", "ratio": 0.001},
+        "compressor": {"name": args.compressor, "ratio": 0.001},
         "aggregator": {"name": "cm", "pre": ["nnm"]},
         "attack": {"name": "bf"},
     }
@@ -338,6 +340,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--dim", type=int, default=1_200_000)
     parser.add_argument("--round-deadline", type=float, default=2.0)
+    parser.add_argument(
+        "--compressor",
+        choices=("topk", "randk"),
+        default="topk",
+        help="randk: push-storm's forged-seed pushes make the server regenerate their indices",
+    )
     parser.add_argument("--protocol-param", action="append", default=[], metavar="NAME.KEY=VALUE")
     parser.add_argument("--load", type=int, default=0, metavar="N", help="load mode: N workers")
     parser.add_argument("--load-rounds", type=int, default=30)

@@ -90,6 +90,17 @@ def _too_many(update: pb.SparseUpdate) -> None:
     update.values = np.zeros(nnz, dtype="<f4").tobytes()
 
 
+def _forged_seed(update: pb.SparseUpdate) -> None:
+    """A Rand-k update whose indices are not its seed's selection: the server must regenerate
+    them to tell, which costs it O(k) (common/compressors/_permutation.py), not O(d). In a run of
+    another compressor, an update that declares Rand-k (refused by its name)."""
+    if update.HasField("seed"):
+        update.seed = update.seed + 1
+    else:
+        update.compressor = pb.COMPRESSOR_RANDK
+        update.seed = FORGED_SEED
+
+
 #: Broken bodies, each violating one rule of the wire contract or of the run (name → change).
 MALFORMATIONS: dict[str, Callable[[pb.SparseUpdate], None]] = {
     "wrong-dim": lambda u: setattr(u, "dim", u.dim + 1),
@@ -99,6 +110,7 @@ MALFORMATIONS: dict[str, Callable[[pb.SparseUpdate], None]] = {
     "short-values": lambda u: setattr(u, "values", u.values[:-1]),
     "dtype-unspecified": lambda u: setattr(u, "dtype", pb.VALUE_DTYPE_UNSPECIFIED),
     "compressor-unspecified": lambda u: setattr(u, "compressor", pb.COMPRESSOR_UNSPECIFIED),
+    "forged-seed": _forged_seed,
 }
 
 
