@@ -60,6 +60,17 @@ class ServerRule(ABC):
         del rows, round
         return _finite_rows(messages.values)
 
+    def late_refusal(self, round: int) -> str | None:
+        """Why a message computed for `round` cannot be absorbed now, or None: it can.
+
+        The server absorbs every message with the round open now (`RoundEngine.absorb`), so a
+        late one, computed for an earlier round, is applied as if it were current. That is
+        what every rule but MARINA means to do (a late delta still lands on its worker's
+        state); the default says so. Checked by the server's door before `admissible`.
+        """
+        del round
+        return None
+
     def touched(self, rows: Tensor, messages: SparseBatch) -> Tensor | None:
         """The coordinates whose candidates `absorb(rows, messages)` may change, or None: all.
 
@@ -394,7 +405,12 @@ class MarinaRule(_CandidateRule):
 
     The coin of a message is that of the round it was computed for; the base is the latest recorded
     aggregate (MARINA keeps no per-worker memory, so a late delta is applied to the current base).
-    `round` is the round open now (one past the last closed one); `bases` uses its coin.
+    `round` is the round open now (one past the last closed one); `bases` uses its coin, and so
+    does `absorb` on the server, which is called with it. A late message whose round's coin
+    differs from the open round's — a full gradient once a compressed round is open, or a
+    compressed delta in a full round — cannot be applied as computed, so the server's door
+    refuses it (`late_refusal`): applied with the open round's coin, a full gradient would be
+    added to ĝ^{t−1} (and a Byzantine one, checked against base 0, could overflow there).
     """
 
     _tensors = ("candidate",)
@@ -433,8 +449,24 @@ class MarinaRule(_CandidateRule):
         r, messages = self._prepare(rows, messages)
         self._write(r, self._base(len(r), round), messages)
 
+    def late_refusal(self, round: int) -> str | None:
+        """A message of `round` applies now only under the same coin as the open round."""
+        full = self.is_full(round)
+        if full == self.is_full(self.round):
+            return None
+
+        def kind(full: bool) -> str:
+            return "a full-gradient" if full else "a compressed"
+
+        return (
+            f"round {round} is {kind(full)} round and round {self.round}, open now, is "
+            f"{kind(not full)} one: MARINA applies a message under its own round's coin, so this "
+            "one can no longer be applied"
+        )
+
     def admissible(self, rows: Tensor, messages: SparseBatch, round: int) -> Tensor:
-        """The candidate base + c_j finite, with the base `absorb` would use for `round`."""
+        """The candidate base + c_j finite, with the base `absorb` would use for `round` — the
+        same as for the open round whenever `late_refusal(round)` lets the message through."""
         r, messages = self._prepare(rows, messages)
         base = _at_support(
             self._base(len(r), round), torch.arange(len(r), device=r.device), messages

@@ -199,7 +199,10 @@ class RoundEngine:
         return int(self.rule.candidates.shape[0])
 
     def absorb(self, rows: Tensor, messages: SparseBatch) -> None:
-        """Apply one message per listed worker row to the current round's states, exactly once."""
+        """Apply one message per listed worker row to the current round's states, exactly once.
+
+        The rule applies them with the round open now (`self.round`), late ones too: the door
+        checked each message against that (`ServerRule.late_refusal`, then `admissible`)."""
         if self._dirty.tracking:
             self._dirty.add(self.rule.touched(rows, messages))
         self.rule.absorb(rows, messages, self.round)

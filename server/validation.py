@@ -9,12 +9,16 @@ until proven well-formed and harmless:
    order and range, finite values; for the packed quantizers the exact code length, zero
    padding, level range and a finite non-negative scale — byzps.common.codec), then what the
    run's compressor fixes: the Rand-k seed's indices, the Perm-K block of the sender, QSGD's
-   level count;
+   level count — or, in a round whose messages travel uncompressed (MARINA's full-gradient
+   rounds, `Door.admits`), a dense row declaring "identity" and nothing else;
 2. the sender's own history (`check_round`, `SeqLedger`): a round the server has reached, later
    than the sender's last accepted one, the next sequence number;
-3. the state (`Door.admit`): applying the update must leave the sender's server-side state
-   finite. Two finite pushes of 3e38 would otherwise turn g_j into +inf, and one non-finite row
-   reaches every Gram-based rule and the model.
+3. the state (`Door.admit`): the rule must be able to apply the update now (a MARINA update
+   whose round's coin differs from the open round's cannot be: OUT_OF_RANGE, dropped like an
+   update that arrives after the run), and applying it must leave the sender's server-side
+   state finite, checked with the very base `absorb` will use. Two finite pushes of 3e38 would
+   otherwise turn g_j into +inf, and one non-finite row reaches every Gram-based rule and the
+   model.
 
 A refusal raises Rejected with a `Refusal` (the canonical status vocabulary — INVALID_ARGUMENT,
 FAILED_PRECONDITION, … — as a plain enum, which the gRPC servicer maps to its status codes) and a
@@ -34,7 +38,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
@@ -42,6 +46,7 @@ from torch import Tensor
 
 from byzps.common.codec import (
     LEVEL_COMPRESSORS,
+    PACKED_COMPRESSORS,
     WireFormatError,
     compressor_name,
     decode_sparse,
@@ -62,6 +67,10 @@ PUSH_OVERHEAD_BYTES = 64
 #: The largest legal request of every other RPC: a RegisterRequest carries a 64-character token,
 #: a 64-character config digest and a worker id (≤ 150 bytes); the rest are smaller.
 SMALL_REQUEST_BYTES = 512
+#: What an update's round admits besides (or instead of) the run's compressor: "compressed",
+#: the run's compressor only; "uncompressed", only a dense row declaring "identity" (MARINA's
+#: full-gradient rounds under a sparsifier); "either" (a sparsifier keeping all d coordinates).
+Admits = Literal["compressed", "uncompressed", "either"]
 #: Serialized bytes of one value, by wire dtype.
 VALUE_BYTES = {pb.VALUE_DTYPE_FLOAT32: 4, pb.VALUE_DTYPE_FLOAT16: 2, pb.VALUE_DTYPE_BFLOAT16: 2}
 
@@ -75,7 +84,7 @@ class Refusal(enum.Enum):
     FAILED_PRECONDITION = "not possible in the server's current state"
     RESOURCE_EXHAUSTED = "too large, or over the caller's share"
     UNAVAILABLE = "the server is shutting down"
-    OUT_OF_RANGE = "the run has finished"
+    OUT_OF_RANGE = "the run has finished, or the update's round can no longer be applied"
     DEADLINE_EXCEEDED = "nothing new before the wait ended"
 
 
@@ -118,15 +127,20 @@ def validate_update(
     row: int | None = None,
     size: int | None = None,
     shard: ShardRange | None = None,
+    admits: Admits = "compressed",
 ) -> SparseVector:
     """Check `update` against a model of dimension `dim`; return it decoded (values float32).
 
-    `compressor` is the run's compressor name; when given, the update must declare it. An update
-    declaring Rand-k must carry a seed from which exactly its k_max indices regenerate. `spec`,
-    the run's compressor, fixes what the name does not: QSGD's level count, and with the
-    sender's worker id `row` the Perm-K block its seed must regenerate (both required for
-    Perm-K). On one shard of a sharded server (`shard`, with `dim` its width) a Rand-k update
-    holds the part of its seed's selection that lies in the shard's range, with local indices.
+    `compressor` is the run's compressor name; when given, the update must declare it — or,
+    where `admits` says the update's round sends its messages uncompressed (`Door.admits`:
+    MARINA's full-gradient rounds), "identity" with every one of the `dim` coordinates: with
+    "uncompressed" only such a dense row, with "either" that or the run's compressor (whose
+    rows are then dense too: k = d). An update declaring Rand-k must carry a seed from which
+    exactly its k_max indices regenerate. `spec`, the run's compressor, fixes what the name
+    does not: QSGD's level count, and with the sender's worker id `row` the Perm-K block its
+    seed must regenerate (both required for Perm-K). On one shard of a sharded server
+    (`shard`, with `dim` its width) a Rand-k update holds the part of its seed's selection
+    that lies in the shard's range, with local indices.
     `max_bytes` defaults to max_update_bytes(k_max); `size` is the update's serialized length
     where the caller has it (default: update.ByteSize()). Raises Rejected:
     RESOURCE_EXHAUSTED for an oversize message, INVALID_ARGUMENT for anything malformed.
@@ -142,11 +156,16 @@ def validate_update(
         _invalid(f"nnz {update.nnz} exceeds k_max {k_max}")
     try:
         declared = compressor_name(update.compressor)
-        if compressor is not None and declared != compressor:
-            _invalid(f"compressor {declared!r} but this run uses {compressor!r}")
+        if compressor is not None:
+            _check_declared(declared, compressor, admits)
         vec = decode_sparse(update)
     except WireFormatError as exc:
         _invalid(str(exc))
+    if declared == "identity" and compressor not in (None, "identity") and vec.nnz != dim:
+        # What an uncompressed round admits is the dense row an honest worker sends, no other.
+        _invalid(
+            f"an uncompressed 'identity' update must carry all {dim} coordinates, not {vec.nnz}"
+        )
     if declared == "randk":
         _check_randk(vec, k_max, shard)
     elif declared == "permk":
@@ -160,6 +179,26 @@ def validate_update(
     ):
         _invalid(f"levels {update.levels} but this run's {declared} uses s = {spec.levels}")
     return vec
+
+
+def _check_declared(declared: str, compressor: str, admits: Admits) -> None:
+    """The compressor an update declares against the run's `compressor` and what its round
+    `admits` (see `Door.admits`)."""
+    if declared == compressor and admits != "uncompressed":
+        return
+    if declared == "identity" and admits in ("uncompressed", "either"):
+        return
+    if admits == "uncompressed":
+        _invalid(
+            f"compressor {declared!r} in a full-gradient round, whose messages travel "
+            "uncompressed: only a dense 'identity' row is admitted"
+        )
+    if declared == "identity" and compressor != "identity":
+        _invalid(
+            f"compressor 'identity' but this run uses {compressor!r}: a dense uncompressed row "
+            "is admitted only in a full-gradient round, and the update's round is not one"
+        )
+    _invalid(f"compressor {declared!r} but this run uses {compressor!r}")
 
 
 def _check_permk(vec: SparseVector, spec: PermK, row: int) -> None:
@@ -287,6 +326,27 @@ class Door:
         return {"Register": small, "GetModel": small, "GetModelUpdate": small,
                 "PushUpdate": max_push_bytes(self.largest_k_max), "Status": small}  # fmt: skip
 
+    def admits(self, round: int) -> Admits:
+        """What an update computed at `round` may declare (validate_update's `admits`).
+
+        An estimator that sends some rounds uncompressed says so by its k_max: Byz-VR-MARINA's
+        full-gradient rounds (round 0, then its shared coin) carry the dense full gradient,
+        k_max = d, which the worker declares "identity" since no compressor chose its support
+        (byzps.worker.session.encode_row). Under a sparsifier whose k < d such a round admits
+        exactly that dense row, and every other round the run's compressor only. A sparsifier
+        keeping all d coordinates cannot tell the two kinds of round apart by k_max, and needs
+        not: its own rows are dense too, so a dense "identity" row is admitted in every round.
+        The quantizers (every row dense, values on a packed code) and the identity run admit
+        their own compressor only; so does a door built without the run's compressor (`spec`).
+        """
+        name, spec = self.compressor, self.spec
+        if spec is None or name == "identity" or name in PACKED_COMPRESSORS:
+            return "compressed"
+        total = self.dim if self.shard is None else self.shard.total
+        if self.k_max(min(round, self.rounds)) < total:
+            return "compressed"
+        return "uncompressed" if spec.k < total else "either"
+
     def receive(self, row: int, round: int, seq: int, update: pb.SparseUpdate) -> Update:
         """The wire checks of one update claimed for `round`; Rejected if any fails."""
         k_max = self.k_max(min(round, self.rounds))
@@ -301,6 +361,7 @@ class Door:
             row=row,
             size=len(encoded),
             shard=self.shard,
+            admits=self.admits(round),
         )
         if update.packed:  # the codes and the float32 scale
             wire_bytes = len(update.packed) + (4 if update.HasField("scale") else 0)
@@ -329,8 +390,17 @@ class Door:
         return (~admissible).nonzero().flatten().cpu()  # positions, beside the CPU's batches
 
     def admit(self, rule: ServerRule, update: Update) -> None:
-        """Rejected (INVALID_ARGUMENT) when applying `update` would make its sender's state
-        non-finite; the state is not touched either way."""
+        """Rejected when the rule cannot apply `update` now, computed for a round whose kind has
+        passed (OUT_OF_RANGE, `ServerRule.late_refusal`: a MARINA update whose round's coin is
+        not the open round's), or when applying it would make its sender's state non-finite
+        (INVALID_ARGUMENT); the state is not touched either way.
+
+        The finiteness check asks the rule with the update's round; `absorb` runs with the
+        round open now. The two compute the same thing because no rule's absorb depends on the
+        round except through what `late_refusal` requires to agree (MARINA's coin)."""
+        late = rule.late_refusal(update.round)
+        if late is not None:
+            raise Rejected(Refusal.OUT_OF_RANGE, late)
         vec = update.vector
         batch = SparseBatch(vec.indices[None], vec.values[None], vec.dim, _seeds(vec))
         if self.refused_rows(rule, torch.tensor([update.row]), batch, update.round).numel():

@@ -147,6 +147,22 @@ def test_marina_bases_follow_open_round() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
+def test_a_late_message_applies_unless_its_marina_coin_has_passed(name: str) -> None:
+    """The server absorbs a late message with the round open now; only MARINA, whose base
+    depends on the coin, refuses (at the door) one whose round's coin is not the open round's."""
+    rule = make_rule(name)
+    for t in range(12):
+        for claimed in range(t + 1):
+            reason = rule.late_refusal(claimed)
+            if not isinstance(rule, MarinaRule) or rule.is_full(claimed) == rule.is_full(t):
+                assert reason is None
+            else:
+                assert reason is not None and reason.startswith(f"round {claimed} is a ")
+                assert f"round {t}, open now" in reason
+        rule.close_round(torch.zeros(D, dtype=torch.float64), t)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
 def test_state_round_trip(name: str) -> None:
     rule = make_rule(name)
     drive(rule, 4)

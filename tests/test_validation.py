@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import ast
+import copy
 from pathlib import Path
+from typing import Any
 
+import configs
 import pytest
 import torch
 
-from byzps.common.codec import encode_sparse
+from byzps.common.codec import compressor_name, encode_sparse
+from byzps.common.components import build_run_compressor, build_run_estimator
 from byzps.common.compressors import randk_indices
+from byzps.common.config import RunConfig
 from byzps.common.server_rules import build_server_rule
+from byzps.common.shards import ShardLayout
 from byzps.common.sparse import INDEX_DTYPE, SparseBatch, SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
+from byzps.server.engine import build_server_parts
 from byzps.server.validation import (
     Door,
     Refusal,
@@ -24,6 +31,7 @@ from byzps.server.validation import (
     max_update_bytes,
     validate_update,
 )
+from byzps.worker.session import encode_row
 
 DIM, K = 1000, 10
 INVALID = Refusal.INVALID_ARGUMENT
@@ -273,8 +281,9 @@ def test_door_refuses_what_would_overflow_a_state_and_changes_nothing(
     server_rule.absorb(torch.tensor([1]), batch, 0)
     later = 1
     if rule == "marina":  # candidates are base + message: a base near max, in a round using it
-        server_rule.close_round(server_rule.candidates[1].clone(), 0)
         later = next(r for r in range(1, 100) if not server_rule.is_full(r))
+        for r in range(later):  # open `later` itself: the door refuses a coin the round lacks
+            server_rule.close_round(server_rule.candidates[1].clone(), r)
     before = {k: v.clone() for k, v in server_rule.state_dict().items() if torch.is_tensor(v)}
     with pytest.raises(Rejected, match="non-finite") as info:
         door.admit(server_rule, door_update(1, [FLT_MAX, 0.0], round=later))
@@ -326,3 +335,234 @@ def test_the_door_counts_unknown_fields_inside_an_update_against_its_size_limit(
     with pytest.raises(Rejected, match="limit") as info:
         door.receive(0, 0, 1, padded)
     assert info.value.code == Refusal.RESOURCE_EXHAUSTED
+
+
+# ----------------------------------------------------------------------------------------------
+# Byz-VR-MARINA: a dense 'identity' row in its full-gradient rounds, the run's compressor in the
+# others (Door.admits), and a late update checked under the coin it is applied with
+# ----------------------------------------------------------------------------------------------
+
+#: With run seed 3 and p = 0.5, MARINA's shared coin makes these rounds (of 0 … 11) full.
+MARINA_FULL = (0, 2, 3, 5, 11)
+
+
+def marina_run(
+    compressor: dict[str, object], algorithm: str = "byz-vr-marina", aggregator: str = "cm"
+) -> tuple[RunConfig, Any, Any, Door]:
+    """The config, task, engine and door of a small MARINA run, built as the daemon builds them."""
+    run = configs.small_config(seed=3, rounds=12, k=4, aggregator=aggregator, pre=())
+    run["algorithm"] = {"name": algorithm, "lr": 0.5, "params": {"p": 0.5}}
+    run["compressor"] = compressor
+    config = RunConfig.from_dict(run)
+    task, engine, max_nnz = build_server_parts(config)
+    spec = build_run_compressor(config, task)
+    return config, task, engine, Door(task.dim, config.compressor.name, max_nnz, 12, spec)
+
+
+def dense_identity(dim: int, value: float = 0.5, nnz: int | None = None) -> pb.SparseUpdate:
+    n = dim if nnz is None else nnz
+    vec = SparseVector(torch.arange(n, dtype=INDEX_DTYPE), torch.full((n,), value), dim)
+    return encode_sparse(vec, compressor="identity")
+
+
+def randk_row(dim: int, k: int, seed: int, value: float = 0.5) -> pb.SparseUpdate:
+    vec = SparseVector(randk_indices(dim, k, seed), torch.full((k,), value), dim, seed)
+    return encode_sparse(vec, compressor="randk")
+
+
+def test_the_marina_coin_is_the_door_s_and_the_rule_s() -> None:
+    _, _, engine, door = marina_run({"name": "randk", "k": 4})
+    full = tuple(r for r in range(12) if engine.rule.is_full(r))
+    assert full == MARINA_FULL
+    assert [door.admits(r) for r in range(12)] == [
+        "uncompressed" if r in full else "compressed" for r in range(12)
+    ]
+
+
+@pytest.mark.parametrize("compressor", [{"name": "randk", "k": 4}, {"name": "permk"}])
+def test_the_door_admits_every_message_of_an_honest_marina_worker(
+    compressor: dict[str, object],
+) -> None:
+    """What byzps worker sends (ByzVRMarina's messages through session.encode_row): a dense row
+    declared 'identity' in the full-gradient rounds, the run's compressor in the others."""
+    config, task, engine, door = marina_run(compressor)
+    estimator = build_run_estimator(config, task, door.spec, [0])  # type: ignore[arg-type]
+    oracle = task.oracle([0], config.run.seed)
+    x = task.init_params(config.run.seed)
+    for r in range(7):
+        message = estimator.message(x, oracle, r)
+        wire = pb.SparseUpdate.FromString(encode_row(message.row(0), config, estimator.compressor))
+        full = r in MARINA_FULL
+        assert compressor_name(wire.compressor) == ("identity" if full else compressor["name"])
+        update = door.receive(0, r, r + 1, wire)
+        assert update.vector.nnz == (task.dim if full else door.spec.k)  # type: ignore[union-attr]
+        door.admit(engine.rule, update)
+        engine.absorb(torch.tensor([0]), _batch(update))
+        engine.close_round()
+
+
+def test_an_identity_row_is_refused_outside_a_full_gradient_round() -> None:
+    """In a compressed round a dense row is over the round's size limit (k entries) before
+    anything else is read; a short 'identity' row — a way round the Rand-k seed check — is
+    refused by name."""
+    _, task, _, door = marina_run({"name": "randk", "k": 4})
+    d = task.dim
+    door.receive(0, 2, 1, dense_identity(d))  # round 2 is full
+    with pytest.raises(Rejected) as info:
+        door.receive(0, 1, 1, dense_identity(d))  # round 1 is not
+    size = dense_identity(d).ByteSize()
+    assert info.value.code == Refusal.RESOURCE_EXHAUSTED
+    assert info.value.reason == f"update is {size} bytes, limit {max_update_bytes(4)}"
+    with pytest.raises(Rejected) as info:
+        door.receive(0, 1, 1, dense_identity(d, nnz=4))
+    assert info.value.code == INVALID
+    assert info.value.reason == (
+        "compressor 'identity' but this run uses 'randk': a dense uncompressed row is admitted "
+        "only in a full-gradient round, and the update's round is not one"
+    )
+    door.receive(0, 1, 1, randk_row(d, 4, seed=9))  # the run's compressor is, seed checked
+    with pytest.raises(Rejected, match="not the Rand-k selection of seed 10"):
+        door.receive(0, 1, 1, changed(randk_row(d, 4, seed=9), seed=10))
+
+
+def test_a_full_gradient_round_admits_the_dense_identity_row_only() -> None:
+    """An honest worker's full-round message is dense_batch(∇f_i(x)): every coordinate, no
+    seed, declared 'identity'. A Rand-k row is none of that — sparse or dense, it is refused,
+    and so is an 'identity' row missing coordinates."""
+    _, task, _, door = marina_run({"name": "randk", "k": 4})
+    d = task.dim
+    expected = (
+        "compressor 'randk' in a full-gradient round, whose messages travel uncompressed: only a "
+        "dense 'identity' row is admitted"
+    )
+    for update in (randk_row(d, 4, seed=9), randk_row(d, d, seed=9)):
+        with pytest.raises(Rejected) as info:
+            door.receive(0, 2, 1, update)
+        assert (info.value.code, info.value.reason) == (INVALID, expected)
+    with pytest.raises(Rejected) as info:
+        door.receive(0, 2, 1, dense_identity(d, nnz=d - 1))
+    assert info.value.reason == f"an uncompressed 'identity' update must carry all {d} " + (
+        f"coordinates, not {d - 1}"
+    )
+    dense_topk = SparseVector(torch.arange(d, dtype=INDEX_DTYPE), torch.ones(d), d)
+    with pytest.raises(Rejected, match="'topk' in a full-gradient round"):
+        door.receive(0, 2, 1, encode_sparse(dense_topk, compressor="topk"))
+
+
+def test_estimators_that_always_compress_admit_their_compressor_only() -> None:
+    """Byz-DASHA-PAGE shares MARINA's kind of coin but compresses every message (its server
+    rule is "state"), so no round of it admits an 'identity' row."""
+    _, task, _, door = marina_run({"name": "randk", "k": 4}, algorithm="byz-dasha-page")
+    assert {door.admits(r) for r in range(12)} == {"compressed"}
+    with pytest.raises(Rejected, match="limit 96"):
+        door.receive(0, 0, 1, dense_identity(task.dim))
+    with pytest.raises(Rejected, match="compressor 'identity' but this run uses 'randk'"):
+        door.receive(0, 0, 1, dense_identity(task.dim, nnz=4))
+
+
+def test_marina_under_a_quantizer_admits_the_quantizer_only() -> None:
+    """Every QSGD row is dense, so k_max cannot tell a full round from another: the worker
+    sends its full gradient on QSGD's code (session.encode_row) and the door admits just that."""
+    _, task, _, door = marina_run({"name": "qsgd", "params": {"levels": 4}})
+    assert {door.admits(r) for r in range(12)} == {"compressed"}
+    with pytest.raises(Rejected, match="compressor 'identity' but this run uses 'qsgd'"):
+        door.receive(0, 0, 1, dense_identity(task.dim))
+
+
+def test_a_sparsifier_keeping_every_coordinate_admits_both_dense_forms() -> None:
+    """Rand-k with k = d: its own rows are dense, so k_max is d in every round and the door
+    cannot (and need not) tell the full rounds apart: a dense 'identity' row carries nothing a
+    Rand-d row could not, and both are admitted in every round."""
+    _, task, _, door = marina_run({"name": "randk", "k": 123})
+    d = task.dim
+    assert {door.admits(r) for r in range(12)} == {"either"}
+    for r in (1, 2):
+        door.receive(0, r, 1, dense_identity(d))
+        door.receive(0, r, 1, randk_row(d, d, seed=5))
+
+
+def test_each_shard_admits_its_part_of_a_dense_full_round_row() -> None:
+    config, task, _, _ = marina_run({"name": "randk", "k": 4})
+    _, _, max_nnz = build_server_parts(config)
+    spec = build_run_compressor(config, task)
+    layout = ShardLayout(task.dim, 2)
+    doors = [
+        Door(layout.shard(s).width, "randk", max_nnz, 12, spec, shard=layout.shard(s))
+        for s in range(2)
+    ]
+    parts = layout.split(dense_identity(task.dim))
+    for door, part in zip(doors, parts, strict=True):
+        assert door.receive(0, 0, 1, part).vector.nnz == door.dim
+        with pytest.raises(Rejected, match="limit 96"):  # round 1 is compressed
+            door.receive(0, 1, 1, part)
+
+
+def marina_update(door: Door, round: int, update: pb.SparseUpdate, row: int = 4) -> Update:
+    return door.receive(row, round, round + 1, update)
+
+
+def test_a_late_marina_update_is_checked_under_the_coin_absorb_applies() -> None:
+    """The door asked MarinaRule.admissible with the round an update claims while the engine
+    absorbs it with the round open now. A dense +FLT_MAX claiming a past full round (base 0:
+    finite) arriving in a compressed round (base ĝ ≈ 1e32) passed the check and made its
+    sender's candidate +inf. The door now refuses an update whose round's coin is not the open
+    round's (OUT_OF_RANGE, as an update after the run: an honest worker carries on), and checks
+    the rest with the very base absorb uses; a refusal changes nothing."""
+    _, task, engine, door = marina_run({"name": "randk", "k": 4}, aggregator="mean")
+    rule, d = engine.rule, task.dim
+    rows = torch.arange(5)
+    # Round 0 (full): four small gradients and a 5e32 one: ĝ⁰ ≈ 1e32 under the mean.
+    for row, value in enumerate([0.01] * 4 + [5e32]):
+        update = marina_update(door, 0, dense_identity(d, value), row)
+        door.admit(rule, update)
+        engine.absorb(rows[row : row + 1], _batch(update))
+    engine.close_round()
+    assert engine.round == 1 and not rule.is_full(1)
+    assert float(engine.last_aggregate.min()) > 9e31
+    flt_max = float(torch.finfo(torch.float32).max)
+
+    # A full-round update (claiming round 0) in compressed round 1.
+    late = marina_update(door, 0, dense_identity(d, flt_max))
+    assert bool(rule.admissible(rows[4:], _batch(late), 0).all())  # what the door used to ask
+    applied = copy.deepcopy(rule)
+    applied.absorb(rows[4:], _batch(late), engine.round)  # what absorb would then have done
+    assert not bool(torch.isfinite(applied.candidates[4]).all())
+    before = {k: v.clone() for k, v in rule.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(Rejected) as info:
+        door.admit(rule, late)
+    assert info.value.code == Refusal.OUT_OF_RANGE
+    assert info.value.reason == (
+        "round 0 is a full-gradient round and round 1, open now, is a compressed one: MARINA "
+        "applies a message under its own round's coin, so this one can no longer be applied"
+    )
+    after = {k: v for k, v in rule.state_dict().items() if torch.is_tensor(v)}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    # A compressed-round update in round 1 itself: checked against ĝ⁰, the base absorb adds.
+    with pytest.raises(Rejected, match="non-finite") as info:
+        door.admit(rule, marina_update(door, 1, randk_row(d, 4, seed=9, value=flt_max)))
+    assert info.value.code == INVALID
+    after = {k: v for k, v in rule.state_dict().items() if torch.is_tensor(v)}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    # A late compressed-round update in a later compressed round: admitted, and absorbed onto
+    # the open round's base, exactly the candidate the door checked.
+    engine.close_round()  # round 1 closes: 2 (full) opens
+    with pytest.raises(Rejected, match="round 1 is a compressed round and round 2") as info:
+        door.admit(rule, marina_update(door, 1, randk_row(d, 4, seed=9)))
+    assert info.value.code == Refusal.OUT_OF_RANGE
+    engine.close_round()
+    engine.close_round()  # 4 (compressed) opens
+    assert engine.round == 4 and not rule.is_full(4)
+    update = marina_update(door, 1, randk_row(d, 4, seed=9))
+    door.admit(rule, update)
+    engine.absorb(rows[4:], _batch(update))
+    expected = engine.last_aggregate.clone()
+    expected[update.vector.indices.long()] += update.vector.values
+    assert torch.equal(rule.candidates[4], expected)
+
+
+def _batch(update: Update) -> SparseBatch:
+    vec = update.vector
+    seeds = None if vec.seed is None else (vec.seed,)
+    return SparseBatch(vec.indices[None], vec.values[None], vec.dim, seeds)

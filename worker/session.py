@@ -92,7 +92,8 @@ def encode_row(vec: SparseVector, config: RunConfig, compressor: Compressor | No
     they are what the worker both checkpoints and sends (byzps.common.codec.encode_sparse_wire).
 
     A dense row of a sparsifier run (MARINA's full-gradient rounds) declares the identity
-    compressor, since no compressor chose its support.
+    compressor, since no compressor chose its support; the server's door admits it in those
+    rounds only, and nothing else in them (byzps.server.validation.Door.admits).
     """
     if compressor is not None and compressor.packed:
         return encode_update(vec, compressor).SerializeToString()
