@@ -158,6 +158,7 @@ def validate_update(
         declared = compressor_name(update.compressor)
         if compressor is not None:
             _check_declared(declared, compressor, admits)
+        _check_levels(update, declared, spec)
         vec = decode_sparse(update)
     except WireFormatError as exc:
         _invalid(str(exc))
@@ -172,13 +173,19 @@ def validate_update(
         if not isinstance(spec, PermK) or row is None:
             _invalid("a Perm-K update needs the run's Perm-K compressor and the sender's row")
         _check_permk(vec, spec, row)
-    elif (
+    return vec
+
+
+def _check_levels(update: pb.SparseUpdate, declared: str, spec: Compressor | None) -> None:
+    """A quantizer's level count must be the run's, checked before its codes are decoded: their
+    decoding costs more the more levels a message claims (0.6 → 11 ms at d = 1,000 for
+    s = 65,535), and a message with the wrong count is refused whatever its codes hold."""
+    if (
         declared in LEVEL_COMPRESSORS
         and isinstance(spec, Quantizer)
         and update.levels != spec.levels
     ):
         _invalid(f"levels {update.levels} but this run's {declared} uses s = {spec.levels}")
-    return vec
 
 
 def _check_declared(declared: str, compressor: str, admits: Admits) -> None:

@@ -18,6 +18,7 @@ from byzps.common.compressors import (
     RandK,
     TopK,
     build_compressor,
+    permk_block,
     randk_indices,
     topk_indices,
 )
@@ -295,6 +296,19 @@ def test_randperm_head_is_torchs_permutation_head(dim: int, share: float, seed: 
     k = round(share * dim)
     generator = torch.Generator().manual_seed(seed)
     assert torch.equal(randperm_head(dim, k, seed), torch.randperm(dim, generator=generator)[:k])
+
+
+@pytest.mark.parametrize(("dim", "workers"), [(10, 3), (123, 20), (1000, 7), (4096, 4)])
+def test_permk_blocks_read_only_the_permutations_head(dim: int, workers: int) -> None:
+    """Each worker's Perm-K block, from the permutation's first start + k entries, is the block
+    of the whole permutation (the wrapping last block included)."""
+    k = -(-dim // workers)
+    for seed in (0, 3, 2**40 + 1):
+        whole = torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
+        for worker in range(workers + 1):  # + 1: the index is taken mod n
+            start = worker % workers * k
+            expected = torch.sort(whole[torch.arange(start, start + k) % dim]).values
+            assert torch.equal(permk_block(dim, workers, seed, worker), expected.to(torch.int32))
 
 
 def test_randperm_head_falls_back_to_torch_where_its_draws_differ(

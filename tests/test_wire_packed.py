@@ -158,6 +158,10 @@ def test_the_door_holds_qsgd_to_the_runs_levels_and_permk_to_the_senders_block()
     door.receive(0, 0, 1, packed(dim=dim, levels=3))
     with pytest.raises(Rejected, match="s = 3"):
         door.receive(0, 0, 1, packed(dim=dim, levels=4))
+    # Judged by its count before its codes are decoded (which cost more the more levels):
+    # codes that do not even fit their count get the levels refusal too.
+    with pytest.raises(Rejected, match="levels 65535 but this run's qsgd uses s = 3"):
+        door.receive(0, 0, 1, changed(packed(dim=dim, levels=3), levels=65535))
     dither = compressor("natural-dithering", dim, levels=5)
     door = Door(dim, "natural-dithering", lambda r: dim, rounds=5, spec=dither)
     msg = encode_update(messages(dither, torch.randn(1, dim)).row(0), dither)

@@ -26,7 +26,6 @@ from byzps.common.compressors.base import (
     check_int,
     check_layer_sizes,
     resolve_k,
-    row_generator,
 )
 from byzps.common.seeding import derive_seed
 from byzps.common.sparse import INDEX_DTYPE, SparseBatch, dense_indices
@@ -382,8 +381,10 @@ def permk_block(dim: int, num_workers: int, seed: int, worker: int) -> Tensor:
     `seed`: positions worker·k … worker·k + k − 1 of the permutation, read cyclically, with
     k = ⌈d/n⌉ and the worker index taken mod n. A server regenerates them to check a message."""
     k = -(-dim // num_workers)
-    perm = torch.randperm(dim, generator=row_generator(seed))
     start = (int(worker) % num_workers) * k
+    # Only the permutation's first start + k entries are read (all of it when the block wraps):
+    # its head, in O(start + k) (`_permutation.randperm_head`), bit for bit torch's.
+    perm = randperm_head(dim, min(dim, start + k), seed)
     pos = torch.arange(start, start + k) % dim
     return torch.sort(perm[pos]).values.to(INDEX_DTYPE)
 
