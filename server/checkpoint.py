@@ -13,10 +13,17 @@ deleted only after a newer checkpoint is on disk.
 
 Checkpoints are torch.save'd dicts of tensors and plain values, loaded with weights_only=True, so
 a tampered file can hold no code.
+
+One more file, `opened.json`, belongs to the run rather than to a generation: written once, when
+the run opens its first round (`record_open`), it holds the rows registered then. Registrations
+are not logged, and round 0's pushes are accepted before it opens, so without it a resume at
+round 0 could not tell a run that had started from one still waiting for its workers, nor
+remember a worker that registered and never pushed (see Coordinator.start).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -42,6 +49,7 @@ FORMAT = 1
 _CKPT = re.compile(r"ckpt-(\d{6})\.pt")
 _WAL = re.compile(r"wal-(\d{6})\.log")
 KEEP_GENERATIONS = 2
+OPENED = "opened.json"
 
 
 class CheckpointError(ValueError):
@@ -81,6 +89,10 @@ class Recovered:
     generation: int
     state: dict[str, Any] | None
     records: list[Record]
+    #: The rows registered when the run opened its first round, each with its last-seen time
+    #: then (`CheckpointStore.record_open`); None when no open is on record (the run had not
+    #: opened it yet, or predates the record).
+    opened: dict[int, float] | None = None
 
 
 class CheckpointStore:
@@ -112,10 +124,46 @@ class CheckpointStore:
         return bool(self._generations(_CKPT) or self._generations(_WAL))
 
     def clear(self) -> None:
-        """Delete every generation (a fresh run in a directory that held an old one)."""
+        """Delete every generation and the record of the open (a fresh run in a directory that
+        held an old one)."""
         for p in self.directory.iterdir():
-            if _CKPT.fullmatch(p.name) or _WAL.fullmatch(p.name) or p.name.endswith(".pt.tmp"):
+            if (
+                _CKPT.fullmatch(p.name)
+                or _WAL.fullmatch(p.name)
+                or p.name.endswith(".pt.tmp")
+                or p.name in (OPENED, OPENED + ".tmp")
+            ):
                 p.unlink()
+
+    def record_open(self, registered: dict[int, float]) -> None:
+        """Record, durably (temp file, fsync, rename, fsync of the directory), that the run
+        opened its first round with the rows of `registered` (row: last-seen wall time)
+        registered. OSError if it could not be written."""
+        path = self.directory / OPENED
+        tmp = path.with_name(OPENED + ".tmp")
+        rows = {str(row): seen for row, seen in sorted(registered.items())}
+        body = {"format": FORMAT, "config_digest": self.digest, "registered": rows}
+        with tmp.open("w") as fh:
+            json.dump(body, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+        fsync_dir(self.directory)
+
+    def _recorded_open(self) -> dict[int, float] | None:
+        """The rows of `record_open`, or None (none recorded; an unreadable or foreign record is
+        ignored with a warning: the resume then waits for registrations as a first start does)."""
+        path = self.directory / OPENED
+        if not path.exists():
+            return None
+        try:
+            body = json.loads(path.read_text())
+            if body.get("config_digest") != self.digest:
+                raise ValueError(f"it belongs to run config {body.get('config_digest')}")
+            return {int(row): float(seen) for row, seen in body["registered"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            warnings.warn(f"{path}: ignored ({exc})", stacklevel=2)
+            return None
 
     # --- resume ---------------------------------------------------------------------------
 
@@ -168,7 +216,7 @@ class CheckpointStore:
             self._writer = LogWriter(wal, self.fsync)
         else:
             self.generation = generation
-        return Recovered(generation, state, records)
+        return Recovered(generation, state, records, self._recorded_open())
 
     # --- running --------------------------------------------------------------------------
 

@@ -18,6 +18,14 @@ on a model that a crash could take back. A round closes when every registered wo
 for it, or when at least `quorum` have and `round_deadline` seconds passed since it opened;
 workers that missed it keep their stale state.
 
+The first round opens once all n workers registered, or at the startup timeout; on a shard also
+once a peer shard closed it (`_open_after_peers`: a worker may register with some shards only).
+A resumed run that had already opened its first round opens its recovered round at once: it
+does not wait for registrations again (`start`), and its registered set is what it had — the
+checkpoint's table, every pusher in the log, and the rows registered when the run opened
+(`CheckpointStore.record_open`) — so "every registered worker pushed" never means fewer workers
+than before the restart.
+
 Nothing here blocks waiting for a round: `model` and `downlink` answer at once (None: not yet),
 and listeners registered with `on_change` hear of every closed round and of shutdown, so the
 servicer can park waiting callers without holding a thread each.
@@ -71,7 +79,7 @@ log = logging.getLogger("byzps.server")
 
 
 class Phase(enum.Enum):
-    STARTING = "starting"  # waiting for all n registrations (or the startup timeout)
+    STARTING = "starting"  # waiting for all n registrations (or the startup timeout, or a peer)
     RUNNING = "running"  # a round is open
     FINISHED = "finished"  # round == rounds: only the final model is served
 
@@ -171,6 +179,8 @@ class Coordinator:
         self._opened_at = 0.0
         self._opened_wall = 0.0
         self._startup_deadline = 0.0
+        # The run has opened its first round: here, or before a restart (on record, `start`).
+        self._run_opened = False
         self._stopping = False
         self.failure: BaseException | None = None
         # This round's dense answers (see _snapshot); emptied whenever x moves.
@@ -195,6 +205,15 @@ class Coordinator:
             if recovered is not None:
                 for record in recovered.records:
                     self._replay(record)
+                # Registrations are not logged, and a replayed push re-registers only its
+                # pusher: a worker that registered and never pushed (a silent Byzantine one)
+                # would be forgotten, and a resume at round 0 would wait for it until the
+                # startup timeout. A run past round 0, or whose open is on record, had opened
+                # its first round: it opens the recovered one at once (`_maybe_open`) with the
+                # rows registered at the open among its registered ones.
+                for row, seen in (recovered.opened or {}).items():
+                    self._workers.setdefault(row, WorkerInfo(seen))
+                self._run_opened = self.engine.round > 0 or recovered.opened is not None
             if self.engine.round >= self.rounds:
                 self._finish(starting=True)
             else:
@@ -250,12 +269,42 @@ class Coordinator:
                     self._maybe_close()
             pending = self._unpublished
             overdue = self._overdue_round()
+            starting = self._starting_round()
         if pending is not None:
             # A storage failure sets `failure`, and the daemon stops.
             with contextlib.suppress(Rejected):
                 self.settle(pending[0])
         if overdue is not None:
             self._follow_peers(overdue)
+        elif starting is not None:
+            self._open_after_peers(starting)
+
+    def _starting_round(self) -> int | None:
+        """On a shard still waiting to open its first round, that round; None otherwise. Caller
+        holds the lock."""
+        waiting = self._phase is Phase.STARTING and self.failure is None and not self._stopping
+        return self.engine.round if self._shards is not None and waiting else None
+
+    def _open_after_peers(self, round: int) -> None:
+        """Open `round` if a peer shard already closed it (its barrier part is published). A
+        worker may register with some shards only: a shard that saw all n open at once, closed
+        the round and waits at the barrier, while one that missed a registration would wait for
+        its startup timeout — past the closer's peer timeout, which then stops it. Opened here,
+        the round closes by the ordinary rules: at once if every worker registered here pushed,
+        else on the quorum after the deadline, or by following the peer (`_follow_peers`)."""
+        assert self._shards is not None
+        peers = self._shards.peers
+        try:  # not before the peers' addresses can be read without waiting for them
+            if not peers.known() or not peers.published(COLLECTIVE, round, 0):
+                return
+        except PeerError:  # the launcher's file, not written in full yet
+            return
+        with self._lock:
+            if self._starting_round() == round:
+                log.info("round %d: a peer shard opened and closed it; opening it here too", round)
+                with contextlib.suppress(Rejected):  # a failed close sets `failure`
+                    self._open()
+                    self._maybe_close()
 
     def _overdue_round(self) -> int | None:
         """On a shard, the open round once its deadline has passed without this shard closing
@@ -494,17 +543,33 @@ class Coordinator:
         self._notify()
 
     def _maybe_open(self, *, close: bool = True) -> None:
-        """Open the first round once every worker registered or the startup timeout passed;
-        then close it at once if it is already due (unless `close` is False)."""
+        """Open the first round once every worker registered or the startup timeout passed, and
+        a resumed run's round at once if the run had opened its first one; then close it at
+        once if it is already due (unless `close` is False)."""
         if self._phase is not Phase.STARTING:
             return
-        if len(self._workers) >= self.num_workers or self._clock() >= self._startup_deadline:
-            self._phase = Phase.RUNNING
-            self._opened_at = self._clock()
-            self._opened_wall = time.time()
-            log.info("round %d open with %d registered workers", self.round, len(self._workers))
+        registered = len(self._workers) >= self.num_workers
+        if self._run_opened or registered or self._clock() >= self._startup_deadline:
+            self._open()
             if close:
                 self._maybe_close()
+
+    def _open(self) -> None:
+        """STARTING → RUNNING; the run's first open is recorded with the rows registered then,
+        so that a resume does not wait for registrations again (`start`)."""
+        resumed = self._run_opened
+        self._phase = Phase.RUNNING
+        self._opened_at = self._clock()
+        self._opened_wall = time.time()
+        self._run_opened = True
+        how = " (resumed: the run had opened its first round)" if resumed else ""
+        log.info("round %d open with %d registered workers%s", self.round, len(self._workers), how)
+        if resumed or self._store is None:
+            return
+        try:
+            self._store.record_open({row: i.last_seen for row, i in self._workers.items()})
+        except OSError as exc:  # a resume at round 0 then waits as a first start does
+            log.error("could not record the open of round %d: %s", self.round, exc)
 
     def _maybe_close(self) -> None:
         if self._phase is not Phase.RUNNING or not self._pushed:

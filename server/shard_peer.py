@@ -292,6 +292,13 @@ class Peers:
             f"within {self.timeout:.0f} s ({last_error})"
         )
 
+    def known(self) -> bool:
+        """Whether the peers' addresses are known or can be read at once: given, or in a file
+        that exists (else the first call would wait up to `timeout` for the launcher's file).
+        Without the lock: a call that holds it may be waiting for that very file."""
+        source = self._source
+        return bool(self.addresses) or not isinstance(source, Path) or source.exists()
+
     def published(self, kind: int, round: int, step: int) -> bool:
         """Whether any peer has published (kind, round, step) now (no waiting; a peer that does
         not answer counts as not)."""
