@@ -4,8 +4,9 @@ every byte written despite short writes, and renames made durable."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 #: The most buffers one writev takes (POSIX IOV_MAX is at least 1024 on Linux).
 IOV_MAX = 1024
@@ -41,3 +42,16 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_durably(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Give `path` new contents, written by `write` into the open file, so that a crash leaves
+    either the old file or the whole new one: a temporary beside it, fsynced, renamed over it,
+    and the rename made durable."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)

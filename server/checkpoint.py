@@ -24,7 +24,6 @@ remember a worker that registered and never pushed (see Coordinator.start).
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import warnings
@@ -35,7 +34,7 @@ from typing import Any
 
 import torch
 
-from byzps.common.fileio import fsync_dir
+from byzps.common.fileio import replace_durably
 from byzps.server.wal import (
     FsyncPolicy,
     LogWriter,
@@ -66,13 +65,7 @@ def _wal_name(gen: int) -> str:
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write `state` to `path` so that a crash leaves either the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
+    replace_durably(path, lambda fh: torch.save(state, fh))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -139,16 +132,9 @@ class CheckpointStore:
         """Record, durably (temp file, fsync, rename, fsync of the directory), that the run
         opened its first round with the rows of `registered` (row: last-seen wall time)
         registered. OSError if it could not be written."""
-        path = self.directory / OPENED
-        tmp = path.with_name(OPENED + ".tmp")
         rows = {str(row): seen for row, seen in sorted(registered.items())}
         body = {"format": FORMAT, "config_digest": self.digest, "registered": rows}
-        with tmp.open("w") as fh:
-            json.dump(body, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-        fsync_dir(self.directory)
+        replace_durably(self.directory / OPENED, lambda fh: fh.write(json.dumps(body).encode()))
 
     def _recorded_open(self) -> dict[int, float] | None:
         """The rows of `record_open`, or None (none recorded; an unreadable or foreign record is

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import configs
@@ -34,15 +33,6 @@ from cluster_helpers import (
 )
 
 from byzps.common.config import to_toml
-
-
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    tracker = Processes()
-    try:
-        yield tracker
-    finally:
-        tracker.kill_all()
 
 
 def simulate(config: Path, out: Path) -> np.ndarray:

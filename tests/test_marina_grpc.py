@@ -13,13 +13,11 @@ applies it with.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import configs
 import grpc
 import numpy as np
-import pytest
 import torch
 from cluster_helpers import Processes, byzps, leftovers, log_digest, metrics
 from server_support import Client, N, in_process
@@ -54,15 +52,6 @@ def test_the_coin_has_both_kinds_of_round() -> None:
 # ----------------------------------------------------------------------------------------------
 # A real cluster
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    tracker = Processes()
-    try:
-        yield tracker
-    finally:
-        tracker.kill_all()
 
 
 def test_a_marina_cluster_finishes_its_rounds_and_reproduces_the_simulator(

@@ -121,13 +121,6 @@ def in_ns(ns: str, argv: list[str]) -> list[str]:
     return ["ip", "netns", "exec", ns, *argv]
 
 
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    tracker = Processes()
-    yield tracker
-    tracker.kill_all()
-
-
 # --------------------------------------------------------------------------- credentials
 
 

@@ -27,13 +27,6 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(byzps(*args), capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def procs() -> Processes:
-    tracker = Processes()
-    yield tracker
-    tracker.kill_all()
-
-
 # --- the directory rules, in-process ---------------------------------------------------------
 
 

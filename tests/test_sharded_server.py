@@ -43,15 +43,6 @@ from byzps.server.shard_peer import COLLECTIVE, MODEL
 COORDINATEWISE = {"mean", "cm", "cwtm", "meamed"}
 
 
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    tracker = Processes()
-    try:
-        yield tracker
-    finally:
-        tracker.kill_all()
-
-
 def run_config(path: Path, shards: int, rounds: int = 30, **sections: dict[str, Any]) -> Path:
     """The cluster tests' tiny a9a run (5 workers, 1 Byzantine, Top-2) on `shards` shards."""
     run = configs.small_config(seed=7, rounds=rounds, eval_every=10, k=2, attack="bf")

@@ -21,7 +21,6 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import configs
@@ -229,15 +228,6 @@ def test_a_resumed_server_process_opens_its_round_at_once(tmp_path: Path) -> Non
 
 
 # --- shards --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    tracker = Processes()
-    try:
-        yield tracker
-    finally:
-        tracker.kill_all()
 
 
 def _sharded_run(tmp: Path, procs: Processes, rounds: int, *, both: bool) -> tuple[np.ndarray, str]:
