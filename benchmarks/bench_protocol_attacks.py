@@ -186,10 +186,12 @@ def percentiles(values: np.ndarray) -> tuple[float, float]:
 
 
 def attack_mode(args: argparse.Namespace) -> None:
+    sparsifier = "Top-k" if args.compressor == "topk" else "Rand-k"
     print(
         f"byzps server + {args.honest} honest worker processes + 1 attack process "
         f"(f = {args.f}, bit flip) on 127.0.0.1: quadratic d = {args.dim:,}, Byz-DM21, "
-        f"Top-k (d/1000), NNM∘cm, {args.rounds} rounds, --round-deadline {args.round_deadline} s"
+        f"{sparsifier} (d/1000), NNM∘cm, {args.rounds} rounds, --round-deadline "
+        f"{args.round_deadline} s"
     )
     args.out.mkdir(parents=True, exist_ok=True)
     config = args.out / "run.toml"
