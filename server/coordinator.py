@@ -19,7 +19,7 @@ for it, or when at least `quorum` have and `round_deadline` seconds passed since
 workers that missed it keep their stale state.
 
 The first round opens once all n workers registered, or at the startup timeout; on a shard also
-once a peer shard closed it (`_open_after_peers`: a worker may register with some shards only).
+once a peer shard closed it (`_follow_peers`: a worker may register with some shards only).
 A resumed run that had already opened its first round opens its recovered round at once: it
 does not wait for registrations again (`start`), and its registered set is what it had — the
 checkpoint's table, every pusher in the log, and the rows registered when the run opened
@@ -268,43 +268,21 @@ class Coordinator:
                     self._maybe_open()
                     self._maybe_close()
             pending = self._unpublished
-            overdue = self._overdue_round()
-            starting = self._starting_round()
+            behind = self._overdue_round()
+            if behind is None:
+                behind = self._starting_round()
         if pending is not None:
             # A storage failure sets `failure`, and the daemon stops.
             with contextlib.suppress(Rejected):
                 self.settle(pending[0])
-        if overdue is not None:
-            self._follow_peers(overdue)
-        elif starting is not None:
-            self._open_after_peers(starting)
+        if behind is not None:
+            self._follow_peers(behind)
 
     def _starting_round(self) -> int | None:
         """On a shard still waiting to open its first round, that round; None otherwise. Caller
         holds the lock."""
         waiting = self._phase is Phase.STARTING and self.failure is None and not self._stopping
         return self.engine.round if self._shards is not None and waiting else None
-
-    def _open_after_peers(self, round: int) -> None:
-        """Open `round` if a peer shard already closed it (its barrier part is published). A
-        worker may register with some shards only: a shard that saw all n open at once, closed
-        the round and waits at the barrier, while one that missed a registration would wait for
-        its startup timeout — past the closer's peer timeout, which then stops it. Opened here,
-        the round closes by the ordinary rules: at once if every worker registered here pushed,
-        else on the quorum after the deadline, or by following the peer (`_follow_peers`)."""
-        assert self._shards is not None
-        peers = self._shards.peers
-        try:  # not before the peers' addresses can be read without waiting for them
-            if not peers.known() or not peers.published(COLLECTIVE, round, 0):
-                return
-        except PeerError:  # the launcher's file, not written in full yet
-            return
-        with self._lock:
-            if self._starting_round() == round:
-                log.info("round %d: a peer shard opened and closed it; opening it here too", round)
-                with contextlib.suppress(Rejected):  # a failed close sets `failure`
-                    self._open()
-                    self._maybe_close()
 
     def _overdue_round(self) -> int | None:
         """On a shard, the open round once its deadline has passed without this shard closing
@@ -314,18 +292,29 @@ class Coordinator:
         return self.engine.round if self._shards is not None and running and late else None
 
     def _follow_peers(self, round: int) -> None:
-        """Close `round` if a peer shard already has (its barrier part is published): every
-        shard must close every round, or the closer waits at the barrier forever. Only past the
-        deadline, so that in a healthy round each shard closes on its own pushes and a shard's
-        round holds exactly what one server's would."""
+        """Catch up with a peer shard that already closed `round` (its barrier part is
+        published): every shard must close every round, or the closer waits at the barrier
+        forever.
+
+        A running shard closes it only past its deadline (`_overdue_round`), so that in a healthy
+        round each shard closes on its own pushes and a shard's round holds exactly what one
+        server's would. A shard still starting (`_starting_round`) opens it: a worker may
+        register with some shards only, and then a shard that saw all n open at once, closed the
+        round and waits at the barrier, while one that missed a registration would wait for its
+        startup timeout — past the closer's peer timeout, which then stops it. Opened here, the
+        round closes by the ordinary rules: at once if every worker registered here pushed, else
+        on the quorum after the deadline, or by following the peer as a running shard does."""
         assert self._shards is not None
         if not self._shards.peers.published(COLLECTIVE, round, 0):
             return
-        with self._lock:
-            if self._overdue_round() == round:
+        with self._lock, contextlib.suppress(Rejected):  # a failed close sets `failure`
+            if self._starting_round() == round:
+                log.info("round %d: a peer shard opened and closed it; opening it here too", round)
+                self._open()
+                self._maybe_close()
+            elif self._overdue_round() == round:
                 log.info("round %d: a peer shard closed it; closing it here too", round)
-                with contextlib.suppress(Rejected):
-                    self._close()
+                self._close()
 
     # --- RPC-facing operations ------------------------------------------------------------
 

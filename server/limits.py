@@ -113,8 +113,9 @@ class Limits:
                 raise ValueError(f"{name} must be positive")
         if self.status_rows_per_call < 1:
             raise ValueError("status_rows_per_call must be at least 1")
-        if self.in_flight < 1 or self.anonymous_streams < 1:
-            raise ValueError("in_flight and anonymous_streams must be at least 1")
+        for name in ("in_flight", "anonymous_streams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         if self.min_per_second < 0:
             raise ValueError("min_per_second must be non-negative")
         if self.per_round < 0:

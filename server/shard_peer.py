@@ -292,7 +292,7 @@ class Peers:
             f"within {self.timeout:.0f} s ({last_error})"
         )
 
-    def known(self) -> bool:
+    def _known(self) -> bool:
         """Whether the peers' addresses are known or can be read at once: given, or in a file
         that exists (else the first call would wait up to `timeout` for the launcher's file).
         Without the lock: a call that holds it may be waiting for that very file."""
@@ -300,11 +300,18 @@ class Peers:
         return bool(self.addresses) or not isinstance(source, Path) or source.exists()
 
     def published(self, kind: int, round: int, step: int) -> bool:
-        """Whether any peer has published (kind, round, step) now (no waiting; a peer that does
-        not answer counts as not)."""
+        """Whether any peer has published (kind, round, step) now. No waiting: not while the
+        peers' addresses cannot be read yet (a shard still starting asks before the launcher
+        has written them), and a peer that does not answer counts as not."""
+        if not self._known():
+            return False
         request = pb.FetchPartRequest(kind=kind, round=round, step=step, rank=self.shard.rank)
         ranks = [r for r in range(self.shard.count) if r != self.shard.rank]
-        for stub in (self._stub(r) for r in ranks):
+        try:
+            stubs = [self._stub(r) for r in ranks]
+        except PeerError:  # the launcher's file, not written in full yet
+            return False
+        for stub in stubs:
             try:
                 if stub.FetchPart(request, timeout=2.0, metadata=self._metadata).ready:
                     return True

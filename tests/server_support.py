@@ -193,6 +193,22 @@ class TaskShape:
     layer_sizes: tuple[int, ...]
 
 
+def build_coordinator(
+    config: RunConfig,
+    settings: Settings,
+    *,
+    parts: tuple[Any, RoundEngine, Any] | None = None,
+    **options: Any,
+) -> Coordinator:
+    """A Coordinator of `config` (not started) with the door the server builds for it, from the
+    run's compressor; `parts`: (task, engine, max_nnz), default `build_server_parts(config)`;
+    `options` go to the Coordinator (store, clock, metrics, …)."""
+    task, engine, max_nnz = build_server_parts(config) if parts is None else parts
+    spec = build_run_compressor(config, task)
+    door = Door(task.dim, config.compressor.name, max_nnz, config.run.rounds, spec)
+    return Coordinator(config, engine, door, settings, **options)
+
+
 @contextmanager
 def in_process(
     config: RunConfig,
@@ -215,17 +231,10 @@ def in_process(
         task, engine, max_nnz = build_server_parts(config)
     clock = FakeClock()
     store = None if store_dir is None else CheckpointStore(store_dir, config.digest())
-    coordinator = Coordinator(
+    coordinator = build_coordinator(
         config,
-        engine,
-        Door(
-            task.dim,
-            config.compressor.name,
-            max_nnz,
-            config.run.rounds,
-            build_run_compressor(config, task),
-        ),
         Settings(quorum, deadline, startup, checkpoint_every),
+        parts=(task, engine, max_nnz),
         store=store,
         clock=clock,
     )

@@ -19,6 +19,7 @@ from server_support import (
     SECRET,
     Client,
     N,
+    build_coordinator,
     random_update,
     server_process,
     tiny_config,
@@ -27,7 +28,7 @@ from server_support import (
 
 import byzps.server.checkpoint as checkpoint_module
 from byzps.common.codec import decode_sparse
-from byzps.common.components import build_run_compressor, build_run_task
+from byzps.common.components import build_run_task
 from byzps.common.config import RunConfig
 from byzps.common.sparse import SparseBatch
 from byzps.proto.v1 import parameter_server_pb2 as pb
@@ -35,7 +36,6 @@ from byzps.server.checkpoint import CheckpointStore
 from byzps.server.coordinator import Coordinator, Settings
 from byzps.server.engine import build_server_parts
 from byzps.server.results import MetricsRecorder
-from byzps.server.validation import Door
 from byzps.server.wal import (
     CloseRecord,
     FsyncPolicy,
@@ -194,11 +194,8 @@ def _coordinator(
     metrics: MetricsRecorder | None = None,
     checkpoint_every: int = 2,
 ) -> Coordinator:
-    task, engine, max_nnz = build_server_parts(config)
-    spec = build_run_compressor(config, task)
-    door = Door(task.dim, config.compressor.name, max_nnz, config.run.rounds, spec)
     settings = Settings(N, 60.0, 60.0, checkpoint_every)
-    return Coordinator(config, engine, door, settings, store=store, metrics=metrics)
+    return build_coordinator(config, settings, store=store, metrics=metrics)
 
 
 def _drive(coordinator: Coordinator, rounds: range) -> None:

@@ -33,19 +33,17 @@ from server_support import (
     Client,
     FakeClock,
     N,
+    build_coordinator,
     random_update,
     server_process,
     tiny_config,
     write_config,
 )
 
-from byzps.common.components import build_run_compressor
 from byzps.common.config import RunConfig, to_toml
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.server.checkpoint import OPENED, CheckpointStore
 from byzps.server.coordinator import Coordinator, Phase, Settings
-from byzps.server.engine import build_server_parts
-from byzps.server.validation import Door
 
 QUORUM, DEADLINE, STARTUP = N - 1, 5.0, 600.0
 
@@ -55,11 +53,8 @@ def _update(row: int, round: int) -> pb.SparseUpdate:
 
 
 def _coordinator(config: RunConfig, store: CheckpointStore | None, clock: FakeClock) -> Coordinator:
-    task, engine, max_nnz = build_server_parts(config)
-    spec = build_run_compressor(config, task)
-    door = Door(task.dim, config.compressor.name, max_nnz, config.run.rounds, spec)
     settings = Settings(QUORUM, DEADLINE, STARTUP, checkpoint_every=50)
-    return Coordinator(config, engine, door, settings, store=store, clock=clock)
+    return build_coordinator(config, settings, store=store, clock=clock)
 
 
 def _push(coordinator: Coordinator, row: int, round: int) -> None:
