@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2
 
 from byzps.common.components import build_run_compressor
 from byzps.common.config import RunConfig
-from byzps.common.shards import ShardLayout
+from byzps.common.shards import ShardLayout, ShardRange
 from byzps.common.tasks.base import Task
 from byzps.server.auth import Authenticator
 from byzps.server.checkpoint import CheckpointStore, Recovered
@@ -250,13 +250,24 @@ def serve(
 ) -> int:
     """Run the server to the end of the run (or a signal); returns the process exit code."""
     stop = stop if stop is not None else threading.Event()
-    spec = build_run_compressor(config, task)
     shard = ShardLayout(task.dim, config.cluster.shards).shard(options.shard)
     width = int(engine.x.numel())
     if width != shard.width:
         raise StartupError(f"the engine holds {width} coordinates, shard {shard} {shard.width}")
-    door = Door(width, config.compressor.name, max_nnz, config.run.rounds, spec, shard=shard)
+    door = build_door(config, task, max_nnz, shard)
     return asyncio.run(_serve(config, task, engine, door, options, ready, stop))
+
+
+def build_door(
+    config: RunConfig, task: Task, max_nnz: Callable[[int], int], shard: ShardRange | None = None
+) -> Door:
+    """The door of the run's server (of one `shard` of it): the run's compressor, rounds and
+    seed, so that every check an update's round fixes (its k_max, Perm-K's shared seed) holds."""
+    spec = build_run_compressor(config, task)
+    width = task.dim if shard is None else shard.width
+    return Door(
+        width, config.compressor.name, max_nnz, config.run.rounds, spec, shard, config.run.seed
+    )
 
 
 def shard_context(config: RunConfig, task: Task, options: DaemonOptions) -> ShardContext | None:

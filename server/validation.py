@@ -51,7 +51,7 @@ from byzps.common.codec import (
     compressor_name,
     decode_sparse,
 )
-from byzps.common.compressors import Compressor, PermK, Quantizer, permk_block, randk_indices
+from byzps.common.compressors import Compressor, PermK, Quantizer, is_permk_block, randk_indices
 from byzps.common.server_rules import ServerRule
 from byzps.common.shards import ShardRange
 from byzps.common.sparse import SparseBatch, SparseVector
@@ -128,6 +128,7 @@ def validate_update(
     size: int | None = None,
     shard: ShardRange | None = None,
     admits: Admits = "compressed",
+    permk_seed: int | None = None,
 ) -> SparseVector:
     """Check `update` against a model of dimension `dim`; return it decoded (values float32).
 
@@ -138,9 +139,10 @@ def validate_update(
     rows are then dense too: k = d). An update declaring Rand-k must carry a seed from which
     exactly its k_max indices regenerate. `spec`, the run's compressor, fixes what the name
     does not: QSGD's level count, and with the sender's worker id `row` the Perm-K block its
-    seed must regenerate (both required for Perm-K). On one shard of a sharded server
-    (`shard`, with `dim` its width) a Rand-k update holds the part of its seed's selection
-    that lies in the shard's range, with local indices.
+    seed must regenerate (both required for Perm-K), and `permk_seed`, where the caller knows
+    the run seed, the one seed a Perm-K update of its round may carry. On one shard of a
+    sharded server (`shard`, with `dim` its width) a Rand-k update holds the part of its seed's
+    selection that lies in the shard's range, with local indices.
     `max_bytes` defaults to max_update_bytes(k_max); `size` is the update's serialized length
     where the caller has it (default: update.ByteSize()). Raises Rejected:
     RESOURCE_EXHAUSTED for an oversize message, INVALID_ARGUMENT for anything malformed.
@@ -172,7 +174,7 @@ def validate_update(
     elif declared == "permk":
         if not isinstance(spec, PermK) or row is None:
             _invalid("a Perm-K update needs the run's Perm-K compressor and the sender's row")
-        _check_permk(vec, spec, row)
+        _check_permk(vec, spec, row, permk_seed)
     return vec
 
 
@@ -208,13 +210,17 @@ def _check_declared(declared: str, compressor: str, admits: Admits) -> None:
     _invalid(f"compressor {declared!r} but this run uses {compressor!r}")
 
 
-def _check_permk(vec: SparseVector, spec: PermK, row: int) -> None:
-    """Perm-K's worker `row` keeps block row mod n of its seed's permutation, exactly k entries."""
+def _check_permk(vec: SparseVector, spec: PermK, row: int, round_seed: int | None) -> None:
+    """Perm-K's worker `row` keeps block row mod n of its seed's permutation, exactly k entries;
+    the seed is its round's (`round_seed`, where known), shared by every worker of the round, so
+    the blocks of one round are disjoint as the compressor means them to be."""
     if vec.seed is None:
         _invalid("Perm-K update without a seed")
+    if round_seed is not None and vec.seed != round_seed:
+        _invalid(f"Perm-K seed {vec.seed} is not its round's shared seed {round_seed}")
     if vec.nnz != spec.k:
         _invalid(f"Perm-K update with nnz {vec.nnz}, expected k = {spec.k}")
-    if not torch.equal(vec.indices, permk_block(vec.dim, spec.num_workers, vec.seed, row)):
+    if not is_permk_block(vec.indices, vec.dim, spec.num_workers, vec.seed, row):
         _invalid(f"indices are not worker {row}'s Perm-K block of seed {vec.seed}")
 
 
@@ -292,7 +298,9 @@ class Door:
     `k_max(round)` is the largest nnz a message computed at `round` may carry (MARINA/PAGE send
     dense rounds); `rounds` bounds the round used to ask it, so absurd claimed rounds cost nothing.
     `spec` is the run's compressor object, needed for what its name does not fix (QSGD's levels;
-    Perm-K's n, without which a Perm-K door cannot be built).
+    Perm-K's n, without which a Perm-K door cannot be built); `seed`, the run seed, fixes the
+    one seed a Perm-K update of each round may carry (the gRPC server gives it; the simulator's
+    messages never cross a wire).
 
     On one shard of a sharded server, `dim` is the shard's width and `shard` its place in the
     whole: `k_max` stays the whole message's bound (Rand-k's k is drawn over all d), while a
@@ -307,6 +315,7 @@ class Door:
         rounds: int,
         spec: Compressor | None = None,
         shard: ShardRange | None = None,
+        seed: int | None = None,
     ) -> None:
         if compressor == "permk" and not isinstance(spec, PermK):
             raise ValueError("spec: a Perm-K door needs the run's PermK compressor (its n)")
@@ -318,6 +327,7 @@ class Door:
         self.rounds = rounds
         self.spec = spec
         self.shard = shard
+        self.seed = seed
 
     @property
     def largest_k_max(self) -> int:
@@ -369,12 +379,19 @@ class Door:
             size=len(encoded),
             shard=self.shard,
             admits=self.admits(round),
+            permk_seed=self._permk_seed(round),
         )
         if update.packed:  # the codes and the float32 scale
             wire_bytes = len(update.packed) + (4 if update.HasField("scale") else 0)
         else:
             wire_bytes = message_bytes(vec.nnz, VALUE_BYTES[update.dtype])
         return Update(row, round, seq, vec, wire_bytes, encoded)
+
+    def _permk_seed(self, round: int) -> int | None:
+        """The seed a Perm-K update of `round` must carry, where this door knows the run seed."""
+        if self.seed is None or not isinstance(self.spec, PermK):
+            return None
+        return self.spec.round_seed(self.seed, round)
 
     def replayed(self, row: int, round: int, seq: int, encoded: bytes) -> Update:
         """An update read back from the write-ahead log, through the same wire checks as when

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from byzps.common.codec import decode_model, encode_sparse
-from byzps.common.components import build_run_compressor
 from byzps.common.config import RunConfig
 from byzps.common.credentials import TOKEN_METADATA_KEY, token_for
 from byzps.common.sparse import SparseVector
@@ -32,11 +31,10 @@ from byzps.proto.v1 import parameter_server_pb2_grpc as pb_grpc
 from byzps.server.auth import Authenticator
 from byzps.server.checkpoint import CheckpointStore
 from byzps.server.coordinator import Coordinator, Settings
-from byzps.server.daemon import ServerThread
+from byzps.server.daemon import ServerThread, build_door
 from byzps.server.engine import RoundEngine, build_server_parts
 from byzps.server.limits import Limits
 from byzps.server.service import ParameterServerServicer
-from byzps.server.validation import Door
 
 SECRET = b"s3cret-for-tests"
 N, F = 5, 1
@@ -204,9 +202,7 @@ def build_coordinator(
     run's compressor; `parts`: (task, engine, max_nnz), default `build_server_parts(config)`;
     `options` go to the Coordinator (store, clock, metrics, …)."""
     task, engine, max_nnz = build_server_parts(config) if parts is None else parts
-    spec = build_run_compressor(config, task)
-    door = Door(task.dim, config.compressor.name, max_nnz, config.run.rounds, spec)
-    return Coordinator(config, engine, door, settings, **options)
+    return Coordinator(config, engine, build_door(config, task, max_nnz), settings, **options)
 
 
 @contextmanager

@@ -18,12 +18,15 @@ from byzps.common.compressors import (
     RandK,
     TopK,
     build_compressor,
+    is_permk_block,
     permk_block,
     randk_indices,
     topk_indices,
 )
+from byzps.common.compressors._feistel import keyed_permutation_at
 from byzps.common.compressors._permutation import randperm_head
 from byzps.common.compressors._topk_scan import SAMPLE, scan_row
+from byzps.common.compressors.sparsifiers import SHUFFLED_DIM
 from byzps.common.sparse import INDEX_DTYPE
 
 METHODS = ("scan", "numpy", "select", "sort", "torch")
@@ -299,9 +302,12 @@ def test_randperm_head_is_torchs_permutation_head(dim: int, share: float, seed: 
 
 
 @pytest.mark.parametrize(("dim", "workers"), [(10, 3), (123, 20), (1000, 7), (4096, 4)])
-def test_permk_blocks_read_only_the_permutations_head(dim: int, workers: int) -> None:
-    """Each worker's Perm-K block, from the permutation's first start + k entries, is the block
-    of the whole permutation (the wrapping last block included)."""
+def test_permk_blocks_up_to_the_shuffled_size_are_torchs_permutations(
+    dim: int, workers: int
+) -> None:
+    """Up to SHUFFLED_DIM coordinates each worker's Perm-K block is its positions of the
+    seed's torch.randperm (the wrapping last block included)."""
+    assert dim <= SHUFFLED_DIM
     k = -(-dim // workers)
     for seed in (0, 3, 2**40 + 1):
         whole = torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
@@ -309,6 +315,71 @@ def test_permk_blocks_read_only_the_permutations_head(dim: int, workers: int) ->
             start = worker % workers * k
             expected = torch.sort(whole[torch.arange(start, start + k) % dim]).values
             assert torch.equal(permk_block(dim, workers, seed, worker), expected.to(torch.int32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(dim=st.integers(1, 20_000), seed=st.integers(0, 2**63 - 1))
+def test_the_keyed_permutation_is_a_bijection(dim: int, seed: int) -> None:
+    """Cycle-walking keeps the Feistel network a permutation of exactly range(d), any d."""
+    values = keyed_permutation_at(dim, seed, np.arange(dim))
+    assert np.array_equal(np.sort(values), np.arange(dim))
+
+
+@pytest.mark.parametrize(("dim", "workers"), [(4097, 4097), (5000, 20), (10_007, 7), (65_536, 16)])
+def test_permk_blocks_of_one_seed_cover_every_coordinate(dim: int, workers: int) -> None:
+    """Above SHUFFLED_DIM too, the n blocks of one seed are k distinct coordinates each and
+    together cover all d (disjoint when n divides d): the permutation the compressor promises."""
+    assert dim > SHUFFLED_DIM
+    k = -(-dim // workers)
+    blocks = [permk_block(dim, workers, 11, w) for w in range(workers)]
+    assert all(b.numel() == k and torch.unique(b).numel() == k for b in blocks)
+    union = torch.cat(blocks)
+    assert torch.equal(torch.unique(union), torch.arange(dim, dtype=torch.int32))
+    if dim % workers == 0:
+        assert union.numel() == dim
+
+
+@pytest.mark.parametrize(("dim", "workers"), [(10, 3), (4097, 3), (5000, 20), (10_007, 7)])
+def test_a_server_tells_a_permk_block_from_anything_else(dim: int, workers: int) -> None:
+    """`is_permk_block` (the server's check, through π⁻¹ above SHUFFLED_DIM) accepts each
+    worker's block, the wrapping last one included, and nothing else: not another worker's,
+    not another seed's, not the block with one index moved."""
+    for worker in range(workers):
+        block = permk_block(dim, workers, 11, worker)
+        assert is_permk_block(block, dim, workers, 11, worker)
+        assert is_permk_block(block, dim, workers, 11, worker + workers)  # taken mod n
+        assert not is_permk_block(block, dim, workers, 11, (worker + 1) % workers)
+        assert not is_permk_block(block, dim, workers, 12, worker)
+        outside = sorted(set(range(dim)) - set(block.tolist()))[0]
+        moved = torch.sort(torch.cat([block[1:], torch.tensor([outside], dtype=torch.int32)]))
+        assert not is_permk_block(moved.values, dim, workers, 11, worker)
+        assert not is_permk_block(block[1:], dim, workers, 11, worker)
+
+
+def test_a_permk_coordinate_lies_in_a_block_with_probability_k_over_d() -> None:
+    """Unbiasedness needs P(j ∈ B_i) = k/d over the seeds for every coordinate j. Counted over
+    2,000 seeds at d = 5,000 and k = 250, the χ² statistic of the 5,000 counts stays within 4
+    standard deviations of its mean (the counts of one seed sum to k, so the statistic is
+    scaled by 1/(1 − k/d))."""
+    dim, workers, seeds = 5000, 20, 2000
+    k = dim // workers
+    counts = np.zeros(dim)
+    for seed in range(seeds):
+        counts[permk_block(dim, workers, seed, 7).numpy()] += 1
+    expected = seeds * k / dim
+    chi2 = ((counts - expected) ** 2 / expected).sum() / (1 - k / dim)
+    df = dim - 1
+    assert abs(chi2 - df) < 4 * math.sqrt(2 * df), chi2
+
+
+def test_a_permk_block_costs_its_own_size_whatever_d_is() -> None:
+    """The last of 2²² workers' blocks over d = 2³¹ − 1 coordinates (the largest index the
+    wire holds): 512 positions evaluated, nothing of size d (a shuffle would need 16 GB)."""
+    dim, workers = 2**31 - 1, 2**22
+    block = permk_block(dim, workers, 5, workers - 1)
+    k = -(-dim // workers)
+    assert block.numel() == k and torch.unique(block).numel() == k
+    assert int(block.min()) >= 0 and int(block.max()) < dim
 
 
 def test_randperm_head_falls_back_to_torch_where_its_draws_differ(

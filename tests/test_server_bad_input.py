@@ -9,11 +9,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import configs
 import grpc
 import pytest
 import torch
-from server_support import Client, InProcess, N, code_of, in_process, tiny_config, update
+from server_support import Client, F, InProcess, N, code_of, in_process, tiny_config, update
 
+from byzps.common.config import RunConfig
 from byzps.common.credentials import token_for
 from byzps.proto.v1 import parameter_server_pb2 as pb
 from byzps.worker.byzantine import forge
@@ -290,6 +292,39 @@ def test_a_push_that_would_overflow_its_state_is_refused_and_the_run_goes_on() -
             assert srv.coordinator.round == 2
             assert torch.isfinite(srv.coordinator.engine.x).all()
             assert torch.isfinite(srv.coordinator.engine.rule.candidates).all()
+        finally:
+            client.close()
+
+
+def permk_update(round: int, seed_round: int, worker: int = 1) -> pb.SparseUpdate:
+    """Worker `worker`'s well-formed Perm-K update of a d = 123 run of seed 3, on the shared
+    seed of `seed_round` (an honest worker's is its `round`'s)."""
+    from byzps.common.codec import encode_update
+    from byzps.common.compressors import build_compressor
+
+    comp = build_compressor("permk", 123, num_workers=N)
+    seeds = comp.row_seeds(3, [worker], seed_round)
+    return encode_update(comp.compress(torch.randn(1, 123), seeds, [worker]).row(0), comp)
+
+
+def test_a_permk_worker_cannot_choose_its_own_permutation() -> None:
+    """Perm-K's blocks are disjoint because every worker of a round reads one shared
+    permutation. An update that is exactly the sender's block under another seed (the next
+    round's) is refused at the door and changes nothing; its own round's is accepted."""
+    run = configs.small_config(seed=3, rounds=5, workers=N, byzantine=F)
+    run["compressor"] = {"name": "permk"}
+    with in_process(RunConfig.from_dict(run)) as srv:
+        client = Client(srv.address)
+        try:
+            client.register("1")
+            before = srv.coordinator.state_dict()
+            refused = lambda: client.push("1", 0, 1, permk_update(0, seed_round=1))  # noqa: E731
+            assert code_of(refused) == C.INVALID_ARGUMENT
+            after = srv.coordinator.state_dict()
+            assert torch.equal(after["engine"]["rule"]["g"], before["engine"]["rule"]["g"])
+            assert after["ledger"] == before["ledger"]
+            ack = client.push("1", 0, 1, permk_update(0, seed_round=0))
+            assert ack.status == pb.ACK_STATUS_ACCEPTED
         finally:
             client.close()
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from byzps.common.codec import compressor_name, encode_sparse
-from byzps.common.components import build_run_compressor, build_run_estimator
+from byzps.common.components import build_run_estimator
 from byzps.common.compressors import randk_indices
 from byzps.common.config import RunConfig
 from byzps.common.server_rules import build_server_rule
 from byzps.common.shards import ShardLayout
 from byzps.common.sparse import INDEX_DTYPE, SparseBatch, SparseVector
 from byzps.proto.v1 import parameter_server_pb2 as pb
+from byzps.server.daemon import build_door
 from byzps.server.engine import build_server_parts
 from byzps.server.validation import (
     Door,
@@ -355,8 +356,7 @@ def marina_run(
     run["compressor"] = compressor
     config = RunConfig.from_dict(run)
     task, engine, max_nnz = build_server_parts(config)
-    spec = build_run_compressor(config, task)
-    return config, task, engine, Door(task.dim, config.compressor.name, max_nnz, 12, spec)
+    return config, task, engine, build_door(config, task, max_nnz)
 
 
 def dense_identity(dim: int, value: float = 0.5, nnz: int | None = None) -> pb.SparseUpdate:
@@ -484,12 +484,8 @@ def test_a_sparsifier_keeping_every_coordinate_admits_both_dense_forms() -> None
 def test_each_shard_admits_its_part_of_a_dense_full_round_row() -> None:
     config, task, _, _ = marina_run({"name": "randk", "k": 4})
     _, _, max_nnz = build_server_parts(config)
-    spec = build_run_compressor(config, task)
     layout = ShardLayout(task.dim, 2)
-    doors = [
-        Door(layout.shard(s).width, "randk", max_nnz, 12, spec, shard=layout.shard(s))
-        for s in range(2)
-    ]
+    doors = [build_door(config, task, max_nnz, layout.shard(s)) for s in range(2)]
     parts = layout.split(dense_identity(task.dim))
     for door, part in zip(doors, parts, strict=True):
         assert door.receive(0, 0, 1, part).vector.nnz == door.dim

@@ -178,6 +178,11 @@ def test_the_door_holds_qsgd_to_the_runs_levels_and_permk_to_the_senders_block()
         door.receive(1, 0, 1, updates[2])  # another worker's block
     with pytest.raises(Rejected, match="without a seed"):
         door.receive(2, 0, 1, changed(updates[2], clear=("seed",)))
+    # A door that knows the run seed (11, `messages`) admits only each round's shared seed.
+    door = Door(dim, "permk", lambda r: perm.k, rounds=5, spec=perm, seed=11)
+    door.receive(2, 4, 1, updates[2])
+    with pytest.raises(Rejected, match="is not its round's shared seed"):
+        door.receive(2, 3, 1, updates[2])
     with pytest.raises(ValueError, match="spec"):
         Door(dim, "permk", lambda r: 3, rounds=5)
 
