@@ -191,8 +191,9 @@ def _secret(secret_file: Path | None, no_auth: bool) -> bytes | None:
     default=120.0,
     show_default=True,
     type=click.FloatRange(min=1),
-    help="Seconds a round's close waits for a peer shard before this shard stops (exit 1; "
-    "--resume continues it).",
+    help="Seconds a round's close waits for a peer shard, beyond --round-deadline (a peer "
+    "short of pushes closes only then), before this shard stops (exit 1; --resume continues "
+    "it).",
 )
 @downlink_option
 @device_option

@@ -142,7 +142,8 @@ class DaemonOptions:
     metrics: str | None = None
     #: With cluster.shards = S > 1: this server's rank, the S shards' addresses in rank order
     #: (or a file the launcher writes them to once all listen), and how long a round's close
-    #: waits for a peer's part before this shard stops (byzps.server.shard_peer).
+    #: waits for a peer's part beyond the round deadline before this shard stops
+    #: (byzps.server.shard_peer).
     shard: int = 0
     peers: tuple[str, ...] | Path = ()
     peer_timeout: float = 120.0
@@ -283,9 +284,11 @@ def shard_context(config: RunConfig, task: Task, options: DaemonOptions) -> Shar
     if not options.peers:
         raise StartupError("cluster.shards: a shard needs the shards' addresses (--peers)")
     shard = layout.shard(options.shard)
-    peers = Peers(
-        shard, options.peers, options.secret, options.peer_timeout, credentials=options.peer_tls
-    )
+    # A peer short of pushes closes only at its round deadline, so the wait for its part runs
+    # from then: a Byzantine worker that pushes to one shard only must not make the other
+    # give up first (with a deadline past the peer timeout it stopped in round 0).
+    wait = options.settings.round_deadline + options.peer_timeout
+    peers = Peers(shard, options.peers, options.secret, wait, credentials=options.peer_tls)
     return ShardContext(shard, layout.widths, Outbox(), peers)
 
 

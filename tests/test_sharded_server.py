@@ -525,21 +525,30 @@ def test_a_shard_resumed_from_a_checkpoint_publishes_its_slice_for_rank_0(
 
 
 @pytest.mark.slow  # rounds that wait for their deadline
+@pytest.mark.parametrize(
+    ("rounds", "deadline", "peer_timeout"),
+    [(12, 1.0, 60.0), (2, 4.0, 2.0)],
+    ids=["deadline-within-the-peer-timeout", "deadline-past-the-peer-timeout"],
+)
 def test_a_worker_that_withholds_its_parts_from_one_shard_only_costs_the_deadline(
-    tmp_path: Path, procs: Processes
+    tmp_path: Path, procs: Processes, rounds: int, deadline: float, peer_timeout: float
 ) -> None:
     """The Byzantine member (id 4, its own token only) pushes large parts to shard 0 every round
     and nothing to shard 1, so shard 1 never hears from it. Shard 1 closes each round on the
     quorum once its deadline passes (and would follow shard 0's close if it lacked even that),
     so the run ends; every honest update acknowledged is applied exactly once; rounds last
     about the deadline, not the peer timeout; and the shards stay in one round (the model the
-    honest workers receive is one round's on every shard, or their pushes would be refused)."""
+    honest workers receive is one round's on every shard, or their pushes would be refused).
+    Shard 0, which has every push at once, waits at the barrier for the peer's deadline and
+    then its peer timeout: with a deadline longer than the peer timeout it stopped (exit 1)
+    in round 0, ending the run."""
     from byzps.worker.byzantine.forge import plausible_update
     from byzps.worker.client import Pushed
     from byzps.worker.shard_client import ShardedClient
 
-    rounds, deadline = 12, 1.0
-    run = start_sharded_run(tmp_path, procs, rounds, deadline)
+    run = start_sharded_run(
+        tmp_path, procs, rounds, deadline, shard_args=("--peer-timeout", str(peer_timeout))
+    )
     member = ShardedClient(run.addresses, "4", token=run.member_token())
     registration = member.register()
     assert member.layout is not None
