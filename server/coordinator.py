@@ -368,7 +368,12 @@ class Coordinator:
                 ticket = self._row_ticket.get(update.row, 0)  # the original's record
             else:
                 last_round = -1 if known is None else known.last_round
-                check_round(update.round, server_round=self.engine.round, last_round=last_round)
+                check_round(
+                    update.round,
+                    server_round=self.engine.round,
+                    last_round=last_round,
+                    pushed_now=update.row in self._pushed,
+                )
                 self._accept(update)
                 record = UpdateRecord(update.row, update.seq, update.round, update.encoded)
                 self._row_ticket[update.row] = self._log(record)

@@ -243,16 +243,29 @@ def _check_randk(vec: SparseVector, k: int, shard: ShardRange | None = None) -> 
 
 
 def check_round(
-    round: int, *, server_round: int, last_round: int = -1, max_lag: int | None = None
+    round: int,
+    *,
+    server_round: int,
+    last_round: int = -1,
+    max_lag: int | None = None,
+    pushed_now: bool = False,
 ) -> None:
     """An update must come from a round the server has reached and be later than the sender's
     last accepted one (`last_round`); a late one still counts (it is a delta on its worker's own
-    state) unless it lags more than `max_lag` rounds.
+    state) unless it lags more than `max_lag` rounds, or the sender already has an update
+    accepted in the round open now (`pushed_now`).
 
     Why strictly later: an honest worker computes one update per round, so two different updates
     claiming the same round can only come from a Byzantine one — and without this rule it could
     push without limit, growing the write-ahead log and the server's work at will. With it, a
     worker's accepted updates over a run are at most the run's rounds.
+
+    Why one late update per open round: an honest worker computes on the newest model it has,
+    so in any one open round it has at most one update of an earlier round to send (the one it
+    was computing when that round closed), and sends it before its next. Without the rule a
+    worker silent for R rounds could bank them and spend them all in one round, R + 1 absorbs
+    and log records under the coordinator's lock (measured: 41 accepted in one round at
+    d = 1e6, an honest push in that round 10 ms instead of 3).
     """
     if round > server_round:
         raise Rejected(
@@ -264,6 +277,12 @@ def check_round(
             Refusal.FAILED_PRECONDITION,
             f"round {round}: this worker's last accepted update already claimed round "
             f"{last_round} (one update per round)",
+        )
+    if round < server_round and pushed_now:
+        raise Rejected(
+            Refusal.FAILED_PRECONDITION,
+            f"round {round} is late, and this worker already has an update accepted in the "
+            f"open round {server_round} (one late update per open round)",
         )
     if max_lag is not None and server_round - round > max_lag:
         raise Rejected(

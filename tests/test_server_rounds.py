@@ -143,6 +143,35 @@ def test_late_update_lands_on_its_worker_and_counts_for_the_current_round() -> N
         client.close()
 
 
+def test_a_silent_worker_cannot_bank_its_rounds_and_spend_them_in_one() -> None:
+    """Worker 4 stays silent for rounds 0–2, then, in round 3, pushes claims for rounds 0, 1
+    and 3. An honest worker has at most one late update per open round (the one it computed
+    while the round closed), and sends it before its next: the first late claim is accepted,
+    the second refused (FAILED_PRECONDITION, its state unchanged), the current one accepted.
+    Before, every banked round was accepted: R + 1 absorbs and log records in one round."""
+    config = tiny()
+    with in_process(config, quorum=4, deadline=1.0) as srv:
+        client = Client(srv.address)
+        for w in range(N):
+            client.register(str(w))
+        gen = torch.Generator().manual_seed(3)
+        for round in range(3):
+            for w in range(4):
+                client.push(str(w), round, round + 1, random_update(gen))
+            srv.clock.now += 2
+            srv.coordinator.tick()
+        assert srv.coordinator.round == 3
+        assert client.push("4", 0, 1, random_update(gen)).status == pb.ACK_STATUS_ACCEPTED
+        g_before = srv.coordinator.state_dict()["engine"]["rule"]["g"].clone()
+        banked = lambda: client.push("4", 1, 2, random_update(gen))  # noqa: E731
+        assert code_of(banked) == grpc.StatusCode.FAILED_PRECONDITION
+        assert torch.equal(srv.coordinator.state_dict()["engine"]["rule"]["g"], g_before)
+        assert client.push("4", 3, 2, random_update(gen)).status == pb.ACK_STATUS_ACCEPTED
+        status = {w.worker_id: w for w in client.status(as_worker="0").workers}
+        assert status["4"].last_round == 3 and status["4"].last_seq == 2
+        client.close()
+
+
 def test_round_zero_opens_at_the_startup_timeout() -> None:
     config = tiny()
     with in_process(config, startup=3.0, quorum=4) as srv:
