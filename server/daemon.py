@@ -68,13 +68,21 @@ MAX_STREAMS_PER_CONNECTION = 32
 
 #: File descriptors a server needs besides its workers' connections: the write-ahead log and
 #: checkpoints, result files, the metrics socket, gRPC's epoll and wakeup pipes, the listening
-#: sockets, with room for reconnects (a reconnecting worker briefly holds two).
+#: sockets, with room for reconnects (a reconnecting worker briefly holds two). Kept out of the
+#: connection cap (`connection_cap`), so connections can never take them.
 BASE_DESCRIPTORS = 256
+#: A connection without a call for this long is closed (HTTP/2 GOAWAY; a worker's channel
+#: reconnects at its next call): idle connections cost a caller nothing to hold.
+CONNECTION_IDLE_SECONDS = 120.0
+#: Longest a new connection may take to finish its TLS and HTTP/2 handshake.
+HANDSHAKE_SECONDS = 10.0
+#: The least connection cap a server has, open-file limit permitting (`connection_cap`).
+MIN_CONNECTIONS = 4096
 
 
 def raise_descriptor_limit(num_workers: int) -> int:
-    """Raise this process's soft limit on open files to what n workers need, as far as the hard
-    limit allows; returns the soft limit now in force.
+    """Raise this process's soft limit on open files to the hard limit (to what n workers need
+    where the hard one is unlimited); returns the soft limit now in force.
 
     Why: every worker holds a connection, one descriptor each, and many systems start processes
     with a soft limit of 1,024 (the hard one is usually far higher). Past it, the gRPC core
@@ -88,8 +96,8 @@ def raise_descriptor_limit(num_workers: int) -> int:
         return -1
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = 2 * num_workers + BASE_DESCRIPTORS
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    target = max(soft, needed) if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
@@ -181,24 +189,49 @@ def recover(options: DaemonOptions, store: CheckpointStore | None) -> Recovered 
     return None
 
 
-def grpc_options(door: Door) -> list[tuple[str, int]]:
+def connection_cap(descriptor_limit: int, num_workers: int) -> int:
+    """The most connections the server accepts at once: room for n workers four times over
+    (reconnects, fleets, operators' tools; at least MIN_CONNECTIONS), within the open-file
+    limit less the BASE_DESCRIPTORS its files need (a negative limit: unknown or unlimited).
+
+    Why: an idle HTTP/2 connection needs no credential, and each holds a descriptor and ~14 KB.
+    Uncapped, 1,100 of them took all 1,024 of a server's descriptors, and every checkpoint
+    failed (EMFILE); 19,000 held 272 MB. Capped, callers past the cap are turned away, and the
+    server's own files keep their descriptors."""
+    wanted = max(MIN_CONNECTIONS, 4 * num_workers + BASE_DESCRIPTORS)
+    if 0 <= descriptor_limit < 2**31:
+        wanted = min(wanted, descriptor_limit - BASE_DESCRIPTORS)
+    return max(1, wanted)
+
+
+def grpc_options(door: Door, connections: int | None = None) -> list[tuple[str, int]]:
     """Channel arguments of the server's port: receive no request larger than the largest legal
-    one, and bound the streams one connection may hold."""
+    one, bound the streams one connection may hold and (`connections`) the connections held at
+    once, and close connections idle for CONNECTION_IDLE_SECONDS or slow to handshake."""
     largest = max(BASE_RECEIVE_BYTES, *door.request_limits().values())
-    return [
+    options = [
         ("grpc.max_receive_message_length", largest),
         ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
         ("grpc.so_reuseport", 0),
+        ("grpc.max_connection_idle_ms", int(CONNECTION_IDLE_SECONDS * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_SECONDS * 1000)),
     ]
+    if connections is not None:
+        options.append(("grpc.max_allowed_incoming_connections", connections))
+    return options
 
 
 def bind(
-    door: Door, listen: str, tls: grpc.ServerCredentials | None = None
+    door: Door,
+    listen: str,
+    tls: grpc.ServerCredentials | None = None,
+    connections: int | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """An aio gRPC server bound to `listen` (TLS when `tls` is given), with no service yet; it
-    must be made on the loop that will run it. Bound first, before anything is written, so an
-    address in use fails at once and leaves no files behind."""
-    server = grpc.aio.server(options=grpc_options(door))
+    """An aio gRPC server bound to `listen` (TLS when `tls` is given), accepting at most
+    `connections` at once, with no service yet; it must be made on the loop that will run it.
+    Bound first, before anything is written, so an address in use fails at once and leaves no
+    files behind."""
+    server = grpc.aio.server(options=grpc_options(door, connections))
     try:
         port = (
             server.add_insecure_port(listen) if tls is None else server.add_secure_port(listen, tls)
@@ -359,9 +392,10 @@ async def _serve(
     ready: Callable[[str], None],
     stop: threading.Event,
 ) -> int:
-    raise_descriptor_limit(config.cluster.workers)
+    descriptors = raise_descriptor_limit(config.cluster.workers)
     shards = shard_context(config, task, options)
-    server, port = bind(door, options.listen, options.tls)
+    cap = connection_cap(descriptors, config.cluster.workers)
+    server, port = bind(door, options.listen, options.tls, cap)
     with metrics_served(options, config.cluster.workers) as metrics:
         coordinator = _start_coordinator(config, task, engine, door, options, metrics, shards)
         auth = Authenticator(

@@ -277,15 +277,29 @@ class ServerProcess:
 
 @contextmanager
 def server_process(
-    config: Path, *args: str, secret_file: Path | None = None, startup: float = 30
+    config: Path,
+    *args: str,
+    secret_file: Path | None = None,
+    startup: float = 30,
+    open_files: int | None = None,
 ) -> Iterator[ServerProcess]:
-    """`byzps server` on 127.0.0.1:0; yields once it printed its listening line; always reaped."""
+    """`byzps server` on 127.0.0.1:0 (with `open_files` as its soft and hard open-file limit);
+    yields once it printed its listening line; always reaped."""
     auth = ["--secret-file", str(secret_file)] if secret_file else ["--no-auth"]
     cmd = server_command(config, "--listen", "127.0.0.1:0", *auth, *args)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # A file, not a pipe, so a chatty server never blocks; closed in the finally below.
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+
+    def limit() -> None:
+        if open_files is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, preexec_fn=limit
+    )
     try:
         line = _read_line(proc, startup)
         prefix = "byzps server listening on "

@@ -138,6 +138,60 @@ def test_the_server_raises_its_open_file_limit_for_n_workers() -> None:
     assert returned == now >= 2 * 1000 + 256
 
 
+def test_idle_connections_cannot_take_the_descriptors_the_server_writes_with(
+    tmp_path: Path,
+) -> None:
+    """A server whose open-file limit is 400 (hard: it cannot raise it) meets 500 idle HTTP/2
+    connections, which need no credential: they are held to the connection cap, its limit less
+    the 256 descriptors kept for files, so the checkpoint of the round that closes during the
+    flood is written and the workers connected before it go on. Uncapped, the connections took
+    every descriptor and each checkpoint failed (EMFILE)."""
+    import contextlib
+    import socket
+
+    import torch
+    from server_support import SECRET, Client, N, random_update, server_process, write_config
+
+    from byzps.worker.byzantine.h2 import PREFACE, SETTINGS, frame
+
+    def newest(directory: Path) -> str:
+        return max((p.name for p in directory.glob("ckpt-*.pt")), default="")
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET + b"\n")
+    config = write_config(tmp_path, rounds=4, eval_every=1)
+    ckpt = tmp_path / "ckpt"
+    args = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--round-deadline", "60")
+    with server_process(config, *args, secret_file=secret, open_files=400) as srv:
+        client = Client(srv.address)
+        for w in range(N):
+            client.register(str(w))
+        host, port = srv.address.rsplit(":", 1)
+        flood = []
+        try:
+            for _ in range(500):
+                sock = socket.create_connection((host, int(port)), timeout=5)
+                flood.append(sock)
+                with contextlib.suppress(OSError):  # turned away past the cap
+                    sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+            held = len(list(Path(f"/proc/{srv.proc.pid}/fd").iterdir()))
+            written = newest(ckpt)
+            gen = torch.Generator().manual_seed(0)
+            for w in range(N):
+                client.push(str(w), 0, 1, random_update(gen))
+            deadline = time.monotonic() + 30
+            while newest(ckpt) <= written:  # round 1's checkpoint, written in the background
+                assert time.monotonic() < deadline, srv.stderr()[-2000:]
+                time.sleep(0.1)
+        finally:
+            for sock in flood:
+                sock.close()
+            client.close()
+        assert held < 400 - 100, held
+        assert srv.proc.poll() is None
+        assert "Too many open files" not in srv.stderr()
+
+
 def test_a_fleet_runs_every_identity_under_its_own_token(tmp_path: Path) -> None:
     """A fleet over shared connections (`per_connection`) takes a run to its end with every
     identity's own seqs; given another id's token, it cannot act as that id."""
