@@ -43,6 +43,13 @@ def test_bench_durability_runs_every_policy(
         assert policy in out, out
 
 
+def test_bench_permk_prints_a_row_per_size(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_benchmark("bench_permk")
+    bench.main(["--dims", "5000", "20000", "--workers", "4", "--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split()[1] for row in rows[1:]] == ["5e+03", "2e+04"], rows
+
+
 def test_bench_running_sum_prints_a_row_per_size(capsys: pytest.CaptureFixture[str]) -> None:
     bench = load_benchmark("bench_running_sum")
     bench.main(["--dims", "5000", "20000", "--workers", "4", "--repeats", "2"])
