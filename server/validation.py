@@ -42,6 +42,7 @@ from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
+from google.protobuf import unknown_fields
 from torch import Tensor
 
 from byzps.common.codec import (
@@ -152,6 +153,10 @@ def validate_update(
         size = update.ByteSize()  # counts unknown fields too, so padding cannot sneak past
     if size > limit:
         raise Rejected(Refusal.RESOURCE_EXHAUSTED, f"update is {size} bytes, limit {limit}")
+    if unknown_fields.UnknownFieldSet(update):
+        # Kept by SerializeToString, so they would be logged and replayed: padding of up to the
+        # size limit on every accepted update (64× a scaled-sign record), for nothing.
+        _invalid("fields this server does not know: an update carries only SparseUpdate's own")
     if update.dim != dim:
         _invalid(f"dim {update.dim} does not match the model's {dim}")
     if update.nnz > k_max:
@@ -164,6 +169,8 @@ def validate_update(
         vec = decode_sparse(update)
     except WireFormatError as exc:
         _invalid(str(exc))
+    if vec.nnz == dim and update.indices:
+        _invalid("indices: a dense update (nnz = dim) carries none, they are implied")
     if declared == "identity" and compressor not in (None, "identity") and vec.nnz != dim:
         # What an uncompressed round admits is the dense row an honest worker sends, no other.
         _invalid(

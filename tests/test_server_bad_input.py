@@ -99,6 +99,13 @@ def with_unknown_field(request: bytes, size: int) -> bytes:
     return request + forge.unknown_field(size, field=100)
 
 
+def with_unknown_update_field(size: int) -> pb.SparseUpdate:
+    """A well-formed update plus an unknown field of `size` bytes, within the size limit."""
+    return pb.SparseUpdate.FromString(
+        update([1], [1.0]).SerializeToString() + forge.unknown_field(size)
+    )
+
+
 def push_padded_outside_update(c: Client, size: int) -> Any:
     request = pb.PushUpdateRequest(worker_id="1", round=0, seq=1, update=update([1], [1.0]))
     raw = with_unknown_field(request.SerializeToString(), size)
@@ -137,6 +144,11 @@ CASES: dict[str, tuple[Case, grpc.StatusCode]] = {
     ),
     "missing update": (lambda c: c.push("1", 0, 1, None), C.INVALID_ARGUMENT),
     "oversize update": (lambda c: c.push("1", 0, 1, padded()), C.RESOURCE_EXHAUSTED),
+    # within the size limit, but kept by serialization: it would be logged and replayed
+    "update padded with an unknown field": (
+        lambda c: c.push("1", 0, 1, with_unknown_update_field(8)),
+        C.INVALID_ARGUMENT,
+    ),
     "request padded outside the update (a little)": (
         lambda c: push_padded_outside_update(c, 200),
         C.RESOURCE_EXHAUSTED,

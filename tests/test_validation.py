@@ -316,26 +316,38 @@ def test_one_update_per_claimed_round() -> None:
 
 
 @pytest.mark.parametrize("over", [0, 1])
-def test_the_door_counts_unknown_fields_inside_an_update_against_its_size_limit(over: int) -> None:
-    """Door.receive sizes an update by the bytes it serializes to (the ones the log keeps): a
-    Byzantine worker padding its update with unknown fields reaches the limit at exactly
-    max_update_bytes, one byte more is refused as RESOURCE_EXHAUSTED."""
+def test_the_door_refuses_unknown_fields_inside_an_update(over: int) -> None:
+    """Serialization keeps unknown fields, so the log would keep them too: a Byzantine worker
+    padding each accepted update up to max_update_bytes made its records 64× an honest one's
+    (scaled sign at d = 1e6), which every group commit and every resume then carried. Within
+    the limit the padding is refused INVALID_ARGUMENT; one byte past it, RESOURCE_EXHAUSTED
+    before anything is parsed."""
     from byzps.worker.byzantine.forge import unknown_field
 
     door = Door(DIM, "topk", lambda r: K, rounds=10)
     plain = encode_sparse(
         SparseVector(torch.arange(K, dtype=INDEX_DTYPE), torch.ones(K), DIM), compressor="topk"
     )
+    door.receive(0, 0, 1, plain)
     extra = max_update_bytes(K) - plain.ByteSize() + over  # padding bytes, tag and length included
     padding = next(p for n in range(extra, -1, -1) if len(p := unknown_field(n)) == extra)
     padded = pb.SparseUpdate.FromString(plain.SerializeToString() + padding)
     assert len(padded.SerializeToString()) == max_update_bytes(K) + over
-    if not over:
-        assert door.receive(0, 0, 1, padded).encoded == padded.SerializeToString()
-        return
-    with pytest.raises(Rejected, match="limit") as info:
+    with pytest.raises(Rejected, match="does not know" if not over else "limit") as info:
         door.receive(0, 0, 1, padded)
-    assert info.value.code == Refusal.RESOURCE_EXHAUSTED
+    expected = Refusal.RESOURCE_EXHAUSTED if over else Refusal.INVALID_ARGUMENT
+    assert info.value.code == expected
+
+
+def test_a_dense_update_spelling_out_its_indices_is_refused() -> None:
+    """A dense row's indices are implied; spelled out, they would double what the log keeps of
+    an identity row for nothing."""
+    door = Door(DIM, "identity", lambda r: DIM, rounds=10)
+    vec = SparseVector(torch.arange(DIM, dtype=INDEX_DTYPE), torch.ones(DIM), DIM)
+    door.receive(0, 0, 1, encode_sparse(vec, compressor="identity"))
+    explicit = encode_sparse(vec, compressor="identity", omit_dense_indices=False)
+    with pytest.raises(Rejected, match="carries none, they are implied"):
+        door.receive(0, 0, 1, explicit)
 
 
 # ----------------------------------------------------------------------------------------------
