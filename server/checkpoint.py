@@ -120,13 +120,21 @@ class CheckpointStore:
         """Delete every generation and the record of the open (a fresh run in a directory that
         held an old one)."""
         for p in self.directory.iterdir():
-            if (
-                _CKPT.fullmatch(p.name)
-                or _WAL.fullmatch(p.name)
-                or p.name.endswith(".pt.tmp")
-                or p.name in (OPENED, OPENED + ".tmp")
-            ):
+            if _CKPT.fullmatch(p.name) or _WAL.fullmatch(p.name) or p.name == OPENED:
                 p.unlink()
+        for leftover in self._unfinished():
+            leftover.unlink()
+
+    def _unfinished(self) -> list[Path]:
+        """Temporary files of checkpoints and of the record of the open that a crash left
+        behind (`replace_durably` renames them once written): a checkpoint's is named after
+        its generation, so each crash during one left another, about a checkpoint in size,
+        until a fresh start; nothing writes them while the store starts."""
+        return [
+            p
+            for p in self.directory.iterdir()
+            if p.name.endswith(".pt.tmp") or p.name == OPENED + ".tmp"
+        ]
 
     def record_open(self, registered: dict[int, float]) -> None:
         """Record, durably (temp file, fsync, rename, fsync of the directory), that the run
@@ -157,7 +165,10 @@ class CheckpointStore:
         """The newest loadable checkpoint and every log record after it, in order.
 
         Raises CheckpointError for a checkpoint or log of another run config, and for a corrupt
-        log that is not the last one (records after the damage could not be trusted)."""
+        log that is not the last one (records after the damage could not be trusted). Deletes
+        the temporary files of writes a crash cut short (`_unfinished`)."""
+        for leftover in self._unfinished():
+            leftover.unlink()
         state: dict[str, Any] | None = None
         generation = 0
         for gen in reversed(self._generations(_CKPT)):

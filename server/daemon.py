@@ -35,6 +35,7 @@ from byzps.common.components import build_run_compressor
 from byzps.common.config import RunConfig
 from byzps.common.shards import ShardLayout, ShardRange
 from byzps.common.tasks.base import Task
+from byzps.server import wal
 from byzps.server.auth import Authenticator
 from byzps.server.checkpoint import CheckpointStore, Recovered
 from byzps.server.coordinator import Coordinator, Settings
@@ -76,6 +77,9 @@ BASE_DESCRIPTORS = 256
 CONNECTION_IDLE_SECONDS = 120.0
 #: Longest a new connection may take to finish its TLS and HTTP/2 handshake.
 HANDSHAKE_SECONDS = 10.0
+#: Bytes a write-ahead log record holds besides the update itself (header, kind, seq, round,
+#: row: 29), rounded up.
+RECORD_FIELD_ROOM = 64
 #: The least connection cap a server has, open-file limit permitting (`connection_cap`).
 MIN_CONNECTIONS = 4096
 
@@ -289,7 +293,21 @@ def serve(
     if width != shard.width:
         raise StartupError(f"the engine holds {width} coordinates, shard {shard} {shard.width}")
     door = build_door(config, task, max_nnz, shard)
+    check_fits_the_log(door)
     return asyncio.run(_serve(config, task, engine, door, options, ready, stop))
+
+
+def check_fits_the_log(door: Door) -> None:
+    """StartupError when the largest request the door admits could not be one write-ahead log
+    record (with room for the record's own fields): the log would refuse to write it, and gRPC
+    cannot carry a message that large either."""
+    largest = max(door.request_limits().values())
+    if largest + RECORD_FIELD_ROOM > wal.MAX_RECORD_BYTES:
+        raise StartupError(
+            f"task: an update of this model may take {largest} bytes, over what one "
+            f"write-ahead log record holds ({wal.MAX_RECORD_BYTES}); shard the model "
+            "(cluster.shards) or compress it"
+        )
 
 
 def build_door(

@@ -95,16 +95,20 @@ Record = UpdateRecord | CloseRecord
 
 
 def _record_parts(record: Record, checksum: Checksum) -> list[bytes]:
-    """The record's bytes as buffers for writev: header and fields, then the payload uncopied."""
+    """The record's bytes as buffers for writev: header and fields, then the payload uncopied.
+    ValueError for a record `read_wal` would not read back (over MAX_RECORD_BYTES): written,
+    it and every record after it would be cut off as a torn tail at the next resume."""
     if isinstance(record, UpdateRecord):
         fields = _UPDATE.pack(Kind.UPDATE, record.seq, record.round, record.row)
-        crc = checksum(record.update, checksum(fields, 0))
-        size = len(fields) + len(record.update)
-        return [_RECORD.pack(size, crc) + fields, record.update]
-    fields = _CLOSE.pack(Kind.CLOSE, record.round)
-    crc = checksum(record.sums, checksum(fields, 0))
-    head = _RECORD.pack(len(fields) + len(record.sums), crc) + fields
-    return [head, record.sums] if record.sums else [head]
+        payload = record.update
+    else:
+        fields = _CLOSE.pack(Kind.CLOSE, record.round)
+        payload = record.sums
+    size = len(fields) + len(payload)
+    if size > MAX_RECORD_BYTES:
+        raise ValueError(f"a log record of {size} bytes, over the {MAX_RECORD_BYTES} readable")
+    head = _RECORD.pack(size, checksum(payload, checksum(fields, 0))) + fields
+    return [head, payload] if payload else [head]
 
 
 def encode_record(record: Record) -> bytes:
@@ -157,7 +161,12 @@ def read_wal(path: Path) -> WalContents:
             length, crc = _RECORD.unpack_from(data, pos)
             body = view[pos + _RECORD.size : pos + _RECORD.size + length]
             if length == 0 or length > MAX_RECORD_BYTES or len(body) < length:
-                problem = f"incomplete record ({len(body)} of {length} bytes)"
+                problem = (
+                    f"a record length of {length} bytes, over the {MAX_RECORD_BYTES} a record "
+                    "may have"
+                    if length > MAX_RECORD_BYTES
+                    else f"incomplete record ({len(body)} of {length} bytes)"
+                )
             elif checksum(body, 0) != crc:
                 problem = "CRC mismatch"
             else:
