@@ -140,3 +140,12 @@ def rewrite_columns(aggregate, columns, values):  # pragma: no cover - compiled
         count += aggregate[t] != v
         aggregate[t] = v
     return indices[:count], changed[:count]
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def step_float32(x, g, lr):  # pragma: no cover - compiled
+    """x ← float32(x − lr·g) with the difference in float64 (lr a float32 value): the product of
+    two float32s is exact in float64, so the one float64 rounding, then the one to float32,
+    are the same on every CPU, whether or not it fuses the multiply and the subtract."""
+    for i in prange(x.shape[0]):
+        x[i] = np.float32(np.float64(x[i]) - lr * np.float64(g[i]))

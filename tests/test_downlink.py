@@ -171,6 +171,39 @@ def run_rounds(
 FINAL_X: dict[tuple[tuple[str, ...], bool], Tensor] = {}
 
 
+#: numpy draws the inputs: torch.randn's own bits depend on ATen's CPU capability.
+STEP_SCRIPT = """
+import hashlib, numpy as np, torch
+from byzps.common.downlink import apply_step
+rng = np.random.default_rng(5)
+x = torch.from_numpy(rng.standard_normal(200_000, dtype=np.float32))
+for _ in range(20):
+    apply_step(x, torch.from_numpy(rng.standard_normal(200_000, dtype=np.float32)), 0.037)
+print(hashlib.sha256(x.numpy().tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_the_step_gives_the_same_bits_on_cpus_with_and_without_fma(capability: str) -> None:
+    """A worker mirrors the server's x by running the server's step on the same inputs; torch's
+    fused x.sub_(ĝ, alpha=γ) rounded once on a CPU with FMA and twice on one without, so a
+    mirror on such a CPU drifted (1,932 of 20,000 entries after 200 rounds). The step is now
+    the same bits whatever ATen's CPU capability (ATEN_CPU_CAPABILITY=default: no FMA)."""
+    import os
+    import subprocess
+    import sys
+
+    def run(env: dict[str, str]) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", STEP_SCRIPT], capture_output=True, text=True, timeout=120,
+            env=env, check=True,
+        )  # fmt: skip
+        return done.stdout.split()[-1]
+
+    here = run(dict(os.environ))
+    assert run(dict(os.environ, ATEN_CPU_CAPABILITY=capability)) == here
+
+
 def test_workers_applying_deltas_stay_bit_identical() -> None:
     kinds = run_rounds(pre=[], rounds=8)
     # x_0 (no round closed yet) and x_1 (now with ĝ, which later deltas change) densely, then
