@@ -130,7 +130,10 @@ def band_reference(x: np.ndarray, mix: np.ndarray | None, a: int, b: int, slide:
         with np.errstate(invalid="ignore"):  # inf − inf at an infinite median: NaN, never <
             shift = sum(v[b + j] - median < median - v[a + j] for j in range(slide))
         rows = np.eye(n0) if mix is None else mix
-        weights = sum(rows[j] for j in order[a + shift : b + shift]) / (b - a)
+        band = v[a + shift : b + shift]
+        # a tie group's members share the band slots its value holds
+        parts = [float((band == values[j]).sum()) / (v == values[j]).sum() for j in range(len(v))]
+        weights = sum(p * rows[j] for j, p in enumerate(parts)) / (b - a)
         total += 1 - np.clip(n0 * weights, 0, 1)
     return total / d
 
@@ -154,6 +157,30 @@ def test_band_discount_matches_a_column_by_column_reference(
             mix[i, rng.choice(20, 12, replace=False)] = 1 / 12
     got = Banded(mix, a, b, slide).discount(torch.from_numpy(x), None)
     np.testing.assert_allclose(got, band_reference(x, mix, a, b, slide), atol=1e-12)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_band_discount_follows_the_rows_not_their_order(mixed: bool) -> None:
+    """Ties share the band's slots, so a worker's discount depends on what it sent, not on its
+    id: permuting the rows permutes the discounts. Before, tied values entered the band in row
+    order, and with sparse candidates (most columns tied at 0) the scores followed the ids."""
+    rng = np.random.default_rng(4)
+    x = np.zeros((11, 200), np.float32)
+    x[:, :20] = rng.integers(-2, 3, size=(11, 20))  # sparse candidates: ties everywhere
+    mix = None
+    if mixed:
+        mix = np.zeros((11, 11))  # weights of 1/4 on integers: sums exact in any order
+        for i in range(11):
+            mix[i, rng.choice(11, 4, replace=False)] = 1 / 4
+    perm = rng.permutation(11)
+    permuted_mix = None if mix is None else mix[np.ix_(perm, perm)]
+    verdict, permuted = Banded(mix, 4, 7), Banded(permuted_mix, 4, 7)
+    want = verdict.discount(torch.from_numpy(x), None)
+    got = permuted.discount(torch.from_numpy(x[perm]), None)
+    np.testing.assert_allclose(got, want[perm], atol=1e-12)
+    if mix is None:  # all tied: the band is everyone's alike
+        flat = verdict.discount(torch.zeros(11, 50), None)
+        np.testing.assert_allclose(flat, np.zeros(11), atol=1e-12)
 
 
 def test_the_band_is_scored_on_the_sampled_columns_only() -> None:

@@ -15,6 +15,46 @@ from byzps.common.aggregators._kernels import LANES, sort_keyed
 
 
 @njit(cache=True, fastmath=False)
+def _share_ties(  # pragma: no cover - compiled
+    values, rows, wire, t, n, lo, hi, low_value, high_value, share, weights
+):
+    """Column t's band weights where a tie crosses an end of the band ranks lo..hi−1: each tied
+    member is in for the slots its value holds in the band over the members it has, every
+    value strictly inside for one (`share`: each row's weight per raw input, as in
+    `band_discount`; empty: the rows are the raw inputs)."""
+    width = hi - lo
+    below_low = below_high = equal_low = equal_high = 0
+    for r in range(n):
+        v = values[wire[r], t]
+        below_low += v < low_value
+        below_high += v < high_value
+        equal_low += v == low_value
+        equal_high += v == high_value
+    if low_value == high_value:
+        low_part = width / equal_low
+        high_part = low_part
+    else:
+        low_part = (below_low + equal_low - lo) / equal_low
+        high_part = (hi - below_high) / equal_high
+    for r in range(n):
+        v = values[wire[r], t]
+        if v == low_value:
+            part = low_part
+        elif v == high_value:
+            part = high_part
+        elif low_value < v < high_value:
+            part = 1.0
+        else:
+            continue
+        j = int(rows[wire[r], t])
+        if share.shape[0] > 0:
+            for k in range(share.shape[1]):
+                weights[k] += part * share[j, k]
+        else:
+            weights[j] += part / width
+
+
+@njit(cache=True, fastmath=False)
 def band_discount(raw, mix, network, a, b, slide):  # pragma: no cover - compiled
     """δ (n0,) float64: per column t of raw (n0, s), the rows r = mix · raw[:, t] (mix (n, n0);
     an empty mix means r = raw[:, t]) rounded to raw's dtype, NaN as +inf; the band = sorted
@@ -95,13 +135,29 @@ def band_discount(raw, mix, network, a, b, slide):  # pragma: no cover - compile
                 if values[wire[b + j], t] - median < median - values[wire[a + j], t]:
                     shift += 1
         weights[:] = 0.0
-        for r in range(a + shift, b + shift):
-            j = int(rows[wire[r], t])
-            if mixed:
-                for k in range(n0):
-                    weights[k] += share[j, k]
-            else:
-                weights[j] += 1.0 / width
+        lo, hi = a + shift, b + shift
+        low_value, high_value = values[wire[lo], t], values[wire[hi - 1], t]
+        # Tied values share the band's slots they hold: a tie straddling an end of the band
+        # puts each of its members in for the same fraction (row order would decide alone).
+        equal_low = equal_high = inside_low = inside_high = 0
+        for r in range(n):
+            v = values[wire[r], t]
+            equal_low += v == low_value
+            equal_high += v == high_value
+        for r in range(lo, hi):
+            v = values[wire[r], t]
+            inside_low += v == low_value
+            inside_high += v == high_value
+        if equal_low == inside_low and equal_high == inside_high:  # no tie crosses an end
+            for r in range(lo, hi):
+                j = int(rows[wire[r], t])
+                if mixed:
+                    for k in range(n0):
+                        weights[k] += share[j, k]
+                else:
+                    weights[j] += 1.0 / width
+        else:
+            _share_ties(values, rows, wire, t, n, lo, hi, low_value, high_value, share, weights)
         for k in range(n0):
             part = n0 * weights[k]
             total[k] += 1.0 - min(1.0, max(0.0, part))
