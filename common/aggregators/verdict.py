@@ -82,8 +82,9 @@ class Weighted(Verdict):
 class Banded(Verdict):
     """Per coordinate, the output was the mean of the order statistics a..b−1 of the rows
     mix · x (mix None: x itself); with slide > 0, of the window a+s..b+s−1 nearest the median
-    (`ops.window_network`'s rule for s). NaN ranks as +inf, and tied values enter the band in
-    row order — the value is the same either way, only its attribution is a convention."""
+    (`ops.window_network`'s rule for s). NaN ranks as +inf. The value is the same whichever of
+    tied rows fill the band; the discount shares a tie's slots in the band among all its
+    members, so it follows what each worker sent, not its row."""
 
     reads_columns: ClassVar[bool] = True
     mix: np.ndarray | None
