@@ -38,45 +38,43 @@ def _fmix64(h):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def _permute(positions, dim, half_bits, keys, out):  # pragma: no cover - compiled
-    """out[i] = π(positions[i]): the Feistel network on 2·half_bits-bit words, cycle-walked
-    into range(dim)."""
-    shift = np.uint64(half_bits)
-    mask = (np.uint64(1) << shift) - np.uint64(1)
-    bound = np.uint64(dim)
-    for i in range(positions.shape[0]):
-        x = np.uint64(positions[i])
-        while True:
-            left = x >> shift
-            right = x & mask
+def _walk(x, shift, mask, bound, keys, inverse):  # pragma: no cover - compiled
+    """π(x), or π⁻¹(x) with `inverse`, for one x < bound: the Feistel network on words of two
+    `shift`-bit halves (run backwards for π⁻¹: keys reversed, halves swapped back), applied
+    again while the value is ≥ bound (cycle-walking)."""
+    while True:
+        left = x >> shift
+        right = x & mask
+        if inverse:
+            for r in range(keys.shape[0] - 1, -1, -1):
+                left, right = right ^ (_fmix64(left ^ keys[r]) & mask), left
+        else:
             for r in range(keys.shape[0]):
                 left, right = right, left ^ (_fmix64(right ^ keys[r]) & mask)
-            x = (left << shift) | right
-            if x < bound:
-                break
+        x = (left << shift) | right
+        if x < bound:
+            return x
+
+
+@njit(cache=True)
+def _permute(positions, dim, half_bits, keys, out):  # pragma: no cover - compiled
+    """out[i] = π(positions[i])."""
+    shift = np.uint64(half_bits)
+    mask = (np.uint64(1) << shift) - np.uint64(1)
+    for i in range(positions.shape[0]):
+        x = _walk(np.uint64(positions[i]), shift, mask, np.uint64(dim), keys, False)
         out[i] = np.int64(x)
 
 
 @njit(cache=True)
 def _all_within(values, dim, half_bits, keys, start, length):  # pragma: no cover - compiled
     """Whether π⁻¹(v) lies in the cyclic window of `length` positions from `start` for every v
-    in `values`: the network run backwards (keys reversed, halves swapped back), cycle-walked
-    into range(dim) the same way."""
+    in `values`."""
     shift = np.uint64(half_bits)
     mask = (np.uint64(1) << shift) - np.uint64(1)
-    bound = np.uint64(dim)
     for i in range(values.shape[0]):
-        x = np.uint64(values[i])
-        while True:
-            left = x >> shift
-            right = x & mask
-            for r in range(keys.shape[0] - 1, -1, -1):
-                left, right = right ^ (_fmix64(left ^ keys[r]) & mask), left
-            x = (left << shift) | right
-            if x < bound:
-                break
-        offset = (np.int64(x) - start) % dim
-        if offset >= length:
+        x = _walk(np.uint64(values[i]), shift, mask, np.uint64(dim), keys, True)
+        if (np.int64(x) - start) % dim >= length:
             return False
     return True
 
