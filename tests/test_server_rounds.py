@@ -13,6 +13,7 @@ import torch
 from server_support import (
     SECRET,
     Client,
+    InProcess,
     N,
     TaskShape,
     code_of,
@@ -35,6 +36,14 @@ def tiny(**kw: int) -> RunConfig:
     return tiny_config(**kw)
 
 
+def everyone_registered(srv: InProcess) -> Client:
+    """A client of `srv` with which all N workers registered."""
+    client = Client(srv.address)
+    for w in range(N):
+        client.register(str(w))
+    return client
+
+
 def test_register_reply_describes_the_run() -> None:
     config = tiny()
     with in_process(config) as srv:
@@ -54,9 +63,7 @@ def test_all_pushed_closes_at_once_and_matches_a_direct_engine() -> None:
     _, reference, _ = build_server_parts(config)
     gen = torch.Generator().manual_seed(0)
     with in_process(config) as srv:
-        client = Client(srv.address)
-        for w in range(N):
-            client.register(str(w))
+        client = everyone_registered(srv)
         for r in range(3):
             for w in range(N):
                 u = random_update(gen)
@@ -80,9 +87,7 @@ def test_a_server_without_storage_passes_its_checkpoint_rounds() -> None:
     used to fail the push that closed round checkpoint_every with INTERNAL)."""
     gen = torch.Generator().manual_seed(1)
     with in_process(tiny(), checkpoint_every=2) as srv:
-        client = Client(srv.address)
-        for w in range(N):
-            client.register(str(w))
+        client = everyone_registered(srv)
         for r in range(3):
             for w in range(N):
                 ack = client.push(str(w), r, r + 1, random_update(gen))
@@ -94,9 +99,7 @@ def test_a_server_without_storage_passes_its_checkpoint_rounds() -> None:
 def test_silent_worker_closes_only_after_deadline_and_with_quorum() -> None:
     config = tiny()
     with in_process(config, quorum=4, deadline=5.0) as srv:
-        client = Client(srv.address)
-        for w in range(N):
-            client.register(str(w))
+        client = everyone_registered(srv)
         gen = torch.Generator().manual_seed(1)
         for w in range(3):
             client.push(str(w), 0, 1, random_update(gen))
@@ -120,9 +123,7 @@ def test_silent_worker_closes_only_after_deadline_and_with_quorum() -> None:
 def test_late_update_lands_on_its_worker_and_counts_for_the_current_round() -> None:
     config = tiny()
     with in_process(config, quorum=4, deadline=1.0) as srv:
-        client = Client(srv.address)
-        for w in range(N):
-            client.register(str(w))
+        client = everyone_registered(srv)
         gen = torch.Generator().manual_seed(2)
         for w in range(4):
             client.push(str(w), 0, 1, random_update(gen))
@@ -151,9 +152,7 @@ def test_a_silent_worker_cannot_bank_its_rounds_and_spend_them_in_one() -> None:
     Before, every banked round was accepted: R + 1 absorbs and log records in one round."""
     config = tiny()
     with in_process(config, quorum=4, deadline=1.0) as srv:
-        client = Client(srv.address)
-        for w in range(N):
-            client.register(str(w))
+        client = everyone_registered(srv)
         gen = torch.Generator().manual_seed(3)
         for round in range(3):
             for w in range(4):
@@ -191,9 +190,7 @@ def test_round_zero_opens_at_the_startup_timeout() -> None:
 def test_long_poll_wakes_on_close_and_ends_at_its_deadline() -> None:
     config = tiny()
     with in_process(config) as srv:
-        client = Client(srv.address)
-        for w in range(N):
-            client.register(str(w))
+        client = everyone_registered(srv)
         code = code_of(lambda: client.chunks("0", round=1, wait=True, timeout=0.5))
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         got: dict[str, object] = {}
@@ -217,9 +214,7 @@ def test_long_poll_wakes_on_close_and_ends_at_its_deadline() -> None:
 def test_after_the_last_round_the_final_model_is_served_and_pushes_refused() -> None:
     config = tiny(rounds=2, eval_every=1)
     with in_process(config) as srv:
-        client = Client(srv.address)
-        for w in range(N):
-            client.register(str(w))
+        client = everyone_registered(srv)
         gen = torch.Generator().manual_seed(5)
         for r in range(2):
             for w in range(N):
