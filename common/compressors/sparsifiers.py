@@ -384,13 +384,19 @@ def dense_batch(z: Tensor) -> SparseBatch:
 SHUFFLED_DIM = 4096
 
 
+def _permk_span(dim: int, num_workers: int, worker: int) -> tuple[int, int]:
+    """(start, k): worker `worker`'s first position in Perm-K's permutation and its block size
+    k = ⌈d/n⌉ (the worker index taken mod n)."""
+    k = -(-dim // num_workers)
+    return (int(worker) % num_workers) * k, k
+
+
 def permk_block(dim: int, num_workers: int, seed: int, worker: int) -> Tensor:
     """Worker `worker`'s coordinates (ascending, int32) under Perm-K's shared permutation π of
     `seed`: π at positions worker·k … worker·k + k − 1, read cyclically, with k = ⌈d/n⌉ and the
     worker index taken mod n. A server regenerates them to check a message, in O(k) (O(d) with
     d at most SHUFFLED_DIM)."""
-    k = -(-dim // num_workers)
-    start = (int(worker) % num_workers) * k
+    start, k = _permk_span(dim, num_workers, worker)
     positions = np.arange(start, start + k, dtype=np.int64) % dim
     if dim <= SHUFFLED_DIM:
         values = randperm_head(dim, dim, seed).numpy()[positions]
@@ -404,12 +410,11 @@ def is_permk_block(indices: Tensor, dim: int, num_workers: int, seed: int, worke
     `permk_block(dim, num_workers, seed, worker)`. Above SHUFFLED_DIM it asks π⁻¹ of each index
     instead of building and sorting the block: a server's check at the cost of one pass (k
     distinct indices that all sit in the worker's k positions are its block)."""
-    k = -(-dim // num_workers)
+    start, k = _permk_span(dim, num_workers, worker)
     if indices.numel() != k:
         return False
     if dim <= SHUFFLED_DIM:
         return torch.equal(indices, permk_block(dim, num_workers, seed, worker))
-    start = (int(worker) % num_workers) * k
     return keyed_positions_within(dim, seed, indices.numpy(), start, k)
 
 
