@@ -16,20 +16,19 @@ from byzps.common.aggregators._kernels import LANES, sort_keyed
 
 @njit(cache=True, fastmath=False)
 def _share_ties(  # pragma: no cover - compiled
-    values, rows, wire, t, n, lo, hi, low_value, high_value, share, weights
+    values, rows, wire, t, n, lo, hi, low_value, high_value, equal_low, equal_high, share, weights
 ):
     """Column t's band weights where a tie crosses an end of the band ranks lo..hi−1: each tied
-    member is in for the slots its value holds in the band over the members it has, every
-    value strictly inside for one (`share`: each row's weight per raw input, as in
-    `band_discount`; empty: the rows are the raw inputs)."""
+    member is in for the slots its value holds in the band over the members it has (the
+    `equal_low` rows of `low_value`, the `equal_high` of `high_value`), every value strictly
+    inside for one (`share`: each row's weight per raw input, as in `band_discount`; empty:
+    the rows are the raw inputs)."""
     width = hi - lo
-    below_low = below_high = equal_low = equal_high = 0
+    below_low = below_high = 0
     for r in range(n):
         v = values[wire[r], t]
         below_low += v < low_value
         below_high += v < high_value
-        equal_low += v == low_value
-        equal_high += v == high_value
     if low_value == high_value:
         low_part = width / equal_low
         high_part = low_part
@@ -157,7 +156,10 @@ def band_discount(raw, mix, network, a, b, slide):  # pragma: no cover - compile
                 else:
                     weights[j] += 1.0 / width
         else:
-            _share_ties(values, rows, wire, t, n, lo, hi, low_value, high_value, share, weights)
+            _share_ties(
+                values, rows, wire, t, n, lo, hi, low_value, high_value, equal_low, equal_high,
+                share, weights,
+            )  # fmt: skip
         for k in range(n0):
             part = n0 * weights[k]
             total[k] += 1.0 - min(1.0, max(0.0, part))
