@@ -30,10 +30,10 @@ from byzps.sim.grid import (
 PARENT_CHECK_SECONDS = 1.0
 
 
-def _one_thread() -> tuple[int, int]:
-    """Run torch and numba on one thread each; returns their thread counts before.
+def _set_threads(torch_threads: int, numba_threads: int) -> tuple[int, int]:
+    """Run torch and numba on these many threads; returns their counts before.
 
-    Every cell runs so, whatever --jobs is: N processes each using every core would
+    Every cell runs on one of each, whatever --jobs is: N processes each using every core would
     oversubscribe the machine, and a cell's records must not depend on --jobs. numba's kernels
     sum fixed chunks in a fixed order, so its thread count changes no bit, but torch's CPU
     reductions split by thread: on an Intel Xeon, a9a's full gradient at x = 0 gave
@@ -42,19 +42,19 @@ def _one_thread() -> tuple[int, int]:
     import torch
 
     before = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
+    torch.set_num_threads(torch_threads)
+    numba.set_num_threads(numba_threads)
     return before
 
 
 def _pool_worker(sweep_pid: int) -> None:
-    """Pool initializer: one thread (`_one_thread`), and exit when the sweep dies.
+    """Pool initializer: one thread (`_set_threads`), and exit when the sweep dies.
 
     A sweep killed with SIGKILL cannot stop its pool, and the workers would go on running cells
     no one reads, holding their cells' locks against the next sweep; so each worker watches its
     parent and exits (as if killed: checkpoints and locks are made for that) once it is gone.
     """
-    _one_thread()
+    _set_threads(1, 1)
     threading.Thread(target=_exit_with, args=(sweep_pid,), daemon=True).start()
 
 
@@ -78,16 +78,12 @@ def _shown(path: Path) -> str:
 def _run_all(batches: list[list[Cell]], out: Path, jobs: int) -> Iterator[CellOutcome]:
     """Outcomes in completion order, batch by batch; in-process for one job (no spawn cost)."""
     if jobs == 1:
-        import numba
-        import torch
-
-        torch_threads, numba_threads = _one_thread()
+        before = _set_threads(1, 1)
         try:
             for batch in batches:
                 yield from run_batch_of_cells(batch, out)
         finally:
-            torch.set_num_threads(torch_threads)
-            numba.set_num_threads(numba_threads)
+            _set_threads(*before)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
